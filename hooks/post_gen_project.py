@@ -27,7 +27,8 @@ OPTION_FILES: dict[str, dict[str, list[str]]] = {
 # What the generated test suite starts by itself, so must find installed.
 TEST_SERVERS = {
     "sqlite": "redis-server (apt-get install -y redis-server)",
-    "postgresql": "redis-server and initdb (apt-get install -y redis-server postgresql)",
+    "postgresql": "redis-server and initdb"
+    " (apt-get install -y redis-server postgresql)",
 }
 
 

@@ -1,0 +1,52 @@
+"""Session-wide bakes: each variant is baked once and shared by every test."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from bake import FULLY_TESTED, VARIANTS, bake, report, run
+
+BakedProject = Callable[[str], Path]
+
+
+@pytest.fixture(scope="session")
+def baked(tmp_path_factory: pytest.TempPathFactory) -> BakedProject:
+    """Bake a variant on first use; return the baked project directory."""
+    outcomes: dict[str, tuple[Path, str | None]] = {}
+
+    def baked_project(name: str) -> Path:
+        if name not in outcomes:
+            variant = VARIANTS[name]
+            output_dir = tmp_path_factory.mktemp(f"bake-{name}")
+            result = bake(output_dir, variant.answers)
+            failure = None if result.returncode == 0 else report(result)
+            outcomes[name] = (output_dir / variant.slug, failure)
+        project, failure = outcomes[name]
+        assert failure is None, failure
+        return project
+
+    return baked_project
+
+
+@pytest.fixture(scope="session", params=FULLY_TESTED)
+def installed_project(
+    request: pytest.FixtureRequest, baked: BakedProject
+) -> Iterator[Path]:
+    """A fully tested variant, installed with its dev extras into this venv.
+
+    The variants share a distribution name, so they take turns: pytest runs all the
+    tests of one parameter, tears it down (uninstalls), then installs the next.
+    """
+    variant = VARIANTS[request.param]
+    project = baked(variant.name)
+    command = [sys.executable, "-m", "pip", "install", "--quiet"]
+    if importlib.util.find_spec("hatchling") is not None:
+        command.append("--no-build-isolation")
+    result = run([*command, "--editable", f"{project}[dev]"], cwd=project)
+    assert result.returncode == 0, report(result)
+    yield project
+    run([sys.executable, "-m", "pip", "uninstall", "--yes", variant.slug], cwd=project)
