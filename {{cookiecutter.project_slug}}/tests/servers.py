@@ -78,17 +78,12 @@ class RedisServer:
             "--dir", str(self.directory),
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         while not redis_answers_ping(self.port):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(
-                    f"redis-server did not start on port {self.port}:\n"
-                    + log_tail(self.log_path)
-                )
+                raise RuntimeError(f"redis-server did not start on port {self.port}:\n" + log_tail(self.log_path))
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -117,8 +112,7 @@ def start_redis(tmp_path: Path) -> RedisServer:
     executable = shutil.which("redis-server")
     if executable is None:
         raise RuntimeError(
-            "redis-server not found: install it "
-            "(Debian/Ubuntu: apt-get install -y redis-server) or set REDIS_URL"
+            "redis-server not found: install it (Debian/Ubuntu: apt-get install -y redis-server) or set REDIS_URL"
         )
     tmp_path.mkdir(parents=True, exist_ok=True)
     server = RedisServer(executable, tmp_path, free_port())
