@@ -1,0 +1,1 @@
+"""{{ cookiecutter.project_name }}: a FastAPI service behind a layered, fail-closed security pipeline."""

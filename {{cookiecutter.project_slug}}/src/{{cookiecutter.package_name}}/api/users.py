@@ -1,0 +1,82 @@
+"""The users of an org (the seed's CreateUser example)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, status
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from ..db import SessionDep
+from ..models import OrgUser
+from ..security.authz import require_scopes
+from ..security.errors import ProblemDetail
+from .deps import OrgAdmin, OrgViewer
+from .schemas import Page, Role, UserCreate, UserOut
+
+router = APIRouter(prefix="/orgs/{org_id}/users", tags=["users"])
+
+MAX_PAGE_SIZE = 100
+
+
+def _user_out(user: OrgUser) -> UserOut:
+    return UserOut(
+        id=user.id,
+        org_id=user.org_id,
+        email=user.email,
+        role=Role(user.role),
+        metadata=user.metadata_,
+        created_at=user.created_at,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, dependencies=[require_scopes("users:write")])
+async def create_user(org_id: OrgAdmin, body: UserCreate, session: SessionDep) -> UserOut:
+    user = OrgUser(org_id=org_id, email=body.email.lower(), role=body.role, metadata_=body.metadata or {})
+    session.add(user)
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        raise HTTPException(409, ProblemDetail("A user with this email already exists in this org.")) from None
+    return _user_out(user)
+
+
+@router.get("", dependencies=[require_scopes("users:read")])
+async def list_users(
+    org_id: OrgViewer,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> Page[UserOut]:
+    rows = await session.scalars(
+        select(OrgUser)
+        .where(OrgUser.org_id == org_id)
+        .order_by(OrgUser.created_at, OrgUser.id)
+        .limit(limit + 1)
+        .offset(offset)
+    )
+    users = list(rows)
+    more = len(users) > limit
+    return Page[UserOut](items=[_user_out(u) for u in users[:limit]], next_offset=offset + limit if more else None)
+
+
+@router.get("/{user_id}", dependencies=[require_scopes("users:read")])
+async def get_user(org_id: OrgViewer, user_id: uuid.UUID, session: SessionDep) -> UserOut:
+    return _user_out(await _user_in_org(session, org_id, user_id))
+
+
+@router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[require_scopes("users:write")])
+async def delete_user(org_id: OrgAdmin, user_id: uuid.UUID, session: SessionDep) -> None:
+    await session.delete(await _user_in_org(session, org_id, user_id))
+    await session.commit()
+
+
+async def _user_in_org(session: SessionDep, org_id: uuid.UUID, user_id: uuid.UUID) -> OrgUser:
+    """404 for a user of another org: the child must belong to the parent in the path."""
+    user = await session.scalar(select(OrgUser).where(OrgUser.id == user_id, OrgUser.org_id == org_id))
+    if user is None:
+        raise HTTPException(404)
+    return user

@@ -1,0 +1,34 @@
+"""The application factory: one place that assembles settings, resources, pipeline and routes."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from . import api, health
+from .config import SERVICE_NAME, Settings, load_settings
+from .openapi import problem_openapi
+from .runtime import Runtime
+from .security.audit import configure_logging
+from .security.errors import install_error_handlers
+from .security.pipeline import SecuredApp, security_pipeline
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    configure_logging(settings.log_level)
+    runtime = Runtime.create(settings)
+    docs = settings.effective_docs_enabled
+    app = SecuredApp(
+        title=SERVICE_NAME,
+        pipeline=security_pipeline(runtime),
+        lifespan=runtime.lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(api.router)
+    problem_openapi(app)
+    return app

@@ -1,0 +1,146 @@
+"""Operator and developer commands: `{{ cookiecutter.project_slug }} --help`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from .config import SERVICE_NAME, ConfigError, load_settings
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def generate_keys(args: argparse.Namespace) -> int:
+    """Write a development RSA key pair (private.pem, public.pem) into --out."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = out / "private.pem"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    private.chmod(0o600)
+    (out / "public.pem").write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    print(f"wrote {private} and {out / 'public.pem'}")
+    return 0
+
+
+def mint_token(args: argparse.Namespace) -> int:
+    """Sign a short-lived development token. Refused in production."""
+    if os.environ.get("ENVIRONMENT", "development") == "production":
+        print("token mint is a development tool and is refused when ENVIRONMENT=production", file=sys.stderr)
+        return 2
+    key_file = args.private_key or os.environ.get("JWT_PRIVATE_KEY_FILE")
+    issuer = args.issuer or os.environ.get("JWT_ISSUER")
+    audience = args.audience or os.environ.get("JWT_AUDIENCE")
+    missing = [
+        name
+        for name, value in (
+            ("--private-key/JWT_PRIVATE_KEY_FILE", key_file),
+            ("--issuer/JWT_ISSUER", issuer),
+            ("--audience/JWT_AUDIENCE", audience),
+        )
+        if not value
+    ]
+    if missing:
+        print(f"missing: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    now = int(time.time())
+    claims = {
+        "iss": issuer,
+        "aud": audience,
+        "sub": args.sub,
+        "scope": args.scope,
+        "iat": now,
+        "exp": now + args.ttl,
+        "jti": uuid.uuid4().hex,
+    }
+    headers = {"kid": args.kid} if args.kid else None
+    print(jwt.encode(claims, Path(str(key_file)).read_bytes(), algorithm="RS256", headers=headers))
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the service with uvicorn configured for it: no proxy headers (TRUSTED_PROXIES decides
+    whom to believe), no Server banner, the service's JSON logging."""
+    import uvicorn
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
+        return 1
+    uvicorn.run(
+        f"{__package__}.app:create_app",
+        factory=True,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        workers=args.workers,
+        proxy_headers=False,
+        server_header=False,
+        access_log=False,
+        log_config=None,
+    )
+    return 0
+
+
+def check_config(_args: argparse.Namespace) -> int:
+    """Validate the environment as the service would at start."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
+        return 1
+    print(f"configuration ok ({settings.environment})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=SERVICE_NAME, description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    keys = commands.add_parser("keys", help="signing keys for development").add_subparsers(dest="action", required=True)
+    generate = keys.add_parser("generate", help="write an RSA key pair")
+    generate.add_argument("--out", default=".keys")
+    generate.set_defaults(handler=generate_keys)
+
+    token = commands.add_parser("token", help="tokens").add_subparsers(dest="action", required=True)
+    mint = token.add_parser("mint", help="sign a development token (refused in production)")
+    mint.add_argument("--sub", required=True)
+    mint.add_argument("--scope", default="")
+    mint.add_argument("--ttl", type=int, default=900)
+    mint.add_argument("--kid")
+    mint.add_argument("--private-key")
+    mint.add_argument("--issuer")
+    mint.add_argument("--audience")
+    mint.set_defaults(handler=mint_token)
+
+    run = commands.add_parser("serve", help="run the service")
+    run.add_argument("--host")
+    run.add_argument("--port", type=int)
+    run.add_argument("--workers", type=int, default=1)
+    run.set_defaults(handler=serve)
+
+    commands.add_parser("check-config", help="validate the environment").set_defaults(handler=check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Command = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""Settings from the environment. The variable names are part of the service's contract."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from typing import Annotated, Literal
+
+from limits import RateLimitItem, parse
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "{{ cookiecutter.__database_url }}"
+SERVICE_NAME = "{{ cookiecutter.project_slug }}"
+
+# Algorithms with a public verification key. HS*, and "none", can never be configured.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class ConfigError(Exception):
+    """The environment describes a service that must not start. The message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    environment: Literal["development", "test", "production"] = "development"
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str | None = None
+
+    jwt_public_key: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str = Field(min_length=1)
+    jwt_audience: str = Field(min_length=1)
+    jwt_algorithms: CommaList = ["RS256"]
+    jwt_leeway_seconds: int = Field(30, ge=0, le=300)
+    jwt_max_token_lifetime_seconds: int = Field(3600, ge=60, le=86400)
+    jwt_jwks_refresh_seconds: int = Field(300, ge=10)
+    jwt_jwks_min_refetch_seconds: int = Field(30, ge=1)
+
+    allowed_origins: CommaList = []
+    trusted_hosts: CommaList = []
+    trusted_proxies: CommaList = []
+
+    rate_limit_ip: str = "100/15minutes"
+    rate_limit_subject: str = "1000/15minutes"
+    rate_limit_failure_mode: Literal["closed", "open"] = "closed"
+    redis_timeout_seconds: float = Field(0.5, gt=0, le=10)
+
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    docs_enabled: bool | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    @field_validator("jwt_algorithms", "allowed_origins", "trusted_hosts", "trusted_proxies", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("jwt_public_key")
+    @classmethod
+    def _unescape_pem(cls, value: str | None) -> str | None:
+        # Container platforms often pass multi-line values with literal "\n".
+        return value.replace("\\n", "\n").strip() if value else None
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: list[str]) -> list[str]:
+        unsafe = [alg for alg in value if alg not in ASYMMETRIC_ALGORITHMS]
+        if unsafe:
+            raise ValueError(f"only asymmetric algorithms are allowed, not {', '.join(unsafe)}")
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+        return value
+
+    @field_validator("rate_limit_ip", "rate_limit_subject")
+    @classmethod
+    def _limit_notation(cls, value: str) -> str:
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not in 'limits' notation, e.g. 100/15minutes") from None
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _exact_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and ("://" not in origin or origin.endswith("/")):
+                raise ValueError(f"{origin!r} is not an origin such as https://app.example.com")
+        return value
+
+    @model_validator(mode="after")
+    def _key_source(self) -> Settings:
+        if not self.jwt_public_key and not self.jwt_jwks_url:
+            raise ValueError("JWT_PUBLIC_KEY or JWT_JWKS_URL is required")
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+    @property
+    def effective_trusted_hosts(self) -> list[str]:
+        if self.trusted_hosts:
+            return self.trusted_hosts
+        return [] if self.is_production else ["localhost", "127.0.0.1", "::1"]
+
+    @property
+    def effective_docs_enabled(self) -> bool:
+        return (not self.is_production) if self.docs_enabled is None else self.docs_enabled
+
+    @cached_property
+    def trusted_proxy_networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(item, strict=False) for item in self.trusted_proxies)
+
+    @cached_property
+    def ip_limit(self) -> RateLimitItem:
+        return parse(self.rate_limit_ip)
+
+    @cached_property
+    def subject_limit(self) -> RateLimitItem:
+        return parse(self.rate_limit_subject)
+
+    def production_problems(self) -> list[str]:
+        """Each unsafe setting, named by its environment variable."""
+        if not self.is_production:
+            return []
+        problems = []
+        if "*" in self.allowed_origins:
+            problems.append("ALLOWED_ORIGINS: '*' is not allowed in production; list exact origins")
+        if not self.redis_url:
+            problems.append("REDIS_URL: required in production (rate limits and revocation are shared)")
+        if not self.trusted_hosts:
+            problems.append("TRUSTED_HOSTS: required in production")
+        if self.jwt_jwks_url and not self.jwt_jwks_url.startswith("https://"):
+            problems.append("JWT_JWKS_URL: must use https:// in production")
+        return problems
+
+
+_ENV_NAMES = {name: name.upper() for name in Settings.model_fields}
+
+
+def load_settings() -> Settings:
+    """Read the environment, or raise ConfigError with one line per unsafe or invalid variable."""
+    try:
+        settings = Settings()  # required fields come from the environment
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            name = _ENV_NAMES.get(field, "configuration")
+            message = "required" if error["type"] == "missing" else error["msg"].removeprefix("Value error, ")
+            lines.append(f"{name}: {message}" if field else message)
+        raise ConfigError("; ".join(lines)) from None
+    problems = settings.production_problems()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return settings

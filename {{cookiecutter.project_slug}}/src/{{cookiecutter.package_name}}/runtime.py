@@ -1,0 +1,68 @@
+"""The long-lived resources of one process, created without I/O and closed at shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from .config import Settings
+from .db import create_engine, create_sessionmaker
+from .security.authn import TokenVerifier
+from .security.ratelimit import RateLimiter
+
+MIGRATIONS = f"{__package__}:migrations"
+
+
+def migration_heads() -> frozenset[str]:
+    """The revisions `alembic upgrade head` leads to, read once from the packaged migrations."""
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS)
+    return frozenset(ScriptDirectory.from_config(config).get_heads())
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    redis: Redis | None
+    verifier: TokenVerifier
+    limiter: RateLimiter
+    migration_heads: frozenset[str]
+
+    @classmethod
+    def create(cls, settings: Settings) -> Runtime:
+        engine = create_engine(settings.database_url)
+        redis = None
+        if settings.redis_url:
+            # Timeouts make an unreachable Redis fail fast instead of hanging requests.
+            redis = Redis.from_url(
+                settings.redis_url,
+                socket_timeout=settings.redis_timeout_seconds,
+                socket_connect_timeout=settings.redis_timeout_seconds,
+            )
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessionmaker=create_sessionmaker(engine),
+            redis=redis,
+            verifier=TokenVerifier(settings),
+            limiter=RateLimiter(settings),
+            migration_heads=migration_heads(),
+        )
+
+    @asynccontextmanager
+    async def lifespan(self, _app: Any) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if self.redis is not None:
+                await self.redis.aclose()
+            await self.engine.dispose()

@@ -1,0 +1,136 @@
+"""RFC 9457 problem documents: the one shape of every rejection the service sends.
+
+Nothing from an exception reaches the client: no message, stack trace, SQL or path.
+Details for operators go to the audit log, keyed by the same trace id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from ..config import SERVICE_NAME
+from .events import current_trace_id, security_event
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+logger = logging.getLogger(__name__)
+
+
+def problem_type(name: str) -> str:
+    return f"urn:{SERVICE_NAME}:problem:{name}"
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+
+
+class Problem(BaseModel):
+    """The body of every error response (RFC 9457)."""
+
+    type: str = Field(examples=[problem_type("validation")])
+    title: str
+    status: int
+    detail: str
+    trace_id: str
+    errors: list[FieldError] | None = None
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_MEDIA_TYPE
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    name: str | None = None,
+    title: str | None = None,
+    errors: Sequence[Mapping[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> ProblemResponse:
+    """Build a problem response. `name` selects a specific problem type; else about:blank."""
+    body: dict[str, Any] = {
+        "type": problem_type(name) if name else "about:blank",
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "trace_id": current_trace_id(),
+    }
+    if errors is not None:
+        body["errors"] = list(errors)
+    return ProblemResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+_DETAILS = {
+    400: "The request is not valid.",
+    401: "Authentication is required.",
+    403: "You are not allowed to do this.",
+    404: "No such resource.",
+    405: "This method is not allowed on this resource.",
+    406: "This resource cannot produce an acceptable representation.",
+    410: "This resource is gone.",
+    413: "The request body is too large.",
+    415: "The request content type is not supported.",
+    429: "Too many requests.",
+    503: "A dependency of this service is unavailable; retry later.",
+}
+
+
+class ProblemDetail(str):
+    """A `detail` text that is safe to show to clients: raise HTTPException(404, ProblemDetail("..."))."""
+
+
+def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    # HTTPException.detail may hold text written for developers; the client gets a fixed sentence
+    # unless the raiser marked its text as safe.
+    if isinstance(exc.detail, ProblemDetail):
+        detail = str(exc.detail)
+    else:
+        detail = _DETAILS.get(exc.status_code) or HTTPStatus(exc.status_code).phrase
+    return problem(exc.status_code, detail, headers=exc.headers)
+
+
+def validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """Field locations and messages only: the offending input is never echoed back."""
+    return [
+        {
+            "loc": [part if isinstance(part, int) else str(part) for part in error.get("loc", ())],
+            "msg": error.get("msg", "invalid"),
+        }
+        for error in exc.errors()
+    ]
+
+
+def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = validation_errors(exc)
+    security_event("validation_failed", locations=[".".join(map(str, e["loc"])) for e in errors])
+    return problem(400, "The request is not valid.", name="validation", title="Validation failed", errors=errors)
+
+
+def _unexpected(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled exception", exc_info=exc, extra={"event": "unhandled_exception"})
+    return problem(500, "An unexpected error occurred. Quote the trace id when reporting it.")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+# Documented on every API route; openapi.py moves them to application/problem+json.
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "description": HTTPStatus(status).phrase}
+    for status in (400, 401, 403, 404, 413, 429, 503)
+}

@@ -1,0 +1,79 @@
+"""The security pipeline in one place, outermost layer first (the seed's applySecurityPipeline).
+
+A request refused by a layer is answered by that layer and never reaches the next one.
+Layers 6 (input validation) and 7 (authorization) are FastAPI dependencies declared on each
+route (`api/`), because they need the matched route; everything before them is ASGI middleware
+that runs before routing, so an anonymous caller is refused before its body is even read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp
+
+from ..runtime import Runtime
+from .audit import AuditContext
+from .authn import Authenticate
+from .ratelimit import RateLimit, client_address, subject
+from .transport import BodyLimit, ClientAddress, SecurityHeaders, StrictCors, TrustedHosts
+
+
+def security_pipeline(runtime: Runtime) -> list[Middleware]:
+    settings = runtime.settings
+    return [
+        # 1. Transport: headers on every response, even a 500 (see SecuredApp below) ...
+        Middleware(SecurityHeaders, hsts=settings.is_production, docs_enabled=settings.effective_docs_enabled),
+        # ... and the one client address every later layer uses.
+        Middleware(ClientAddress, trusted=settings.trusted_proxy_networks),
+        # 2. Audit context: trace id and a log line for every request, refusals below included.
+        Middleware(AuditContext),
+        # 1. Transport checks that can refuse a request.
+        Middleware(TrustedHosts, allowed=settings.effective_trusted_hosts),
+        Middleware(StrictCors, allowed_origins=settings.allowed_origins),
+        Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+        # 3. Pre-authentication limit per client address: cheap refusal before any crypto.
+        Middleware(RateLimit, limiter=runtime.limiter, item=settings.ip_limit, policy="ip", key=client_address),
+        # 4. Authentication on /api/, deny by default.
+        Middleware(Authenticate, verifier=runtime.verifier),
+        # 5. Per-subject limit (per-route limits are declared on routes with `ratelimit.limit`).
+        Middleware(RateLimit, limiter=runtime.limiter, item=settings.subject_limit, policy="subject", key=subject),
+        # 6. Input validation and 7. authorization: dependencies on each route, see api/.
+    ]
+
+
+class SecuredApp(FastAPI):
+    """FastAPI with the pipeline wrapped around Starlette's whole stack.
+
+    Starlette puts ServerErrorMiddleware outside all user middleware, so a 500 it sends would
+    skip a headers middleware added with `add_middleware`. Here the pipeline wraps the finished
+    stack instead, and the audit layer catches what escapes it.
+    """
+
+    pipeline: list[Middleware]
+
+    def __init__(self, *, pipeline: list[Middleware], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app = super().build_middleware_stack()
+        for cls, args, kwargs in reversed(self.pipeline):
+            app = cls(app, *args, **kwargs)
+        return app
+
+
+def installed_layers(app: SecuredApp) -> list[str]:
+    """Names of the layers actually built around the app, outermost first."""
+    names: list[str] = []
+    layer: Any = app.middleware_stack
+    while layer is not None and len(names) < 64:
+        names.append(type(layer).__name__)
+        layer = getattr(layer, "app", None)
+    return names
+
+
+def expected_layers(app: SecuredApp) -> list[str]:
+    return [middleware.cls.__name__ for middleware in app.pipeline]  # type: ignore[attr-defined]

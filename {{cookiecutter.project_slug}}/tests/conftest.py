@@ -1,0 +1,208 @@
+"""Fixtures: a real redis-server, a real database migrated to head, a key pair that signs tokens,
+and an app built per test from explicit settings."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from alembic import command
+from alembic.config import Config
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from sqlalchemy import text
+
+from {{ cookiecutter.package_name }}.app import create_app
+from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, Settings
+from {{ cookiecutter.package_name }}.runtime import MIGRATIONS, Runtime
+
+from .servers import RedisServer, start_postgres, start_redis
+
+DATABASE = "postgresql" if DEFAULT_DATABASE_URL.startswith("postgresql") else "sqlite"
+ISSUER = "https://issuer.test"
+AUDIENCE = "{{ cookiecutter.project_slug }}"
+ALL_SCOPES = "orgs:read orgs:write users:read users:write"
+TokenFactory = Callable[..., str]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.function):
+            item.add_marker(pytest.mark.anyio)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | None]:
+    """A private redis-server (killed and restarted by outage tests), or None with REDIS_URL set."""
+    if os.environ.get("REDIS_URL"):
+        yield None
+        return
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer | None) -> str:
+    return redis_server.url if redis_server else os.environ["REDIS_URL"]
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield os.environ["TEST_DATABASE_URL"]
+    elif DATABASE == "postgresql":
+        server = start_postgres(tmp_path_factory.mktemp("postgres"))
+        yield server.url
+        server.stop()
+    else:
+        yield f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS)
+    config.set_main_option("sqlalchemy.url", database_url)
+    return config
+
+
+@pytest.fixture(scope="session")
+def migrated_database(database_url: str) -> str:
+    command.upgrade(alembic_config(database_url), "head")
+    return database_url
+
+
+@pytest.fixture(scope="session")
+def private_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def public_pem(private_key: rsa.RSAPrivateKey) -> str:
+    return (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+@pytest.fixture(scope="session")
+def make_token(private_key: rsa.RSAPrivateKey) -> TokenFactory:
+    """Sign a token; keyword arguments override claims (None removes one)."""
+
+    def make(
+        sub: str = "alice",
+        scope: str = ALL_SCOPES,
+        *,
+        headers: dict[str, Any] | None = None,
+        key: Any = None,
+        algorithm: str = "RS256",
+        **claims: Any,
+    ) -> str:
+        now = int(time.time())
+        payload: dict[str, Any] = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": sub,
+            "scope": scope,
+            "iat": now,
+            "exp": now + 600,
+            "jti": uuid.uuid4().hex,
+        }
+        payload.update(claims)
+        payload = {name: value for name, value in payload.items() if value is not None}
+        return jwt.encode(payload, key if key is not None else private_key, algorithm=algorithm, headers=headers)
+
+    return make
+
+
+@pytest.fixture
+def settings_for(migrated_database: str, redis_url: str, public_pem: str) -> Callable[..., Settings]:
+    """Settings for a test app; keyword arguments override any field."""
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "environment": "test",
+            "database_url": migrated_database,
+            "redis_url": redis_url,
+            "jwt_public_key": public_pem,
+            "jwt_issuer": ISSUER,
+            "jwt_audience": AUDIENCE,
+            "rate_limit_ip": "10000/minute",
+            "rate_limit_subject": "10000/minute",
+            "allowed_origins": ["https://app.example.com"],
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)
+
+    return build
+
+
+@pytest.fixture
+def settings(settings_for: Callable[..., Settings]) -> Settings:
+    return settings_for()
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    return create_app(settings)
+
+
+async def reset_state(runtime: Runtime) -> None:
+    """Each test starts with empty tables and an empty Redis database."""
+    async with runtime.engine.begin() as connection:
+        for table in ("org_users", "permissions", "orgs"):
+            await connection.execute(text(f"DELETE FROM {table}"))  # noqa: S608  # fixed table names
+    if runtime.redis is not None:
+        await runtime.redis.flushdb()
+
+
+@asynccontextmanager
+async def running(
+    app: FastAPI, client: tuple[str, int] = ("203.0.113.7", 4711), *, reset: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
+    """Start the app (lifespan included), reset its state, and give an HTTP client speaking to it in-process."""
+    async with app.router.lifespan_context(app):
+        if reset:
+            await reset_state(app.state.runtime)
+        transport = httpx.ASGITransport(app=app, client=client)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+            yield http
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with running(app) as http:
+        yield http
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,76 @@
+"""Production refuses to start with unsafe settings, naming each one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+SAFE_PRODUCTION = {
+    "ENVIRONMENT": "production",
+    "JWT_ISSUER": "https://issuer.example.com",
+    "JWT_AUDIENCE": "{{ cookiecutter.project_slug }}",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "TRUSTED_HOSTS": "api.example.com",
+    "ALLOWED_ORIGINS": "https://app.example.com",
+}
+
+
+@pytest.fixture
+def production(public_pem: str) -> dict[str, str]:
+    return {**SAFE_PRODUCTION, "JWT_PUBLIC_KEY": public_pem.replace("\n", "\\n")}
+
+
+def start(env: dict[str, str], code: str = "import {{ cookiecutter.package_name }}.main") -> subprocess.CompletedProcess[str]:
+    """Import the ASGI app in a fresh process, as uvicorn would, with `env` as its only settings."""
+    clean = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
+
+
+def test_safe_production_settings_start(production: dict[str, str]) -> None:
+    result = start(production)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"JWT_PUBLIC_KEY": ""}, "JWT_PUBLIC_KEY or JWT_JWKS_URL"),
+        ({"JWT_ISSUER": ""}, "JWT_ISSUER"),
+        ({"JWT_AUDIENCE": ""}, "JWT_AUDIENCE"),
+        ({"ALLOWED_ORIGINS": "*"}, "ALLOWED_ORIGINS"),
+        ({"REDIS_URL": ""}, "REDIS_URL"),
+        ({"TRUSTED_HOSTS": ""}, "TRUSTED_HOSTS"),
+        ({"JWT_ALGORITHMS": "RS256,HS256"}, "JWT_ALGORITHMS"),
+        ({"JWT_JWKS_URL": "http://issuer.example.com/jwks.json"}, "JWT_JWKS_URL"),
+    ],
+)
+def test_production_refuses_unsafe_setting_and_names_it(
+    production: dict[str, str], change: dict[str, str], named: str
+) -> None:
+    env = {k: v for k, v in {**production, **change}.items() if v}
+    result = start(env)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1, result.stderr
+    assert "refusing to start" in message[0]
+    assert named in message[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_docs_are_off_in_production_unless_enabled(production: dict[str, str]) -> None:
+    show = "from {{ cookiecutter.package_name }}.main import app; print(app.docs_url, app.openapi_url)"
+    off = start(production, show)
+    on = start({**production, "DOCS_ENABLED": "true"}, show)
+    assert off.stdout.split() == ["None", "None"], off.stderr
+    assert on.stdout.split() == ["/docs", "/openapi.json"], on.stderr
