@@ -1,13 +1,16 @@
-"""Typed dependencies so route signatures read like their policy."""
-
-from __future__ import annotations
+"""The authorization policy of each route of the example API, one alias per row of the SPEC
+table: the scopes the token must carry, then the relation the caller must hold on the org in
+the path. A route states its policy by naming one of these in its signature."""
 
 import uuid
 from typing import Annotated
 
 from ..models import Relation
-from ..security.authz import require_org_relation
+from ..security.authn import Principal
+from ..security.authz import no_object_policy, require_org_relation
 
-OrgViewer = Annotated[uuid.UUID, require_org_relation(Relation.viewer)]
-OrgAdmin = Annotated[uuid.UUID, require_org_relation(Relation.admin)]
-OrgOwner = Annotated[uuid.UUID, require_org_relation(Relation.owner)]
+CanCreateOrg = Annotated[Principal, no_object_policy(scopes=["orgs:write"])]
+CanReadOrg = Annotated[uuid.UUID, require_org_relation(Relation.viewer, scopes=["orgs:read"])]
+CanManageGrants = Annotated[uuid.UUID, require_org_relation(Relation.owner, scopes=["orgs:write"])]
+CanReadUsers = Annotated[uuid.UUID, require_org_relation(Relation.viewer, scopes=["users:read"])]
+CanWriteUsers = Annotated[uuid.UUID, require_org_relation(Relation.admin, scopes=["users:write"])]

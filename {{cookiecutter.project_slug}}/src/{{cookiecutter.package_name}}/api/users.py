@@ -11,9 +11,8 @@ from sqlalchemy.exc import IntegrityError
 
 from ..db import SessionDep
 from ..models import OrgUser
-from ..security.authz import require_scopes
 from ..security.errors import ProblemDetail
-from .deps import OrgAdmin, OrgViewer
+from .deps import CanReadUsers, CanWriteUsers
 from .schemas import Page, Role, UserCreate, UserOut
 
 router = APIRouter(prefix="/orgs/{org_id}/users", tags=["users"])
@@ -32,8 +31,8 @@ def _user_out(user: OrgUser) -> UserOut:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, dependencies=[require_scopes("users:write")])
-async def create_user(org_id: OrgAdmin, body: UserCreate, session: SessionDep) -> UserOut:
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def create_user(org_id: CanWriteUsers, body: UserCreate, session: SessionDep) -> UserOut:
     user = OrgUser(org_id=org_id, email=body.email.lower(), role=body.role, metadata_=body.metadata or {})
     session.add(user)
     try:
@@ -44,9 +43,9 @@ async def create_user(org_id: OrgAdmin, body: UserCreate, session: SessionDep) -
     return _user_out(user)
 
 
-@router.get("", dependencies=[require_scopes("users:read")])
+@router.get("")
 async def list_users(
-    org_id: OrgViewer,
+    org_id: CanReadUsers,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
@@ -63,13 +62,13 @@ async def list_users(
     return Page[UserOut](items=[_user_out(u) for u in users[:limit]], next_offset=offset + limit if more else None)
 
 
-@router.get("/{user_id}", dependencies=[require_scopes("users:read")])
-async def get_user(org_id: OrgViewer, user_id: uuid.UUID, session: SessionDep) -> UserOut:
+@router.get("/{user_id}")
+async def get_user(org_id: CanReadUsers, user_id: uuid.UUID, session: SessionDep) -> UserOut:
     return _user_out(await _user_in_org(session, org_id, user_id))
 
 
-@router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[require_scopes("users:write")])
-async def delete_user(org_id: OrgAdmin, user_id: uuid.UUID, session: SessionDep) -> None:
+@router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_user(org_id: CanWriteUsers, user_id: uuid.UUID, session: SessionDep) -> None:
     await session.delete(await _user_in_org(session, org_id, user_id))
     await session.commit()
 

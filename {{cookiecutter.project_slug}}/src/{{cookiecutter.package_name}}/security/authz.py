@@ -1,39 +1,83 @@
 """Layer 7, authorization: the token's scopes, then the caller's relation to the object, asked of
-the permissions table. Ownership is never inferred from a path parameter.
+the permissions table. Deny by default; ownership is never inferred from a path parameter.
 
-Both checks are FastAPI dependencies declared in the route signature, so each route states its
-policy in one line and no check is pasted into a handler.
+Each route declares its policy in one line of its signature: a dependency made by
+`require_org_relation` (or `no_object_policy` for a route that acts on no existing object),
+which itself depends on the `require_scopes` check. The chain fixes the order: scopes first,
+then the object. `route_policies` walks every /api/ route and reports one that declares no
+policy; the test suite fails on such a route.
+
+What a refused caller learns, in order of the checks:
+1. Authentication is middleware in front of routing, so only a verified token reaches a route.
+2. FastAPI reads the body and answers 400 for bytes that are not JSON at all. This happens
+   before any dependency and tells the caller only that its own bytes are not JSON.
+3. The scope check, then the object check. A caller refused here gets the same 403 whatever the
+   body, query or object id: the permissions table is asked, never the object's table, so the
+   answer does not depend on whether the object exists (no existence oracle).
+4. Only then are the body, query and remaining path parameters validated against the route's
+   models (400 with field errors), and a missing object the caller may see answered 404.
+Validating after authorizing is the safer order: a caller without permission cannot use the
+service to learn its validation rules (field names, lengths, allowed values), and a body is
+never parsed into a model for a caller who may not act. The org id is the one input checked
+before the object check, because the check needs it; a malformed id is 400 for everyone and
+names no object.
+
+Revocation takes effect on the next request: nothing is cached, each check is one query on the
+unique (subject, resource_type, resource_id) index. A cache added here must be invalidated on
+every write, across replicas (Redis), before it may be used.
 """
 
-from __future__ import annotations
-
+import functools
 import uuid
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import Depends, HTTPException
-from sqlalchemy import select
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from sqlalchemy import CursorResult, Select, bindparam, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.routing import BaseRoute
 
 from ..db import SessionDep
 from ..models import Permission, Relation
-from .authn import CurrentPrincipal, Principal
+from .authn import API_PREFIX, CurrentPrincipal, Principal
 from .events import security_event
 
+ORG = "org"
+# Subjects that may be named in a grant (path parameter and CLI): what identity providers put in `sub`.
+SUBJECT_PATTERN = r"^[A-Za-z0-9_.:@|-]{1,255}$"
+_RULE = "__authz_rule__"
+F = TypeVar("F")
 
-async def relation_of(session: AsyncSession, subject: str, resource_type: str, resource_id: str) -> Relation | None:
-    """The subject's relation to one object: one query on the unique (subject, type, id) index."""
-    stored = await session.scalar(
-        select(Permission.relation).where(
-            Permission.subject == subject,
-            Permission.resource_type == resource_type,
-            Permission.resource_id == resource_id,
-        )
-    )
-    return Relation(stored) if stored else None
+
+@dataclass(frozen=True, slots=True)
+class ScopeRule:
+    """Left on the scope check: the scopes a token must carry."""
+
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRule:
+    """Left on the object check: the relation required on the object. `resource_type` None
+    declares that the route acts on no existing object (creating one, for example)."""
+
+    resource_type: str | None
+    relation: Relation | None
+
+
+def _declare(check: F, rule: ScopeRule | ObjectRule) -> F:
+    setattr(check, _RULE, rule)
+    return check
 
 
 def require_scopes(*scopes: str) -> Any:
     """Refuse with 403 unless the token carries every one of `scopes`."""
+    if not scopes:
+        raise ValueError("require_scopes needs at least one scope")
     needed = frozenset(scopes)
 
     async def check_scopes(principal: CurrentPrincipal) -> Principal:
@@ -43,30 +87,201 @@ def require_scopes(*scopes: str) -> Any:
             raise HTTPException(403)
         return principal
 
-    check_scopes.required_scopes = needed  # type: ignore[attr-defined]  # read by the route-policy test
-    return Depends(check_scopes)
+    return Depends(_declare(check_scopes, ScopeRule(needed)))
 
 
-def require_org_relation(relation: Relation) -> Any:
-    """Refuse with 403 unless the caller holds `relation` (or higher) on the org in the path.
-    The answer is the same whether the org exists or not: no existence oracle."""
+@functools.cache
+def _holds_query(resource_type: str, relation: Relation) -> Select[Any]:
+    """Built once per policy: the subject holds `relation` or higher on one object."""
+    return select(Permission.id).where(
+        Permission.subject == bindparam("subject"),
+        Permission.resource_type == resource_type,
+        Permission.resource_id == bindparam("resource_id"),
+        Permission.relation.in_([held.value for held in relation.at_least()]),
+    )
 
-    async def check_org(org_id: uuid.UUID, principal: CurrentPrincipal, session: SessionDep) -> uuid.UUID:
-        held = await relation_of(session, principal.subject, "org", str(org_id))
-        if held is None or held.rank < relation.rank:
-            security_event("object_denied", subject=principal.subject, resource_type="org", required=relation.value)
+
+async def holds(session: AsyncSession, subject: str, resource_type: str, resource_id: str, relation: Relation) -> bool:
+    """One query on the unique (subject, resource_type, resource_id) index."""
+    query = _holds_query(resource_type, relation)
+    return await session.scalar(query, {"subject": subject, "resource_id": resource_id}) is not None
+
+
+def require_org_relation(relation: Relation, *, scopes: Sequence[str]) -> Any:
+    """Refuse with 403 unless the token carries `scopes` and the caller holds `relation` (or
+    higher) on the org in the path. The same 403 whether the org exists or not."""
+    scoped = require_scopes(*scopes)
+
+    async def check_org(org_id: uuid.UUID, principal: Annotated[Principal, scoped], session: SessionDep) -> uuid.UUID:
+        if not await holds(session, principal.subject, ORG, str(org_id), relation):
+            security_event(
+                "object_denied",
+                subject=principal.subject,
+                resource_type=ORG,
+                resource_id=str(org_id),
+                required=relation.value,
+            )
             raise HTTPException(403)
         return org_id
 
-    check_org.object_policy = ("org", relation)  # type: ignore[attr-defined]  # read by the route-policy test
-    return Depends(check_org)
+    return Depends(_declare(check_org, ObjectRule(ORG, relation)))
 
 
-def no_object_policy() -> Any:
-    """Declares that a route acts on no existing object (e.g. creating one)."""
+def no_object_policy(*, scopes: Sequence[str]) -> Any:
+    """Declares a route that acts on no existing object (e.g. creating one): only `scopes` are
+    required. Gives the route the caller's principal."""
+    scoped = require_scopes(*scopes)
 
-    async def no_object() -> None:
-        return None
+    async def no_object(principal: Annotated[Principal, scoped]) -> Principal:
+        return principal
 
-    no_object.object_policy = None  # type: ignore[attr-defined]
-    return Depends(no_object)
+    return Depends(_declare(no_object, ObjectRule(None, None)))
+
+
+# Grants: the writes to the permissions table, shared by the API and the CLI.
+
+
+class GrantRefused(Exception):
+    """A grant change that would break an invariant. The message is safe to show."""
+
+
+async def set_relation(
+    session: AsyncSession,
+    resource_type: str,
+    resource_id: str,
+    subject: str,
+    relation: Relation,
+    *,
+    granted_by: str,
+) -> bool:
+    """Give `subject` exactly `relation` on the object; True when the grant is new. Refuses to
+    leave the object without an owner. The caller commits."""
+    key = _grant_key(resource_type, resource_id, subject)
+    await _lock_owners(session, resource_type, resource_id)
+    changed = cast(
+        CursorResult[Any], await session.execute(update(Permission).where(*key).values(relation=relation.value))
+    )
+    created = changed.rowcount == 0
+    if created:
+        try:
+            await session.execute(
+                insert(Permission).values(
+                    subject=subject,
+                    resource_type=resource_type,
+                    resource_id=resource_id,
+                    relation=relation.value,
+                    created_by=granted_by,
+                )
+            )
+        except IntegrityError:  # the same grant was created concurrently
+            await session.rollback()
+            raise GrantRefused("The grant was changed concurrently; retry.") from None
+    elif relation != Relation.owner:
+        await _keep_an_owner(session, resource_type, resource_id)
+    return created
+
+
+async def revoke(session: AsyncSession, resource_type: str, resource_id: str, subject: str) -> bool:
+    """Remove the subject's grant on the object; False when it had none. Refuses to remove the
+    last owner. The caller commits."""
+    await _lock_owners(session, resource_type, resource_id)
+    removed = cast(
+        CursorResult[Any],
+        await session.execute(delete(Permission).where(*_grant_key(resource_type, resource_id, subject))),
+    )
+    if removed.rowcount == 0:
+        return False
+    await _keep_an_owner(session, resource_type, resource_id)
+    return True
+
+
+def _grant_key(resource_type: str, resource_id: str, subject: str) -> tuple[Any, ...]:
+    return (
+        Permission.subject == subject,
+        Permission.resource_type == resource_type,
+        Permission.resource_id == resource_id,
+    )
+
+
+def _owners(resource_type: str, resource_id: str) -> tuple[Any, ...]:
+    return (
+        Permission.resource_type == resource_type,
+        Permission.resource_id == resource_id,
+        Permission.relation == Relation.owner.value,
+    )
+
+
+async def _lock_owners(session: AsyncSession, resource_type: str, resource_id: str) -> None:
+    # PostgreSQL: two owners demoting each other at once are serialized on the owner rows, so
+    # the second sees the first's change. SQLite serializes writers itself (no FOR UPDATE there)
+    # and the owner count below runs after this transaction's write, under its write lock.
+    await session.execute(
+        select(Permission.id).where(*_owners(resource_type, resource_id)).order_by(Permission.id).with_for_update()
+    )
+
+
+async def _keep_an_owner(session: AsyncSession, resource_type: str, resource_id: str) -> None:
+    owners = await session.scalar(select(func.count()).where(*_owners(resource_type, resource_id)))
+    if not owners:
+        await session.rollback()
+        raise GrantRefused("An org must keep at least one owner.")
+
+
+# The route-policy walk: every /api/ route declares scopes and an object policy.
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    route: str
+    scopes: frozenset[str]
+    object_rule: ObjectRule | None
+    problems: tuple[str, ...]
+
+
+def _tree(dependant: Dependant) -> Iterator[Dependant]:
+    yield dependant
+    for sub in dependant.dependencies:
+        yield from _tree(sub)
+
+
+def _rules(dependant: Dependant) -> Iterator[tuple[Dependant, ScopeRule | ObjectRule]]:
+    for node in _tree(dependant):
+        rule = getattr(node.call, _RULE, None)
+        if isinstance(rule, ScopeRule | ObjectRule):
+            yield node, rule
+
+
+def route_policy(route: APIRoute) -> RoutePolicy:
+    """The policy a route declares, with what is wrong with it."""
+    name = f"{','.join(sorted(route.methods or ()))} {route.path}"
+    rules = list(_rules(route.dependant))
+    scopes: set[str] = set()
+    for _, rule in rules:
+        if isinstance(rule, ScopeRule):
+            scopes |= rule.scopes
+    objects = [(node, rule) for node, rule in rules if isinstance(rule, ObjectRule)]
+    problems = []
+    if not scopes:
+        problems.append("declares no scopes (require_scopes)")
+    if not objects:
+        problems.append("declares no object policy (require_org_relation or no_object_policy)")
+    elif len({rule for _, rule in objects}) > 1:
+        problems.append("declares more than one object policy")
+    for node, _ in objects:
+        if not any(isinstance(rule, ScopeRule) for _, rule in _rules(node)):
+            problems.append("object check does not depend on a scope check")
+    return RoutePolicy(name, frozenset(scopes), objects[0][1] if objects else None, tuple(problems))
+
+
+def route_policies(routes: Iterable[BaseRoute]) -> list[RoutePolicy]:
+    """The policy of every route under /api/. A route that cannot be inspected is a problem."""
+    policies = []
+    for route in routes:
+        path = getattr(route, "path", "")
+        if not (path + "/").startswith(API_PREFIX):
+            continue
+        if isinstance(route, APIRoute):
+            policies.append(route_policy(route))
+        else:
+            policies.append(RoutePolicy(path, frozenset(), None, (f"{type(route).__name__} cannot declare a policy",)))
+    return policies
