@@ -11,6 +11,7 @@ from .runtime import Runtime
 from .security.audit import configure_logging
 from .security.errors import install_error_handlers
 from .security.pipeline import SecuredApp, security_pipeline
+from .security.ratelimit import RouteLimitExceeded, route_limit_exceeded
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     install_error_handlers(app)
+    app.add_exception_handler(RouteLimitExceeded, route_limit_exceeded)
     app.include_router(health.router)
     app.include_router(api.router)
     problem_openapi(app)
