@@ -17,9 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from .config import Settings
 from .db import create_engine, create_sessionmaker
 from .security.authn import TokenVerifier
-from .security.keys import KeySource, key_source
 from .security.ratelimit import RateLimiter
-from .security.revocation import Revocations
 
 MIGRATIONS = f"{__package__}:migrations"
 
@@ -37,9 +35,7 @@ class Runtime:
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     redis: Redis | None
-    keys: KeySource
     verifier: TokenVerifier
-    revocations: Revocations
     limiter: RateLimiter
     migration_heads: frozenset[str]
 
@@ -57,26 +53,21 @@ class Runtime:
                 # redis-py's default (10 retries with backoff) would hold requests for seconds.
                 retry=Retry(NoBackoff(), 1),
             )
-        keys = key_source(settings)
         return cls(
             settings=settings,
             engine=engine,
             sessionmaker=create_sessionmaker(engine),
             redis=redis,
-            keys=keys,
-            verifier=TokenVerifier(settings, keys),
-            revocations=Revocations(settings, redis),
+            verifier=TokenVerifier(settings),
             limiter=RateLimiter(settings, redis),
             migration_heads=migration_heads(),
         )
 
     @asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
-        await self.keys.start()
         try:
             yield
         finally:
-            await self.keys.stop()
             if self.redis is not None:
                 await self.redis.aclose()
             await self.engine.dispose()

@@ -11,6 +11,7 @@ from ..models import Org, Permission, Relation
 from ..security import authz
 from ..security.authn import CurrentPrincipal
 from ..security.errors import ProblemDetail
+from ..security.ratelimit import limit
 from .deps import CanCreateOrg, CanManageGrants, CanReadOrg
 from .schemas import GrantOut, GrantPut, OrgCreate, OrgOut
 
@@ -44,7 +45,11 @@ async def get_org(org_id: CanReadOrg, session: SessionDep) -> OrgOut:
     return OrgOut(id=org.id, name=org.name, created_at=org.created_at)
 
 
-@router.put("/{org_id}/grants/{subject}", responses={201: {"model": GrantOut, "description": "Grant created"}})
+@router.put(
+    "/{org_id}/grants/{subject}",
+    dependencies=[limit("10/minute")],
+    responses={201: {"model": GrantOut, "description": "Grant created"}},
+)
 async def put_grant(
     org_id: CanManageGrants,
     subject: Subject,
