@@ -30,6 +30,7 @@ from .events import security_event
 
 KEY_PREFIX = "ratelimit"
 WARNING_INTERVAL_SECONDS = 60.0
+SWEEP_INTERVAL_SECONDS = 60.0
 
 # Count this request and read the time left in its window, atomically. The expiry is set only
 # when the window opens (or if it was somehow lost), so a client that keeps knocking cannot
@@ -122,7 +123,7 @@ class MemoryCounter:
         now = time.monotonic()
         if now >= self.next_sweep:
             self.windows = {k: w for k, w in self.windows.items() if w[1] > now}
-            self.next_sweep = now + WARNING_INTERVAL_SECONDS
+            self.next_sweep = now + SWEEP_INTERVAL_SECONDS
         count, ends = self.windows.get(key, (0, 0.0))
         if ends <= now:
             count, ends = 0, now + window_ms / 1000
