@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .config import SERVICE_NAME, ConfigError, load_settings
+from .security.revocation import MAX_ID_LENGTH, Revocations
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -71,6 +75,56 @@ def mint_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def revoke_token(args: argparse.Namespace) -> int:
+    """Refuse one token, by its `jti`, on every replica until it expires (--exp, its `exp` claim)."""
+
+    async def revoke(revocations: Revocations) -> str:
+        if await revocations.revoke_token(args.jti, args.exp):
+            return f"token {args.jti} revoked until it expires"
+        return f"token {args.jti} has expired already; nothing to revoke"
+
+    return _revoke(revoke)
+
+
+def revoke_subject(args: argparse.Namespace) -> int:
+    """Refuse every token of a subject issued before now, e.g. after a password reset."""
+
+    async def revoke(revocations: Revocations) -> str:
+        await revocations.revoke_subject(args.sub)
+        return f"tokens of {args.sub} issued until now are revoked"
+
+    return _revoke(revoke)
+
+
+def _revoke(action: Callable[[Revocations], Awaitable[str]]) -> int:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
+        return 1
+    if not settings.redis_url:
+        print("REDIS_URL is required: the running service reads revocations from Redis", file=sys.stderr)
+        return 2
+
+    async def run(redis_url: str) -> str:
+        redis = Redis.from_url(
+            redis_url,
+            socket_timeout=settings.redis_timeout_seconds,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+        )
+        try:
+            return await action(Revocations(settings, redis))
+        finally:
+            await redis.aclose()
+
+    try:
+        print(asyncio.run(run(settings.redis_url)))
+    except RedisError as exc:
+        print(f"{SERVICE_NAME}: Redis is unavailable ({type(exc).__name__}); nothing was revoked", file=sys.stderr)
+        return 1
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the service with uvicorn configured for it: no proxy headers (TRUSTED_PROXIES decides
     whom to believe), no Server banner, the service's JSON logging."""
@@ -106,6 +160,12 @@ def check_config(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _claim_text(value: str) -> str:
+    if not value or len(value) > MAX_ID_LENGTH:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_ID_LENGTH} characters")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=SERVICE_NAME, description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--issuer")
     mint.add_argument("--audience")
     mint.set_defaults(handler=mint_token)
+    revoke = token.add_parser("revoke", help="revoke one token by its jti until it expires")
+    revoke.add_argument("--jti", required=True, type=_claim_text, help="the token's `jti` claim")
+    revoke.add_argument("--exp", required=True, type=int, help="the token's `exp` claim (epoch seconds)")
+    revoke.set_defaults(handler=revoke_token)
+    revoke_sub = token.add_parser("revoke-subject", help="revoke every token of a subject issued before now")
+    revoke_sub.add_argument("--sub", required=True, type=_claim_text, help="the tokens' `sub` claim")
+    revoke_sub.set_defaults(handler=revoke_subject)
 
     run = commands.add_parser("serve", help="run the service")
     run.add_argument("--host")

@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     def _key_source(self) -> Settings:
         if not self.jwt_public_key and not self.jwt_jwks_url:
             raise ValueError("JWT_PUBLIC_KEY or JWT_JWKS_URL is required")
+        if self.jwt_public_key and self.jwt_jwks_url:
+            raise ValueError("set JWT_PUBLIC_KEY or JWT_JWKS_URL, not both")
         return self
 
     @property

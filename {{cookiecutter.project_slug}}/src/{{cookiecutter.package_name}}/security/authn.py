@@ -2,36 +2,43 @@
 
 It runs as middleware in front of routing (the seed's `app.use('/api/', validateJwt)`), so an
 anonymous request is answered 401 before its body is read or validated.
+
+Each credential type is an `Authenticator`; `BearerToken` (JWT in `Authorization: Bearer`) is
+the one the service ships. API keys or client certificates would be one more module with one
+more class, listed next to it in pipeline.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
-from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from fastapi import Depends, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
-from .errors import problem
+from .errors import ProblemResponse, problem
 from .events import security_event
+from .keys import KeySource
+from .revocation import MAX_ID_LENGTH, Revocations, RevocationStoreUnavailable
 
 API_PREFIX = "/api/"
 MAX_TOKEN_BYTES = 8192
+MAX_KID_LENGTH = 256
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "exp", "iat"]
-VerificationKey = RSAPublicKey | EllipticCurvePublicKey | Ed25519PublicKey | Ed448PublicKey
+VERIFIED_CACHE_SIZE = 10_000
+# RFC 7515 §4.1.9: "application/" may be omitted from `typ`; RFC 9068 names at+jwt.
+ACCEPTED_TYPES = frozenset({"jwt", "at+jwt", "application/jwt", "application/at+jwt"})
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling, as proven by the token."""
+    """Who is calling, as proven by the credential."""
 
     subject: str
     scopes: frozenset[str]
@@ -40,112 +47,273 @@ class Principal:
     expires_at: int
 
 
-class InvalidToken(Exception):
-    """The token is not acceptable. The message is for the audit log, never the client."""
+class InvalidCredentials(Exception):
+    """A credential was presented and is not acceptable. `reason` is for the audit log only."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Authenticator(Protocol):
+    """One credential type. `challenge` is its WWW-Authenticate scheme."""
+
+    challenge: str
+
+    async def authenticate(self, scope: Scope) -> Principal | None:
+        """The principal, or None when the request carries no credential of this type.
+
+        Raises InvalidCredentials when one is present but not acceptable.
+        """
+        ...
+
+
+# --- JWT verification -----------------------------------------------------------------------
+
+
+class VerifiedTokens:
+    """A bounded LRU of tokens that passed verification, each dropped at its `exp` at the latest
+    and whenever the trusted key set changes. Only successes are kept."""
+
+    def __init__(self, size: int = VERIFIED_CACHE_SIZE) -> None:
+        self.size = size
+        self._entries: OrderedDict[bytes, tuple[Principal, int]] = OrderedDict()
+
+    def get(self, digest: bytes, generation: int) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        principal, key_generation = entry
+        if key_generation != generation or principal.expires_at <= time.time():
+            del self._entries[digest]
+            return None
+        self._entries.move_to_end(digest)
+        return principal
+
+    def put(self, digest: bytes, principal: Principal, generation: int) -> None:
+        self._entries[digest] = (principal, generation)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class TokenVerifier:
-    """Verifies signature and claims with PyJWT against keys parsed once at start."""
+    """Signature and claims with PyJWT, against keys only the configured key source supplies."""
 
-    def __init__(self, settings: Settings) -> None:
-        if not settings.jwt_public_key:
-            raise ValueError("JWT_PUBLIC_KEY is required")
-        self.key = _verification_key(settings.jwt_public_key)
-        self.algorithms = list(settings.jwt_algorithms)
+    def __init__(self, settings: Settings, keys: KeySource, *, cache_size: int = VERIFIED_CACHE_SIZE) -> None:
+        self.keys = keys
+        self.algorithms = frozenset(settings.jwt_algorithms)
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
         self.leeway = settings.jwt_leeway_seconds
         self.max_lifetime = settings.jwt_max_token_lifetime_seconds
+        self.cache = VerifiedTokens(cache_size)
 
     def has_keys(self) -> bool:
-        return self.key is not None
+        return self.keys.has_keys()
 
-    def verify(self, token: str) -> Principal:
+    async def verify(self, token: bytes) -> Principal:
         if len(token) > MAX_TOKEN_BYTES:
-            raise InvalidToken("token too large")
+            raise InvalidCredentials("token_too_large")
+        digest = hashlib.sha256(token).digest()
+        principal = self.cache.get(digest, self.keys.generation)
+        if principal is not None:
+            return principal
+        generation = self.keys.generation
+        principal = await self._verify(token)
+        self.cache.put(digest, principal, generation)
+        return principal
+
+    async def _verify(self, token: bytes) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise InvalidCredentials("malformed") from None
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            raise InvalidCredentials("algorithm_not_allowed")
+        if "crit" in header:
+            raise InvalidCredentials("unsupported_critical_header")
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.lower() not in ACCEPTED_TYPES):
+            raise InvalidCredentials("wrong_type")
+        if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_LENGTH):
+            raise InvalidCredentials("malformed_kid")
+        # jku, x5u, jwk and x5c are deliberately never read: only the key source is trusted.
+        trusted = await self.keys.find(kid)
+        if trusted is None:
+            raise InvalidCredentials("unknown_key")
+        if alg not in trusted.algorithms:
+            raise InvalidCredentials("algorithm_not_allowed_for_key")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self.key,
-                algorithms=self.algorithms,
+                trusted.key,
+                algorithms=[alg],
                 issuer=self.issuer,
                 audience=self.audience,
                 leeway=self.leeway,
-                options={"require": REQUIRED_CLAIMS, "strict_aud": False},
+                options={"require": REQUIRED_CLAIMS, "verify_signature": True, "strict_aud": False},
             )
+        except jwt.MissingRequiredClaimError as exc:
+            raise InvalidCredentials(f"missing_{exc.claim}") from None
         except jwt.PyJWTError as exc:
-            raise InvalidToken(type(exc).__name__) from None
-        return _principal(claims, self.max_lifetime)
+            raise InvalidCredentials(type(exc).__name__) from None
+        return self._principal(claims)
+
+    def _principal(self, claims: dict[str, Any]) -> Principal:
+        subject, exp, iat = claims["sub"], claims["exp"], claims["iat"]
+        if not isinstance(subject, str) or not subject or len(subject) > MAX_ID_LENGTH:
+            raise InvalidCredentials("bad_subject")
+        # PyJWT accepts anything int() accepts, "1700000000" and true included; a JWT NumericDate is a number.
+        if not all(_is_number(claims[name]) for name in ("exp", "iat", "nbf") if name in claims):
+            raise InvalidCredentials("non_numeric_date")
+        if exp - iat > self.max_lifetime:
+            raise InvalidCredentials("lifetime_over_maximum")
+        jti = claims.get("jti")
+        if jti is not None and (not isinstance(jti, str) or not jti or len(jti) > MAX_ID_LENGTH):
+            raise InvalidCredentials("bad_jti")
+        return Principal(subject, _scopes(claims), jti, int(iat), int(exp))
 
 
-def _verification_key(pem: str) -> VerificationKey:
-    key = load_pem_public_key(pem.encode())
-    if not isinstance(key, VerificationKey):
-        raise ValueError("JWT_PUBLIC_KEY must be an RSA, EC or EdDSA public key")
-    return key
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _principal(claims: dict[str, Any], max_lifetime: int) -> Principal:
-    subject, exp, iat = claims["sub"], claims["exp"], claims["iat"]
-    if not isinstance(subject, str) or not subject or len(subject) > 255:
-        raise InvalidToken("bad sub")
-    if not isinstance(exp, int | float) or not isinstance(iat, int | float):
-        raise InvalidToken("non-numeric exp or iat")
-    if exp - iat > max_lifetime:
-        raise InvalidToken("lifetime over maximum")
+def _scopes(claims: dict[str, Any]) -> frozenset[str]:
     scope = claims.get("scope", claims.get("scp", ""))
-    scopes = (
-        scope.split()
-        if isinstance(scope, str)
-        else [s for s in scope if isinstance(s, str)]
-        if isinstance(scope, list)
-        else []
-    )
-    jti = claims.get("jti")
-    return Principal(subject, frozenset(scopes), jti if isinstance(jti, str) else None, int(iat), int(exp))
+    if isinstance(scope, str):
+        return frozenset(scope.split())
+    if isinstance(scope, list):
+        return frozenset(s for s in scope if isinstance(s, str))
+    return frozenset()
 
 
-def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+# --- Bearer tokens --------------------------------------------------------------------------
+
+
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The token of `Authorization: Bearer <token>` (never a query string or cookie).
+
+    None when there is no bearer credential; b"" for one that is present but unusable
+    (several Authorization headers, or an empty token).
+    """
+    found: bytes | None = None
     for key, value in headers:
         if key == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
-    return None
+            if found is not None:
+                return b""
+            scheme, _, token = value.partition(b" ")
+            found = token.strip() if scheme.lower() == b"bearer" else None
+            if found is None:
+                return None
+    return found
+
+
+class BearerToken:
+    """JWT access tokens: verified (or found in the verified cache), then checked for revocation."""
+
+    challenge = "Bearer"
+
+    def __init__(self, verifier: TokenVerifier, revocations: Revocations) -> None:
+        self.verifier = verifier
+        self.revocations = revocations
+
+    async def authenticate(self, scope: Scope) -> Principal | None:
+        token = bearer_token(scope["headers"])
+        if token is None:
+            return None
+        if not token:
+            raise InvalidCredentials("malformed")
+        principal = await self.verifier.verify(token)
+        if await self.revocations.is_revoked(principal):
+            raise InvalidCredentials("revoked")
+        return principal
+
+
+# --- The layer ------------------------------------------------------------------------------
 
 
 class Authenticate:
-    """Requires a valid bearer token on every path under /api/ except the declared public ones."""
+    """Requires a valid credential on every path under /api/ except the declared public ones."""
 
-    def __init__(self, app: ASGIApp, *, verifier: TokenVerifier, public_paths: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        authenticators: Sequence[Authenticator],
+        public_paths: frozenset[str] = frozenset(),
+    ) -> None:
+        if not authenticators:
+            raise ValueError("at least one authenticator is required")
         self.app = app
-        self.verifier = verifier
+        self.authenticators = tuple(authenticators)
         self.public_paths = public_paths
+        self.challenges = ", ".join(a.challenge for a in self.authenticators)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith(API_PREFIX) or path in self.public_paths:
+        if scope["type"] not in ("http", "websocket") or not path.startswith(API_PREFIX) or path in self.public_paths:
             await self.app(scope, receive, send)
             return
-        token = bearer_token(scope["headers"])
-        if token is None:
-            security_event("authentication_failed", reason="no token")
-            await problem(
-                401, "A bearer token is required.", name="unauthenticated", headers={"WWW-Authenticate": "Bearer"}
-            )(scope, receive, send)
-            return
-        try:
-            principal = self.verifier.verify(token)
-        except InvalidToken as exc:
-            security_event("authentication_failed", reason=str(exc))
-            await problem(
+        for authenticator in self.authenticators:
+            try:
+                principal = await authenticator.authenticate(scope)
+            except InvalidCredentials as exc:
+                security_event("authentication_failed", reason=exc.reason, credential=authenticator.challenge)
+                await self._refuse(
+                    problem(
+                        401,
+                        "The credential is not valid.",
+                        name="invalid-token",
+                        headers={"WWW-Authenticate": f'{authenticator.challenge} error="invalid_token"'},
+                    ),
+                    scope,
+                    receive,
+                    send,
+                )
+                return
+            except RevocationStoreUnavailable:
+                security_event("dependency_unavailable", dependency="redis", layer="authn")
+                await self._refuse(
+                    problem(
+                        503,
+                        "The credential store is unavailable; retry later.",
+                        name="dependency-unavailable",
+                        headers={"Retry-After": "1"},
+                    ),
+                    scope,
+                    receive,
+                    send,
+                )
+                return
+            if principal is not None:
+                scope.setdefault("state", {})["principal"] = principal
+                await self.app(scope, receive, send)
+                return
+        security_event("authentication_failed", reason="no_credentials")
+        await self._refuse(
+            problem(
                 401,
-                "The bearer token is not valid.",
-                name="invalid-token",
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )(scope, receive, send)
+                "Authentication is required.",
+                name="unauthenticated",
+                headers={"WWW-Authenticate": self.challenges},
+            ),
+            scope,
+            receive,
+            send,
+        )
+
+    @staticmethod
+    async def _refuse(response: ProblemResponse, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # Closing before accept makes the server answer the handshake with 403.
+            await send({"type": "websocket.close", "code": 1008})
             return
-        scope.setdefault("state", {})["principal"] = principal
-        await self.app(scope, receive, send)
+        await response(scope, receive, send)
 
 
 def current_principal(request: Request) -> Principal:

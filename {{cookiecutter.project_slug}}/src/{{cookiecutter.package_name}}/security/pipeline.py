@@ -16,7 +16,7 @@ from starlette.types import ASGIApp
 
 from ..runtime import Runtime
 from .audit import AuditContext
-from .authn import Authenticate
+from .authn import Authenticate, BearerToken
 from .ratelimit import RateLimit, client_address, subject
 from .transport import BodyLimit, ClientAddress, SecurityHeaders, StrictCors, TrustedHosts
 
@@ -36,8 +36,8 @@ def security_pipeline(runtime: Runtime) -> list[Middleware]:
         Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
         # 3. Pre-authentication limit per client address: cheap refusal before any crypto.
         Middleware(RateLimit, limiter=runtime.limiter, item=settings.ip_limit, policy="ip", key=client_address),
-        # 4. Authentication on /api/, deny by default.
-        Middleware(Authenticate, verifier=runtime.verifier),
+        # 4. Authentication on /api/, deny by default. Another credential type is one more entry.
+        Middleware(Authenticate, authenticators=[BearerToken(runtime.verifier, runtime.revocations)]),
         # 5. Per-subject limit (per-route limits are declared on routes with `ratelimit.limit`).
         Middleware(RateLimit, limiter=runtime.limiter, item=settings.subject_limit, policy="subject", key=subject),
         # 6. Input validation and 7. authorization: dependencies on each route, see api/.

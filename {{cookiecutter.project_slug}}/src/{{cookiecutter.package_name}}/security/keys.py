@@ -1,0 +1,264 @@
+"""Where token verification keys come from: a PEM public key parsed once, or the issuer's JWKS.
+
+The JWKS is fetched with an async client off the request path: once at start, then every
+JWT_JWKS_REFRESH_SECONDS by a background task. A token naming a `kid` the service does not know
+may trigger one refetch (a signing key rotated since the last refresh), but at most once per
+JWT_JWKS_MIN_REFETCH_SECONDS, so a burst of invented `kid`s cannot turn the service into a
+JWKS-fetching amplifier. A failed fetch keeps the last good keys.
+
+A token's own `jku`, `x5u`, `jwk` or `x5c` header is never used: only these sources are trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from ..config import Settings
+from .events import security_event
+
+VerificationKey = RSAPublicKey | EllipticCurvePublicKey | Ed25519PublicKey | Ed448PublicKey
+
+JWKS_TIMEOUT_SECONDS = 3.0
+MAX_JWKS_BYTES = 256 * 1024
+MAX_JWKS_KEYS = 64
+# Which key types can verify which algorithms; a JWK of another type is never tried.
+_KEY_TYPE_ALGORITHMS = {
+    "RSA": {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"},
+    "EC": {"ES256", "ES384", "ES512"},
+    "OKP": {"EdDSA"},
+}
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedKey:
+    """A public key and the algorithms (from the allowlist) it may verify."""
+
+    key: VerificationKey
+    algorithms: frozenset[str]
+
+
+class KeySource(Protocol):
+    """The keys the verifier trusts. `generation` changes whenever the set of keys does."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def has_keys(self) -> bool: ...
+
+    async def find(self, kid: str | None) -> TrustedKey | None:
+        """The trusted key a token's `kid` names, or None. Never consults the token for a key."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def key_source(settings: Settings) -> KeySource:
+    if settings.jwt_jwks_url:
+        return JwksKeys(
+            settings.jwt_jwks_url,
+            algorithms=frozenset(settings.jwt_algorithms),
+            refresh_seconds=settings.jwt_jwks_refresh_seconds,
+            min_refetch_seconds=settings.jwt_jwks_min_refetch_seconds,
+        )
+    if settings.jwt_public_key:
+        return StaticKey(settings.jwt_public_key, algorithms=frozenset(settings.jwt_algorithms))
+    raise ValueError("JWT_PUBLIC_KEY or JWT_JWKS_URL is required")
+
+
+class StaticKey:
+    """JWT_PUBLIC_KEY: one key, parsed once at start. A `kid` has nothing to choose from here."""
+
+    generation = 0
+
+    def __init__(self, pem: str, *, algorithms: frozenset[str]) -> None:
+        key = load_pem_public_key(pem.encode())
+        if not isinstance(key, VerificationKey):
+            raise ValueError("JWT_PUBLIC_KEY must be an RSA, EC or EdDSA public key")
+        self.key = TrustedKey(key, algorithms & _algorithms_for(key))
+
+    def has_keys(self) -> bool:
+        return True
+
+    async def find(self, kid: str | None) -> TrustedKey | None:
+        return self.key
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+def _algorithms_for(key: VerificationKey) -> set[str]:
+    if isinstance(key, RSAPublicKey):
+        return _KEY_TYPE_ALGORITHMS["RSA"]
+    if isinstance(key, EllipticCurvePublicKey):
+        return _KEY_TYPE_ALGORITHMS["EC"]
+    return _KEY_TYPE_ALGORITHMS["OKP"]
+
+
+class JwksError(Exception):
+    """The JWKS could not be fetched or holds no usable key. The message is for the log."""
+
+
+def parse_jwks(document: Any, allowlist: frozenset[str]) -> dict[str | None, TrustedKey]:
+    """The usable signing keys of a JWKS document, by `kid` (None for a key without one).
+
+    Skipped: encryption keys, symmetric and private keys, key types or declared algorithms
+    outside the allowlist, and anything PyJWT cannot load.
+    """
+    if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
+        raise JwksError("not a JWKS document")
+    keys: dict[str | None, TrustedKey] = {}
+    for jwk in document["keys"][:MAX_JWKS_KEYS]:
+        trusted = _trusted_key(jwk, allowlist)
+        if trusted is not None:
+            kid = jwk.get("kid")
+            keys[kid if isinstance(kid, str) else None] = trusted
+    if not keys:
+        raise JwksError("no usable signing key")
+    return keys
+
+
+def _trusted_key(jwk: Any, allowlist: frozenset[str]) -> TrustedKey | None:
+    if not isinstance(jwk, Mapping) or jwk.get("use", "sig") != "sig" or "d" in jwk:
+        return None
+    algorithms = allowlist & _KEY_TYPE_ALGORITHMS.get(str(jwk.get("kty")), set())
+    declared = jwk.get("alg")
+    if declared is not None:
+        algorithms &= {declared}
+    if not algorithms:
+        return None
+    try:
+        key = jwt.PyJWK(dict(jwk), algorithm=min(algorithms)).key
+    except (jwt.PyJWTError, ValueError, TypeError):
+        return None
+    return TrustedKey(key, frozenset(algorithms)) if isinstance(key, VerificationKey) else None
+
+
+class JwksKeys:
+    """JWT_JWKS_URL: the issuer's key set, cached, refreshed in the background."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        algorithms: frozenset[str],
+        refresh_seconds: float,
+        min_refetch_seconds: float,
+        timeout_seconds: float = JWKS_TIMEOUT_SECONDS,
+    ) -> None:
+        self.url = url
+        self.algorithms = algorithms
+        self.refresh_seconds = refresh_seconds
+        self.min_refetch_seconds = min_refetch_seconds
+        self.timeout_seconds = timeout_seconds
+        self.generation = 0
+        self._keys: dict[str | None, TrustedKey] = {}
+        self._document: Any = None
+        self._client: httpx.AsyncClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Future[bool] | None = None
+        self._last_kid_refetch = -math.inf
+
+    def has_keys(self) -> bool:
+        return bool(self._keys)
+
+    async def find(self, kid: str | None) -> TrustedKey | None:
+        if kid is None:
+            # Without a `kid` only an unambiguous key set can verify the token.
+            return next(iter(self._keys.values())) if len(self._keys) == 1 else None
+        key = self._keys.get(kid)
+        if key is not None:
+            return key
+        if self._inflight is None:
+            now = time.monotonic()
+            if now - self._last_kid_refetch < self.min_refetch_seconds:
+                return None
+            self._last_kid_refetch = now
+        await self.refresh()
+        return self._keys.get(kid)
+
+    async def refresh(self) -> bool:
+        """Fetch the JWKS now, or join the fetch already running. False when it failed."""
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._fetch())
+            self._inflight.add_done_callback(self._fetch_done)
+        # Shielded: a request that gives up does not cancel a fetch others wait for.
+        return await asyncio.shield(self._inflight)
+
+    def _fetch_done(self, _future: asyncio.Future[bool]) -> None:
+        self._inflight = None
+
+    async def _fetch(self) -> bool:
+        try:
+            document = await self._download()
+            keys = parse_jwks(document, self.algorithms)
+        except (httpx.HTTPError, JwksError, ValueError, RecursionError) as exc:
+            reason = str(exc) if isinstance(exc, JwksError) else type(exc).__name__
+            security_event("jwks_fetch_failed", reason=reason, keys_kept=len(self._keys))
+            return False
+        if document != self._document:
+            self._document, self._keys = document, keys
+            self.generation += 1
+            logger.info("jwks loaded", extra={"event": "jwks_loaded", "keys": len(keys)})
+        return True
+
+    async def _download(self) -> Any:
+        if self._client is None:
+            self._client = self._new_client()
+        async with self._client.stream("GET", self.url, headers={"Accept": "application/json"}) as response:
+            if response.status_code != 200:
+                raise JwksError(f"status {response.status_code}")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_JWKS_BYTES:
+                    raise JwksError("document too large")
+        return json.loads(body)
+
+    def _new_client(self) -> httpx.AsyncClient:
+        # No redirects: the configured URL is the only place keys come from.
+        return httpx.AsyncClient(timeout=self.timeout_seconds, follow_redirects=False)
+
+    async def start(self) -> None:
+        self._client = self._new_client()
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_forever(), name="jwks-refresh")
+
+    async def _refresh_forever(self) -> None:
+        ok = self.has_keys()
+        while True:
+            # Retry sooner while the issuer is unreachable; the last good keys serve meanwhile.
+            await asyncio.sleep(self.refresh_seconds if ok else self.min_refetch_seconds)
+            ok = await self.refresh()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
