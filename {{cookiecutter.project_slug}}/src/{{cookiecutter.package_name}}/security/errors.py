@@ -7,6 +7,7 @@ Details for operators go to the audit log, keyed by the same trace id.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -97,24 +98,52 @@ def _http_exception(request: Request, exc: Exception) -> Response:
         detail = str(exc.detail)
     else:
         detail = _DETAILS.get(exc.status_code) or HTTPStatus(exc.status_code).phrase
-    return problem(exc.status_code, detail, headers=exc.headers)
+    # A subclass may name its problem type (transport.BodyTooLarge: `problem_name = "body-too-large"`).
+    return problem(exc.status_code, detail, name=getattr(exc, "problem_name", None), headers=exc.headers)
+
+
+MAX_REPORTED_ERRORS = 20
+# A location part that is a field name or index is shown; anything else (a dict key or unknown
+# field name sent by the client that does not look like a name) is shown as "*".
+_LOCATION_PART = re.compile(r"^[A-Za-z0-9_.:\[\]-]{1,64}$")
+# Pydantic messages are templates filled with the schema's constraints, except the ones whose
+# context carries a parser's own text about the input ({error}, {reason}): "Input should be a
+# valid UUID, invalid character: ... found `x`". Those keep their fixed prefix only.
+_FREE_TEXT_CONTEXT = frozenset({"error", "reason"})
+_FREE_TEXT_START = re.compile(r"[:,]")
 
 
 def validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     """Field locations and messages only: the offending input is never echoed back."""
     return [
-        {
-            "loc": [part if isinstance(part, int) else str(part) for part in error.get("loc", ())],
-            "msg": error.get("msg", "invalid"),
-        }
-        for error in exc.errors()
+        {"loc": [_location_part(part) for part in error.get("loc", ())], "msg": _message(error)}
+        for error in exc.errors()[:MAX_REPORTED_ERRORS]
     ]
+
+
+def _location_part(part: object) -> str | int:
+    if isinstance(part, int):
+        return part
+    text = str(part)
+    return text if _LOCATION_PART.match(text) else "*"
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    message = str(error.get("msg", ""))
+    context = error.get("ctx")
+    if isinstance(context, Mapping) and not _FREE_TEXT_CONTEXT.isdisjoint(context):
+        message = _FREE_TEXT_START.split(message, maxsplit=1)[0]
+    return message.strip()[:200] or "Invalid value"
 
 
 def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = validation_errors(exc)
-    security_event("validation_failed", locations=[".".join(map(str, e["loc"])) for e in errors])
+    security_event(
+        "validation_failed",
+        count=len(exc.errors()),
+        locations=[".".join(map(str, e["loc"])) for e in errors],
+    )
     return problem(400, "The request is not valid.", name="validation", title="Validation failed", errors=errors)
 
 
