@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import time
 import uuid
@@ -18,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .config import SERVICE_NAME, ConfigError, load_settings
+from .models import Relation
 from .security.revocation import MAX_ID_LENGTH, Revocations
 
 Command = Callable[[argparse.Namespace], int]
@@ -160,6 +162,60 @@ def check_config(_args: argparse.Namespace) -> int:
     return 0
 
 
+def grant(args: argparse.Namespace) -> int:
+    """Give a subject a relation on an org, e.g. its first owner. Takes effect on the next request."""
+    return _change_grant(args, args.relation)
+
+
+def revoke_grant(args: argparse.Namespace) -> int:
+    """Remove a subject's grant on an org. Takes effect on the next request; the last owner stays."""
+    return _change_grant(args, None)
+
+
+def _change_grant(args: argparse.Namespace, relation: str | None) -> int:
+    from .security.authz import SUBJECT_PATTERN
+
+    if not re.fullmatch(SUBJECT_PATTERN, args.sub):
+        print(f"--sub must match {SUBJECT_PATTERN}", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
+        return 1
+    ok, message = asyncio.run(_apply_grant(settings.database_url, args.org, args.sub, relation))
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+async def _apply_grant(database_url: str, org_id: uuid.UUID, subject: str, relation: str | None) -> tuple[bool, str]:
+    from .db import create_engine, create_sessionmaker
+    from .models import Org
+    from .security import authz
+
+    engine = create_engine(database_url)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            if await session.get(Org, org_id) is None:
+                return False, f"no org {org_id}"
+            try:
+                if relation is None:
+                    if not await authz.revoke(session, authz.ORG, str(org_id), subject):
+                        return False, f"{subject} holds no grant on org {org_id}"
+                    message = f"revoked the grant of {subject} on org {org_id}"
+                else:
+                    await authz.set_relation(
+                        session, authz.ORG, str(org_id), subject, Relation(relation), granted_by=f"cli:{SERVICE_NAME}"
+                    )
+                    message = f"{subject} is now {relation} of org {org_id}"
+            except authz.GrantRefused as refused:
+                return False, str(refused)
+            await session.commit()
+            return True, message
+    finally:
+        await engine.dispose()
+
+
 def _claim_text(value: str) -> str:
     if not value or len(value) > MAX_ID_LENGTH:
         raise argparse.ArgumentTypeError(f"must be 1 to {MAX_ID_LENGTH} characters")
@@ -200,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=serve)
 
     commands.add_parser("check-config", help="validate the environment").set_defaults(handler=check_config)
+
+    relations = [relation.value for relation in Relation]
+    give = commands.add_parser("grant", help="give a subject a relation on an org (e.g. its first owner)")
+    give.add_argument("--sub", required=True, help="the token subject (`sub` claim)")
+    give.add_argument("--org", required=True, type=uuid.UUID, help="the org id")
+    give.add_argument("--relation", required=True, choices=relations)
+    give.set_defaults(handler=grant)
+    take = commands.add_parser("revoke-grant", help="remove a subject's grant on an org")
+    take.add_argument("--sub", required=True, help="the token subject (`sub` claim)")
+    take.add_argument("--org", required=True, type=uuid.UUID, help="the org id")
+    take.set_defaults(handler=revoke_grant)
     return parser
 
 

@@ -3,6 +3,7 @@ table: the scopes the token must carry, then the relation the caller must hold o
 the path. A route states its policy by naming one of these in its signature."""
 
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated
 
 from ..models import Relation
@@ -14,3 +15,9 @@ CanReadOrg = Annotated[uuid.UUID, require_org_relation(Relation.viewer, scopes=[
 CanManageGrants = Annotated[uuid.UUID, require_org_relation(Relation.owner, scopes=["orgs:write"])]
 CanReadUsers = Annotated[uuid.UUID, require_org_relation(Relation.viewer, scopes=["users:read"])]
 CanWriteUsers = Annotated[uuid.UUID, require_org_relation(Relation.admin, scopes=["users:write"])]
+
+
+def as_utc(moment: datetime) -> datetime:
+    """Timestamps leave the API in UTC. SQLite returns them naive (it stores no offset), so a
+    created object and the same object read back would otherwise differ."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from ..db import SessionDep
 from ..models import OrgUser
 from ..security.errors import ProblemDetail
-from .deps import CanReadUsers, CanWriteUsers
+from .deps import CanReadUsers, CanWriteUsers, as_utc
 from .schemas import Page, Role, UserCreate, UserOut
 
 router = APIRouter(prefix="/orgs/{org_id}/users", tags=["users"])
@@ -27,7 +27,7 @@ def _user_out(user: OrgUser) -> UserOut:
         email=user.email,
         role=Role(user.role),
         metadata=user.metadata_,
-        created_at=user.created_at,
+        created_at=as_utc(user.created_at),
     )
 
 

@@ -29,10 +29,11 @@ every write, across replicas (Redis), before it may be used.
 
 import functools
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, cast
 
+import fastapi.routing
 from fastapi import Depends, HTTPException
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
@@ -50,6 +51,9 @@ ORG = "org"
 # Subjects that may be named in a grant (path parameter and CLI): what identity providers put in `sub`.
 SUBJECT_PATTERN = r"^[A-Za-z0-9_.:@|-]{1,255}$"
 _RULE = "__authz_rule__"
+# Recent FastAPI keeps included routers nested in app.routes and walks them with this; older
+# versions flatten app.routes themselves.
+_iter_route_contexts = getattr(fastapi.routing, "iter_route_contexts", None)
 F = TypeVar("F")
 
 
@@ -251,10 +255,9 @@ def _rules(dependant: Dependant) -> Iterator[tuple[Dependant, ScopeRule | Object
             yield node, rule
 
 
-def route_policy(route: APIRoute) -> RoutePolicy:
-    """The policy a route declares, with what is wrong with it."""
-    name = f"{','.join(sorted(route.methods or ()))} {route.path}"
-    rules = list(_rules(route.dependant))
+def route_policy(name: str, dependant: Dependant) -> RoutePolicy:
+    """The policy a route declares in its dependency tree, with what is wrong with it."""
+    rules = list(_rules(dependant))
     scopes: set[str] = set()
     for _, rule in rules:
         if isinstance(rule, ScopeRule):
@@ -273,15 +276,32 @@ def route_policy(route: APIRoute) -> RoutePolicy:
     return RoutePolicy(name, frozenset(scopes), objects[0][1] if objects else None, tuple(problems))
 
 
-def route_policies(routes: Iterable[BaseRoute]) -> list[RoutePolicy]:
-    """The policy of every route under /api/. A route that cannot be inspected is a problem."""
+def route_policies(routes: Sequence[BaseRoute]) -> list[RoutePolicy]:
+    """The policy of every route under /api/, included routers flattened (with the dependencies
+    they add). A route under /api/ that cannot declare one (a mount, a plain route) is a problem."""
     policies = []
-    for route in routes:
-        path = getattr(route, "path", "")
+    for path, methods, route, dependant in _flat_routes(routes):
         if not (path + "/").startswith(API_PREFIX):
             continue
-        if isinstance(route, APIRoute):
-            policies.append(route_policy(route))
+        if isinstance(route, APIRoute) and dependant is not None:
+            policies.append(route_policy(f"{','.join(sorted(methods))} {path}", dependant))
         else:
-            policies.append(RoutePolicy(path, frozenset(), None, (f"{type(route).__name__} cannot declare a policy",)))
+            problem = f"{type(route).__name__} cannot declare a policy"
+            policies.append(RoutePolicy(path, frozenset(), None, (problem,)))
     return policies
+
+
+def _flat_routes(routes: Sequence[BaseRoute]) -> Iterator[tuple[str, set[str], BaseRoute, Dependant | None]]:
+    if _iter_route_contexts is None:
+        for route in routes:
+            yield (
+                getattr(route, "path", ""),
+                getattr(route, "methods", None) or set(),
+                route,
+                getattr(route, "dependant", None),
+            )
+        return
+    for context in _iter_route_contexts(routes):
+        original = context.original_route
+        dependant = context.dependant if isinstance(original, APIRoute) else None
+        yield context.path or "", context.methods or set(), original, dependant
