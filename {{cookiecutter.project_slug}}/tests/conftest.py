@@ -4,6 +4,7 @@ and an app built per test from explicit settings."""
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import time
 import uuid
@@ -201,6 +202,22 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def audit_events() -> Iterator[list[logging.LogRecord]]:
+    """The security events (`audit` logger) the service logs during the test."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect(level=logging.DEBUG)
+    audit = logging.getLogger("audit")
+    audit.addHandler(handler)
+    yield records
+    audit.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

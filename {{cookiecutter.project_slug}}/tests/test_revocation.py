@@ -1,0 +1,228 @@
+"""Revocation: a denylisted `jti` or a subject-wide "revoked before" mark refuses a token on its
+next request, cached or not; the entries expire with the tokens; Redis outages follow
+RATE_LIMIT_FAILURE_MODE."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import httpx
+import jwt
+import pytest
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from starlette.types import Receive, Scope, Send
+
+from {{ cookiecutter.package_name }}.app import create_app
+from {{ cookiecutter.package_name }}.cli import main
+from {{ cookiecutter.package_name }}.config import SERVICE_NAME, Settings
+from {{ cookiecutter.package_name }}.security.authn import Authenticate, BearerToken, TokenVerifier
+from {{ cookiecutter.package_name }}.security.keys import key_source
+from {{ cookiecutter.package_name }}.security.revocation import Revocations
+
+from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, running
+
+pytestmark = pytest.mark.anyio
+
+PROTECTED = "/api/v1/orgs"
+UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
+
+
+async def status_of(http: httpx.AsyncClient, token: str) -> int:
+    response = await http.post(PROTECTED, json={"name": "Acme"}, headers=bearer(token))
+    assert response.status_code in (201, 401), response.text
+    return response.status_code
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    decoded: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    return decoded
+
+
+def revocations(app: FastAPI) -> Revocations:
+    runtime = app.state.runtime
+    assert isinstance(runtime.revocations, Revocations)
+    return runtime.revocations
+
+
+async def test_revoked_jti_is_rejected(app: FastAPI, client: httpx.AsyncClient, make_token: TokenFactory) -> None:
+    token = make_token()
+    claims = claims_of(token)
+    assert await revocations(app).revoke_token(claims["jti"], claims["exp"]) is True
+    response = await client.post(PROTECTED, json={"name": "Acme"}, headers=bearer(token))
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+
+
+async def test_revocation_reaches_a_token_already_in_the_verified_cache(
+    app: FastAPI, client: httpx.AsyncClient, make_token: TokenFactory, audit_events: list[logging.LogRecord]
+) -> None:
+    token = make_token()
+    assert await status_of(client, token) == 201
+    claims = claims_of(token)
+    await revocations(app).revoke_token(claims["jti"], claims["exp"])
+    assert await status_of(client, token) == 401
+    assert [getattr(r, "reason", None) for r in audit_events if getattr(r, "event", "") == "authentication_failed"] == [
+        "revoked"
+    ]
+
+
+async def test_jti_revocation_leaves_the_subjects_other_tokens_alone(
+    app: FastAPI, client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    revoked, other = make_token("alice"), make_token("alice")
+    claims = claims_of(revoked)
+    await revocations(app).revoke_token(claims["jti"], claims["exp"])
+    assert await status_of(client, other) == 201
+
+
+async def test_subject_revocation_rejects_every_token_issued_before_it(
+    app: FastAPI, client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    now = int(time.time())
+    earlier, current = make_token("alice", iat=now - 120), make_token("alice", iat=now)
+    assert await status_of(client, current) == 201
+    mark = await revocations(app).revoke_subject("alice")
+    assert await status_of(client, earlier) == 401
+    assert await status_of(client, current) == 401  # same second as the mark: refused too
+    assert await status_of(client, make_token("bob", iat=now - 120)) == 201
+    # A token the issuer signs after the revocation (the next whole second) is accepted.
+    assert await status_of(client, make_token("alice", iat=int(mark) + 1)) == 201
+
+
+async def test_jti_entry_expires_when_the_token_could_no_longer_be_accepted(
+    app: FastAPI, client: httpx.AsyncClient, redis: Redis
+) -> None:
+    settings: Settings = app.state.runtime.settings
+    expires_at = int(time.time()) + 300
+    await revocations(app).revoke_token("jti-1", expires_at)
+    ttl = await redis.ttl(f"{SERVICE_NAME}:revoked:jti:jti-1")
+    # The token stays acceptable until exp + leeway, so the entry must live at least that long.
+    assert 300 + settings.jwt_leeway_seconds - 5 <= ttl <= 300 + settings.jwt_leeway_seconds + 1
+
+
+async def test_subject_mark_lives_as_long_as_any_token_it_refuses(
+    app: FastAPI, client: httpx.AsyncClient, redis: Redis
+) -> None:
+    settings: Settings = app.state.runtime.settings
+    await revocations(app).revoke_subject("alice")
+    ttl = await redis.ttl(f"{SERVICE_NAME}:revoked:sub:alice")
+    longest = settings.jwt_max_token_lifetime_seconds + settings.jwt_leeway_seconds
+    assert longest - 5 <= ttl <= longest + 1
+
+
+async def test_revoking_an_already_expired_token_stores_nothing(
+    app: FastAPI, client: httpx.AsyncClient, redis: Redis
+) -> None:
+    assert await revocations(app).revoke_token("old", int(time.time()) - 3600) is False
+    assert await redis.exists(f"{SERVICE_NAME}:revoked:jti:old") == 0
+
+
+async def test_revocation_without_redis_url_is_kept_in_process(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    app = create_app(settings_for(redis_url=None))
+    async with running(app) as http:
+        token = make_token()
+        assert await status_of(http, token) == 201
+        claims = claims_of(token)
+        await revocations(app).revoke_token(claims["jti"], claims["exp"])
+        assert await status_of(http, token) == 401
+        await revocations(app).revoke_subject("bob")
+        assert await status_of(http, make_token("bob", iat=int(time.time()) - 10)) == 401
+
+
+# --- operators' commands ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def service_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, public_pem: str) -> None:
+    for name, value in {
+        "ENVIRONMENT": "test",
+        "REDIS_URL": redis_url,
+        "JWT_PUBLIC_KEY": public_pem,
+        "JWT_ISSUER": ISSUER,
+        "JWT_AUDIENCE": AUDIENCE,
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+async def test_token_revoke_command_refuses_the_token_on_the_running_service(
+    service_env: None, client: httpx.AsyncClient, make_token: TokenFactory, capsys: Any
+) -> None:
+    token = make_token()
+    assert await status_of(client, token) == 201
+    claims = claims_of(token)
+    argv = ["token", "revoke", "--jti", claims["jti"], "--exp", str(claims["exp"])]
+    assert await anyio.to_thread.run_sync(main, argv) == 0
+    assert "revoked" in capsys.readouterr().out
+    assert await status_of(client, token) == 401
+
+
+async def test_token_revoke_subject_command_refuses_the_subjects_tokens(
+    service_env: None, client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    token = make_token("carol", iat=int(time.time()) - 5)
+    assert await status_of(client, token) == 201
+    assert await anyio.to_thread.run_sync(main, ["token", "revoke-subject", "--sub", "carol"]) == 0
+    assert await status_of(client, token) == 401
+
+
+def test_token_revoke_command_requires_redis(service_env: None, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    monkeypatch.delenv("REDIS_URL")
+    assert main(["token", "revoke", "--jti", "j", "--exp", str(int(time.time()) + 60)]) == 2
+    assert "REDIS_URL" in capsys.readouterr().err
+
+
+def test_token_revoke_command_reports_an_unreachable_redis(
+    service_env: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.setenv("REDIS_URL", UNREACHABLE_REDIS)
+    assert main(["token", "revoke-subject", "--sub", "carol"]) == 1
+    assert "nothing was revoked" in capsys.readouterr().err
+
+
+# --- Redis outages --------------------------------------------------------------------------------
+
+
+async def ok(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"served"})
+
+
+def layer_with_unreachable_redis(settings: Settings) -> Authenticate:
+    """The authentication layer alone (no rate limit in front to fail first), its revocation
+    lookups going to a Redis port nothing listens on."""
+    redis = Redis.from_url(UNREACHABLE_REDIS, socket_timeout=0.5, socket_connect_timeout=0.5)
+    verifier = TokenVerifier(settings, key_source(settings))
+    return Authenticate(ok, authenticators=[BearerToken(verifier, Revocations(settings, redis))])
+
+
+async def test_revocation_store_down_fails_closed_with_503(
+    settings_for: Callable[..., Settings], make_token: TokenFactory, audit_events: list[logging.LogRecord]
+) -> None:
+    layer = layer_with_unreachable_redis(settings_for(rate_limit_failure_mode="closed"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=layer), base_url="http://localhost") as http:
+        response = await http.get(PROTECTED, headers=bearer(make_token()))
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "1"
+    assert "127.0.0.1" not in response.text and "Error" not in response.text
+    assert any(getattr(r, "layer", "") == "authn" for r in audit_events)
+
+
+async def test_revocation_store_down_fails_open_serves_and_logs(
+    settings_for: Callable[..., Settings], make_token: TokenFactory, audit_events: list[logging.LogRecord]
+) -> None:
+    layer = layer_with_unreachable_redis(settings_for(rate_limit_failure_mode="open"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=layer), base_url="http://localhost") as http:
+        response = await http.get(PROTECTED, headers=bearer(make_token()))
+        assert response.status_code == 200
+        assert response.text == "served"
+        # Still no way in without a valid token.
+        assert (await http.get(PROTECTED, headers=bearer("garbage"))).status_code == 401
+    assert "revocation_store_unavailable" in [getattr(r, "event", "") for r in audit_events]
