@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from . import api, health
+from .api import legacy
 from .config import SERVICE_NAME, Settings, load_settings
 from .openapi import problem_openapi
 from .runtime import Runtime
@@ -16,7 +17,7 @@ from .security.ratelimit import RouteLimitExceeded, route_limit_exceeded
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, masked_fields=settings.audit_masked_fields)
     runtime = Runtime.create(settings)
     docs = settings.effective_docs_enabled
     app = SecuredApp(
@@ -32,5 +33,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RouteLimitExceeded, route_limit_exceeded)
     app.include_router(health.router)
     app.include_router(api.router)
+    app.include_router(legacy.router)  # deprecated aliases until their sunset
     problem_openapi(app)
     return app

@@ -61,12 +61,19 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     docs_enabled: bool | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    audit_db_enabled: bool = False
+    audit_masked_fields: CommaList = ["email", "phone"]
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
     @field_validator("jwt_algorithms", "allowed_origins", "trusted_hosts", "trusted_proxies", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("audit_masked_fields", mode="before")
+    @classmethod
+    def _masked_fields(cls, value: object) -> object:
         return _split_commas(value)
 
     @field_validator("jwt_public_key")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from alembic.config import Config
@@ -16,7 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from .config import Settings
 from .db import create_engine, create_sessionmaker
+from .security.audit import AuditSink, Masker
 from .security.authn import TokenVerifier
+from .security.deprecation import utc_now
 from .security.keys import KeySource, key_source
 from .security.ratelimit import RateLimiter
 from .security.revocation import Revocations
@@ -42,6 +45,8 @@ class Runtime:
     revocations: Revocations
     limiter: RateLimiter
     migration_heads: frozenset[str]
+    audit_sink: AuditSink | None = None  # AUDIT_DB_ENABLED
+    clock: Callable[[], datetime] = utc_now  # read by deprecation sunsets; tests replace it
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
@@ -68,14 +73,19 @@ class Runtime:
             revocations=Revocations(settings, redis),
             limiter=RateLimiter(settings, redis),
             migration_heads=migration_heads(),
+            audit_sink=AuditSink(engine, Masker(settings.audit_masked_fields)) if settings.audit_db_enabled else None,
         )
 
     @asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
         await self.keys.start()
+        if self.audit_sink is not None:
+            await self.audit_sink.start()
         try:
             yield
         finally:
+            if self.audit_sink is not None:
+                await self.audit_sink.stop()  # writes what is queued while the engine still works
             await self.keys.stop()
             if self.redis is not None:
                 await self.redis.aclose()

@@ -1,43 +1,176 @@
-"""Layer 2, audit context: a trace id for every request, one JSON log line per request, and
-security events as structured metadata. Never bodies, tokens, cookies or query strings."""
+"""Layer 2, audit: a trace id for every request, one JSON log line per request, security events as
+structured metadata, and an optional append-only table of those events.
+
+Masking happens in one place, the formatter (and the table sink), not in the callers: emails and
+the AUDIT_MASKED_FIELDS are masked (`j***@example.org`), secrets are redacted, whoever logs them.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import sys
 import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import IO, Any
 
 from pythonjsonlogger.json import JsonFormatter
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..models import AuditEvent
+from .deprecation import response_headers as deprecation_headers
 from .errors import problem
-from .events import TraceIdFilter, bind_trace_id, trace_id_from, unbind_trace_id
+from .events import (
+    AUDIT_LOGGER,
+    TraceIdFilter,
+    bind_request,
+    bind_trace_id,
+    current_trace_id,
+    request_context,
+    trace_id_from,
+    unbind_request,
+    unbind_trace_id,
+)
 
 TRACE_HEADER = "X-Trace-Id"
-request_logger = logging.getLogger("audit.request")
+REQUEST_LOGGER = "audit.request"
+request_logger = logging.getLogger(REQUEST_LOGGER)
+logger = logging.getLogger(__name__)
+
+REDACTED = "[REDACTED]"
+# Keys whose values are never logged, whatever they hold.
+SECRET_KEYS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "set_cookie",
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "password",
+        "secret",
+        "client_secret",
+        "api_key",
+        "apikey",
+        "signature",
+        "private_key",
+        "query",
+        "query_string",
+        "body",
+        "request_body",
+        "response_body",
+    }
+)
+SECRET_SUFFIXES = ("_token", "_secret", "_password", "_key")
+
+# Compiled once: these run on every log line.
+_EMAIL = re.compile(r"(?<![\w.%+-])([A-Za-z0-9])[A-Za-z0-9._%+-]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_CREDENTIALS = re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9._~+/=-]{8,}")
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+_URL_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s?#\"']*)\?[^\s#\"']*")
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """One JSON shape for the service, uvicorn and libraries, on stdout."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.addFilter(TraceIdFilter())
-    handler.setFormatter(
-        JsonFormatter(
-            "{asctime}{levelname}{name}{message}",
+class Masker:
+    """Masks personal data and redacts secrets in any log value, recursively."""
+
+    def __init__(self, masked_fields: Iterable[str] = ("email",)) -> None:
+        self.masked_fields = frozenset(field.lower() for field in masked_fields)
+
+    def text(self, value: str) -> str:
+        if "@" in value:
+            value = _URL_USERINFO.sub(r"\1[REDACTED]@", value)
+            value = _EMAIL.sub(r"\1***@\2", value)
+        if "eyJ" in value:
+            value = _JWT.sub(REDACTED, value)
+        if "://" in value and "?" in value:
+            value = _URL_QUERY.sub(r"\1?[REDACTED]", value)
+        return _CREDENTIALS.sub(r"\1 [REDACTED]", value) if " " in value else value
+
+    def value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, Mapping):
+            return self.mapping(value)
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self.value(item) for item in value]
+        return value
+
+    def mapping(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        masked: dict[Any, Any] = {}
+        for key, value in data.items():
+            name = str(key).lower()
+            if name in SECRET_KEYS or name.endswith(SECRET_SUFFIXES):
+                masked[key] = REDACTED if value is not None else None
+            elif name in self.masked_fields and value is not None:
+                masked[key] = self.personal(value)
+            else:
+                masked[key] = self.value(value)
+        return masked
+
+    def personal(self, value: Any) -> str:
+        text = str(value)
+        if "@" in text:
+            masked = _EMAIL.sub(r"\1***@\2", text)
+            if masked != text:
+                return masked
+        return f"{text[:1]}***" if text else ""
+
+
+class AuditJsonFormatter(JsonFormatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, trace_id, then the
+    record's extra fields, all passed through the Masker."""
+
+    def __init__(self, masker: Masker) -> None:
+        super().__init__(
+            "{levelname}{name}{message}",
             style="{",
-            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            timestamp=False,
+            rename_fields={"levelname": "level", "name": "logger"},
+            timestamp="time",
         )
-    )
+        self.masker = masker
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        time_ = log_data.pop("time", None)
+        return {"time": time_, **self.masker.mapping(log_data)}
+
+
+class ServiceLogHandler(logging.StreamHandler[IO[str]]):
+    """The service's handler on the root logger; configure_logging replaces only its own."""
+
+
+def configure_logging(
+    level: str = "INFO", *, masked_fields: Iterable[str] = ("email",), stream: IO[str] | None = None
+) -> ServiceLogHandler:
+    """One JSON shape for the service, uvicorn and libraries, on stdout (or `stream`)."""
+    handler = ServiceLogHandler(stream or sys.stdout)
+    handler.addFilter(TraceIdFilter())
+    handler.setFormatter(AuditJsonFormatter(Masker(masked_fields)))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Handlers installed by others (a collector's, pytest's) stay; a previous service handler goes.
+    for old in [h for h in root.handlers if isinstance(h, ServiceLogHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers[:] = []
         uvicorn_logger.propagate = True
-    # The audit layer writes its own request line with the trace id; uvicorn's would duplicate it.
+    # The audit layer writes its own request line, without the query string; uvicorn's would
+    # duplicate it and log the query string.
     logging.getLogger("uvicorn.access").disabled = True
+    return handler
+
+
+def service_log_handler() -> ServiceLogHandler | None:
+    return next((h for h in logging.getLogger().handlers if isinstance(h, ServiceLogHandler)), None)
 
 
 class AuditContext:
@@ -46,14 +179,16 @@ class AuditContext:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.header = TRACE_HEADER.lower().encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        traceparent = next((v for k, v in scope["headers"] if k == b"traceparent"), None)
-        trace_id = trace_id_from(traceparent)
-        token = bind_trace_id(trace_id)
+        traceparents = [value for key, value in scope["headers"] if key == b"traceparent"]
+        trace_id = trace_id_from(traceparents[0] if len(traceparents) == 1 else None)
+        trace_token = bind_trace_id(trace_id)
+        request_token = bind_request(scope)
         started = time.perf_counter()
         status = 500
         response_started = False
@@ -63,38 +198,174 @@ class AuditContext:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (TRACE_HEADER.lower().encode(), trace_id.encode())]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (self.header, trace_id.encode()),
+                    *deprecation_headers(scope),
+                ]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_trace)
         except Exception as exc:
-            logging.getLogger(__name__).error(
-                "unhandled exception", exc_info=exc, extra={"event": "unhandled_exception"}
-            )
+            # A started 500 was sent (and logged) by the application's error handler.
+            if not (response_started and status == 500):
+                logger.error("unhandled exception", exc_info=exc, extra={"event": "unhandled_exception"})
             if not response_started:
                 await problem(500, "An unexpected error occurred. Quote the trace id when reporting it.")(
                     scope, receive, send_with_trace
                 )
         finally:
-            self._log_request(scope, status, started)
-            unbind_trace_id(token)
+            _log_request(scope, status, started)
+            unbind_request(request_token)
+            unbind_trace_id(trace_token)
 
-    @staticmethod
-    def _log_request(scope: Scope, status: int, started: float) -> None:
-        route = scope.get("route")
-        principal = scope.get("state", {}).get("principal")
-        client = scope.get("client")
-        request_logger.info(
-            "request",
-            extra={
-                "event": "request",
-                "method": scope["method"],
-                "route": getattr(route, "path", None),
-                "status": status,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                "client": client[0] if client else None,
-                "subject": getattr(principal, "subject", None),
-            },
-        )
+
+def _log_request(scope: Scope, status: int, started: float) -> None:
+    """The request line: never the path's query string, headers or body; the route template, not the path."""
+    level = logging.ERROR if status >= 500 else logging.INFO
+    request_logger.log(
+        level,
+        "request",
+        extra={
+            "event": "request",
+            "method": scope["method"],
+            **request_context(scope),
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+        },
+    )
+
+
+class AuditSink:
+    """Appends security events to the `audit_events` table without slowing requests down: the log
+    handler only enqueues, a background task inserts in batches. It only ever INSERTs; the
+    table's triggers refuse UPDATE and DELETE (migration 0002). A full queue drops events (counted
+    and reported), it never blocks a request; stdout keeps every event either way."""
+
+    BATCH = 100
+
+    def __init__(self, engine: AsyncEngine, masker: Masker, *, max_queued: int = 10_000) -> None:
+        self.engine = engine
+        self.masker = masker
+        self.max_queued = max_queued
+        self.dropped = 0
+        self.handler = _SinkHandler(self)
+        self._queue: asyncio.Queue[dict[str, Any] | None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(self.max_queued)
+        self._task = asyncio.create_task(self._drain(), name="audit-sink")
+        logging.getLogger(AUDIT_LOGGER).addHandler(self.handler)
+
+    async def stop(self) -> None:
+        """Stop listening, then write what is queued before returning."""
+        logging.getLogger(AUDIT_LOGGER).removeHandler(self.handler)
+        if self._queue is None or self._task is None:
+            return
+        await self._queue.put(None)
+        await self._task
+        self._queue = self._task = None
+
+    def offer(self, row: dict[str, Any]) -> None:
+        if self._queue is None:
+            return
+        try:
+            self._queue.put_nowait(row)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        """Called by the log handler, on any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        row = self.row(record)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self.offer(row)
+        else:
+            loop.call_soon_threadsafe(self.offer, row)
+
+    def row(self, record: logging.LogRecord) -> dict[str, Any]:
+        fields = self.masker.mapping(_extra_fields(record))
+        details = {k: v for k, v in fields.items() if k not in {"event", "subject", "client", "route", "trace_id"}}
+        return {
+            "occurred_at": datetime.fromtimestamp(record.created, UTC),
+            "trace_id": current_trace_id()[:32],
+            "event": str(fields.get("event", record.getMessage()))[:64],
+            "level": record.levelname[:16],
+            "subject": _bounded(fields.get("subject"), 255),
+            "client": _bounded(fields.get("client"), 64),
+            "route": _bounded(fields.get("route"), 255),
+            "details": _json_safe(details),
+        }
+
+    async def _drain(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        while True:
+            item = await queue.get()
+            batch: list[dict[str, Any]] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= self.BATCH or queue.empty():
+                    break
+                item = queue.get_nowait()
+            if batch:
+                await self._insert(batch)
+            if item is None:  # stop() asked, everything before it is written
+                return
+
+    async def _insert(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            async with self.engine.begin() as connection:
+                await connection.execute(insert(AuditEvent), rows)
+        except Exception as exc:
+            self.dropped += len(rows)
+            # Not the audit logger: a failing sink must not feed itself.
+            logger.error(
+                "audit sink could not write events",
+                extra={"event": "audit_sink_failed", "rows": len(rows), "error": type(exc).__name__},
+            )
+
+
+class _SinkHandler(logging.Handler):
+    def __init__(self, sink: AuditSink) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name != AUDIT_LOGGER:  # security events only, not the request lines
+            return
+        try:
+            self.sink.enqueue(record)
+        except Exception:
+            self.handleError(record)
+
+
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "trace_id"}
+
+
+def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRIBUTES}
+
+
+def _bounded(value: Any, length: int) -> str | None:
+    return None if value is None else str(value)[:length]
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)

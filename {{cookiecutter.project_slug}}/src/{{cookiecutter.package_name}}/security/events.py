@@ -1,6 +1,8 @@
 """Security events and the request's trace id: what every layer uses to log a decision.
 
-Events are metadata: names, reasons, field locations. Never bodies, tokens, cookies or query strings.
+Events are metadata: names, reasons, field locations. Never bodies, tokens, cookies or query
+strings. The log formatter masks emails and redacts secrets anyway (`security/audit.py`), so a
+mistake in a caller does not become a leak.
 """
 
 from __future__ import annotations
@@ -10,11 +12,24 @@ import re
 import secrets
 from contextvars import ContextVar, Token
 from typing import Any
+from weakref import WeakKeyDictionary
+
+import fastapi.routing
+from starlette.types import Scope
+
+AUDIT_LOGGER = "audit"
+audit_logger = logging.getLogger(AUDIT_LOGGER)
 
 _trace_id: ContextVar[str] = ContextVar("trace_id", default="-")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_request: ContextVar[Scope | None] = ContextVar("audit_request", default=None)
 
-audit_logger = logging.getLogger("audit")
+# W3C Trace Context: version-traceid-parentid-flags in lowercase hex. Version ff and all-zero ids
+# are invalid; versions after 00 may append fields, version 00 may not.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[\x21-\x7e]*)?")
+_ZERO_TRACE, _ZERO_PARENT = "0" * 32, "0" * 16
+
+# LogRecord attributes an `extra` key must not overwrite (logging raises KeyError for these).
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
 def current_trace_id() -> str:
@@ -29,23 +44,84 @@ def unbind_trace_id(token: Token[str]) -> None:
     _trace_id.reset(token)
 
 
+def bind_request(scope: Scope) -> Token[Scope | None]:
+    """Make the request's scope the context of every event logged while it runs."""
+    return _request.set(scope)
+
+
+def unbind_request(token: Token[Scope | None]) -> None:
+    _request.reset(token)
+
+
 def trace_id_from(traceparent: bytes | None) -> str:
     """The trace id of a valid W3C traceparent, else a new one. A malformed header is ignored."""
     if traceparent:
-        match = _TRACEPARENT.match(traceparent.decode("latin-1").strip())
-        if match and not traceparent.startswith(b"ff") and match.group(1) != "0" * 32:
-            return match.group(1)
+        match = _TRACEPARENT.fullmatch(traceparent.decode("latin-1").strip())
+        if match:
+            version, trace_id, parent_id, _flags, extension = match.groups()
+            valid_version = version != "ff" and not (version == "00" and extension)
+            if valid_version and trace_id != _ZERO_TRACE and parent_id != _ZERO_PARENT:
+                return trace_id
     return secrets.token_hex(16)
 
 
+# FastAPI >= 0.137 puts the route as declared in its own router into scope["route"], without the
+# include_router() prefixes (fastapi#16051); the full templates come from iter_route_contexts().
+# Older versions copy included routes with their full path, so scope["route"].path is enough.
+_iter_route_contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+_templates: WeakKeyDictionary[Any, dict[int, str]] = WeakKeyDictionary()
+
+
+def route_template(scope: Scope) -> str | None:
+    """The matched route's full path template (`/api/v1/orgs/{org_id}`), never the raw path."""
+    route = scope.get("route")
+    if route is None:
+        return None
+    app = scope.get("app")
+    if _iter_route_contexts is not None and app is not None:
+        templates = _templates.get(app)
+        if templates is None:  # once per application
+            templates = {}
+            for context in _iter_route_contexts(app.routes):
+                path = getattr(context, "path_format", None) or getattr(context, "path", None)
+                if path:
+                    templates.setdefault(id(context.original_route), path)
+            _templates[app] = templates
+        template = templates.get(id(route))
+        if template:
+            return template
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return str(path) if path else None
+
+
+def request_context(scope: Scope | None = None) -> dict[str, Any]:
+    """Route template, client address and subject of the current request, for log lines."""
+    scope = scope if scope is not None else _request.get()
+    if scope is None:
+        return {}
+    client = scope.get("client")
+    principal = scope.get("state", {}).get("principal")
+    return {
+        "route": route_template(scope),
+        "client": client[0] if client else None,
+        "subject": getattr(principal, "subject", None),
+    }
+
+
 def security_event(event: str, level: int = logging.WARNING, **fields: Any) -> None:
-    """Log one security decision. Callers pass names and reasons, never secrets."""
-    audit_logger.log(level, event, extra={"event": event, **fields})
+    """Log one security decision. Callers pass names and reasons, never secrets; the request's
+    trace id, route, client address and subject are added here."""
+    extra: dict[str, Any] = {key: value for key, value in request_context().items() if value is not None}
+    for key, value in fields.items():
+        extra[f"{key}_" if key in _RECORD_ATTRIBUTES else key] = value
+    extra["event"] = event
+    audit_logger.log(level, event, extra=extra)
 
 
 class TraceIdFilter(logging.Filter):
     """Puts the current trace id on every log record, whoever logs it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.trace_id = _trace_id.get()
+        if not hasattr(record, "trace_id"):
+            record.trace_id = _trace_id.get()
         return True

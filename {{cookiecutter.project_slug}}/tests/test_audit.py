@@ -1,0 +1,438 @@
+"""Layer 2, audit: one JSON line per request and per security decision, one trace id across them,
+nothing secret or personal in clear, and an optional append-only table of the events.
+
+The log output is the real one: the service's handler on the root logger, redirected to a buffer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
+
+from {{ cookiecutter.package_name }}.app import create_app
+from {{ cookiecutter.package_name }}.config import Settings
+from {{ cookiecutter.package_name }}.db import create_engine
+from {{ cookiecutter.package_name }}.security.audit import Masker, service_log_handler
+
+from .conftest import TokenFactory, bearer, running
+
+# Declared here, at collection time, so that parametrized async tests get their parameters.
+pytestmark = pytest.mark.anyio
+
+TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+GIVEN_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{GIVEN_TRACE}-00f067aa0ba902b7-01"
+
+
+class LogLines:
+    def __init__(self) -> None:
+        self.buffer = io.StringIO()
+
+    @property
+    def text(self) -> str:
+        return self.buffer.getvalue()
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.text.splitlines() if line.strip()]
+
+    def of_trace(self, trace_id: str) -> list[dict[str, Any]]:
+        return [record for record in self.records() if record.get("trace_id") == trace_id]
+
+    def request_line(self, response: httpx.Response) -> dict[str, Any]:
+        lines = [r for r in self.of_trace(response.headers["x-trace-id"]) if r.get("event") == "request"]
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    def event(self, response: httpx.Response, name: str) -> dict[str, Any]:
+        """The one event `name` of the request that got `response`."""
+        lines = [r for r in self.of_trace(response.headers["x-trace-id"]) if r.get("event") == name]
+        assert len(lines) == 1, f"expected one {name} event, got {lines} in {self.records()}"
+        assert lines[0]["logger"] == "audit"
+        return lines[0]
+
+
+@contextmanager
+def captured_logs() -> Iterator[LogLines]:
+    """Redirect the service's own log handler (installed by create_app) to a buffer."""
+    handler = service_log_handler()
+    assert handler is not None, "create_app installs the service's log handler"
+    lines = LogLines()
+    previous = handler.setStream(lines.buffer)
+    try:
+        yield lines
+    finally:
+        handler.setStream(previous)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def logs(app: FastAPI) -> Iterator[LogLines]:
+    with captured_logs() as lines:
+        yield lines
+
+
+async def create_org(client: httpx.AsyncClient, token: str, name: str = "Acme") -> str:
+    response = await client.post("/api/v1/orgs", json={"name": name}, headers=bearer(token))
+    assert response.status_code == 201
+    return str(response.json()["id"])
+
+
+# --- the request line ---------------------------------------------------------------------------
+
+
+async def test_each_request_is_one_json_line_with_time_trace_method_route_status_duration_client_subject(
+    client: httpx.AsyncClient, logs: LogLines, make_token: TokenFactory
+) -> None:
+    org_id = await create_org(client, make_token("alice"))
+    response = await client.get(f"/api/v1/orgs/{org_id}", headers=bearer(make_token("alice")))
+    assert response.status_code == 200
+
+    line = logs.request_line(response)
+    assert datetime.fromisoformat(line["time"]).utcoffset() is not None
+    assert line["level"] == "INFO"
+    assert line["logger"] == "audit.request"
+    assert TRACE_ID.match(line["trace_id"])
+    assert line["method"] == "GET"
+    assert line["route"] == "/api/v1/orgs/{org_id}"  # the template, never the path with its ids
+    assert line["status"] == 200
+    assert isinstance(line["duration_ms"], float | int) and line["duration_ms"] >= 0
+    assert line["client"] == "203.0.113.7"
+    assert line["subject"] == "alice"
+    assert org_id not in json.dumps(line)
+
+
+async def test_an_anonymous_or_unrouted_request_is_logged_without_subject_or_route(
+    client: httpx.AsyncClient, logs: LogLines
+) -> None:
+    anonymous = await client.get("/api/v1/orgs/00000000-0000-0000-0000-000000000000")
+    unknown = await client.get("/no/such/path")
+    assert (anonymous.status_code, unknown.status_code) == (401, 404)
+    assert logs.request_line(anonymous)["subject"] is None
+    assert logs.request_line(anonymous)["status"] == 401
+    assert logs.request_line(unknown)["route"] is None
+    service_lines = [record for record in logs.records() if record["logger"] != "httpx"]  # httpx: the test's client
+    assert "/no/such/path" not in json.dumps(service_lines)
+
+
+async def test_every_line_of_a_request_carries_its_trace_id_which_is_also_in_the_problem_body(
+    app: FastAPI, client: httpx.AsyncClient, logs: LogLines, make_token: TokenFactory
+) -> None:
+    @app.get("/api/v1/library-logs")
+    async def library_logs() -> None:
+        logging.getLogger("some.library").warning("a library speaks")
+        raise RuntimeError("and then fails")
+
+    app.middleware_stack = None  # rebuild with the new route
+    response = await client.get("/api/v1/library-logs", headers=bearer(make_token("alice")))
+
+    assert response.status_code == 500
+    trace_id = response.headers["x-trace-id"]
+    assert response.json()["trace_id"] == trace_id
+    lines = [record for record in logs.records() if record["logger"] != "httpx"]  # httpx: the test's client
+    assert {record["logger"] for record in lines} >= {"some.library", "audit.request"}
+    assert all(record["trace_id"] == trace_id for record in lines), lines
+    assert all(record.keys() >= {"time", "level", "logger", "message"} for record in lines)
+
+
+async def test_a_refusal_event_and_its_request_line_share_the_trace_id_of_the_problem(
+    client: httpx.AsyncClient, logs: LogLines, make_token: TokenFactory
+) -> None:
+    response = await client.get("/api/v1/orgs/00000000-0000-0000-0000-000000000000", headers=bearer("not-a-jwt"))
+    assert response.status_code == 401
+    trace_id = response.json()["trace_id"]
+    assert trace_id == response.headers["x-trace-id"]
+    assert {r["event"] for r in logs.of_trace(trace_id)} == {"authentication_failed", "request"}
+
+
+# --- trace id -----------------------------------------------------------------------------------
+
+
+async def test_a_valid_traceparent_gives_the_trace_id(client: httpx.AsyncClient, logs: LogLines) -> None:
+    response = await client.get("/health/live", headers={"traceparent": TRACEPARENT})
+    assert response.headers["x-trace-id"] == GIVEN_TRACE
+    assert logs.request_line(response)["trace_id"] == GIVEN_TRACE
+
+
+async def test_a_later_traceparent_version_with_extra_fields_is_honoured(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health/live", headers={"traceparent": f"01-{GIVEN_TRACE}-00f067aa0ba902b7-01-xyz"})
+    assert response.headers["x-trace-id"] == GIVEN_TRACE
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        f"00-{GIVEN_TRACE.upper()}-00f067aa0ba902b7-01",  # uppercase hex
+        f"00-{GIVEN_TRACE}-00f067aa0ba902b7-01-extra",  # version 00 has exactly four fields
+        f"ff-{GIVEN_TRACE}-00f067aa0ba902b7-01",  # version ff is invalid
+        f"00-{'0' * 32}-00f067aa0ba902b7-01",  # all-zero trace id
+        f"00-{GIVEN_TRACE}-{'0' * 16}-01",  # all-zero parent id
+        f"00-{GIVEN_TRACE[:-1]}-00f067aa0ba902b7-01",  # short trace id
+        f"{GIVEN_TRACE}",
+        "garbage\u00e9",
+    ],
+)
+async def test_a_malformed_traceparent_is_ignored_and_a_new_trace_id_generated(
+    client: httpx.AsyncClient, traceparent: str
+) -> None:
+    response = await client.get("/health/live", headers={b"traceparent": traceparent.encode("latin-1")})
+    assert response.status_code == 200
+    assert TRACE_ID.match(response.headers["x-trace-id"])
+    assert response.headers["x-trace-id"] != GIVEN_TRACE.lower()
+
+
+async def test_two_traceparent_headers_are_ignored(client: httpx.AsyncClient) -> None:
+    other = "00-11111111111111111111111111111111-00f067aa0ba902b7-01"
+    response = await client.get("/health/live", headers=[("traceparent", TRACEPARENT), ("traceparent", other)])
+    assert response.headers["x-trace-id"] not in (GIVEN_TRACE, "1" * 32)
+
+
+async def test_each_request_without_traceparent_gets_its_own_trace_id(client: httpx.AsyncClient) -> None:
+    first, second = await client.get("/health/live"), await client.get("/health/live")
+    assert TRACE_ID.match(first.headers["x-trace-id"])
+    assert first.headers["x-trace-id"] != second.headers["x-trace-id"]
+
+
+# --- what is never logged -----------------------------------------------------------------------
+
+
+async def test_no_token_cookie_query_body_or_unmasked_email_is_logged(
+    app: FastAPI, client: httpx.AsyncClient, logs: LogLines, make_token: TokenFactory
+) -> None:
+    token = make_token("jane.doe@example.org")
+    signature = token.rsplit(".", 1)[1]
+    carrying = {
+        **bearer(token),
+        "Cookie": "session=cookie-secret-value",
+        "traceparent": TRACEPARENT,
+    }
+
+    @app.get("/api/v1/leaky")
+    async def leaky() -> None:
+        # What a careless caller might do; the formatter masks it all the same.
+        logging.getLogger("careless").warning(
+            "mailing paul.smith@example.org with %s", f"Bearer {token}", extra={"authorization": "Bearer abc"}
+        )
+        raise RuntimeError("failed for paul.smith@example.org via https://u:pw-secret@db.example.org/x?k=q-secret")
+
+    app.middleware_stack = None
+    org_id = await create_org(client, token, name="body-secret-name")
+    responses = [
+        await client.post(
+            f"/api/v1/orgs/{org_id}/users?api_key=query-secret-value",
+            json={"email": "john.smith@example.org", "role": "viewer", "metadata": {"note": "body-secret-value"}},
+            headers=carrying,
+        ),
+        await client.post(  # a validation failure: its locations are logged, its values are not
+            f"/api/v1/orgs/{org_id}/users",
+            json={"email": "john.smith@example.org", "role": "body-secret-role", "unknown": "body-secret-field"},
+            headers=carrying,
+        ),
+        await client.get("/api/v1/leaky?token=query-secret-value", headers=carrying),
+        await client.get(f"/api/v1/orgs/{org_id}", headers={**carrying, "Authorization": f"Bearer {token}x"}),
+    ]
+    assert [r.status_code for r in responses] == [201, 400, 500, 401]
+
+    logged = logs.text
+    for secret in (
+        token,
+        signature,
+        "cookie-secret-value",
+        "query-secret-value",
+        "body-secret",
+        "jane.doe@example.org",
+        "john.smith@example.org",
+        "paul.smith@example.org",
+        "pw-secret",
+        "q-secret",
+        "Bearer abc",
+    ):
+        assert secret not in logged, secret
+    assert "j***@example.org" in logged  # the subject, masked on the request lines
+    assert "p***@example.org" in logged  # the careless message and the traceback, masked
+    assert "RuntimeError" in logged  # the traceback itself is kept for operators
+    validation = logs.event(responses[1], "validation_failed")
+    assert "body.role" in validation["locations"]
+
+
+def test_the_masker_masks_emails_and_configured_fields_and_redacts_secret_keys() -> None:
+    masker = Masker(["email", "phone"])
+    masked = masker.mapping(
+        {
+            "message": "sent to jane@example.org and j.o+x@mail.example.co.uk",
+            "email": "not-an-email-but-configured",
+            "phone": "+49 30 1234567",
+            "authorization": "Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
+            "refresh_token": "r",
+            "nested": [{"note": "token eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl here"}],
+            "count": 3,
+        }
+    )
+    assert masked["message"] == "sent to j***@example.org and j***@mail.example.co.uk"
+    assert masked["email"] == "n***"
+    assert masked["phone"] == "+***"
+    assert masked["authorization"] == masked["refresh_token"] == "[REDACTED]"
+    assert masked["nested"] == [{"note": "token [REDACTED] here"}]
+    assert masked["count"] == 3
+    assert masker.text("j***@example.org") == "j***@example.org"  # masking twice changes nothing
+
+
+# --- one event per security decision ------------------------------------------------------------
+
+
+async def test_authentication_failure_is_logged_with_its_internal_reason(
+    client: httpx.AsyncClient, logs: LogLines, make_token: TokenFactory
+) -> None:
+    missing = await client.get("/api/v1/orgs/00000000-0000-0000-0000-000000000000")
+    expired = await client.get(
+        "/api/v1/orgs/00000000-0000-0000-0000-000000000000",
+        headers=bearer(make_token("alice", iat=1_000_000_000, exp=1_000_000_600)),
+    )
+    assert (missing.status_code, expired.status_code) == (401, 401)
+    reasons = [logs.event(r, "authentication_failed")["reason"] for r in (missing, expired)]
+    assert all(reasons) and reasons[0] != reasons[1]  # the internal reason tells the two apart
+
+
+async def test_scope_denial_is_logged_with_the_subject(
+    client: httpx.AsyncClient, logs: LogLines, make_token: TokenFactory
+) -> None:
+    org_id = await create_org(client, make_token("alice"))
+    response = await client.get(f"/api/v1/orgs/{org_id}", headers=bearer(make_token("alice", scope="orgs:write")))
+    assert response.status_code == 403
+    denied = logs.event(response, "scope_denied")
+    assert denied["subject"] == "alice"
+    assert denied["route"] == "/api/v1/orgs/{org_id}"
+
+
+async def test_object_denial_is_logged_with_the_subject(
+    client: httpx.AsyncClient, logs: LogLines, make_token: TokenFactory
+) -> None:
+    org_id = await create_org(client, make_token("alice"))
+    response = await client.get(f"/api/v1/orgs/{org_id}", headers=bearer(make_token("mallory")))
+    assert response.status_code == 403
+    assert logs.event(response, "object_denied")["subject"] == "mallory"
+
+
+async def test_validation_failure_is_logged_with_field_locations_only(
+    client: httpx.AsyncClient, logs: LogLines, make_token: TokenFactory
+) -> None:
+    response = await client.post("/api/v1/orgs", json={"name": "", "owner": "x-injected"}, headers=bearer(make_token()))
+    assert response.status_code == 400
+    failed = logs.event(response, "validation_failed")
+    assert set(failed["locations"]) == {"body.name", "body.owner"}
+    assert "x-injected" not in logs.text
+
+
+async def test_body_too_large_is_logged(settings_for: Callable[..., Settings], make_token: TokenFactory) -> None:
+    app = create_app(settings_for(max_body_bytes=1024))
+    with captured_logs() as logs:
+        async with running(app) as client:
+            response = await client.post("/api/v1/orgs", content=b"x" * 2048, headers=bearer(make_token()))
+    assert response.status_code == 413
+    assert logs.event(response, "body_too_large")["limit"] == 1024
+
+
+async def test_cors_refusal_is_logged(client: httpx.AsyncClient, logs: LogLines) -> None:
+    preflight = await client.options(
+        "/api/v1/orgs", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert preflight.status_code == 403
+    assert logs.event(preflight, "cors_refused")["origin"] == "https://evil.example"
+
+
+async def test_untrusted_host_is_logged(client: httpx.AsyncClient, logs: LogLines) -> None:
+    response = await client.get("/health/live", headers={"Host": "evil.example"})
+    assert response.status_code == 400
+    logs.event(response, "host_refused")
+
+
+async def test_rate_limit_rejection_is_logged(settings_for: Callable[..., Settings]) -> None:
+    app = create_app(settings_for(rate_limit_ip="2/minute"))
+    with captured_logs() as logs:
+        async with running(app) as client:
+            responses = [await client.get("/api/v1/orgs/00000000-0000-0000-0000-000000000000") for _ in range(3)]
+    assert [r.status_code for r in responses] == [401, 401, 429]
+    assert logs.event(responses[2], "rate_limited")["client"] == "203.0.113.7"
+
+
+async def test_dependency_failure_is_logged(settings_for: Callable[..., Settings]) -> None:
+    app = create_app(settings_for(redis_url="redis://127.0.0.1:1/0", redis_timeout_seconds=0.2))
+    with captured_logs() as logs:
+        async with running(app, reset=False) as client:
+            response = await client.get("/api/v1/orgs/00000000-0000-0000-0000-000000000000")
+    assert response.status_code == 503
+    assert logs.event(response, "dependency_unavailable")["dependency"] == "redis"
+
+
+# --- the append-only table ----------------------------------------------------------------------
+
+
+async def audit_rows(app: FastAPI, trace_id: str) -> list[dict[str, Any]]:
+    engine = create_engine(app.state.runtime.settings.database_url)
+    try:
+        async with engine.connect() as connection:
+            result = await connection.execute(
+                text("SELECT event, subject, client, route FROM audit_events WHERE trace_id = :t ORDER BY id"),
+                {"t": trace_id},
+            )
+            return [dict(row._mapping) for row in result]
+    finally:
+        await engine.dispose()
+
+
+async def test_events_are_appended_to_the_audit_table_masked_when_enabled(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    app = create_app(settings_for(audit_db_enabled=True))
+    statements: list[str] = []
+    event.listen(
+        app.state.runtime.engine.sync_engine,
+        "before_cursor_execute",
+        lambda _c, _cur, statement, *_: statements.append(statement),
+    )
+    async with running(app) as client:
+        org_id = await create_org(client, make_token("ann@example.org"))
+        denied = await client.get(f"/api/v1/orgs/{org_id}", headers=bearer(make_token("bob@example.org")))
+    # Leaving `running` stopped the sink, which wrote what was queued.
+    rows = await audit_rows(app, denied.headers["x-trace-id"])
+    assert [row["event"] for row in rows] == ["object_denied"]
+    assert rows[0]["subject"] == "b***@example.org"
+    assert rows[0]["client"] == "203.0.113.7"
+    assert rows[0]["route"] == "/api/v1/orgs/{org_id}"
+    sink_statements = [s for s in statements if "audit_events" in s]
+    assert sink_statements and all(s.lstrip().upper().startswith("INSERT") for s in sink_statements)
+
+
+async def test_no_event_reaches_the_table_by_default(client: httpx.AsyncClient, app: FastAPI) -> None:
+    response = await client.get("/api/v1/orgs/00000000-0000-0000-0000-000000000000")
+    assert response.status_code == 401
+    assert app.state.runtime.audit_sink is None
+    assert await audit_rows(app, response.headers["x-trace-id"]) == []
+
+
+@pytest.mark.parametrize("statement", ["UPDATE audit_events SET subject = 'someone else'", "DELETE FROM audit_events"])
+async def test_the_audit_table_refuses_updates_and_deletes(
+    settings_for: Callable[..., Settings], make_token: TokenFactory, statement: str
+) -> None:
+    app = create_app(settings_for(audit_db_enabled=True))
+    async with running(app) as client:
+        await client.get("/api/v1/orgs/00000000-0000-0000-0000-000000000000")
+    engine = create_engine(app.state.runtime.settings.database_url)
+    try:
+        async with engine.connect() as connection:
+            assert (await connection.scalar(text("SELECT count(*) FROM audit_events"))) > 0
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with engine.begin() as connection:
+                await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
