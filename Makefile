@@ -1,15 +1,21 @@
-# Template-level commands. Both create (or reuse) their own virtualenv in .venv.
+# Template-level commands. Each creates (or reuses) its own virtualenv in .venv.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo clean
+.PHONY: test demo bench clean
 
 test: $(VENV)/.installed
 	$(BIN)/pytest tests -q
 
 demo: $(VENV)/.installed
 	VENV=$(VENV) scripts/demo.sh
+
+# wrk from Debian when missing and we may install it; else bench/ falls back to a Python load
+# generator and says so. Driver flags in BENCH_ARGS, e.g. BENCH_ARGS="--duration 2 --update-docs".
+bench: $(VENV)/.installed
+	command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -q && apt-get install -y -q wrk) </dev/null || true
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

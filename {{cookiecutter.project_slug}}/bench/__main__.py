@@ -1,0 +1,286 @@
+"""`python -m bench`: start Redis, the database and the service, drive it, write the report.
+
+Every phase is bounded: load runs last `--duration` seconds, servers get a startup timeout, and
+the layer breakdown and lookup benchmark are skipped (and the report says so) when the time
+budget is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from redis import Redis
+
+from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, SERVICE_NAME
+from tests.servers import LOOPBACK, find_postgres_bin_dir, start_postgres, start_redis
+
+from . import lookup, machine, report
+from .apps import AUTHZ_OBJECT, BARE_PATH
+from .load import Sample, Target, run_python, run_wrk, wrk_path
+from .servers import Service, start_all, stop_all
+
+ISSUER = "https://issuer.bench.local"
+SUBJECT = "bench-owner"
+SCOPES = "orgs:read orgs:write users:read users:write"
+HUGE_LIMIT = "1000000000/hour"  # never reached: the bench measures the checks, not the refusals
+LAYERS_OFF = ["SecurityHeaders", "ClientAddress", "AuditContext", "TrustedHosts", "StrictCors", "BodyLimit"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("build/bench"), help="results.md and results.json go here")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per load run")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating rounds; the median is reported")
+    parser.add_argument("--connections", type=int, default=32, help="concurrent keep-alive connections")
+    parser.add_argument(
+        "--layers",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="per-layer runs: auto = only when a target is missed",
+    )
+    parser.add_argument("--lookup-calls", type=int, default=2000, help="permission lookups timed per table size")
+    parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk exists")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds after which optional phases are skipped")
+    return parser.parse_args()
+
+
+def key_pair() -> tuple[rsa.RSAPrivateKey, str]:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public.decode()
+
+
+def owner_token(private: rsa.RSAPrivateKey) -> str:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": SERVICE_NAME, "sub": SUBJECT, "scope": SCOPES, "iat": now, "exp": now + 3000}
+    return jwt.encode({**claims, "jti": uuid.uuid4().hex}, private, algorithm="RS256")
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.started = time.monotonic()
+        self.wrk = None if args.python_load else wrk_path()
+        self.scratch = args.out / "tmp"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.redis_url = ""
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def sample(self, service: Service, target: Target, duration: float) -> Sample:
+        if self.wrk:
+            return run_wrk(
+                self.wrk, service.base_url + target.path, target, duration, self.args.connections, self.scratch
+            )
+        return run_python(LOOPBACK, service.port, target, duration, self.args.connections)
+
+    def redis_counters(self) -> tuple[int, int]:
+        """Commands run (those inside Lua scripts too) and reads served: one read per round trip."""
+        with Redis.from_url(self.redis_url) as client:
+            stats: dict[str, Any] = client.info("stats")
+            return int(stats["total_commands_processed"]), int(stats["total_reads_processed"])
+
+    def measure(self, plan: list[tuple[str, Service, Target]], duration: float) -> dict[str, list[dict[str, Any]]]:
+        """Warm each up for a second, then alternate: round after round of every entry."""
+        for _name, service, target in plan:
+            self.sample(service, target, 1.0)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in plan}
+        for round_number in range(self.args.repeat):
+            for name, service, target in plan:
+                commands, reads = self.redis_counters()
+                result = self.sample(service, target, duration)
+                commands_after, reads_after = self.redis_counters()
+                requests = max(1, result.requests)
+                runs[name].append(
+                    {
+                        **asdict(result),
+                        "rps": result.rps,
+                        # minus one: the INFO that took the first reading
+                        "redis_commands_per_request": (commands_after - commands - 1) / requests,
+                        "redis_round_trips_per_request": (reads_after - reads - 1) / requests,
+                    }
+                )
+                print(f"  round {round_number + 1} {name:<28} {result.rps:9.0f} req/s  p99 {result.p99_ms:7.2f} ms")
+        return runs
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, float]:
+    keys = (
+        "rps",
+        "p50_ms",
+        "p99_ms",
+        "redis_commands_per_request",
+        "redis_round_trips_per_request",
+        "non_2xx",
+        "socket_errors",
+    )
+    return {key: float(statistics.median(run[key] for run in runs)) for key in keys}
+
+
+def main() -> int:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args)
+    log_dir = args.out / "logs"
+    log_dir.mkdir(exist_ok=True)
+    results: dict[str, Any] = {"machine": machine.describe(), "load_generator": "wrk" if bench.wrk else "python"}
+    results["settings"] = {key: getattr(args, key) for key in ("duration", "repeat", "connections")}
+    print(f"bench: load generator {results['load_generator']}, {args.repeat} x {args.duration:g} s per scenario")
+
+    redis = start_redis(args.out / "redis")
+    bench.redis_url = redis.url
+    postgres = None
+    if DEFAULT_DATABASE_URL.startswith("postgresql"):
+        postgres = start_postgres(args.out / "postgres")
+        database_url = postgres.url
+    else:
+        database_path = (args.out / "service.db").resolve()
+        database_path.unlink(missing_ok=True)
+        database_url = f"sqlite+aiosqlite:///{database_path}"
+    lookup.migrate(database_url)
+
+    private, public_pem = key_pair()
+    token = owner_token(private)
+    env = {
+        "ENVIRONMENT": "production",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis.url,
+        "JWT_PUBLIC_KEY": public_pem,
+        "JWT_ISSUER": ISSUER,
+        "JWT_AUDIENCE": SERVICE_NAME,
+        "TRUSTED_HOSTS": LOOPBACK,
+        "ALLOWED_ORIGINS": "https://app.example.com",
+        "RATE_LIMIT_IP": HUGE_LIMIT,
+        "RATE_LIMIT_SUBJECT": HUGE_LIMIT,
+        "LOG_LEVEL": "INFO",
+        "BENCH_TOKEN": token,
+    }
+
+    services: dict[str, Service] = {}
+    try:
+        # Fail-open for the project's own Redis checks (the token revocation lookup) on the slowapi
+        # variants only, so that with Redis down a request gets as far as slowapi; no effect otherwise.
+        fail_open = {"RATE_LIMIT_FAILURE_MODE": "open"}
+        services = start_all(
+            ["full", "slowapi", "slowapi:swallow"], env, log_dir, {"slowapi": fail_open, "slowapi:swallow": fail_open}
+        )
+        main_service = services["full"]
+        created = httpx.post(
+            f"{main_service.base_url}/api/v1/orgs",
+            json={"name": "bench"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        created.raise_for_status()
+        org = f"/api/v1/orgs/{created.json()['id']}"
+        get_org = Target("GET", org, token)
+        scenarios = {
+            "a": ("bare endpoint, no pipeline", main_service, Target("GET", BARE_PATH)),
+            "b": ("GET /health/live, pipeline", main_service, Target("GET", "/health/live")),
+            "c": ("GET /api/v1/orgs/{id}, full pipeline", main_service, get_org),
+            "d": (
+                "POST /api/v1/orgs/{id}/users, full pipeline",
+                main_service,
+                Target("POST", f"{org}/users", token, unique_emails=True),
+            ),
+            "e": ("(c) with slowapi as the limiter", services["slowapi"], get_org),
+        }
+        print("bench: scenarios a-e")
+        runs = bench.measure([(key, service, target) for key, (_, service, target) in scenarios.items()], args.duration)
+        results["scenarios"] = {
+            key: {"label": label, "median": median_of(runs[key]), "runs": runs[key]}
+            for key, (label, _, _) in scenarios.items()
+        }
+        results["targets"] = report.targets(results["scenarios"])
+
+        missed = not all(target["met"] for target in results["targets"])
+        wanted = args.layers == "always" or (args.layers == "auto" and missed)
+        if not wanted:
+            results["layers_skipped"] = "Not run: " + ("--layers never." if missed else "every target is met.")
+        elif bench.elapsed() > args.budget * 0.5:
+            results["layers_skipped"] = f"time budget: {bench.elapsed():.0f} s spent before the layer runs"
+        elif wanted:
+            print("bench: per-layer cost (one layer switched off per variant)")
+            layers = [f"without:{name}" for name in LAYERS_OFF]
+            layers += ["without:RateLimit:ip", "without:Authenticate", "without:RateLimit:subject"]
+            layers += [f"without:{AUTHZ_OBJECT}", "without:all"]
+            services.update(start_all(layers, env, log_dir))
+            plan = [("full", main_service, get_org)] + [(name, services[name], get_org) for name in layers]
+            layer_runs = bench.measure(plan, args.duration)
+            results["layers"] = {
+                name: {"median": median_of(layer_runs[name]), "runs": layer_runs[name]} for name in layer_runs
+            }
+
+        results["rss_mb"] = {name: service.peak_rss_mb() for name, service in services.items()}
+        results["outage"] = outage(redis, services, get_org)
+    finally:
+        stop_all(services)
+        redis.stop()
+
+    if bench.elapsed() > args.budget:
+        results["lookups_skipped"] = f"time budget: {bench.elapsed():.0f} s spent before the lookup benchmark"
+    else:
+        print("bench: permission lookups")
+        results["lookups"] = lookups(args, postgres)
+    if postgres is not None:
+        postgres.stop()
+    results["elapsed_seconds"] = round(bench.elapsed(), 1)
+    results["machine"]["load_after"] = machine.load_average()
+
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    markdown = report.markdown(results)
+    (args.out / "results.md").write_text(markdown)
+    print()
+    print(markdown)
+    print(f"bench: wrote {args.out / 'results.md'} and {args.out / 'results.json'} in {bench.elapsed():.0f} s")
+    return 0
+
+
+def outage(redis: Any, services: dict[str, Service], target: Target) -> dict[str, Any]:
+    """Redis down: how the project's limiter and slowapi answer the limited endpoint."""
+    redis.kill()
+    answers: dict[str, Any] = {}
+    for name in ("full", "slowapi", "slowapi:swallow"):
+        started = time.perf_counter()
+        try:
+            response = httpx.get(
+                services[name].base_url + target.path, headers={"Authorization": f"Bearer {target.token}"}, timeout=15
+            )
+            status: int | str = response.status_code
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        answers[name] = {"status": status, "ms": round((time.perf_counter() - started) * 1000, 1)}
+    return answers
+
+
+def lookups(args: argparse.Namespace, postgres: Any) -> dict[str, Any]:
+    found: dict[str, Any] = {"results": [asdict(row) for row in lookup.run_sqlite(args.out, args.lookup_calls)]}
+    try:
+        if postgres is None:
+            find_postgres_bin_dir()
+            postgres = start_postgres(args.out / "postgres")
+            found["results"] += [asdict(row) for row in lookup.run_postgres(postgres.url, args.lookup_calls)]
+            postgres.stop()
+        else:
+            found["results"] += [asdict(row) for row in lookup.run_postgres(postgres.url, args.lookup_calls)]
+    except RuntimeError as exc:
+        found["postgresql_skipped"] = str(exc).splitlines()[0]
+    return found
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

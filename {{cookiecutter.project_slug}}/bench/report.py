@@ -1,0 +1,178 @@
+"""The targets and the markdown report, computed from the medians."""
+
+from __future__ import annotations
+
+from typing import Any
+
+RSS_TARGET_MB = 150.0
+
+
+def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
+    bare, full = scenarios["a"]["median"], scenarios["c"]["median"]
+    throughput = full["rps"] / bare["rps"] if bare["rps"] else 0.0
+    tail = full["p99_ms"] / bare["p99_ms"] if bare["p99_ms"] else float("inf")
+    return [
+        {"target": "req/s of (c) at least 0.5 x (a)", "value": round(throughput, 2), "met": throughput >= 0.5},
+        {"target": "p99 of (c) under 2 x p99 of (a)", "value": round(tail, 2), "met": tail < 2.0},
+    ]
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def _machine(results: dict[str, Any]) -> list[str]:
+    machine = results["machine"]
+    packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
+    return [
+        f"- Machine: {machine['cpu']}, {machine['cpus']} CPUs, {machine['memory_gb']} GB RAM, {machine['os']}, "
+        f"Python {machine['python']}",
+        f"- Load average before / after: {machine['load_before']} / {machine.get('load_after', '?')}",
+        f"- Load generator: {_generator(results)}, one thread, "
+        f"{results['settings']['connections']} keep-alive connections on loopback; "
+        f"{results['settings']['repeat']} alternating rounds of {results['settings']['duration']:g} s, medians",
+        f"- Service: uvicorn, 1 worker, uvloop + httptools, no access log, ENVIRONMENT=production, "
+        f"redis-server ({machine['redis_server'].split(' sha=')[0]}) on loopback, limits set never to trigger",
+        f"- Versions: {packages}",
+    ]
+
+
+def _generator(results: dict[str, Any]) -> str:
+    if results["load_generator"] == "wrk":
+        return f"wrk ({results['machine']['wrk'].split(' Copyright')[0]})"
+    return "the Python asyncio client (wrk not installed; its numbers are lower bounds)"
+
+
+def _scenarios(results: dict[str, Any]) -> list[str]:
+    scenarios = results["scenarios"]
+    bare = scenarios["a"]["median"]
+    lines = [
+        "| | request | req/s | p50 ms | p99 ms | req/s ÷ (a) | p99 ÷ (a) | Redis round trips/req | non-2xx |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, scenario in scenarios.items():
+        median = scenario["median"]
+        lines.append(
+            f"| ({key}) | {scenario['label']} | {median['rps']:.0f} | {_ms(median['p50_ms'])} "
+            f"| {_ms(median['p99_ms'])} "
+            f"| {median['rps'] / bare['rps']:.2f} | {median['p99_ms'] / bare['p99_ms']:.1f} "
+            f"| {median['redis_round_trips_per_request']:.1f} | {median['non_2xx']:.0f} |"
+        )
+    return lines
+
+
+def _targets(results: dict[str, Any]) -> list[str]:
+    lines = [f"- {t['target']}: {t['value']} — {'met' if t['met'] else 'MISSED'}" for t in results["targets"]]
+    rss = results.get("rss_mb", {})
+    if "full" in rss:
+        met = rss["full"] < RSS_TARGET_MB
+        lines.append(
+            f"- peak RSS (VmHWM) of the service under 150 MB: {rss['full']:.0f} MB — {'met' if met else 'MISSED'}"
+            f" (slowapi variant: {rss.get('slowapi', 0):.0f} MB)"
+        )
+    return lines
+
+
+def _layers(results: dict[str, Any]) -> list[str]:
+    if "layers" not in results:
+        return [results.get("layers_skipped", "Not run.")]
+    layers = results["layers"]
+    full = layers["full"]["median"]
+    bare = results["scenarios"]["a"]["median"]
+    per_request_full = 1e6 / full["rps"]
+    gap = per_request_full - 1e6 / bare["rps"]
+    lines = [
+        f"(c) costs {per_request_full:.0f} µs of the worker's time per request, (a) {1e6 / bare['rps']:.0f} µs; "
+        f"the gap is {gap:.0f} µs. Each row is (c) with one part switched off; the cost is the time per request "
+        "it saves.",
+        "",
+        "| switched off | req/s | p99 ms | Redis round trips/req | cost µs/request | share of the gap |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| nothing (c) | {full['rps']:.0f} | {_ms(full['p99_ms'])} "
+        f"| {full['redis_round_trips_per_request']:.1f} | | |",
+    ]
+    for name, layer in layers.items():
+        if name == "full":
+            continue
+        median = layer["median"]
+        cost = per_request_full - 1e6 / median["rps"]
+        label = name.removeprefix("without:")
+        if label == "all":
+            label = "all layers and the permission lookup (route and its own query only)"
+        lines.append(
+            f"| {label} | {median['rps']:.0f} | {_ms(median['p99_ms'])} "
+            f"| {median['redis_round_trips_per_request']:.1f} | {cost:.0f} | {cost / gap:.0%} |"
+        )
+    return lines
+
+
+def _slowapi(results: dict[str, Any]) -> list[str]:
+    scenarios = results["scenarios"]
+    ours, theirs = scenarios["c"]["median"], scenarios["e"]["median"]
+    lines = [
+        f"- slowapi in place of the project's limiter: {theirs['rps']:.0f} vs {ours['rps']:.0f} req/s "
+        f"({theirs['rps'] / ours['rps']:.2f}x), p99 {_ms(theirs['p99_ms'])} vs {_ms(ours['p99_ms'])} ms; "
+        f"Redis round trips per request {theirs['redis_round_trips_per_request']:.1f} (slowapi's are synchronous: "
+        f"the event loop waits) vs {ours['redis_round_trips_per_request']:.1f}; commands per request, those run "
+        f"inside Lua scripts included: {theirs['redis_commands_per_request']:.1f} vs "
+        f"{ours['redis_commands_per_request']:.1f}.",
+    ]
+    outage = results.get("outage", {})
+    if outage:
+        ours, strict, swallow = outage["full"], outage["slowapi"], outage["slowapi:swallow"]
+        lines.append(
+            f"- Redis stopped: the project's limiter answered {ours['status']} in {ours['ms']} ms; slowapi answered "
+            f"{strict['status']} in {strict['ms']} ms (default `swallow_errors=False`) and {swallow['status']} in "
+            f"{swallow['ms']} ms (`swallow_errors=True`). Both slowapi variants run "
+            "with RATE_LIMIT_FAILURE_MODE=open so that the service's own Redis check (token revocation) lets the "
+            "request reach slowapi."
+        )
+    return lines
+
+
+def _lookups(results: dict[str, Any]) -> list[str]:
+    if "lookups" not in results:
+        return [results.get("lookups_skipped", "not run")]
+    lookups = results["lookups"]
+    lines = [
+        "| database | grant rows | calls | median µs | p99 µs | query plan |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for row in lookups["results"]:
+        lines.append(
+            f"| {row['database']} | {row['rows']:,} | {row['calls']} | {row['median_us']:.0f} | {row['p99_us']:.0f} "
+            f"| {row['plan']} |"
+        )
+    if "postgresql_skipped" in lookups:
+        lines.append(f"\nPostgreSQL not measured: {lookups['postgresql_skipped']}")
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    sections = [
+        "## Pipeline cost",
+        "",
+        *_machine(results),
+        "",
+        *_scenarios(results),
+        "",
+        "### Targets",
+        "",
+        *_targets(results),
+        "",
+        "### Per-layer cost",
+        "",
+        *_layers(results),
+        "",
+        "### slowapi compared",
+        "",
+        *_slowapi(results),
+        "",
+        "### Permission lookup (`security.authz.holds`, one session per call)",
+        "",
+        *_lookups(results),
+        "",
+        f"Total bench time: {results.get('elapsed_seconds', '?')} s.",
+        "",
+    ]
+    return "\n".join(sections)
