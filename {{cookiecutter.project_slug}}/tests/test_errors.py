@@ -42,9 +42,32 @@ async def test_unexpected_exception_is_a_bare_500_problem(app: FastAPI, client: 
     assert response.headers["x-content-type-options"] == "nosniff"
 
 
-async def test_openapi_documents_400_problems_and_no_422(client: httpx.AsyncClient) -> None:
+async def test_openapi_documents_400_problems_and_no_422(app: FastAPI, client: httpx.AsyncClient) -> None:
+    @app.get("/outside/{item_id}")  # a route outside the API router still documents its 400
+    async def outside(item_id: int) -> None: ...
+
     schema = (await client.get("/openapi.json")).json()
     assert '"422"' not in str(schema).replace("'", '"')
-    create = schema["paths"]["/api/v1/orgs"]["post"]["responses"]
-    assert "application/problem+json" in create["400"]["content"]
     assert "HTTPValidationError" not in schema["components"]["schemas"]
+    assert "ValidationError" not in schema["components"]["schemas"]
+    validating = 0
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            if "requestBody" not in operation and not operation.get("parameters"):
+                continue
+            validating += 1
+            documented = operation["responses"].get("400", {}).get("content", {})
+            assert documented == {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}, (
+                f"{method.upper()} {path} does not document its 400 problem"
+            )
+    assert validating >= 8
+    assert "/outside/{item_id}" in schema["paths"]
+    errors = schema["components"]["schemas"]["Problem"]["properties"]["errors"]
+    assert "FieldError" in str(errors)
+    assert set(schema["components"]["schemas"]["FieldError"]["properties"]) == {"loc", "msg"}
+
+
+async def test_openapi_keeps_non_problem_error_bodies_as_json(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    not_ready = schema["paths"]["/health/ready"]["get"]["responses"]["503"]["content"]
+    assert not_ready == {"application/json": {"schema": {"$ref": "#/components/schemas/Ready"}}}

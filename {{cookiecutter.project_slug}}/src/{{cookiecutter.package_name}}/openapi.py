@@ -9,6 +9,12 @@ from fastapi.openapi.utils import get_openapi
 
 from .security.errors import PROBLEM_MEDIA_TYPE
 
+PROBLEM_REF = "#/components/schemas/Problem"
+VALIDATION_RESPONSE = {
+    "description": "Bad Request: the body, a parameter or the content type is not valid",
+    "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": PROBLEM_REF}}},
+}
+
 
 def problem_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
@@ -16,22 +22,25 @@ def problem_openapi(app: FastAPI) -> None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             for path_item in schema.get("paths", {}).values():
                 for operation in path_item.values():
-                    _rewrite_responses(operation.get("responses", {}))
-            components = schema.get("components", {}).get("schemas", {})
-            components.pop("HTTPValidationError", None)
-            components.pop("ValidationError", None)
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
-            }
+                    _rewrite_responses(operation)
+            components = schema.setdefault("components", {})
+            schemas = components.setdefault("schemas", {})  # Problem is there: every API route documents it
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _rewrite_responses(responses: dict[str, Any]) -> None:
-    responses.pop("422", None)
-    for status, response in responses.items():
+def _rewrite_responses(operation: dict[str, Any]) -> None:
+    responses: dict[str, Any] = operation.setdefault("responses", {})
+    # FastAPI documents 422 for every operation that validates input; the service answers 400.
+    if responses.pop("422", None) is not None or "requestBody" in operation or operation.get("parameters"):
+        responses.setdefault("400", VALIDATION_RESPONSE)
+    for response in responses.values():
         content = response.get("content", {})
-        if status[0] in "45" and "application/json" in content:
+        json_content = content.get("application/json")
+        if json_content is not None and json_content.get("schema", {}).get("$ref") == PROBLEM_REF:
             content[PROBLEM_MEDIA_TYPE] = content.pop("application/json")

@@ -1,5 +1,6 @@
-"""Request and response bodies. Unknown fields are rejected (no mass assignment) and every
-string and collection is bounded."""
+"""Request and response bodies. Unknown fields are rejected (no mass assignment), every string
+and collection is bounded, and text fields refuse control characters (a NUL byte is an error in
+PostgreSQL text, and newlines in names end up in logs and CSV exports)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,26 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic_core import PydanticCustomError
 
 from ..models import Relation
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+_CONTROL_CHARACTERS = frozenset(chr(code) for code in (*range(0x20), 0x7F))
+
+
+def _no_control_characters(value: str) -> str:
+    if not _CONTROL_CHARACTERS.isdisjoint(value):
+        # A fixed message without context: the value is never part of the error.
+        raise PydanticCustomError("control_characters", "String should not contain control characters")
+    return value
+
+
+Text = AfterValidator(_no_control_characters)
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), Text]
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
-MetadataValue = Annotated[str, StringConstraints(max_length=256)]
+MetadataValue = Annotated[str, StringConstraints(max_length=256), Text]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=20)]
 
 
 class Strict(BaseModel):
@@ -52,7 +66,7 @@ class UserCreate(Strict):
 
     email: EmailStr = Field(max_length=254)
     role: Role = Role.viewer
-    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=20)
+    metadata: Metadata | None = None
 
 
 class UserOut(BaseModel):
