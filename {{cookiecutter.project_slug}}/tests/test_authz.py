@@ -213,6 +213,9 @@ async def test_a_caller_without_permission_learns_nothing_about_validation(world
     bad_user_id = await world.client.get(f"{users}/not-a-uuid", headers=world.as_("mallory"))
     assert (refused.status_code, no_scope.status_code, bad_user_id.status_code) == (403, 403, 403)
     assert "errors" not in refused.json()
+    # The org id is validated before the object check, which needs it: 400 for everyone, naming no object.
+    bad_org = await world.client.get("/api/v1/orgs/not-a-uuid/users", headers=world.as_("mallory"))
+    assert bad_org.status_code == 400
     rejected = await world.client.post(users, json=invalid, headers=world.as_("alice"))
     assert rejected.status_code == 400
     assert {tuple(error["loc"]) for error in rejected.json()["errors"]} >= {("body", "email"), ("body", "role")}
