@@ -214,7 +214,7 @@ class JwksKeys:
         try:
             document = await self._download()
             keys = parse_jwks(document, self.algorithms)
-        except (httpx.HTTPError, JwksError, ValueError, RecursionError) as exc:
+        except Exception as exc:  # whatever went wrong, the last good keys keep serving
             reason = str(exc) if isinstance(exc, JwksError) else type(exc).__name__
             security_event("jwks_fetch_failed", reason=reason, keys_kept=len(self._keys))
             return False
@@ -254,6 +254,8 @@ class JwksKeys:
             ok = await self.refresh()
 
     async def stop(self) -> None:
+        if self._inflight is not None:
+            self._inflight.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
