@@ -44,11 +44,23 @@ def update_docs(results: Path) -> None:
     print(f"updated {DOCS.relative_to(ROOT)}")
 
 
+def commit() -> list[str]:
+    """`--commit <id>` for the report when this is a git checkout (`-dirty` with local changes)."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        return []
+    described = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    return ["--commit", described.stdout.strip()] if described.returncode == 0 else []
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--update-docs", action="store_true", help="copy the report into docs/benchmarks.md")
     args, driver_args = parser.parse_known_args()
     bake()
+    if "--commit" not in driver_args:
+        driver_args += commit()
     run([sys.executable, "-m", "bench", "--out", str(BUILD), *driver_args], PROJECT)
     if args.update_docs:
         update_docs(BUILD / "results.md")

@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lookup-calls", type=int, default=2000, help="permission lookups timed per table size")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk exists")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds after which optional phases are skipped")
+    parser.add_argument("--commit", help="the template commit the service was baked from, for the report")
     return parser.parse_args()
 
 
@@ -139,6 +140,8 @@ def main() -> int:
     log_dir.mkdir(exist_ok=True)
     results: dict[str, Any] = {"machine": machine.describe(), "load_generator": "wrk" if bench.wrk else "python"}
     results["settings"] = {key: getattr(args, key) for key in ("duration", "repeat", "connections")}
+    results["commit"] = args.commit
+    results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"bench: load generator {results['load_generator']}, {args.repeat} x {args.duration:g} s per scenario")
 
     redis = start_redis(args.out / "redis")

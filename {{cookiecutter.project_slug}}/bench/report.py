@@ -24,7 +24,9 @@ def _ms(value: float) -> str:
 def _machine(results: dict[str, Any]) -> list[str]:
     machine = results["machine"]
     packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
+    baked = f" from template commit {results['commit']}" if results.get("commit") else ""
     return [
+        f"- Run: {results.get('date', '?')}{baked}",
         f"- Machine: {machine['cpu']}, {machine['cpus']} CPUs, {machine['memory_gb']} GB RAM, {machine['os']}, "
         f"Python {machine['python']}",
         f"- Load average before / after: {machine['load_before']} / {machine.get('load_after', '?')}",
