@@ -124,6 +124,9 @@ class Masker:
         return f"{text[:1]}***" if text else ""
 
 
+_FIRST_FIELDS = ("time", "level", "logger", "message", "trace_id")
+
+
 class AuditJsonFormatter(JsonFormatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, trace_id, then the
     record's extra fields, all passed through the Masker."""
@@ -138,8 +141,9 @@ class AuditJsonFormatter(JsonFormatter):
         self.masker = masker
 
     def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
-        time_ = log_data.pop("time", None)
-        return {"time": time_, **self.masker.mapping(log_data)}
+        log_data.pop("color_message", None)  # uvicorn's copy of the message with terminal colours
+        first = {key: log_data.pop(key, None) for key in _FIRST_FIELDS}
+        return self.masker.mapping({**first, **log_data})
 
 
 class ServiceLogHandler(logging.StreamHandler[IO[str]]):
@@ -250,6 +254,7 @@ class AuditSink:
         self.masker = masker
         self.max_queued = max_queued
         self.dropped = 0
+        self._reported_at = -60.0
         self.handler = _SinkHandler(self)
         self._queue: asyncio.Queue[dict[str, Any] | None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -277,6 +282,13 @@ class AuditSink:
             self._queue.put_nowait(row)
         except asyncio.QueueFull:
             self.dropped += 1
+            now = time.monotonic()
+            if now - self._reported_at >= 60:  # one line a minute, not one per lost event
+                self._reported_at = now
+                logger.error(
+                    "audit sink queue full, events dropped",
+                    extra={"event": "audit_sink_failed", "dropped_total": self.dropped, "error": "QueueFull"},
+                )
 
     def enqueue(self, record: logging.LogRecord) -> None:
         """Called by the log handler, on any thread."""
