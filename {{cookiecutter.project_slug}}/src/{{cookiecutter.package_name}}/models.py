@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -56,7 +56,8 @@ _RANK = {Relation.viewer: 1, Relation.editor: 2, Relation.admin: 3, Relation.own
 
 
 def _now() -> datetime:
-    return datetime.now().astimezone()
+    # UTC, so that SQLite, which stores no offset, hands back naive UTC that as_utc() can label.
+    return datetime.now(UTC)
 
 
 class Permission(Base):
