@@ -244,17 +244,17 @@ async def test_the_permission_lookup_is_one_search_of_the_unique_index(app: Fast
                 row[1]
                 for row in indexes
                 if [c[2] for c in (await connection.execute(text(f"PRAGMA index_info('{row[1]}')"))).all()]
-                == ["subject", "resource_type", "resource_id"]
+                == ["resource_type", "resource_id", "subject"]
             ]
             assert len(unique) == 1, indexes
             rows = (await connection.execute(text(f"EXPLAIN QUERY PLAN {sql}"))).all()
             plan = " | ".join(str(row[-1]) for row in rows)
             assert f"SEARCH permissions USING INDEX {unique[0]}" in plan, plan
-            assert "subject=? AND resource_type=? AND resource_id=?" in plan, plan
+            assert "resource_type=? AND resource_id=? AND subject=?" in plan, plan
         else:
             await connection.execute(text("SET LOCAL enable_seqscan = off"))
             plan = " | ".join(str(row[0]) for row in (await connection.execute(text(f"EXPLAIN {sql}"))).all())
-            assert "uq_permissions_subject_resource" in plan, plan
+            assert "uq_permissions_resource_subject" in plan, plan
         assert "SCAN" not in plan.upper().replace("INDEX SCAN", "").replace("INDEX ONLY SCAN", ""), plan
 
 

@@ -12,7 +12,6 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     ForeignKey,
-    Index,
     Integer,
     MetaData,
     String,
@@ -65,8 +64,9 @@ class Permission(Base):
 
     __tablename__ = "permissions"
     __table_args__ = (
-        UniqueConstraint("subject", "resource_type", "resource_id", name="uq_permissions_subject_resource"),
-        Index("ix_permissions_resource", "resource_type", "resource_id"),
+        # One index serves both lookups: a subject's relation to an object (all three columns)
+        # and an object's grants, e.g. counting its owners (the leading two).
+        UniqueConstraint("resource_type", "resource_id", "subject", name="uq_permissions_resource_subject"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -35,9 +35,8 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
         sa.Column("created_by", sa.String(length=255), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_permissions")),
-        sa.UniqueConstraint("subject", "resource_type", "resource_id", name="uq_permissions_subject_resource"),
+        sa.UniqueConstraint("resource_type", "resource_id", "subject", name="uq_permissions_resource_subject"),
     )
-    op.create_index("ix_permissions_resource", "permissions", ["resource_type", "resource_id"])
     op.create_table(
         "org_users",
         sa.Column("id", sa.Uuid(), nullable=False),
@@ -56,6 +55,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index(op.f("ix_org_users_org_id"), table_name="org_users")
     op.drop_table("org_users")
-    op.drop_index("ix_permissions_resource", table_name="permissions")
     op.drop_table("permissions")
     op.drop_table("orgs")
