@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
+
 import httpx
 from fastapi import FastAPI
+
+from {{ cookiecutter.package_name }}.app import create_app
+from {{ cookiecutter.package_name }}.config import SERVICE_NAME, Settings
+
+from .conftest import DATABASE, TokenFactory, bearer, running
 
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "trace_id"}
 
@@ -71,3 +79,23 @@ async def test_openapi_keeps_non_problem_error_bodies_as_json(client: httpx.Asyn
     schema = (await client.get("/openapi.json")).json()
     not_ready = schema["paths"]["/health/ready"]["get"]["responses"]["503"]["content"]
     assert not_ready == {"application/json": {"schema": {"$ref": "#/components/schemas/Ready"}}}
+
+
+async def test_database_outage_is_a_503_problem_not_a_500(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    unreachable = (
+        "postgresql+asyncpg://u@127.0.0.1:1/nonexistent"
+        if DATABASE == "postgresql"
+        else "sqlite+aiosqlite:////nonexistent/x.db"
+    )
+    app = create_app(settings_for(database_url=unreachable))
+    token = bearer(make_token("alice"))
+    async with running(app, reset=False) as http:
+        created = await http.post("/api/v1/orgs", json={"name": "Acme"}, headers=token)
+        read = await http.get(f"/api/v1/orgs/{uuid.uuid4()}", headers=token)
+    for response in (created, read):
+        body = assert_problem(response, 503)
+        assert body["type"] == f"urn:{SERVICE_NAME}:problem:dependency-unavailable"
+        assert response.headers["retry-after"] == "1"
+        assert "nonexistent" not in response.text and "Error" not in response.text

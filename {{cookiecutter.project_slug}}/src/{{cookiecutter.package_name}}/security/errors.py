@@ -15,6 +15,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
+from redis import exceptions as redis_exc
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -152,9 +154,31 @@ def _unexpected(request: Request, exc: Exception) -> Response:
     return problem(500, "An unexpected error occurred. Quote the trace id when reporting it.")
 
 
+# A dependency that is down or too slow is a known failure mode: 503, never 500. SQLAlchemy wraps
+# driver errors in OperationalError/InterfaceError, but a refused connection (asyncpg) or a pool
+# timeout can surface as a plain OSError/TimeoutError or SQLAlchemy's own TimeoutError.
+DEPENDENCY_ERRORS: dict[type[Exception], str] = {
+    sa_exc.OperationalError: "database",
+    sa_exc.InterfaceError: "database",
+    sa_exc.TimeoutError: "database",
+    ConnectionError: "network",
+    TimeoutError: "network",
+    redis_exc.ConnectionError: "redis",
+    redis_exc.TimeoutError: "redis",
+}
+
+
+def _dependency_unavailable(request: Request, exc: Exception) -> Response:
+    dependency = next((name for kind, name in DEPENDENCY_ERRORS.items() if isinstance(exc, kind)), "unknown")
+    security_event("dependency_unavailable", dependency=dependency, error=type(exc).__name__)
+    return problem(503, _DETAILS[503], name="dependency-unavailable", headers={"Retry-After": "1"})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    for kind in DEPENDENCY_ERRORS:
+        app.add_exception_handler(kind, _dependency_unavailable)
     app.add_exception_handler(Exception, _unexpected)
 
 
