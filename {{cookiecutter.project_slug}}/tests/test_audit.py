@@ -28,9 +28,6 @@ from {{ cookiecutter.package_name }}.security.audit import Masker, service_log_h
 
 from .conftest import TokenFactory, bearer, running
 
-# Declared here, at collection time, so that parametrized async tests get their parameters.
-pytestmark = pytest.mark.anyio
-
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 GIVEN_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{GIVEN_TRACE}-00f067aa0ba902b7-01"

@@ -30,9 +30,6 @@ from {{ cookiecutter.package_name }}.security.authn import MAX_TOKEN_BYTES, Prin
 from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, running
 from .jwks_server import JwksServer, public_jwk
 
-# Marked at collection so anyio keeps the parametrized ids (the conftest hook marks too late for them).
-pytestmark = pytest.mark.anyio
-
 PROTECTED = "/api/v1/orgs"
 
 

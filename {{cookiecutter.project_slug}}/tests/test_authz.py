@@ -20,10 +20,6 @@ from {{ cookiecutter.package_name }}.security.authz import ORG, _holds_query, se
 
 from .conftest import ALL_SCOPES, AUDIENCE, DATABASE, ISSUER, TokenFactory, bearer
 
-# Marked here, not only by conftest's hook: anyio replaces a late-marked async test with one copy
-# per backend and drops its parametrization.
-pytestmark = pytest.mark.anyio
-
 
 @dataclass(frozen=True)
 class Route:

@@ -21,9 +21,6 @@ from {{ cookiecutter.package_name }}.security.deprecation import Deprecation
 
 from .conftest import TokenFactory, bearer
 
-# Declared here, at collection time, so that parametrized async tests get their parameters.
-pytestmark = pytest.mark.anyio
-
 BEFORE_SUNSET = datetime(2027, 3, 1, 12, 0, tzinfo=UTC)
 
 

@@ -22,8 +22,6 @@ from {{ cookiecutter.package_name }}.security.keys import JwksError, JwksKeys, p
 from .conftest import TokenFactory, bearer, running
 from .jwks_server import JwksServer, public_jwk
 
-pytestmark = pytest.mark.anyio
-
 PROTECTED = "/api/v1/orgs"
 
 

@@ -14,9 +14,6 @@ from {{ cookiecutter.package_name }}.models import Permission
 
 from .conftest import TokenFactory, bearer
 
-# Marked here too: anyio drops the parametrization of an async test marked only by conftest's hook.
-pytestmark = pytest.mark.anyio
-
 
 async def test_caller_creates_an_org_and_becomes_its_owner(client: httpx.AsyncClient, make_token: TokenFactory) -> None:
     alice = bearer(make_token("alice"))

@@ -26,8 +26,6 @@ from {{ cookiecutter.package_name }}.security.revocation import Revocations
 
 from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, running
 
-pytestmark = pytest.mark.anyio
-
 PROTECTED = "/api/v1/orgs"
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 

@@ -19,10 +19,6 @@ from {{ cookiecutter.package_name }}.config import Settings
 from .conftest import TokenFactory, bearer, running
 from .test_errors import assert_problem
 
-# Marked here, not only by conftest's hook: anyio replaces a late-marked parametrized async test
-# with one copy per backend that loses its own parameters.
-pytestmark = pytest.mark.anyio
-
 API_HEADERS = {
     "content-security-policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     "x-content-type-options": "nosniff",

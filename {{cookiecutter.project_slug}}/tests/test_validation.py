@@ -11,10 +11,6 @@ import pytest
 from .conftest import TokenFactory, bearer
 from .test_errors import assert_problem
 
-# Marked here, not only by conftest's hook: anyio replaces a late-marked parametrized async test
-# with one copy per backend that loses its own parameters.
-pytestmark = pytest.mark.anyio
-
 PROBLEM = "urn:{{ cookiecutter.project_slug }}:problem:"
 MARKER = "ZQXJ-input-marker"  # must never come back in a response
 NO_ORG = "00000000-0000-0000-0000-000000000000"
