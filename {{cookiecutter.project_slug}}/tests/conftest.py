@@ -31,6 +31,12 @@ from {{ cookiecutter.package_name }}.runtime import MIGRATIONS, Runtime
 from .servers import RedisServer, start_postgres, start_redis
 
 DATABASE = "postgresql" if DEFAULT_DATABASE_URL.startswith("postgresql") else "sqlite"
+# A database of the configured kind that cannot be reached, for outage tests.
+UNREACHABLE_DATABASE_URL = (
+    "postgresql+asyncpg://u@127.0.0.1:1/nonexistent"
+    if DATABASE == "postgresql"
+    else "sqlite+aiosqlite:////nonexistent/x.db"
+)
 ISSUER = "https://issuer.test"
 AUDIENCE = "{{ cookiecutter.project_slug }}"
 ALL_SCOPES = "orgs:read orgs:write users:read users:write"

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import SERVICE_NAME, Settings
 
-from .conftest import DATABASE, TokenFactory, bearer, running
+from .conftest import UNREACHABLE_DATABASE_URL, TokenFactory, bearer, running
 
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "trace_id"}
 
@@ -84,12 +84,7 @@ async def test_openapi_keeps_non_problem_error_bodies_as_json(client: httpx.Asyn
 async def test_database_outage_is_a_503_problem_not_a_500(
     settings_for: Callable[..., Settings], make_token: TokenFactory
 ) -> None:
-    unreachable = (
-        "postgresql+asyncpg://u@127.0.0.1:1/nonexistent"
-        if DATABASE == "postgresql"
-        else "sqlite+aiosqlite:////nonexistent/x.db"
-    )
-    app = create_app(settings_for(database_url=unreachable))
+    app = create_app(settings_for(database_url=UNREACHABLE_DATABASE_URL))
     token = bearer(make_token("alice"))
     async with running(app, reset=False) as http:
         created = await http.post("/api/v1/orgs", json={"name": "Acme"}, headers=token)

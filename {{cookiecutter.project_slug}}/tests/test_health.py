@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
 
-from .conftest import DATABASE, running
+from .conftest import UNREACHABLE_DATABASE_URL, running
 from .servers import RedisServer
 
 
@@ -50,14 +50,9 @@ async def test_ready_is_503_when_redis_is_down_and_leaks_nothing(settings_for: C
 
 
 async def test_ready_is_503_when_database_is_unreachable(
-    settings_for: Callable[..., Settings], tmp_path: object
+    settings_for: Callable[..., Settings],
 ) -> None:
-    unreachable = (
-        "postgresql+asyncpg://u@127.0.0.1:1/nonexistent"
-        if DATABASE == "postgresql"
-        else "sqlite+aiosqlite:////nonexistent/x.db"
-    )
-    app = create_app(settings_for(database_url=unreachable))
+    app = create_app(settings_for(database_url=UNREACHABLE_DATABASE_URL))
     async with running(app, reset=False) as http:
         response = await http.get("/health/ready")
     assert response.status_code == 503
