@@ -8,6 +8,7 @@ budget is spent.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import time
@@ -43,6 +44,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load run")
     parser.add_argument("--repeat", type=int, default=3, help="alternating rounds; the median is reported")
     parser.add_argument("--connections", type=int, default=32, help="concurrent keep-alive connections")
+    parser.add_argument("--layer-duration", type=float, default=3.0, help="seconds per per-layer run")
+    parser.add_argument(
+        "--layer-repeat", type=int, default=5, help="alternating rounds of the per-layer runs (short runs, more rounds)"
+    )
     parser.add_argument(
         "--layers",
         choices=["auto", "always", "never"],
@@ -95,12 +100,14 @@ class Bench:
             stats: dict[str, Any] = client.info("stats")
             return int(stats["total_commands_processed"]), int(stats["total_reads_processed"])
 
-    def measure(self, plan: list[tuple[str, Service, Target]], duration: float) -> dict[str, list[dict[str, Any]]]:
+    def measure(
+        self, plan: list[tuple[str, Service, Target]], duration: float, repeat: int
+    ) -> dict[str, list[dict[str, Any]]]:
         """Warm each up for a second, then alternate: round after round of every entry."""
         for _name, service, target in plan:
             self.sample(service, target, 1.0)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in plan}
-        for round_number in range(self.args.repeat):
+        for round_number in range(repeat):
             for name, service, target in plan:
                 commands, reads = self.redis_counters()
                 result = self.sample(service, target, duration)
@@ -139,7 +146,8 @@ def main() -> int:
     log_dir = args.out / "logs"
     log_dir.mkdir(exist_ok=True)
     results: dict[str, Any] = {"machine": machine.describe(), "load_generator": "wrk" if bench.wrk else "python"}
-    results["settings"] = {key: getattr(args, key) for key in ("duration", "repeat", "connections")}
+    settings = ("duration", "repeat", "connections", "layer_duration", "layer_repeat")
+    results["settings"] = {key: getattr(args, key) for key in settings}
     results["commit"] = args.commit
     results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"bench: load generator {results['load_generator']}, {args.repeat} x {args.duration:g} s per scenario")
@@ -149,6 +157,7 @@ def main() -> int:
     postgres = None
     if DEFAULT_DATABASE_URL.startswith("postgresql"):
         postgres = start_postgres(args.out / "postgres")
+        make_room(postgres)
         database_url = postgres.url
     else:
         database_path = (args.out / "service.db").resolve()
@@ -203,7 +212,8 @@ def main() -> int:
             "e": ("(c) with slowapi as the limiter", services["slowapi"], get_org),
         }
         print("bench: scenarios a-e")
-        runs = bench.measure([(key, service, target) for key, (_, service, target) in scenarios.items()], args.duration)
+        plan = [(key, service, target) for key, (_, service, target) in scenarios.items()]
+        runs = bench.measure(plan, args.duration, args.repeat)
         results["scenarios"] = {
             key: {"label": label, "median": median_of(runs[key]), "runs": runs[key]}
             for key, (label, _, _) in scenarios.items()
@@ -223,7 +233,7 @@ def main() -> int:
             layers += [f"without:{AUTHZ_OBJECT}", "without:all"]
             services.update(start_all(layers, env, log_dir))
             plan = [("full", main_service, get_org)] + [(name, services[name], get_org) for name in layers]
-            layer_runs = bench.measure(plan, args.duration)
+            layer_runs = bench.measure(plan, args.layer_duration, args.layer_repeat)
             results["layers"] = {
                 name: {"median": median_of(layer_runs[name]), "runs": layer_runs[name]} for name in layer_runs
             }
@@ -251,6 +261,22 @@ def main() -> int:
     print(markdown)
     print(f"bench: wrote {args.out / 'results.md'} and {args.out / 'results.json'} in {bench.elapsed():.0f} s")
     return 0
+
+
+def make_room(postgres: Any) -> None:
+    """Each service variant keeps a pool of up to 20 connections, more than the default 100 in all."""
+
+    async def alter() -> None:
+        import asyncpg
+
+        connection = await asyncpg.connect(postgres.url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            await connection.execute("ALTER SYSTEM SET max_connections = 500")
+        finally:
+            await connection.close()
+
+    asyncio.run(alter())
+    postgres.restart()
 
 
 def outage(redis: Any, services: dict[str, Service], target: Target) -> dict[str, Any]:
