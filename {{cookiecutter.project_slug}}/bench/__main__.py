@@ -110,25 +110,34 @@ class Bench:
         for round_number in range(repeat):
             for name, service, target in plan:
                 commands, reads = self.redis_counters()
+                cpu = service.cpu_seconds()
                 result = self.sample(service, target, duration)
+                cpu_after = service.cpu_seconds()
                 commands_after, reads_after = self.redis_counters()
                 requests = max(1, result.requests)
                 runs[name].append(
                     {
                         **asdict(result),
                         "rps": result.rps,
+                        # CPU the service process spent per request: what a layer costs, little
+                        # disturbed by whatever else the machine is doing
+                        "cpu_us_per_request": (cpu_after - cpu) * 1e6 / requests,
                         # minus one: the INFO that took the first reading
                         "redis_commands_per_request": (commands_after - commands - 1) / requests,
                         "redis_round_trips_per_request": (reads_after - reads - 1) / requests,
                     }
                 )
-                print(f"  round {round_number + 1} {name:<28} {result.rps:9.0f} req/s  p99 {result.p99_ms:7.2f} ms")
+                print(
+                    f"  round {round_number + 1} {name:<28} {result.rps:9.0f} req/s  p99 {result.p99_ms:7.2f} ms"
+                    f"  {runs[name][-1]['cpu_us_per_request']:6.0f} CPU µs/req"
+                )
         return runs
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, float]:
     keys = (
         "rps",
+        "cpu_us_per_request",
         "p50_ms",
         "p99_ms",
         "redis_commands_per_request",

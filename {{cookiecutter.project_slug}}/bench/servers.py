@@ -17,6 +17,7 @@ from tests.servers import LOOPBACK, free_port, log_tail
 
 STARTUP_SECONDS = 30.0
 LOG_TAIL_BYTES = 64 * 1024
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class Service:
@@ -72,6 +73,11 @@ class Service:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         raise RuntimeError("VmHWM not found in /proc/<pid>/status")
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of the process so far, all its threads included."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
     def stop(self) -> None:
         if self.process.poll() is None:
