@@ -316,7 +316,8 @@ class Authenticate:
         await response(scope, receive, send)
 
 
-def current_principal(request: Request) -> Principal:
+async def current_principal(request: Request) -> Principal:
+    # async, like every dependency and handler here: FastAPI runs sync ones in a thread pool.
     principal = request.scope.get("state", {}).get("principal")
     if not isinstance(principal, Principal):
         # Only reachable if a route outside /api/ asks for a principal: fail closed.

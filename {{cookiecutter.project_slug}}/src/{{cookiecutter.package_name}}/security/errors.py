@@ -92,7 +92,7 @@ class ProblemDetail(str):
     """A `detail` text that is safe to show to clients: raise HTTPException(404, ProblemDetail("..."))."""
 
 
-def _http_exception(request: Request, exc: Exception) -> Response:
+async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     # HTTPException.detail may hold text written for developers; the client gets a fixed sentence
     # unless the raiser marked its text as safe.
@@ -138,7 +138,7 @@ def _message(error: Mapping[str, Any]) -> str:
     return message.strip()[:200] or "Invalid value"
 
 
-def _validation_error(request: Request, exc: Exception) -> Response:
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = validation_errors(exc)
     security_event(
@@ -149,7 +149,7 @@ def _validation_error(request: Request, exc: Exception) -> Response:
     return problem(400, "The request is not valid.", name="validation", title="Validation failed", errors=errors)
 
 
-def _unexpected(request: Request, exc: Exception) -> Response:
+async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.error("unhandled exception", exc_info=exc, extra={"event": "unhandled_exception"})
     return problem(500, "An unexpected error occurred. Quote the trace id when reporting it.")
 
@@ -168,7 +168,7 @@ DEPENDENCY_ERRORS: dict[type[Exception], str] = {
 }
 
 
-def _dependency_unavailable(request: Request, exc: Exception) -> Response:
+async def _dependency_unavailable(request: Request, exc: Exception) -> Response:
     dependency = next((name for kind, name in DEPENDENCY_ERRORS.items() if isinstance(exc, kind)), "unknown")
     security_event("dependency_unavailable", dependency=dependency, error=type(exc).__name__)
     return problem(503, _DETAILS[503], name="dependency-unavailable", headers={"Retry-After": "1"})

@@ -255,7 +255,7 @@ class RouteLimitExceeded(Exception):
         self.decision = decision
 
 
-def route_limit_exceeded(_request: Request, exc: Exception) -> Response:
+async def route_limit_exceeded(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RouteLimitExceeded)
     return too_many_requests(exc.decision) if exc.decision else store_unavailable()
 
