@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 RSS_TARGET_MB = 150.0
@@ -84,34 +85,37 @@ def _layers(results: dict[str, Any]) -> list[str]:
     full = layers["full"]["median"]
     bare = results["scenarios"]["a"]["median"]
     gap = full["cpu_us_per_request"] - bare["cpu_us_per_request"]
-    spread = [run["cpu_us_per_request"] for run in layers["full"]["runs"]]
-    noise = (max(spread) - min(spread)) / 2
     settings = results["settings"]
     lines = [
         f"CPU time of the service process per request: (c) {full['cpu_us_per_request']:.0f} µs, (a) "
-        f"{bare['cpu_us_per_request']:.0f} µs; the gap is {gap:.0f} µs. Each row is (c) with one part switched off "
-        f"({settings['layer_repeat']} alternating rounds of {settings['layer_duration']:g} s, medians); its cost is "
-        f"the CPU time per request it saves. Run-to-run spread of (c) itself: ±{noise:.0f} µs; a cost within it "
-        "(marked ~) is not told apart from zero. Costs need not add up exactly: shared per-request overheads "
-        "(tasks, the database driver's thread hops) shift when a layer goes.",
+        f"{bare['cpu_us_per_request']:.0f} µs; the gap is {gap:.0f} µs. Each row is (c) with one part switched off, "
+        f"{settings['layer_repeat']} alternating rounds of {settings['layer_duration']:g} s. A part's cost is the "
+        "median over the rounds of the CPU time per request it saves against (c) in the same round (paired, so "
+        "drift across rounds cancels), ± the median absolute deviation of those differences; a cost within its "
+        "deviation is marked ~. Costs need not add up exactly: shared per-request overheads (tasks, the "
+        "database driver's thread hops) shift when a part goes.",
         "",
         "| switched off | req/s | p99 ms | Redis trips/req | non-2xx | CPU µs/req | cost µs/req | share of the gap |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         f"| nothing (c) | {full['rps']:.0f} | {_ms(full['p99_ms'])} | {full['redis_round_trips_per_request']:.1f} "
         f"| {full['non_2xx']:.0f} | {full['cpu_us_per_request']:.0f} | | |",
     ]
+    baseline = [run["cpu_us_per_request"] for run in layers["full"]["runs"]]
     for name, layer in layers.items():
         if name == "full":
             continue
         median = layer["median"]
-        cost = full["cpu_us_per_request"] - median["cpu_us_per_request"]
+        saved = [base - run["cpu_us_per_request"] for base, run in zip(baseline, layer["runs"], strict=True)]
+        cost = statistics.median(saved)
+        deviation = statistics.median(abs(value - cost) for value in saved)
         label = name.removeprefix("without:")
         if label == "all":
             label = "all layers and the permission lookup (route and its own query only)"
         lines.append(
             f"| {label} | {median['rps']:.0f} | {_ms(median['p99_ms'])} "
             f"| {median['redis_round_trips_per_request']:.1f} | {median['non_2xx']:.0f} "
-            f"| {median['cpu_us_per_request']:.0f} | {'~' if abs(cost) < noise else ''}{cost:.0f} | {cost / gap:.0%} |"
+            f"| {median['cpu_us_per_request']:.0f} | {'~' if abs(cost) <= deviation else ''}{cost:.0f} ± "
+            f"{deviation:.0f} | {cost / gap:.0%} |"
         )
     return lines
 
