@@ -62,6 +62,21 @@ def test_a_route_added_without_a_policy_fails_the_walk(settings: Settings) -> No
     ]
 
 
+def test_a_route_without_a_policy_in_an_included_router_fails_the_walk(settings: Settings) -> None:
+    app = create_app(settings)
+    router = APIRouter(prefix="/api/v2")
+
+    @router.delete("/orgs/{org_id}")
+    async def delete_org(org_id: str) -> None:
+        return None
+
+    app.include_router(router)
+    assert unguarded(app) == [
+        "DELETE /api/v2/orgs/{org_id}: declares no scopes (require_scopes); "
+        "declares no object policy (require_org_relation or no_object_policy)"
+    ]
+
+
 def test_a_route_with_scopes_but_no_object_policy_fails_the_walk(settings: Settings) -> None:
     app = create_app(settings)
     app.get("/api/v1/reports", dependencies=[require_scopes("orgs:read")])(lambda: {})
