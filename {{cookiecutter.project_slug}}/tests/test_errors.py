@@ -6,7 +6,9 @@ import uuid
 from collections.abc import Callable
 
 import httpx
+import pytest
 from fastapi import FastAPI
+from sqlalchemy import exc as sa_exc
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import SERVICE_NAME, Settings
@@ -94,3 +96,35 @@ async def test_database_outage_is_a_503_problem_not_a_500(
         assert body["type"] == f"urn:{SERVICE_NAME}:problem:dependency-unavailable"
         assert response.headers["retry-after"] == "1"
         assert "nonexistent" not in response.text and "Error" not in response.text
+
+
+class DriverError(Exception):
+    """What a driver raises, as SQLAlchemy's asyncpg adapter exposes it (with its SQLSTATE)."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "status"),
+    [
+        ("53300", 503),  # too_many_connections
+        ("57P01", 503),  # admin_shutdown
+        ("57P03", 503),  # cannot_connect_now
+        ("08006", 503),  # connection_failure
+        ("23505", 500),  # unique_violation: a bug, not an outage
+        ("42P01", 500),  # undefined_table
+    ],
+)
+async def test_database_errors_answer_503_only_when_the_database_cannot_serve(
+    app: FastAPI, client: httpx.AsyncClient, sqlstate: str, status: int
+) -> None:
+    @app.get("/database-error")
+    async def database_error() -> None:
+        raise sa_exc.DBAPIError("SELECT secret FROM t", None, DriverError(sqlstate))
+
+    app.middleware_stack = None  # rebuild with the new route
+    response = await client.get("/database-error")
+    assert_problem(response, status)
+    assert "secret" not in response.text and sqlstate not in response.text

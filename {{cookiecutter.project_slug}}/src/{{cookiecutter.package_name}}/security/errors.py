@@ -168,8 +168,26 @@ DEPENDENCY_ERRORS: dict[type[Exception], str] = {
 }
 
 
+# SQLSTATE classes that mean "the database cannot serve now" (connection exception, insufficient
+# resources such as too many clients, operator intervention such as a shutdown), whatever
+# DBAPIError subclass the driver's error was translated to.
+UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+
+
+def database_unavailable(exc: sa_exc.DBAPIError) -> bool:
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return exc.connection_invalidated or (isinstance(state, str) and state.startswith(UNAVAILABLE_SQLSTATES))
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, sa_exc.DBAPIError)
+    if database_unavailable(exc):
+        return await _dependency_unavailable(request, exc)
+    return await _unexpected(request, exc)
+
+
 async def _dependency_unavailable(request: Request, exc: Exception) -> Response:
-    dependency = next((name for kind, name in DEPENDENCY_ERRORS.items() if isinstance(exc, kind)), "unknown")
+    dependency = next((name for kind, name in DEPENDENCY_ERRORS.items() if isinstance(exc, kind)), "database")
     security_event("dependency_unavailable", dependency=dependency, error=type(exc).__name__)
     return problem(503, _DETAILS[503], name="dependency-unavailable", headers={"Retry-After": "1"})
 
@@ -179,6 +197,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     for kind in DEPENDENCY_ERRORS:
         app.add_exception_handler(kind, _dependency_unavailable)
+    app.add_exception_handler(sa_exc.DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected)
 
 
