@@ -15,6 +15,8 @@ import httpx
 
 from tests.servers import LOOPBACK, free_port, log_tail
 
+from .load import SERVICE_CPU, pinned
+
 STARTUP_SECONDS = 30.0
 LOG_TAIL_BYTES = 64 * 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -28,20 +30,23 @@ class Service:
         self.variant = variant
         self.port = free_port()
         self.log_path = log_dir / f"{variant.replace(':', '-')}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.apps:create",
-            "--factory",
-            f"--host={LOOPBACK}",
-            f"--port={self.port}",
-            "--loop=uvloop",
-            "--http=httptools",
-            "--no-access-log",
-            "--no-server-header",
-            "--no-proxy-headers",
-        ]
+        command = pinned(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.apps:create",
+                "--factory",
+                f"--host={LOOPBACK}",
+                f"--port={self.port}",
+                "--loop=uvloop",
+                "--http=httptools",
+                "--no-access-log",
+                "--no-server-header",
+                "--no-proxy-headers",
+            ],
+            SERVICE_CPU,
+        )
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command,

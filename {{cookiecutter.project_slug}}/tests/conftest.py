@@ -27,6 +27,7 @@ from sqlalchemy import text
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, Settings
 from {{ cookiecutter.package_name }}.runtime import MIGRATIONS, Runtime
+from {{ cookiecutter.package_name }}.security.store import RedisStore
 
 from .servers import RedisServer, start_postgres, start_redis
 
@@ -178,8 +179,8 @@ async def reset_state(runtime: Runtime) -> None:
     async with runtime.engine.begin() as connection:
         for table in ("org_users", "permissions", "orgs"):
             await connection.execute(text(f"DELETE FROM {table}"))  # noqa: S608  # fixed table names
-    if runtime.redis is not None:
-        await runtime.redis.flushdb()
+    if isinstance(runtime.store, RedisStore):
+        await runtime.store.execute(b"FLUSHDB")
 
 
 @asynccontextmanager

@@ -1,4 +1,5 @@
-"""Real, throwaway Redis and PostgreSQL servers for the test suite.
+"""Real, throwaway Redis and PostgreSQL servers, and the service in its own uvicorn process, for the
+test suite.
 
 Plain functions and classes, no pytest: conftest.py decides scopes and when to use
 REDIS_URL / TEST_DATABASE_URL instead. A missing server binary is an error that says
@@ -12,8 +13,10 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT_SECONDS = 15.0
 POSTGRES_USER = "postgres"
 POSTGRES_DATABASE = "app"
+PACKAGE = "{{ cookiecutter.package_name }}"
 
 
 def free_port() -> int:
@@ -302,3 +306,58 @@ def start_postgres(tmp_path: Path) -> PostgresServer:
     atexit.register(server.stop_quietly)
     server.create_database()
     return server
+
+
+# --- the service itself --------------------------------------------------------------------
+
+
+class ServiceProcess:
+    """The service as production runs it: `uvicorn <package>.app:create_app --factory` in its own
+    process, with `env` as its settings (nothing inherited from a .env file)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, extra_args: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            f"{PACKAGE}.app:create_app",
+            "--factory",
+            f"--host={LOOPBACK}",
+            f"--port={self.port}",
+            "--no-access-log",
+            "--no-server-header",
+            *extra_args,
+        ]
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                env={name: os.environ[name] for name in ("PATH", "PYTHONPATH") if name in os.environ} | env,
+                cwd=log_path.parent,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                with socket.create_connection((LOOPBACK, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the service did not start:\n{log_tail(log_path, 40)}")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

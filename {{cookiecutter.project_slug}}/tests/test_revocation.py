@@ -20,9 +20,12 @@ from starlette.types import Receive, Scope, Send
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import SERVICE_NAME, Settings
+from {{ cookiecutter.package_name }}.security.admission import Admission
 from {{ cookiecutter.package_name }}.security.authn import Authenticate, BearerToken, TokenVerifier
 from {{ cookiecutter.package_name }}.security.keys import key_source
-from {{ cookiecutter.package_name }}.security.revocation import Revocations
+from {{ cookiecutter.package_name }}.security.ratelimit import RateLimiter
+from {{ cookiecutter.package_name }}.security.revocation import Revocations, tag
+from {{ cookiecutter.package_name }}.security.store import RedisStore
 
 from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, running
 
@@ -50,7 +53,7 @@ def revocations(app: FastAPI) -> Revocations:
 async def test_revoked_jti_is_rejected(app: FastAPI, client: httpx.AsyncClient, make_token: TokenFactory) -> None:
     token = make_token()
     claims = claims_of(token)
-    assert await revocations(app).revoke_token(claims["jti"], claims["exp"]) is True
+    assert await revocations(app).revoke_token(claims["sub"], claims["jti"], claims["exp"]) is True
     response = await client.post(PROTECTED, json={"name": "Acme"}, headers=bearer(token))
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
@@ -62,7 +65,7 @@ async def test_revocation_reaches_a_token_already_in_the_verified_cache(
     token = make_token()
     assert await status_of(client, token) == 201
     claims = claims_of(token)
-    await revocations(app).revoke_token(claims["jti"], claims["exp"])
+    await revocations(app).revoke_token(claims["sub"], claims["jti"], claims["exp"])
     assert await status_of(client, token) == 401
     assert [getattr(r, "reason", None) for r in audit_events if getattr(r, "event", "") == "authentication_failed"] == [
         "revoked"
@@ -74,7 +77,7 @@ async def test_jti_revocation_leaves_the_subjects_other_tokens_alone(
 ) -> None:
     revoked, other = make_token("alice"), make_token("alice")
     claims = claims_of(revoked)
-    await revocations(app).revoke_token(claims["jti"], claims["exp"])
+    await revocations(app).revoke_token(claims["sub"], claims["jti"], claims["exp"])
     assert await status_of(client, other) == 201
 
 
@@ -88,8 +91,20 @@ async def test_subject_revocation_rejects_every_token_issued_before_it(
     assert await status_of(client, earlier) == 401
     assert await status_of(client, current) == 401  # same second as the mark: refused too
     assert await status_of(client, make_token("bob", iat=now - 120)) == 201
-    # A token the issuer signs after the revocation (the next whole second) is accepted.
-    assert await status_of(client, make_token("alice", iat=int(mark) + 1)) == 201
+    # A token stamped after the mark but within the clock leeway the verifier accepts (an issuer
+    # clock running fast) may have been issued before the revocation: refused too.
+    assert await status_of(client, make_token("alice", iat=int(mark) + 25)) == 401
+
+
+async def test_token_issued_after_revocation_and_leeway_is_accepted(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    app = create_app(settings_for(jwt_leeway_seconds=1))
+    async with running(app) as http:
+        mark = await revocations(app).revoke_subject("alice")
+        assert await status_of(http, make_token("alice", iat=int(mark) + 1)) == 401  # within the leeway
+        await anyio.sleep(max(0.0, int(mark) + 1 - time.time()) + 0.05)
+        assert await status_of(http, make_token("alice", iat=int(mark) + 2)) == 201
 
 
 async def test_jti_entry_expires_when_the_token_could_no_longer_be_accepted(
@@ -97,8 +112,8 @@ async def test_jti_entry_expires_when_the_token_could_no_longer_be_accepted(
 ) -> None:
     settings: Settings = app.state.runtime.settings
     expires_at = int(time.time()) + 300
-    await revocations(app).revoke_token("jti-1", expires_at)
-    ttl = await redis.ttl(f"{SERVICE_NAME}:revoked:jti:jti-1")
+    await revocations(app).revoke_token("alice", "jti-1", expires_at)
+    ttl = await redis.ttl(f"{SERVICE_NAME}:revoked:jti:{tag('alice')}:jti-1")
     # The token stays acceptable until exp + leeway, so the entry must live at least that long.
     assert 300 + settings.jwt_leeway_seconds - 5 <= ttl <= 300 + settings.jwt_leeway_seconds + 1
 
@@ -108,7 +123,7 @@ async def test_subject_mark_lives_as_long_as_any_token_it_refuses(
 ) -> None:
     settings: Settings = app.state.runtime.settings
     await revocations(app).revoke_subject("alice")
-    ttl = await redis.ttl(f"{SERVICE_NAME}:revoked:sub:alice")
+    ttl = await redis.ttl(f"{SERVICE_NAME}:revoked:sub:{tag('alice')}")
     longest = settings.jwt_max_token_lifetime_seconds + settings.jwt_leeway_seconds
     assert longest - 5 <= ttl <= longest + 1
 
@@ -116,8 +131,8 @@ async def test_subject_mark_lives_as_long_as_any_token_it_refuses(
 async def test_revoking_an_already_expired_token_stores_nothing(
     app: FastAPI, client: httpx.AsyncClient, redis: Redis
 ) -> None:
-    assert await revocations(app).revoke_token("old", int(time.time()) - 3600) is False
-    assert await redis.exists(f"{SERVICE_NAME}:revoked:jti:old") == 0
+    assert await revocations(app).revoke_token("alice", "old", int(time.time()) - 3600) is False
+    assert await redis.exists(f"{SERVICE_NAME}:revoked:jti:{tag('alice')}:old") == 0
 
 
 async def test_revocation_without_redis_url_is_kept_in_process(
@@ -128,7 +143,7 @@ async def test_revocation_without_redis_url_is_kept_in_process(
         token = make_token()
         assert await status_of(http, token) == 201
         claims = claims_of(token)
-        await revocations(app).revoke_token(claims["jti"], claims["exp"])
+        await revocations(app).revoke_token(claims["sub"], claims["jti"], claims["exp"])
         assert await status_of(http, token) == 401
         await revocations(app).revoke_subject("bob")
         assert await status_of(http, make_token("bob", iat=int(time.time()) - 10)) == 401
@@ -155,7 +170,7 @@ async def test_token_revoke_command_refuses_the_token_on_the_running_service(
     token = make_token()
     assert await status_of(client, token) == 201
     claims = claims_of(token)
-    argv = ["token", "revoke", "--jti", claims["jti"], "--exp", str(claims["exp"])]
+    argv = ["token", "revoke", "--sub", claims["sub"], "--jti", claims["jti"], "--exp", str(claims["exp"])]
     assert await anyio.to_thread.run_sync(main, argv) == 0
     assert "revoked" in capsys.readouterr().out
     assert await status_of(client, token) == 401
@@ -172,7 +187,7 @@ async def test_token_revoke_subject_command_refuses_the_subjects_tokens(
 
 def test_token_revoke_command_requires_redis(service_env: None, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     monkeypatch.delenv("REDIS_URL")
-    assert main(["token", "revoke", "--jti", "j", "--exp", str(int(time.time()) + 60)]) == 2
+    assert main(["token", "revoke", "--sub", "s", "--jti", "j", "--exp", str(int(time.time()) + 60)]) == 2
     assert "REDIS_URL" in capsys.readouterr().err
 
 
@@ -195,9 +210,11 @@ async def ok(scope: Scope, receive: Receive, send: Send) -> None:
 def layer_with_unreachable_redis(settings: Settings) -> Authenticate:
     """The authentication layer alone (no rate limit in front to fail first), its revocation
     lookups going to a Redis port nothing listens on."""
-    redis = Redis.from_url(UNREACHABLE_REDIS, socket_timeout=0.5, socket_connect_timeout=0.5)
+    store = RedisStore(UNREACHABLE_REDIS, timeout=0.5, pool_size=4, pool_timeout=1.0)
+    limiter = RateLimiter(settings, store)
+    admission = Admission(settings, limiter, Revocations(settings, store))
     verifier = TokenVerifier(settings, key_source(settings))
-    return Authenticate(ok, authenticators=[BearerToken(verifier, Revocations(settings, redis))])
+    return Authenticate(ok, authenticators=[BearerToken(verifier, admission)])
 
 
 async def test_revocation_store_down_fails_closed_with_503(

@@ -15,12 +15,11 @@ from pathlib import Path
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from .config import SERVICE_NAME, ConfigError, load_settings
 from .models import Relation
 from .security.revocation import MAX_ID_LENGTH, Revocations
+from .security.store import StoreBusy, StoreUnavailable
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -78,10 +77,10 @@ def mint_token(args: argparse.Namespace) -> int:
 
 
 def revoke_token(args: argparse.Namespace) -> int:
-    """Refuse one token, by its `jti`, on every replica until it expires (--exp, its `exp` claim)."""
+    """Refuse one token, by its `sub` and `jti`, on every replica until it expires (--exp, its `exp` claim)."""
 
     async def revoke(revocations: Revocations) -> str:
-        if await revocations.revoke_token(args.jti, args.exp):
+        if await revocations.revoke_token(args.sub, args.jti, args.exp):
             return f"token {args.jti} revoked until it expires"
         return f"token {args.jti} has expired already; nothing to revoke"
 
@@ -108,21 +107,20 @@ def _revoke(action: Callable[[Revocations], Awaitable[str]]) -> int:
         print("REDIS_URL is required: the running service reads revocations from Redis", file=sys.stderr)
         return 2
 
-    async def run(redis_url: str) -> str:
-        redis = Redis.from_url(
-            redis_url,
-            socket_timeout=settings.redis_timeout_seconds,
-            socket_connect_timeout=settings.redis_timeout_seconds,
-        )
+    from .runtime import redis_store
+
+    async def run() -> str:
+        store = redis_store(settings)
         try:
-            return await action(Revocations(settings, redis))
+            return await action(Revocations(settings, store))
         finally:
-            await redis.aclose()
+            await store.aclose()
 
     try:
-        print(asyncio.run(run(settings.redis_url)))
-    except RedisError as exc:
-        print(f"{SERVICE_NAME}: Redis is unavailable ({type(exc).__name__}); nothing was revoked", file=sys.stderr)
+        print(asyncio.run(run()))
+    except (StoreUnavailable, StoreBusy) as exc:
+        error = type(exc.__cause__ or exc).__name__
+        print(f"{SERVICE_NAME}: Redis is unavailable ({error}); nothing was revoked", file=sys.stderr)
         return 1
     return 0
 
@@ -242,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--audience")
     mint.set_defaults(handler=mint_token)
     revoke = token.add_parser("revoke", help="revoke one token by its jti until it expires")
+    revoke.add_argument("--sub", required=True, type=_claim_text, help="the token's `sub` claim")
     revoke.add_argument("--jti", required=True, type=_claim_text, help="the token's `jti` claim")
     revoke.add_argument("--exp", required=True, type=int, help="the token's `exp` claim (epoch seconds)")
     revoke.set_defaults(handler=revoke_token)

@@ -1,7 +1,9 @@
 """Health probes: liveness does no I/O; readiness checks every dependency and the pipeline itself.
 
 Readiness reports only `ok`, `fail` or `not_configured` per check, never a connection string or an
-exception text, and caches its answer for a second so probes cannot hammer the dependencies.
+exception text. Its answer is cached for a second and computed single-flight: any number of
+concurrent probes share one run of the checks, so they cost at most one check per dependency per
+second and cannot hammer (or exhaust the pool of) the dependencies.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sqlalchemy import text
 
 from .runtime import Runtime
 from .security.pipeline import SecuredApp, expected_layers, installed_layers
+from .security.store import RedisStore
 
 router = APIRouter(prefix="/health", tags=["health"])
 logger = logging.getLogger(__name__)
@@ -42,15 +45,38 @@ async def live() -> Live:
     return Live()
 
 
+class Readiness:
+    """The last readiness answer, and the run of the checks in flight that every probe awaits."""
+
+    def __init__(self) -> None:
+        self.answer: Ready | None = None
+        self.checked_at = -float("inf")
+        self.running: asyncio.Task[Ready] | None = None
+
+    async def get(self, app: SecuredApp, runtime: Runtime) -> Ready:
+        if self.answer is not None and time.monotonic() - self.checked_at <= CACHE_SECONDS:
+            return self.answer
+        if self.running is None:
+            self.running = asyncio.ensure_future(self._check(app, runtime))
+        # shield: a probe that disconnects does not cancel the run the others are waiting for
+        return await asyncio.shield(self.running)
+
+    async def _check(self, app: SecuredApp, runtime: Runtime) -> Ready:
+        try:
+            self.answer = await _readiness(app, runtime)
+            self.checked_at = time.monotonic()
+            return self.answer
+        finally:
+            self.running = None
+
+
 @router.get("/ready", response_model=Ready, responses={503: {"model": Ready, "description": "Not ready"}})
 async def ready(request: Request) -> JSONResponse:
-    runtime: Runtime = request.app.state.runtime
-    now = time.monotonic()
-    cached: tuple[float, Ready] | None = getattr(request.app.state, "readiness", None)
-    if cached is None or now - cached[0] > CACHE_SECONDS:
-        cached = (now, await _readiness(request.app, runtime))
-        request.app.state.readiness = cached
-    result = cached[1]
+    state = request.app.state
+    readiness: Readiness | None = getattr(state, "readiness", None)
+    if readiness is None:
+        readiness = state.readiness = Readiness()
+    result = await readiness.get(request.app, state.runtime)
     return JSONResponse(result.model_dump(), status_code=200 if result.status == "ok" else 503)
 
 
@@ -93,9 +119,9 @@ async def _migrations(runtime: Runtime) -> CheckStatus:
 
 
 async def _redis(runtime: Runtime) -> CheckStatus:
-    if runtime.redis is None:
+    if not isinstance(runtime.store, RedisStore):
         return "not_configured"
-    await runtime.redis.ping()
+    await runtime.store.execute(b"PING")
     return "ok"
 
 

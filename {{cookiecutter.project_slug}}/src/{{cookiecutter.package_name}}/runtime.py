@@ -10,19 +10,18 @@ from typing import Any
 
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from .config import Settings
 from .db import create_engine, create_sessionmaker
+from .security.admission import Admission
 from .security.audit import AuditSink, Masker
 from .security.authn import TokenVerifier
 from .security.deprecation import utc_now
 from .security.keys import KeySource, key_source
 from .security.ratelimit import RateLimiter
 from .security.revocation import Revocations
+from .security.store import MemoryStore, RedisStore
 
 MIGRATIONS = f"{__package__}:migrations"
 
@@ -34,16 +33,29 @@ def migration_heads() -> frozenset[str]:
     return frozenset(ScriptDirectory.from_config(config).get_heads())
 
 
+def redis_store(settings: Settings) -> RedisStore:
+    """REDIS_URL behind a bounded pool that waits (REDIS_POOL_SIZE, REDIS_POOL_TIMEOUT_SECONDS);
+    REDIS_TIMEOUT_SECONDS bounds each round trip, so an unreachable Redis fails fast."""
+    assert settings.redis_url
+    return RedisStore(
+        settings.redis_url,
+        timeout=settings.redis_timeout_seconds,
+        pool_size=settings.redis_pool_size,
+        pool_timeout=settings.redis_pool_timeout_seconds,
+    )
+
+
 @dataclass
 class Runtime:
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    redis: Redis | None
+    store: RedisStore | MemoryStore  # MemoryStore: no REDIS_URL (development only)
     keys: KeySource
     verifier: TokenVerifier
     revocations: Revocations
     limiter: RateLimiter
+    admission: Admission
     migration_heads: frozenset[str]
     audit_sink: AuditSink | None = None  # AUDIT_DB_ENABLED
     clock: Callable[[], datetime] = utc_now  # read by deprecation sunsets; tests replace it
@@ -51,27 +63,20 @@ class Runtime:
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
         engine = create_engine(settings.database_url)
-        redis = None
-        if settings.redis_url:
-            # Timeouts make an unreachable Redis fail fast instead of hanging requests.
-            redis = Redis.from_url(
-                settings.redis_url,
-                socket_timeout=settings.redis_timeout_seconds,
-                socket_connect_timeout=settings.redis_timeout_seconds,
-                # One immediate retry replaces a pooled connection a restarted Redis dropped;
-                # redis-py's default (10 retries with backoff) would hold requests for seconds.
-                retry=Retry(NoBackoff(), 1),
-            )
+        store = redis_store(settings) if settings.redis_url else MemoryStore()
         keys = key_source(settings)
+        limiter = RateLimiter(settings, store)
+        revocations = Revocations(settings, store)
         return cls(
             settings=settings,
             engine=engine,
             sessionmaker=create_sessionmaker(engine),
-            redis=redis,
+            store=store,
             keys=keys,
             verifier=TokenVerifier(settings, keys),
-            revocations=Revocations(settings, redis),
-            limiter=RateLimiter(settings, redis),
+            revocations=revocations,
+            limiter=limiter,
+            admission=Admission(settings, limiter, revocations),
             migration_heads=migration_heads(),
             audit_sink=AuditSink(engine, Masker(settings.audit_masked_fields)) if settings.audit_db_enabled else None,
         )
@@ -87,6 +92,6 @@ class Runtime:
             if self.audit_sink is not None:
                 await self.audit_sink.stop()  # writes what is queued while the engine still works
             await self.keys.stop()
-            if self.redis is not None:
-                await self.redis.aclose()
+            if isinstance(self.store, RedisStore):
+                await self.store.aclose()
             await self.engine.dispose()

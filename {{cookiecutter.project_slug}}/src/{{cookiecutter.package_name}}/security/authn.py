@@ -15,17 +15,21 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import jwt
 from fastapi import Depends, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
-from .errors import ProblemResponse, problem
+from .errors import ProblemResponse, problem, store_busy
 from .events import security_event
 from .keys import KeySource
-from .revocation import MAX_ID_LENGTH, Revocations, RevocationStoreUnavailable
+from .revocation import MAX_ID_LENGTH, RevocationStoreUnavailable
+from .store import StoreBusy
+
+if TYPE_CHECKING:
+    from .admission import Admission
 
 API_PREFIX = "/api/"
 MAX_TOKEN_BYTES = 8192
@@ -114,6 +118,12 @@ class TokenVerifier:
 
     def has_keys(self) -> bool:
         return self.keys.has_keys()
+
+    def cached(self, token: bytes) -> Principal | None:
+        """The principal of a token that verified before, with no cryptography; else None."""
+        if len(token) > MAX_TOKEN_BYTES:
+            return None
+        return self.cache.get(hashlib.sha256(token).digest(), self.keys.generation)
 
     async def verify(self, token: bytes) -> Principal:
         if len(token) > MAX_TOKEN_BYTES:
@@ -218,9 +228,15 @@ class BearerToken:
 
     challenge = "Bearer"
 
-    def __init__(self, verifier: TokenVerifier, revocations: Revocations) -> None:
+    def __init__(self, verifier: TokenVerifier, admission: Admission) -> None:
         self.verifier = verifier
-        self.revocations = revocations
+        self.admission = admission
+
+    def known(self, scope: Scope) -> Principal | None:
+        """The caller, when its token is one this process verified before (the address limit uses
+        it to ask the revocation lookup in its own round trip); no cryptography, no I/O."""
+        token = bearer_token(scope["headers"])
+        return self.verifier.cached(token) if token else None
 
     async def authenticate(self, scope: Scope) -> Principal | None:
         token = bearer_token(scope["headers"])
@@ -229,7 +245,7 @@ class BearerToken:
         if not token:
             raise InvalidCredentials("malformed")
         principal = await self.verifier.verify(token)
-        if await self.revocations.is_revoked(principal):
+        if (await self.admission.subject(scope, principal)).revoked:
             raise InvalidCredentials("revoked")
         return principal
 
@@ -275,6 +291,9 @@ class Authenticate:
                     receive,
                     send,
                 )
+                return
+            except StoreBusy:
+                await self._refuse(store_busy("authn"), scope, receive, send)
                 return
             except RevocationStoreUnavailable:
                 security_event("dependency_unavailable", dependency="redis", layer="authn")

@@ -179,6 +179,14 @@ def database_unavailable(exc: sa_exc.DBAPIError) -> bool:
     return exc.connection_invalidated or (isinstance(state, str) and state.startswith(UNAVAILABLE_SQLSTATES))
 
 
+def store_busy(layer: str) -> ProblemResponse:
+    """Every Redis connection of this process stayed busy for REDIS_POOL_TIMEOUT_SECONDS: the
+    process is overloaded, Redis is not down. 503 in either failure mode, because a check that
+    was not made is never a check that passed."""
+    security_event("dependency_busy", dependency="redis", layer=layer)
+    return problem(503, "The service is overloaded; retry later.", name="overloaded", headers={"Retry-After": "1"})
+
+
 async def _database_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, sa_exc.DBAPIError)
     if database_unavailable(exc):

@@ -17,12 +17,13 @@ from starlette.types import ASGIApp
 from ..runtime import Runtime
 from .audit import AuditContext
 from .authn import Authenticate, BearerToken
-from .ratelimit import RateLimit, client_address, subject
+from .ratelimit import RateLimit
 from .transport import BodyLimit, ClientAddress, SecurityHeaders, StrictCors, TrustedHosts
 
 
 def security_pipeline(runtime: Runtime) -> list[Middleware]:
     settings = runtime.settings
+    bearer = BearerToken(runtime.verifier, runtime.admission)
     return [
         # 1. Transport: headers on every response, even a 500 (see SecuredApp below) ...
         Middleware(SecurityHeaders, hsts=settings.is_production, docs_enabled=settings.effective_docs_enabled),
@@ -34,12 +35,13 @@ def security_pipeline(runtime: Runtime) -> list[Middleware]:
         Middleware(TrustedHosts, allowed=settings.effective_trusted_hosts),
         Middleware(StrictCors, allowed_origins=settings.allowed_origins),
         Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
-        # 3. Pre-authentication limit per client address: cheap refusal before any crypto.
-        Middleware(RateLimit, limiter=runtime.limiter, item=settings.ip_limit, policy="ip", key=client_address),
+        # 3. Pre-authentication limit per client address: cheap refusal before any crypto. Layers 3-5
+        # share one Redis round trip: a token verified before is known here already (admission.py).
+        Middleware(RateLimit, admission=runtime.admission, policy="ip", lookahead=bearer.known),
         # 4. Authentication on /api/, deny by default. Another credential type is one more entry.
-        Middleware(Authenticate, authenticators=[BearerToken(runtime.verifier, runtime.revocations)]),
+        Middleware(Authenticate, authenticators=[bearer]),
         # 5. Per-subject limit (per-route limits are declared on routes with `ratelimit.limit`).
-        Middleware(RateLimit, limiter=runtime.limiter, item=settings.subject_limit, policy="subject", key=subject),
+        Middleware(RateLimit, admission=runtime.admission, policy="subject"),
         # 6. Input validation and 7. authorization: dependencies on each route, see api/.
     ]
 

@@ -1,40 +1,43 @@
 """Layers 3 and 5, rate limits: per client address before authentication, per subject after it,
 and per route next to the route (`dependencies=[limit("10/minute")]`).
 
-Every check is one atomic round trip to Redis (a small Lua script: count, then read the window's
-time left), so N replicas together admit exactly the limit and the headers never race the count.
+Every count is atomic in Redis (a small Lua script: count, then read the window's time left), so N
+replicas together admit exactly the limit and the headers never race the count. The address and
+subject counts travel with the revocation lookup, one round trip per request (admission.py).
 Without REDIS_URL (development only) the same fixed window lives in process memory. Why not
 slowapi, and what an outage does: docs/decisions/rate-limiting.md.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 from limits import RateLimitItem, parse
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings
 from .authn import API_PREFIX
-from .errors import ProblemResponse, problem
+from .errors import ProblemResponse, problem, store_busy
 from .events import security_event
+from .store import Command, MemoryStore, RedisStore, Script, StoreBusy, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .admission import Admission
+    from .authn import Principal
 
 KEY_PREFIX = "ratelimit"
 WARNING_INTERVAL_SECONDS = 60.0
-SWEEP_INTERVAL_SECONDS = 60.0
 
 # Count this request and read the time left in its window, atomically. The expiry is set only
 # when the window opens (or if it was somehow lost), so a client that keeps knocking cannot
-# stretch its own window. One key per call, so it runs unchanged on a Redis Cluster shard.
+# stretch its own window. One key per call, so it runs unchanged on a Redis Cluster shard. The
+# subject limit counts with the same steps inside the revocation lookup (admission.py).
 COUNT_SCRIPT = """
 local count = redis.call('INCR', KEYS[1])
 local ttl = redis.call('PTTL', KEYS[1])
@@ -94,78 +97,85 @@ class Decision:
         ]
 
 
-class Counter(Protocol):
-    async def count(self, key: str, window_ms: int) -> tuple[int, int]:
-        """Count one request in the window of `key`; return the count and the milliseconds left."""
-        ...
+WINDOW = Script(COUNT_SCRIPT)
+BLOCKED_CACHE_SIZE = 10_000
 
 
-class RedisCounter:
-    """Fixed windows in Redis, shared by every replica: one EVALSHA per check."""
-
-    def __init__(self, redis: Redis) -> None:
-        self.script = redis.register_script(COUNT_SCRIPT)
-
-    async def count(self, key: str, window_ms: int) -> tuple[int, int]:
-        count, ttl = await self.script(keys=[key], args=[window_ms])
-        return int(count), int(ttl)
+def window(policy: Policy, key: str) -> Command:
+    """The store command that counts one request in `key`'s window of `policy`."""
+    return WINDOW.call([policy.key_prefix + key], [policy.window * 1000])
 
 
-class MemoryCounter:
-    """The same fixed windows in process memory, for development without Redis. `count` never
-    awaits, so on one event loop it is as atomic as the script. Each process counts alone."""
-
-    def __init__(self) -> None:
-        self.windows: dict[str, tuple[int, float]] = {}
-        self.next_sweep = 0.0
-
-    async def count(self, key: str, window_ms: int) -> tuple[int, int]:
-        now = time.monotonic()
-        if now >= self.next_sweep:
-            self.windows = {k: w for k, w in self.windows.items() if w[1] > now}
-            self.next_sweep = now + SWEEP_INTERVAL_SECONDS
-        count, ends = self.windows.get(key, (0, 0.0))
-        if ends <= now:
-            count, ends = 0, now + window_ms / 1000
-        count += 1
-        self.windows[key] = (count, ends)
-        return count, math.ceil((ends - now) * 1000)
-
-
-class StoreUnavailable(Exception):
-    """The rate-limit store did not answer in time and RATE_LIMIT_FAILURE_MODE is `closed`."""
+def decision(policy: Policy, reply: Any) -> Decision:
+    count, ttl_ms = reply
+    return Decision(policy, int(count), max(0, math.ceil(int(ttl_ms) / 1000)))
 
 
 class RateLimiter:
-    """Counts requests against policies and applies the declared failure mode."""
+    """Counts requests against policies in the store and applies the declared failure mode.
 
-    def __init__(self, settings: Settings, redis: Redis | None) -> None:
-        self.counter: Counter = RedisCounter(redis) if redis is not None else MemoryCounter()
+    It also remembers, in this process, the keys the store has refused until their window ends:
+    within a fixed window a count only grows, so such a key is refused again without asking the
+    store (and, for the address limit, before any token is verified).
+    """
+
+    def __init__(self, settings: Settings, store: RedisStore | MemoryStore) -> None:
+        self.store = store
         self.fail_open = settings.rate_limit_failure_mode == "open"
-        # A hard bound on top of the client's socket timeouts: one attempt and one retry.
-        self.budget = 2 * settings.redis_timeout_seconds
+        self._blocked: dict[str, tuple[float, Decision]] = {}  # key -> (monotonic end, decision)
         self._warned_at = -math.inf
 
     async def hit(self, policy: Policy, key: str) -> Decision | None:
-        """Count one request. None: the store is down and the failure mode is `open`."""
+        """Count one request: one round trip. None: the store is down and the failure mode is
+        `open`. Raises StoreUnavailable (mode `closed`) or StoreBusy (this process overloaded)."""
+        known = self.blocked(policy, key)
+        if known is not None:
+            return known
+        if isinstance(self.store, MemoryStore):
+            count, ttl_ms = self.store.count(policy.key_prefix + key, policy.window * 1000)
+            return self.note(decision(policy, (count, ttl_ms)), key)
         try:
-            async with asyncio.timeout(self.budget):
-                count, ttl_ms = await self.counter.count(policy.key_prefix + key, policy.window * 1000)
-        except (RedisError, OSError, TimeoutError) as exc:
-            if not self.fail_open:
-                raise StoreUnavailable from exc
-            self._warn_open(exc)
+            (reply,) = await self.store.run([window(policy, key)])
+        except StoreUnavailable as exc:
+            self.unavailable(exc)
             return None
-        return Decision(policy, count, max(0, math.ceil(ttl_ms / 1000)))
+        return self.note(decision(policy, reply), key)
 
-    def _warn_open(self, exc: Exception) -> None:
+    def blocked(self, policy: Policy, key: str) -> Decision | None:
+        """The refusal the store gave this key earlier in the same window, if any."""
+        entry = self._blocked.get(policy.key_prefix + key)
+        if entry is None:
+            return None
+        ends, refused = entry
+        left = ends - time.monotonic()
+        if left <= 0:
+            del self._blocked[policy.key_prefix + key]
+            return None
+        return Decision(policy, refused.count, math.ceil(left))
+
+    def note(self, result: Decision, key: str) -> Decision:
+        """Remember a refusal until its window ends."""
+        if not result.allowed:
+            if len(self._blocked) >= BLOCKED_CACHE_SIZE:
+                now = time.monotonic()
+                self._blocked = {k: v for k, v in self._blocked.items() if v[0] > now}
+                while len(self._blocked) >= BLOCKED_CACHE_SIZE:
+                    del self._blocked[next(iter(self._blocked))]
+            self._blocked[result.policy.key_prefix + key] = (time.monotonic() + result.reset_in, result)
+        return result
+
+    def unavailable(self, exc: Exception) -> None:
+        """The store is down: raises StoreUnavailable in `closed` mode; in `open` mode the check is
+        skipped, logged once a minute."""
+        if not self.fail_open:
+            raise StoreUnavailable from exc
         now = time.monotonic()
         if now - self._warned_at >= WARNING_INTERVAL_SECONDS:
             self._warned_at = now
             security_event(
                 "rate_limit_store_unavailable",
                 failure_mode="open",
-                error=type(exc).__name__,
+                error=type(exc.__cause__ or exc).__name__,
                 repeats_suppressed_for_seconds=WARNING_INTERVAL_SECONDS,
             )
 
@@ -193,39 +203,45 @@ def store_unavailable() -> ProblemResponse:
 
 
 class RateLimit:
-    """Limits /api/ traffic by a key taken from the request (client address, subject)."""
+    """Limits /api/ traffic per client address (layer 3) or per subject (layer 5).
+
+    `lookahead` (layer 3 only) names the caller when its credential is one already verified, so the
+    subject's answers can ride along in the same round trip (admission.py)."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        limiter: RateLimiter,
-        item: RateLimitItem,
+        admission: Admission,
         policy: str,
-        key: Callable[[Scope], str | None],
+        lookahead: Callable[[Scope], Principal | None] | None = None,
     ) -> None:
+        if policy not in ("ip", "subject"):
+            raise ValueError(f"unknown rate limit policy {policy!r}")
         self.app = app
-        self.limiter = limiter
-        self.policy = Policy.of(policy, item)
-        self.key = key
+        self.admission = admission
+        self.policy = policy
+        self.lookahead = lookahead
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key = self.key(scope) if scope["type"] == "http" and scope["path"].startswith(API_PREFIX) else None
-        if key is None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
             await self.app(scope, receive, send)
             return
         try:
-            decision = await self.limiter.hit(self.policy, key)
+            result = await self._decide(scope)
         except StoreUnavailable:
             await store_unavailable()(scope, receive, send)
             return
-        if decision is None:
+        except StoreBusy:
+            await store_busy("ratelimit")(scope, receive, send)
+            return
+        if result is None:
             await self.app(scope, receive, send)
             return
-        if not decision.allowed:
-            await too_many_requests(decision)(scope, receive, send)
+        if not result.allowed:
+            await too_many_requests(result)(scope, receive, send)
             return
-        headers = decision.headers()
+        headers = result.headers()
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -234,6 +250,16 @@ class RateLimit:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    async def _decide(self, scope: Scope) -> Decision | None:
+        if self.policy == "ip":
+            known = self.lookahead(scope) if self.lookahead is not None else None
+            return await self.admission.address(scope, client_address(scope), known)
+        answer = self.admission.kept(scope)
+        if answer is not None:
+            return answer.decision
+        key = subject(scope)  # a principal that did not come through admission (none ships)
+        return None if key is None else await self.admission.limiter.hit(self.admission.subject_policy, key)
 
 
 def client_address(scope: Scope) -> str:
@@ -251,13 +277,16 @@ class RouteLimitExceeded(Exception):
     """Raised by `limit()`: answered 429 with the decision, or 503 without one (store down,
     failure mode closed). `app.py` registers `route_limit_exceeded` for it."""
 
-    def __init__(self, decision: Decision | None) -> None:
+    def __init__(self, decision: Decision | None, *, busy: bool = False) -> None:
         self.decision = decision
+        self.busy = busy
 
 
 async def route_limit_exceeded(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RouteLimitExceeded)
-    return too_many_requests(exc.decision) if exc.decision else store_unavailable()
+    if exc.decision:
+        return too_many_requests(exc.decision)
+    return store_busy("ratelimit") if exc.busy else store_unavailable()
 
 
 def limit(notation: str, *, name: str | None = None) -> Any:
@@ -277,14 +306,16 @@ def limit(notation: str, *, name: str | None = None) -> Any:
             policy = policies[route.unique_id] = Policy.of(name or route.name, item, key_name=name or route.unique_id)
         key = subject(request.scope) or client_address(request.scope)
         try:
-            decision = await request.app.state.runtime.limiter.hit(policy, key)
+            result = await request.app.state.runtime.limiter.hit(policy, key)
         except StoreUnavailable:
             raise RouteLimitExceeded(None) from None
-        if decision is None:
+        except StoreBusy:
+            raise RouteLimitExceeded(None, busy=True) from None
+        if result is None:
             return
-        if not decision.allowed:
-            raise RouteLimitExceeded(decision)
-        for header, value in decision.headers():
+        if not result.allowed:
+            raise RouteLimitExceeded(result)
+        for header, value in result.headers():
             response.headers.append(header.decode(), value.decode())
 
     return Depends(check)

@@ -2,10 +2,14 @@
 
 Both live in Redis, so a revocation reaches every replica on its next request, and expire on
 their own once no token they could match is still accepted (remaining life plus the clock
-leeway). Every authenticated request costs one Redis round trip (MGET), cached tokens included.
-Without REDIS_URL (development only) they live in this process and are lost at restart.
+leeway). The lookup runs with the subject limit in one script on every authenticated request,
+cached tokens included (security/admission.py). Without REDIS_URL (development only) they live in
+this process and are lost at restart.
 
-Service code revokes with `await runtime.revocations.revoke_token(jti, exp)` or
+A subject's keys share its hash tag (`{alice}`), so on a Redis Cluster the lookup touches one slot;
+this is why revoking a `jti` also takes the token's `sub`.
+
+Service code revokes with `await runtime.revocations.revoke_token(sub, jti, exp)` or
 `revoke_subject(sub)`; operators with `token revoke` and `token revoke-subject` (cli.py).
 """
 
@@ -15,17 +19,13 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from redis.asyncio import Redis
-
 from ..config import SERVICE_NAME, Settings
-from .events import security_event
+from .store import MemoryStore, RedisStore
 
 if TYPE_CHECKING:
     from .authn import Principal
 
-_JTI_PREFIX = f"{SERVICE_NAME}:revoked:jti:"
-_SUBJECT_PREFIX = f"{SERVICE_NAME}:revoked:sub:"
-_WARN_EVERY_SECONDS = 60.0
+_PREFIX = f"{SERVICE_NAME}:revoked:"
 MAX_ID_LENGTH = 255  # longest `sub` or `jti` accepted
 
 
@@ -33,66 +33,56 @@ class RevocationStoreUnavailable(Exception):
     """The revocation store could not answer, and the failure mode is `closed`."""
 
 
+def tag(subject: str) -> str:
+    """The subject as a Redis hash tag; braces inside it would end the tag early, so they are
+    replaced (two subjects sharing a tag only share a slot, never a key)."""
+    if "{" in subject or "}" in subject:
+        subject = subject.replace("{", "(").replace("}", ")")
+    return "{" + subject + "}"
+
+
 class Revocations:
-    def __init__(self, settings: Settings, redis: Redis | None) -> None:
-        self.redis = redis
+    def __init__(self, settings: Settings, store: RedisStore | MemoryStore) -> None:
+        self.store = store
         self.leeway = settings.jwt_leeway_seconds
         self.max_lifetime = settings.jwt_max_token_lifetime_seconds
-        self.fail_open = settings.rate_limit_failure_mode == "open"
-        self._memory: dict[str, tuple[str, float]] = {}
-        self._last_warning = -math.inf
 
-    async def revoke_token(self, jti: str, expires_at: float) -> bool:
-        """Refuse the token with this `jti` until it expires. False if it has expired already."""
+    tag = staticmethod(tag)
+
+    @staticmethod
+    def keys(principal: Principal) -> tuple[str, str | None]:
+        """The subject's mark and, for a token with a `jti`, its denylist entry."""
+        subject = tag(principal.subject)
+        denied = f"{_PREFIX}jti:{subject}:{principal.token_id}" if principal.token_id is not None else None
+        return f"{_PREFIX}sub:{subject}", denied
+
+    async def revoke_token(self, subject: str, jti: str, expires_at: float) -> bool:
+        """Refuse the token with this `sub` and `jti` until it expires. False if it has expired already."""
         ttl = math.ceil(expires_at + self.leeway - time.time())
         if ttl <= 0:
             return False
-        await self._set(_JTI_PREFIX + jti, "1", ttl)
+        await self._set(f"{_PREFIX}jti:{tag(subject)}:{jti}", "1", ttl)
         return True
 
     async def revoke_subject(self, subject: str) -> float:
-        """Refuse every token of `subject` issued before now (including this very second,
-        since `iat` has whole-second precision). Returns the mark."""
+        """Refuse every token of `subject` issued before now. A token's `iat` is compared with the
+        mark after taking off the clock leeway the verifier allows, so a token the issuer stamped up
+        to JWT_LEEWAY_SECONDS in the future (a fast clock) is refused too. Returns the mark."""
         mark = time.time()
-        await self._set(_SUBJECT_PREFIX + subject, repr(mark), self.max_lifetime + self.leeway + 1)
+        await self._set(f"{_PREFIX}sub:{tag(subject)}", repr(mark), self.max_lifetime + self.leeway + 1)
         return mark
 
-    async def is_revoked(self, principal: Principal) -> bool:
-        """One round trip. Raises RevocationStoreUnavailable when the store is down and the
-        failure mode is `closed`; with `open` the token is served and the outage logged."""
-        keys = [_SUBJECT_PREFIX + principal.subject]
-        if principal.token_id is not None:
-            keys.append(_JTI_PREFIX + principal.token_id)
-        try:
-            values = await self._get(keys)
-        except Exception as exc:  # redis errors and timeouts alike take the declared failure mode
-            if not self.fail_open:
-                raise RevocationStoreUnavailable from exc
-            self._warn_open()
-            return False
-        revoked_before, *denylisted = values
-        if any(value is not None for value in denylisted):
+    def memory_revoked(self, principal: Principal) -> bool:
+        """The lookup against process memory (no REDIS_URL)."""
+        assert isinstance(self.store, MemoryStore)
+        mark_key, denied = self.keys(principal)
+        if denied is not None and self.store.get(denied) is not None:
             return True
-        return revoked_before is not None and principal.issued_at < float(revoked_before)
+        mark = self.store.get(mark_key)
+        return mark is not None and principal.issued_at - self.leeway < float(mark)
 
     async def _set(self, key: str, value: str, ttl: int) -> None:
-        if self.redis is not None:
-            await self.redis.set(key, value, ex=ttl)
-            return
-        now = time.time()
-        self._memory = {k: v for k, v in self._memory.items() if v[1] > now}
-        self._memory[key] = (value, now + ttl)
-
-    async def _get(self, keys: list[str]) -> list[str | bytes | None]:
-        if self.redis is not None:
-            values: list[str | bytes | None] = await self.redis.mget(keys)
-            return values
-        now = time.time()
-        entries = [self._memory.get(key) for key in keys]
-        return [entry[0] if entry is not None and entry[1] > now else None for entry in entries]
-
-    def _warn_open(self) -> None:
-        now = time.monotonic()
-        if now - self._last_warning > _WARN_EVERY_SECONDS:
-            self._last_warning = now
-            security_event("revocation_store_unavailable", failure_mode="open")
+        if isinstance(self.store, MemoryStore):
+            self.store.set(key, value.encode(), ttl)
+        else:
+            await self.store.execute(b"SET", key.encode(), value.encode(), b"EX", str(ttl).encode())

@@ -1,0 +1,163 @@
+"""Layers 3 to 5 share one round trip to the store per request.
+
+The address limit (layer 3), the revocation lookup of authentication (layer 4) and the subject limit
+(layer 5) each need an answer from Redis; asked one after the other, that is three round trips on
+every request. Here they are asked together:
+
+- A token this process has verified before (the verified-token cache, no cryptography) is known to
+  layer 3 already. Layer 3 then sends the address window and the subject's check in one write.
+- Any other request gets the address window alone (a cheap refusal before any signature is
+  checked); once the token verifies, layer 4 sends the subject's check.
+
+The subject's check is one script over keys of one hash slot (the subject's hash tag): is the token
+revoked (its `jti`, or the subject's "revoked before" mark), and if not, count it in the subject's
+window, so a revoked token never spends its subject's limit. The address window is a separate
+command on its own key. Both are Redis Cluster-safe by construction.
+
+Each layer still decides alone and in the pipeline's order (the address limit's 429, then the
+token's 401, then the subject limit's 429); the answers only travel together.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.types import Scope
+
+from ..config import Settings
+from .events import security_event
+from .ratelimit import Decision, Policy, RateLimiter, decision, window
+from .revocation import Revocations, RevocationStoreUnavailable
+from .store import MemoryStore, Script, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .authn import Principal
+
+STATE_KEY = "admission"
+WARNING_INTERVAL_SECONDS = 60.0
+
+SUBJECT_CHECK = Script("""
+local mark = redis.call('GET', KEYS[1])
+if mark and tonumber(ARGV[1]) < tonumber(mark) then
+  return {-1, 0}
+end
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
+  return {-1, 0}
+end
+local count = redis.call('INCR', KEYS[2])
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  ttl = tonumber(ARGV[2])
+end
+return {count, ttl}
+""")
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectAnswer:
+    """What the store said about one authenticated principal."""
+
+    principal: Principal
+    revoked: bool
+    decision: Decision | None  # the subject window; None when revoked, or the store is down in `open` mode
+
+
+class Admission:
+    """The store's answers for layers 3-5 of one request, asked in as few round trips as possible."""
+
+    def __init__(self, settings: Settings, limiter: RateLimiter, revocations: Revocations) -> None:
+        self.address_policy = Policy.of("ip", settings.ip_limit)
+        self.subject_policy = Policy.of("subject", settings.subject_limit)
+        self.limiter = limiter
+        self.revocations = revocations
+        self.store = limiter.store
+        self.leeway = settings.jwt_leeway_seconds
+        self._warned_at = -math.inf
+
+    # --- layer 3 ------------------------------------------------------------------------------
+
+    async def address(self, scope: Scope, key: str, known: Principal | None) -> Decision | None:
+        """Count the request against the address limit; with `known`, ask the subject's check in
+        the same round trip and keep its answer for layers 4 and 5. None: store down, mode open."""
+        refused = self.limiter.blocked(self.address_policy, key)
+        if refused is not None:
+            return refused
+        if known is None:
+            return await self.limiter.hit(self.address_policy, key)
+        if isinstance(self.store, MemoryStore):
+            address = await self.limiter.hit(self.address_policy, key)
+            self._keep(scope, self._memory_subject(known))
+            return address
+        try:
+            address_reply, subject_reply = await self.store.run(
+                [window(self.address_policy, key), self._subject_check(known)]
+            )
+        except StoreUnavailable as exc:
+            self.limiter.unavailable(exc)  # raises in `closed` mode: layer 3 answers 503
+            self._keep(scope, self._unavailable(known, exc))
+            return None
+        self._keep(scope, self._subject_answer(known, subject_reply))
+        return self.limiter.note(decision(self.address_policy, address_reply), key)
+
+    # --- layers 4 and 5 -----------------------------------------------------------------------
+
+    async def subject(self, scope: Scope, principal: Principal) -> SubjectAnswer:
+        """Layer 4: the answer layer 3 asked for this principal, else one round trip now.
+        Raises RevocationStoreUnavailable when the store is down and the mode is `closed`."""
+        kept: SubjectAnswer | None = scope.get("state", {}).get(STATE_KEY)
+        if kept is not None and kept.principal is principal:
+            return kept
+        if isinstance(self.store, MemoryStore):
+            return self._keep(scope, self._memory_subject(principal))
+        try:
+            (reply,) = await self.store.run([self._subject_check(principal)])
+        except StoreUnavailable as exc:
+            return self._keep(scope, self._unavailable(principal, exc))
+        return self._keep(scope, self._subject_answer(principal, reply))
+
+    @staticmethod
+    def kept(scope: Scope) -> SubjectAnswer | None:
+        """Layer 5: the answer layer 4 acted on."""
+        answer: SubjectAnswer | None = scope.get("state", {}).get(STATE_KEY)
+        return answer
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _subject_check(self, principal: Principal) -> Any:
+        mark, denied = self.revocations.keys(principal)
+        keys = [mark, self.subject_policy.key_prefix + self.revocations.tag(principal.subject)]
+        if denied is not None:
+            keys.append(denied)
+        return SUBJECT_CHECK.call(keys, [principal.issued_at - self.leeway, self.subject_policy.window * 1000])
+
+    def _subject_answer(self, principal: Principal, reply: Any) -> SubjectAnswer:
+        if int(reply[0]) < 0:
+            return SubjectAnswer(principal, True, None)
+        return SubjectAnswer(principal, False, decision(self.subject_policy, reply))
+
+    def _memory_subject(self, principal: Principal) -> SubjectAnswer:
+        assert isinstance(self.store, MemoryStore)
+        if self.revocations.memory_revoked(principal):
+            return SubjectAnswer(principal, True, None)
+        key = self.subject_policy.key_prefix + self.revocations.tag(principal.subject)
+        count, ttl_ms = self.store.count(key, self.subject_policy.window * 1000)
+        return SubjectAnswer(principal, False, decision(self.subject_policy, (count, ttl_ms)))
+
+    def _unavailable(self, principal: Principal, exc: Exception) -> SubjectAnswer:
+        """Store down: `closed` refuses (503 from layer 4), `open` serves the token, logged."""
+        if not self.limiter.fail_open:
+            raise RevocationStoreUnavailable from exc
+        now = time.monotonic()
+        if now - self._warned_at >= WARNING_INTERVAL_SECONDS:
+            self._warned_at = now
+            security_event("revocation_store_unavailable", failure_mode="open")
+        return SubjectAnswer(principal, False, None)
+
+    @staticmethod
+    def _keep(scope: Scope, answer: SubjectAnswer) -> SubjectAnswer:
+        scope.setdefault("state", {})[STATE_KEY] = answer
+        return answer

@@ -1,0 +1,216 @@
+"""The shared store of the rate limits and revocations: Redis, reached in one round trip per request.
+
+`RedisStore` sends a request's commands (a rate-limit window, the revocation check and the subject's
+window) as one write and reads their replies in order: one round trip, however many checks. It
+keeps its own small pool of redis-py connections (redis-py's protocol, parser and TLS; hiredis
+when installed) and skips redis-py's command layer, whose pool checkout, retry wrapper and per-read
+timers cost more CPU than the round trip itself (docs/decisions/redis-round-trip.md).
+
+Every command touches keys of one hash slot (one key, or keys sharing a `{...}` hash tag), so the
+same commands run unchanged on a Redis Cluster node.
+
+The pool is bounded and waits: a burst queues for a connection instead of failing. Waiting longer
+than REDIS_POOL_TIMEOUT_SECONDS is `StoreBusy` (this process is overloaded: 503 whatever the failure
+mode), never `StoreUnavailable` (Redis refused, timed out or failed: the declared failure mode).
+
+`MemoryStore` answers the same commands from process memory, for development without REDIS_URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+SWEEP_INTERVAL_SECONDS = 60.0
+
+
+class StoreUnavailable(Exception):
+    """Redis refused the connection, did not answer in time, or failed the command."""
+
+
+class StoreBusy(Exception):
+    """Every connection of this process's pool stayed in use for REDIS_POOL_TIMEOUT_SECONDS."""
+
+
+class Script:
+    """A Lua script sent by its SHA1 (EVALSHA), and in full only when Redis does not know it yet."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest().encode()
+
+    def call(self, keys: Sequence[str], args: Sequence[str | int]) -> Command:
+        return Command(self, [key.encode() for key in keys], [str(arg).encode() for arg in args])
+
+
+class Command:
+    """One script call: what a check asks of the store."""
+
+    __slots__ = ("args", "keys", "script")
+
+    def __init__(self, script: Script, keys: list[bytes], args: list[bytes]) -> None:
+        self.script = script
+        self.keys = keys
+        self.args = args
+
+    def packed(self, *, by_sha: bool = True) -> bytes:
+        """RESP: `EVALSHA sha numkeys key... arg...` (or EVAL with the source)."""
+        parts = [b"EVALSHA" if by_sha else b"EVAL", self.script.sha if by_sha else self.script.source]
+        parts += [str(len(self.keys)).encode(), *self.keys, *self.args]
+        out = [b"*%d\r\n" % len(parts)]
+        for part in parts:
+            out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+        return b"".join(out)
+
+
+def pack(*parts: bytes) -> bytes:
+    """RESP encoding of one plain command."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)
+
+
+class RedisStore:
+    """Commands in one round trip over a bounded pool of connections that waits when all are busy."""
+
+    def __init__(self, url: str, *, timeout: float, pool_size: int, pool_timeout: float) -> None:
+        # redis-py parses the URL (redis://, rediss:// with its TLS options, unix://) and builds
+        # connections; reads have no per-read timer, the whole round trip has one (`timeout`).
+        self._factory = ConnectionPool.from_url(url, socket_connect_timeout=timeout, socket_timeout=None)
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self.pool_timeout = pool_timeout
+        self._idle: list[AbstractConnection] = []
+        self._slots = asyncio.Semaphore(pool_size)
+        self._all: set[AbstractConnection] = set()
+
+    # --- the pool ---------------------------------------------------------------------------
+
+    async def _acquire(self) -> AbstractConnection:
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(self.pool_timeout):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise StoreBusy from None
+        else:
+            await self._slots.acquire()  # returns at once: a slot is free
+        if self._idle:
+            return self._idle.pop()
+        connection: AbstractConnection = self._factory.make_connection()  # type: ignore[no-untyped-call]
+        self._all.add(connection)
+        return connection
+
+    def _release(self, connection: AbstractConnection) -> None:
+        self._idle.append(connection)
+        self._slots.release()
+
+    async def _discard(self, connection: AbstractConnection) -> None:
+        """A connection whose replies may be out of step: closed, its slot given back."""
+        self._all.discard(connection)
+        try:
+            await connection.disconnect(nowait=True)
+        finally:
+            self._slots.release()
+
+    async def aclose(self) -> None:
+        for connection in list(self._all):
+            await connection.disconnect(nowait=True)
+        self._all.clear()
+        self._idle.clear()
+
+    # --- round trips ------------------------------------------------------------------------
+
+    async def run(self, commands: Sequence[Command]) -> list[Any]:
+        """Run script calls in one round trip; their replies in order."""
+        replies = await self._round_trip(b"".join(command.packed() for command in commands), len(commands))
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            # Redis restarted or flushed its scripts: none of them ran (they all fail alike), so
+            # sending the source once more cannot count anything twice.
+            replies = await self._round_trip(
+                b"".join(command.packed(by_sha=False) for command in commands), len(commands)
+            )
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise StoreUnavailable from reply
+        return replies
+
+    async def execute(self, *parts: bytes) -> Any:
+        """One plain command (writes of revocations, PING): not on the request path."""
+        (reply,) = await self._round_trip(pack(*parts), 1)
+        if isinstance(reply, Exception):
+            raise StoreUnavailable from reply
+        return reply
+
+    async def _round_trip(self, payload: bytes, count: int) -> list[Any]:
+        connection = await self._acquire()
+        retried = False
+        while True:
+            fresh = not connection.is_connected
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await connection.send_packed_command(payload, check_health=False)
+                    replies = [await self._reply(connection) for _ in range(count)]
+            except (RedisError, OSError, TimeoutError) as exc:
+                await self._discard(connection)
+                # A pooled connection that Redis closed (a restart, an idle timeout) fails on first
+                # use: one more try on a new connection. A new connection that fails is an outage.
+                if fresh or retried or isinstance(exc, TimeoutError):
+                    raise StoreUnavailable from exc
+                retried = True
+                connection = await self._acquire()
+                continue
+            except BaseException:
+                await self._discard(connection)  # cancelled mid-read: the replies are out of step
+                raise
+            self._release(connection)
+            return replies
+
+    @staticmethod
+    async def _reply(connection: AbstractConnection) -> Any:
+        try:
+            return await connection.read_response(disable_decoding=True)
+        except ResponseError as error:  # an error reply: the stream is still in step
+            return error
+
+
+class MemoryStore:
+    """The same scripts' effects in process memory (development without REDIS_URL). Nothing here
+    awaits, so on one event loop each call is as atomic as a script. Each process counts alone."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[bytes, float]] = {}  # key -> value, expiry (time.time())
+        self.next_sweep = 0.0
+
+    def _sweep(self, now: float) -> None:
+        if now >= self.next_sweep:
+            self.values = {key: entry for key, entry in self.values.items() if entry[1] > now}
+            self.next_sweep = now + SWEEP_INTERVAL_SECONDS
+
+    def get(self, key: str) -> bytes | None:
+        entry = self.values.get(key)
+        return entry[0] if entry is not None and entry[1] > time.time() else None
+
+    def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        now = time.time()
+        self._sweep(now)
+        self.values[key] = (value, now + ttl_seconds)
+
+    def count(self, key: str, window_ms: int) -> tuple[int, int]:
+        """INCR in a fixed window: the count and the milliseconds left."""
+        now = time.time()
+        self._sweep(now)
+        value, ends = self.values.get(key, (b"0", 0.0))
+        count = int(value) + 1 if ends > now else 1
+        if ends <= now:
+            ends = now + window_ms / 1000
+        self.values[key] = (str(count).encode(), ends)
+        return count, math.ceil((ends - now) * 1000)
