@@ -1,0 +1,554 @@
+"""`make demo-tour`: one refusal per layer of the security pipeline, against the real service.
+
+Bakes the default answers into build/secure-api and installs it into this Python's environment
+(or takes an already installed bake with --project), then starts what the tour needs: a private
+redis-server when one is installed (else the service's in-process limiter, and the output says
+so) and `<slug> serve` on a loopback port with a migrated SQLite file, a development key pair and
+a low address limit. It sends one request per layer and prints, for each, the request as a curl
+line, the status, the problem document's `title` and the JSON line the service logged for it
+(matched by trace id). Then it stops everything it started, also on Ctrl-C.
+
+Exit status: 0 when every row got its expected status, 1 when one did not, 2 when the tour could
+not start, 130 on Ctrl-C. `--json FILE` writes the rows for machines (the template test).
+Standard library only: it runs with any Python 3.11+ that can install the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import http.client
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build"
+ISSUER = "https://issuer.dev.local"
+ALLOWED_ORIGIN = "https://app.example.com"
+REFUSED_ORIGIN = "https://evil.example"
+REFUSED_HOST = "evil.example"
+# The tour plays a reverse proxy on loopback for one client (a TEST-NET-3 documentation address),
+# so the address limit can be shown on that client while the tour's own requests go on.
+PROXY = "127.0.0.1"
+PROXIED_CLIENT = "203.0.113.7"
+IP_LIMIT = 10
+PREFERRED_PORT = 8001  # `make demo` serves on 8000
+STARTUP_SECONDS = 30.0
+LOG_WAIT_SECONDS = 3.0
+REQUEST_TIMEOUT_SECONDS = 10.0
+SCOPES = {"ALICE": ("alice", "orgs:read orgs:write"), "BOB": ("bob", "orgs:read")}
+
+
+class TourError(Exception):
+    """Something the tour needs did not start; the message says what and where to look."""
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+def run(command: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None, what: str) -> str:
+    result = subprocess.run(
+        list(command), cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).strip()[-4000:]
+        raise TourError(f"{what} failed (exit {result.returncode}):\n{output}")
+    return result.stdout
+
+
+def free_port(preferred: int = 0) -> int:
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+            return chosen
+    raise TourError("no free loopback port")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def load_module(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TourError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- the service under tour ---------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """A baked, installed service run as `python -m <package>.cli serve`, logging to a file."""
+
+    project: Path
+    workdir: Path
+    python: str = sys.executable
+    port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def package(self) -> str:
+        packages = [p.name for p in (self.project / "src").iterdir() if (p / "cli.py").is_file()]
+        if len(packages) != 1:
+            raise TourError(f"expected one package with a cli.py under {self.project / 'src'}")
+        return packages[0]
+
+    @property
+    def slug(self) -> str:
+        return self.project.name
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "service.log"
+
+    def cli(self, *args: str) -> str:
+        return run([self.python, "-m", f"{self.package}.cli", *args], cwd=self.workdir, env=self.env, what=args[0])
+
+    def prepare(self, redis_url: str | None, port: int) -> None:
+        """Keys, settings and a migrated database in the work directory."""
+        keys = self.workdir / "keys"
+        self.env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
+        self.cli("keys", "generate", "--out", str(keys))
+        self.port = port
+        self.env = {
+            **self.env,
+            "ENVIRONMENT": "development",
+            "DATABASE_URL": f"sqlite+aiosqlite:///{self.workdir / 'tour.db'}",
+            "JWT_PUBLIC_KEY": (keys / "public.pem").read_text(),
+            "JWT_PRIVATE_KEY_FILE": str(keys / "private.pem"),  # read by `token mint` only
+            "JWT_ISSUER": ISSUER,
+            "JWT_AUDIENCE": self.slug,
+            "ALLOWED_ORIGINS": ALLOWED_ORIGIN,
+            "TRUSTED_PROXIES": PROXY,
+            "RATE_LIMIT_IP": f"{IP_LIMIT}/minute",
+            "LOG_LEVEL": "INFO",
+            **({"REDIS_URL": redis_url} if redis_url else {}),
+        }
+        # Migrations read only DATABASE_URL; alembic.ini sits in the project.
+        run([self.python, "-m", "alembic", "upgrade", "head"], cwd=self.project, env=self.env, what="alembic upgrade")
+
+    def start(self) -> None:
+        command = [self.python, "-m", f"{self.package}.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def wait_until_live(self) -> None:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise TourError(f"the service exited with {self.process.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                if send(self.port, Request("GET", "/health/live")).status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise TourError(f"the service did not answer within {STARTUP_SECONDS:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def audit_line(self, trace_id: str) -> str | None:
+        """The JSON line logged for this trace id: its security event if it has one, else its
+        request line. Waits a little: the request line is written after the response."""
+        deadline = time.monotonic() + LOG_WAIT_SECONDS
+        while True:
+            found: dict[str, str] = {}
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("trace_id") == trace_id:
+                    kind = "request" if record.get("event") == "request" else "event"
+                    found.setdefault(kind, line)
+            if "event" in found:
+                return found["event"]
+            if "request" in found and time.monotonic() > deadline - LOG_WAIT_SECONDS / 2:
+                return found["request"]
+            if time.monotonic() > deadline:
+                return found.get("request")
+            time.sleep(0.05)
+
+
+def start_redis(project: Path, workdir: Path, wanted: str) -> tuple[Any, str]:
+    """A private redis-server (the service's own test helper starts it), or None and why not."""
+    executable = shutil.which("redis-server")
+    if wanted == "memory":
+        return None, "in-process limiter (--limiter memory)"
+    if executable is None:
+        if wanted == "redis":
+            raise TourError("--limiter redis: redis-server not found (apt-get install -y redis-server)")
+        return None, "in-process limiter: redis-server is not installed (apt-get install -y redis-server)"
+    servers = load_module("tour_servers", project / "tests" / "servers.py")
+    directory = workdir / "redis"
+    directory.mkdir()
+    server = servers.RedisServer(executable, directory, servers.free_port())
+    server.start()
+    return server, f"private redis-server on 127.0.0.1:{server.port}"
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    token: str | None = None  # a name from the token legend
+    json_body: Any = None
+    declared_length: int | None = None  # headers only: a body this large is announced, never sent
+    note: str = ""
+
+    def curl(self, base_url: str) -> str:
+        parts = ["curl"]
+        if self.declared_length is not None:
+            parts = [f"head -c {self.declared_length} /dev/zero |", "curl", "--json", "@-"]
+        elif self.json_body is not None:
+            parts += ["--json", quote(json.dumps(self.json_body, separators=(",", ":")))]
+        if self.method not in ("GET", "POST"):
+            parts += ["-X", self.method]
+        for name, value in self.headers.items():
+            parts += ["-H", quote(f"{name}: {value}")]
+        if self.token:
+            parts += ["-H", f'"Authorization: Bearer ${self.token}"']
+        line = " ".join([*parts, base_url + self.path])
+        return f"{line}  # {self.note}" if self.note else line
+
+
+def quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+    @property
+    def trace_id(self) -> str:
+        return self.headers.get("x-trace-id", "")
+
+
+def send(port: int, request: Request, tokens: Mapping[str, str] | None = None) -> Response:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_SECONDS)
+    try:
+        headers = dict(request.headers)
+        if request.token:
+            headers["Authorization"] = f"Bearer {(tokens or {})[request.token]}"
+        if request.declared_length is not None:
+            # As curl does for a large body: announce it and wait for the answer before sending.
+            connection.putrequest(request.method, request.path, skip_host="Host" in headers)
+            for name, value in {
+                **headers,
+                "Content-Type": "application/json",
+                "Content-Length": str(request.declared_length),
+                "Expect": "100-continue",
+            }.items():
+                connection.putheader(name, value)
+            connection.endheaders()
+        else:
+            body = None if request.json_body is None else json.dumps(request.json_body).encode()
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            connection.request(request.method, request.path, body=body, headers=headers)
+        answer = connection.getresponse()
+        raw = answer.read()
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw.decode(errors="replace")
+        return Response(answer.status, {k.lower(): v for k, v in answer.getheaders()}, parsed)
+    finally:
+        connection.close()
+
+
+def tampered(token: str, **claims: Any) -> str:
+    """The token with its payload edited and its signature kept."""
+    header, payload, signature = token.split(".")
+    decoded = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    edited = base64.urlsafe_b64encode(json.dumps({**decoded, **claims}).encode()).rstrip(b"=").decode()
+    return f"{header}.{edited}.{signature}"
+
+
+# --- the tour -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    layer: str
+    refusal: str
+    expected: int
+    curl: str
+    status: int = 0
+    title: str = ""
+    trace_id: str = ""
+    audit: str | None = None
+    retry_after: str | None = None
+    problem: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == self.expected and self.audit is not None
+
+
+@dataclass(frozen=True)
+class Step:
+    layer: str
+    refusal: str
+    expected: int
+    request: Request
+    before: Callable[[], None] | None = None  # e.g. the burst that precedes the 429
+
+
+def tour_steps(service: Service, tokens: dict[str, str], org_id: str) -> list[Step]:
+    def burst() -> None:
+        for _ in range(IP_LIMIT):
+            send(service.port, Request("GET", f"/api/v1/orgs/{org_id}", {"X-Forwarded-For": PROXIED_CLIENT}))
+
+    return [
+        Step("1 transport", "untrusted Host", 400, Request("GET", "/health/live", {"Host": REFUSED_HOST})),
+        Step(
+            "1 transport",
+            "CORS preflight from a disallowed origin",
+            403,
+            Request("OPTIONS", "/api/v1/orgs", {"Origin": REFUSED_ORIGIN, "Access-Control-Request-Method": "POST"}),
+        ),
+        Step("1 transport", "body over MAX_BODY_BYTES", 413, Request("POST", "/api/v1/orgs", declared_length=0)),
+        Step("4 authentication", "no token", 401, Request("POST", "/api/v1/orgs", json_body={"name": "bobco"})),
+        Step(
+            "4 authentication",
+            "tampered token",
+            401,
+            Request("POST", "/api/v1/orgs", token="TAMPERED", json_body={"name": "bobco"}),
+        ),
+        Step(
+            "7 authorization",
+            "token without the scope",
+            403,
+            Request("POST", "/api/v1/orgs", token="BOB", json_body={"name": "bobco"}),
+        ),
+        Step(
+            "7 authorization",
+            "another subject's org",
+            403,
+            Request("GET", f"/api/v1/orgs/{org_id}", token="BOB", note="alice's org"),
+        ),
+        Step(
+            "7 authorization",
+            "an org that does not exist",
+            403,
+            Request("GET", f"/api/v1/orgs/{uuid.uuid4()}", token="BOB", note="no such org: the same 403"),
+        ),
+        Step(
+            "6 validation",
+            "unknown body field",
+            400,
+            Request("POST", "/api/v1/orgs", token="ALICE", json_body={"name": "acme2", "created_by": "bob"}),
+        ),
+        Step(
+            "3 address limit",
+            f"RATE_LIMIT_IP={IP_LIMIT}/minute reached",
+            429,
+            Request(
+                "GET",
+                f"/api/v1/orgs/{org_id}",
+                {"X-Forwarded-For": PROXIED_CLIENT},
+                note=f"request {IP_LIMIT + 1} from {PROXIED_CLIENT} this minute",
+            ),
+            before=burst,
+        ),
+        Step(
+            "8 business logic",
+            "authorized create",
+            201,
+            Request("POST", "/api/v1/orgs", token="ALICE", json_body={"name": "demo"}),
+        ),
+    ]
+
+
+def mint_tokens(service: Service) -> dict[str, str]:
+    tokens = {
+        name: service.cli("token", "mint", "--issuer", ISSUER, "--audience", service.slug, "--sub", sub, "--scope", scope)
+        .strip()
+        for name, (sub, scope) in SCOPES.items()
+    }
+    tokens["TAMPERED"] = tampered(tokens["BOB"], scope="orgs:read orgs:write")
+    return tokens
+
+
+def walk(service: Service, steps: list[Step], tokens: dict[str, str], max_body: int) -> Iterator[Row]:
+    for step in steps:
+        request = step.request
+        if request.declared_length is not None:
+            request = Request(request.method, request.path, request.headers, declared_length=max_body + 1)
+        if step.before is not None:
+            step.before()
+        row = Row(step.layer, step.refusal, step.expected, request.curl(service.base_url))
+        response = send(service.port, request, tokens)
+        row.status = response.status
+        row.trace_id = response.trace_id
+        row.retry_after = response.headers.get("retry-after")
+        row.problem = response.body
+        if isinstance(response.body, dict):
+            row.title = str(response.body.get("title", ""))
+        row.audit = service.audit_line(row.trace_id) if row.trace_id else None
+        yield row
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def print_row(number: int, row: Row) -> None:
+    status = str(row.status)
+    if row.retry_after is not None:
+        status += f", Retry-After: {row.retry_after}"
+    if row.status != row.expected:
+        status += f"  << expected {row.expected}"
+    title = row.title or ("(no problem document)" if row.status >= 400 else "")
+    print(f"{number:>2}  {row.layer:<17} {row.refusal:<40} {status:<20} {title}")
+    print(f"    $ {row.curl}")
+    audit = row.audit or f"<< no log line with trace id {row.trace_id or '(none)'}"
+    print(textwrap.indent(audit, "    "))
+    print()
+
+
+def header(service: Service, limiter: str, org_id: str, max_body: int) -> str:
+    alice, bob = SCOPES["ALICE"], SCOPES["BOB"]
+    return f"""
+{service.slug} on {service.base_url}: `{service.slug} serve`, log in {service.log_path.relative_to(ROOT) if service.log_path.is_relative_to(ROOT) else service.log_path}
+  rate limits  {limiter}
+  settings     RATE_LIMIT_IP={IP_LIMIT}/minute (low for the tour), MAX_BODY_BYTES={max_body},
+               ALLOWED_ORIGINS={ALLOWED_ORIGIN}, TRUSTED_PROXIES={PROXY} (the tour plays a proxy for {PROXIED_CLIENT})
+  tokens       `{service.slug} token mint`: ALICE sub={alice[0]} scope="{alice[1]}", BOB sub={bob[0]} scope="{bob[1]}",
+               TAMPERED = BOB's token with its payload edited to scope="orgs:read orgs:write", signature kept
+  setup        ALICE created org {org_id} and owns it; bob holds no grant on it
+
+ #  layer             refused                                  status               problem title
+""".rstrip("\n")
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def bake_and_install(python: str) -> Path:
+    project = BUILD / "secure-api"
+    print(f"baking the default answers into {project.relative_to(ROOT)} and installing it ...", flush=True)
+    shutil.rmtree(project, ignore_errors=True)
+    BUILD.mkdir(exist_ok=True)
+    run([python, "-m", "cookiecutter", "--no-input", "--output-dir", str(BUILD), str(ROOT)], cwd=ROOT, what="bake")
+    command = [python, "-m", "pip", "install", "--quiet", "--editable", str(project)]
+    if all(importlib.util.find_spec(name) for name in ("hatchling", "editables")):
+        command.insert(4, "--no-build-isolation")
+    run(command, cwd=ROOT, what="pip install")
+    return project
+
+
+def raise_keyboard_interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def tour(args: argparse.Namespace) -> int:
+    project = Path(args.project).resolve() if args.project else bake_and_install(sys.executable)
+    workdir = Path(args.workdir).resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    service = Service(project, workdir)
+    redis = None
+    try:
+        redis, limiter = start_redis(project, workdir, args.limiter)
+        service.prepare(redis.url if redis else None, args.port or free_port(PREFERRED_PORT))
+        service.start()
+        tokens = mint_tokens(service)  # while the service starts
+        service.wait_until_live()
+        created = send(service.port, Request("POST", "/api/v1/orgs", json_body={"name": "acme"}, token="ALICE"), tokens)
+        if created.status != 201 or not isinstance(created.body, dict):
+            raise TourError(f"setup: creating alice's org answered {created.status}: {created.body}")
+        org_id = str(created.body["id"])
+        max_body = int(service.env.get("MAX_BODY_BYTES", 1_048_576))
+        print(header(service, limiter, org_id, max_body), flush=True)
+        rows = []
+        for number, row in enumerate(walk(service, tour_steps(service, tokens, org_id), tokens, max_body), 1):
+            print_row(number, row)
+            rows.append(row)
+        sys.stdout.flush()
+    finally:
+        service.stop()
+        if redis is not None:
+            redis.stop()
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(row) for row in rows], indent=2))
+    failed = [row for row in rows if not row.ok]
+    print(f"{len(rows) - len(failed)} of {len(rows)} rows as expected; stopped the service", end="")
+    print(" and redis-server." if redis is not None else ".")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project", help="an already baked service installed in this Python (default: bake one)")
+    parser.add_argument("--workdir", default=str(BUILD / "demo-tour"), help="keys, database and logs (recreated)")
+    parser.add_argument("--limiter", choices=("auto", "redis", "memory"), default="auto")
+    parser.add_argument("--port", type=int, default=0, help=f"default {PREFERRED_PORT}, or any free port")
+    parser.add_argument("--json", help="also write the rows as JSON to this file")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    signal.signal(signal.SIGHUP, raise_keyboard_interrupt)
+    try:
+        return tour(args)
+    except TourError as exc:
+        print(f"demo-tour: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ndemo-tour: interrupted; stopped what it had started", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
