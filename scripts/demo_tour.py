@@ -1,6 +1,6 @@
 """`make demo-tour`: one refusal per layer of the security pipeline, against the real service.
 
-Bakes the default answers into build/secure-api and installs it into this Python's environment
+Bakes the default answers into build/demo-tour/secure-api and installs it into this Python's environment
 (or takes an already installed bake with --project), then starts what the tour needs: a private
 redis-server when one is installed (else the service's in-process limiter, and the output says
 so) and `<slug> serve` on a loopback port with a migrated SQLite file, a development key pair and
@@ -27,17 +27,16 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILD = ROOT / "build"
+TOUR_BUILD = ROOT / "build" / "demo-tour"
 ISSUER = "https://issuer.dev.local"
 ALLOWED_ORIGIN = "https://app.example.com"
 REFUSED_ORIGIN = "https://evil.example"
@@ -47,6 +46,7 @@ REFUSED_HOST = "evil.example"
 PROXY = "127.0.0.1"
 PROXIED_CLIENT = "203.0.113.7"
 IP_LIMIT = 10
+MAX_BODY_BYTES = 1_048_576  # the default, set explicitly so the oversized body stays oversized
 PREFERRED_PORT = 8001  # `make demo` serves on 8000
 STARTUP_SECONDS = 30.0
 LOG_WAIT_SECONDS = 3.0
@@ -61,14 +61,39 @@ class TourError(Exception):
 # --- processes ----------------------------------------------------------------------------------
 
 
-def run(command: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None, what: str) -> str:
-    result = subprocess.run(
-        list(command), cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        output = (result.stdout + result.stderr).strip()[-4000:]
-        raise TourError(f"{what} failed (exit {result.returncode}):\n{output}")
-    return result.stdout
+@dataclass(frozen=True)
+class Job:
+    what: str
+    command: Sequence[str]
+    cwd: Path
+    env: Mapping[str, str] | None = None
+
+
+def run(*jobs: Job) -> list[str]:
+    """Run the jobs side by side (the machine may have cores to spare); their outputs, in order."""
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        for job in jobs:
+            processes.append(
+                subprocess.Popen(
+                    list(job.command),
+                    cwd=job.cwd,
+                    env=job.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        outputs = [process.communicate() for process in processes]
+    finally:
+        for process in processes:
+            stop_process(process)
+    for job, process, (stdout, stderr) in zip(jobs, processes, outputs, strict=True):
+        if process.returncode != 0:
+            output = (stdout + stderr).strip()[-4000:]
+            raise TourError(f"{job.what} failed (exit {process.returncode}):\n{output}")
+    return [stdout for stdout, _ in outputs]
 
 
 def free_port(preferred: int = 0) -> int:
@@ -83,7 +108,7 @@ def free_port(preferred: int = 0) -> int:
     raise TourError("no free loopback port")
 
 
-def stop_process(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[Any]) -> None:
     if process.poll() is not None:
         return
     process.terminate()
@@ -136,19 +161,22 @@ class Service:
     def log_path(self) -> Path:
         return self.workdir / "service.log"
 
-    def cli(self, *args: str) -> str:
-        return run([self.python, "-m", f"{self.package}.cli", *args], cwd=self.workdir, env=self.env, what=args[0])
+    def cli(self, *args: str) -> Job:
+        return Job(f"{self.slug} {args[0]} {args[1]}", [self.python, "-m", f"{self.package}.cli", *args], self.workdir, self.env)
 
     def prepare(self, redis_url: str | None, port: int) -> None:
         """Keys, settings and a migrated database in the work directory."""
         keys = self.workdir / "keys"
+        database = {"DATABASE_URL": f"sqlite+aiosqlite:///{self.workdir / 'tour.db'}"}
         self.env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
-        self.cli("keys", "generate", "--out", str(keys))
+        # Migrations read only DATABASE_URL; alembic.ini sits in the project.
+        migrate = Job("alembic upgrade head", [self.python, "-m", "alembic", "upgrade", "head"], self.project)
+        run(self.cli("keys", "generate", "--out", str(keys)), replace(migrate, env={**self.env, **database}))
         self.port = port
         self.env = {
             **self.env,
+            **database,
             "ENVIRONMENT": "development",
-            "DATABASE_URL": f"sqlite+aiosqlite:///{self.workdir / 'tour.db'}",
             "JWT_PUBLIC_KEY": (keys / "public.pem").read_text(),
             "JWT_PRIVATE_KEY_FILE": str(keys / "private.pem"),  # read by `token mint` only
             "JWT_ISSUER": ISSUER,
@@ -156,11 +184,10 @@ class Service:
             "ALLOWED_ORIGINS": ALLOWED_ORIGIN,
             "TRUSTED_PROXIES": PROXY,
             "RATE_LIMIT_IP": f"{IP_LIMIT}/minute",
+            "MAX_BODY_BYTES": str(MAX_BODY_BYTES),
             "LOG_LEVEL": "INFO",
             **({"REDIS_URL": redis_url} if redis_url else {}),
         }
-        # Migrations read only DATABASE_URL; alembic.ini sits in the project.
-        run([self.python, "-m", "alembic", "upgrade", "head"], cwd=self.project, env=self.env, what="alembic upgrade")
 
     def start(self) -> None:
         command = [self.python, "-m", f"{self.package}.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
@@ -215,7 +242,7 @@ class Service:
             time.sleep(0.05)
 
 
-def start_redis(project: Path, workdir: Path, wanted: str) -> tuple[Any, str]:
+def start_redis(project: Path, workdir: Path, wanted: str, stack: contextlib.ExitStack) -> tuple[Any, str]:
     """A private redis-server (the service's own test helper starts it), or None and why not."""
     executable = shutil.which("redis-server")
     if wanted == "memory":
@@ -228,6 +255,7 @@ def start_redis(project: Path, workdir: Path, wanted: str) -> tuple[Any, str]:
     directory = workdir / "redis"
     directory.mkdir()
     server = servers.RedisServer(executable, directory, servers.free_port())
+    stack.callback(server.stop)  # before start: an interrupted start is stopped too
     server.start()
     return server, f"private redis-server on 127.0.0.1:{server.port}"
 
@@ -249,14 +277,14 @@ class Request:
         parts = ["curl"]
         if self.declared_length is not None:
             parts = [f"head -c {self.declared_length} /dev/zero |", "curl", "--json", "@-"]
-        elif self.json_body is not None:
-            parts += ["--json", quote(json.dumps(self.json_body, separators=(",", ":")))]
         if self.method not in ("GET", "POST"):
             parts += ["-X", self.method]
         for name, value in self.headers.items():
             parts += ["-H", quote(f"{name}: {value}")]
         if self.token:
             parts += ["-H", f'"Authorization: Bearer ${self.token}"']
+        if self.json_body is not None:
+            parts += ["--json", quote(json.dumps(self.json_body, separators=(",", ":")))]
         line = " ".join([*parts, base_url + self.path])
         return f"{line}  # {self.note}" if self.note else line
 
@@ -352,21 +380,46 @@ def tour_steps(service: Service, tokens: dict[str, str], org_id: str) -> list[St
         for _ in range(IP_LIMIT):
             send(service.port, Request("GET", f"/api/v1/orgs/{org_id}", {"X-Forwarded-For": PROXIED_CLIENT}))
 
+    # Pipeline order. The address limit is shown on another client (behind the tour's proxy), so
+    # reaching it does not stop the tour's own requests that follow.
     return [
         Step("1 transport", "untrusted Host", 400, Request("GET", "/health/live", {"Host": REFUSED_HOST})),
         Step(
             "1 transport",
-            "CORS preflight from a disallowed origin",
+            "CORS preflight, origin not allowed",
             403,
             Request("OPTIONS", "/api/v1/orgs", {"Origin": REFUSED_ORIGIN, "Access-Control-Request-Method": "POST"}),
         ),
-        Step("1 transport", "body over MAX_BODY_BYTES", 413, Request("POST", "/api/v1/orgs", declared_length=0)),
+        Step(
+            "1 transport",
+            "body over MAX_BODY_BYTES",
+            413,
+            Request("POST", "/api/v1/orgs", declared_length=MAX_BODY_BYTES + 1),
+        ),
+        Step(
+            "3 address limit",
+            f"request {IP_LIMIT + 1} in a minute",
+            429,
+            Request(
+                "GET",
+                f"/api/v1/orgs/{org_id}",
+                {"X-Forwarded-For": PROXIED_CLIENT},
+                note=f"after {IP_LIMIT} from {PROXIED_CLIENT} this minute",
+            ),
+            before=burst,
+        ),
         Step("4 authentication", "no token", 401, Request("POST", "/api/v1/orgs", json_body={"name": "bobco"})),
         Step(
             "4 authentication",
             "tampered token",
             401,
             Request("POST", "/api/v1/orgs", token="TAMPERED", json_body={"name": "bobco"}),
+        ),
+        Step(
+            "6 validation",
+            "unknown body field",
+            400,
+            Request("POST", "/api/v1/orgs", token="ALICE", json_body={"name": "acme2", "created_by": "bob"}),
         ),
         Step(
             "7 authorization",
@@ -387,24 +440,6 @@ def tour_steps(service: Service, tokens: dict[str, str], org_id: str) -> list[St
             Request("GET", f"/api/v1/orgs/{uuid.uuid4()}", token="BOB", note="no such org: the same 403"),
         ),
         Step(
-            "6 validation",
-            "unknown body field",
-            400,
-            Request("POST", "/api/v1/orgs", token="ALICE", json_body={"name": "acme2", "created_by": "bob"}),
-        ),
-        Step(
-            "3 address limit",
-            f"RATE_LIMIT_IP={IP_LIMIT}/minute reached",
-            429,
-            Request(
-                "GET",
-                f"/api/v1/orgs/{org_id}",
-                {"X-Forwarded-For": PROXIED_CLIENT},
-                note=f"request {IP_LIMIT + 1} from {PROXIED_CLIENT} this minute",
-            ),
-            before=burst,
-        ),
-        Step(
             "8 business logic",
             "authorized create",
             201,
@@ -414,20 +449,15 @@ def tour_steps(service: Service, tokens: dict[str, str], org_id: str) -> list[St
 
 
 def mint_tokens(service: Service) -> dict[str, str]:
-    tokens = {
-        name: service.cli("token", "mint", "--issuer", ISSUER, "--audience", service.slug, "--sub", sub, "--scope", scope)
-        .strip()
-        for name, (sub, scope) in SCOPES.items()
-    }
+    minted = run(*(service.cli("token", "mint", "--sub", sub, "--scope", scope) for sub, scope in SCOPES.values()))
+    tokens = {name: token.strip() for name, token in zip(SCOPES, minted, strict=True)}
     tokens["TAMPERED"] = tampered(tokens["BOB"], scope="orgs:read orgs:write")
     return tokens
 
 
-def walk(service: Service, steps: list[Step], tokens: dict[str, str], max_body: int) -> Iterator[Row]:
+def walk(service: Service, steps: list[Step], tokens: dict[str, str]) -> Iterator[Row]:
     for step in steps:
         request = step.request
-        if request.declared_length is not None:
-            request = Request(request.method, request.path, request.headers, declared_length=max_body + 1)
         if step.before is not None:
             step.before()
         row = Row(step.layer, step.refusal, step.expected, request.curl(service.base_url))
@@ -445,48 +475,84 @@ def walk(service: Service, steps: list[Step], tokens: dict[str, str], max_body: 
 # --- output -------------------------------------------------------------------------------------
 
 
-def print_row(number: int, row: Row) -> None:
+COLUMNS = "{:<18}{:<36}{:<22}{}"
+README = ROOT / "README.md"
+README_START = "<!-- demo-tour output: scripts/demo_tour.py --update-readme -->"
+README_END = "<!-- /demo-tour output -->"
+
+
+class Transcript:
+    """Prints the tour and keeps what it printed, for --update-readme."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.extend(text.split("\n"))
+
+    def update_readme(self) -> None:
+        text = README.read_text()
+        start, end = text.find(README_START), text.find(README_END)
+        if start < 0 or end < start:
+            raise TourError(f"README.md has no {README_START} ... {README_END} block")
+        block = "\n".join(["```text", *(line.rstrip() for line in self.lines), "```"])
+        README.write_text(f"{text[: start + len(README_START)]}\n{block}\n{text[end:]}")
+        print(f"updated the tour's output in {shown(README)}")
+
+
+def print_row(print: Transcript, row: Row) -> None:
     status = str(row.status)
     if row.retry_after is not None:
         status += f", Retry-After: {row.retry_after}"
     if row.status != row.expected:
-        status += f"  << expected {row.expected}"
-    title = row.title or ("(no problem document)" if row.status >= 400 else "")
-    print(f"{number:>2}  {row.layer:<17} {row.refusal:<40} {status:<20} {title}")
-    print(f"    $ {row.curl}")
-    audit = row.audit or f"<< no log line with trace id {row.trace_id or '(none)'}"
-    print(textwrap.indent(audit, "    "))
-    print()
+        status += f" (expected {row.expected})"
+    title = row.title or ("(no problem document)" if row.status >= 400 else "-")
+    print(COLUMNS.format(row.layer, row.refusal, status, title))
+    print(f"  $ {row.curl}")
+    print(f"  {row.audit or f'(no log line with trace id {row.trace_id or None})'}")
 
 
-def header(service: Service, limiter: str, org_id: str, max_body: int) -> str:
-    alice, bob = SCOPES["ALICE"], SCOPES["BOB"]
-    return f"""
-{service.slug} on {service.base_url}: `{service.slug} serve`, log in {service.log_path.relative_to(ROOT) if service.log_path.is_relative_to(ROOT) else service.log_path}
+def shown(path: Path) -> str:
+    """A path as the reader would type it from where they ran the tour."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def print_header(print: Transcript, service: Service, limiter: str, org_id: str) -> None:
+    (alice, alice_scope), (bob, bob_scope) = SCOPES["ALICE"], SCOPES["BOB"]
+    print(
+        f"""{service.slug} serving on {service.base_url} (log: {shown(service.log_path)})
   rate limits  {limiter}
-  settings     RATE_LIMIT_IP={IP_LIMIT}/minute (low for the tour), MAX_BODY_BYTES={max_body},
-               ALLOWED_ORIGINS={ALLOWED_ORIGIN}, TRUSTED_PROXIES={PROXY} (the tour plays a proxy for {PROXIED_CLIENT})
-  tokens       `{service.slug} token mint`: ALICE sub={alice[0]} scope="{alice[1]}", BOB sub={bob[0]} scope="{bob[1]}",
-               TAMPERED = BOB's token with its payload edited to scope="orgs:read orgs:write", signature kept
-  setup        ALICE created org {org_id} and owns it; bob holds no grant on it
+  settings     RATE_LIMIT_IP={IP_LIMIT}/minute (low for the tour), MAX_BODY_BYTES={MAX_BODY_BYTES},
+               ALLOWED_ORIGINS={ALLOWED_ORIGIN}, TRUSTED_PROXIES={PROXY} (the tour is the proxy of {PROXIED_CLIENT})
+  tokens       from `{service.slug} token mint`: $ALICE sub={alice} scope="{alice_scope}", $BOB sub={bob} scope="{bob_scope}";
+               $TAMPERED is $BOB's token with its payload edited to scope="orgs:read orgs:write", signature kept
+  setup        $ALICE created org {org_id} (she owns it; {bob} holds no grant on it)
 
- #  layer             refused                                  status               problem title
-""".rstrip("\n")
+Each request, the status and problem title it got, and the JSON line the service logged for it (same trace id):
+"""
+    )
+    print(COLUMNS.format("layer", "request", "status", "problem title"))
 
 
 # --- main ---------------------------------------------------------------------------------------
 
 
 def bake_and_install(python: str) -> Path:
-    project = BUILD / "secure-api"
-    print(f"baking the default answers into {project.relative_to(ROOT)} and installing it ...", flush=True)
+    """The default answers baked into build/demo-tour (apart from `make demo`'s build/secure-api,
+    which may be serving), installed editable into this Python."""
+    project = TOUR_BUILD / "secure-api"
+    print(f"baking the default answers into {shown(project)} and installing it ...", flush=True)
     shutil.rmtree(project, ignore_errors=True)
-    BUILD.mkdir(exist_ok=True)
-    run([python, "-m", "cookiecutter", "--no-input", "--output-dir", str(BUILD), str(ROOT)], cwd=ROOT, what="bake")
+    TOUR_BUILD.mkdir(parents=True, exist_ok=True)
+    output_dir = str(TOUR_BUILD)
+    run(Job("cookiecutter", [python, "-m", "cookiecutter", "--no-input", "--output-dir", output_dir, str(ROOT)], ROOT))
     command = [python, "-m", "pip", "install", "--quiet", "--editable", str(project)]
     if all(importlib.util.find_spec(name) for name in ("hatchling", "editables")):
         command.insert(4, "--no-build-isolation")
-    run(command, cwd=ROOT, what="pip install")
+    run(Job("pip install", command, ROOT))
     return project
 
 
@@ -495,15 +561,18 @@ def raise_keyboard_interrupt(signum: int, _frame: FrameType | None) -> None:
 
 
 def tour(args: argparse.Namespace) -> int:
+    started = time.monotonic()
     project = Path(args.project).resolve() if args.project else bake_and_install(sys.executable)
     workdir = Path(args.workdir).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     service = Service(project, workdir)
-    redis = None
-    try:
-        redis, limiter = start_redis(project, workdir, args.limiter)
+    transcript = Transcript()
+    rows: list[Row] = []
+    with contextlib.ExitStack() as stack:
+        redis, limiter = start_redis(project, workdir, args.limiter, stack)
         service.prepare(redis.url if redis else None, args.port or free_port(PREFERRED_PORT))
+        stack.callback(service.stop)
         service.start()
         tokens = mint_tokens(service)  # while the service starts
         service.wait_until_live()
@@ -511,32 +580,33 @@ def tour(args: argparse.Namespace) -> int:
         if created.status != 201 or not isinstance(created.body, dict):
             raise TourError(f"setup: creating alice's org answered {created.status}: {created.body}")
         org_id = str(created.body["id"])
-        max_body = int(service.env.get("MAX_BODY_BYTES", 1_048_576))
-        print(header(service, limiter, org_id, max_body), flush=True)
-        rows = []
-        for number, row in enumerate(walk(service, tour_steps(service, tokens, org_id), tokens, max_body), 1):
-            print_row(number, row)
+        print()
+        print_header(transcript, service, limiter, org_id)
+        for row in walk(service, tour_steps(service, tokens, org_id), tokens):
+            print_row(transcript, row)
             rows.append(row)
-        sys.stdout.flush()
-    finally:
-        service.stop()
-        if redis is not None:
-            redis.stop()
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(row) for row in rows], indent=2))
     failed = [row for row in rows if not row.ok]
-    print(f"{len(rows) - len(failed)} of {len(rows)} rows as expected; stopped the service", end="")
-    print(" and redis-server." if redis is not None else ".")
+    stopped = "the service and redis-server" if redis is not None else "the service"
+    transcript()
+    transcript(
+        f"{len(rows) - len(failed)} of {len(rows)} rows as expected, in {time.monotonic() - started:.1f} s; "
+        f"stopped {stopped}."
+    )
+    if args.update_readme and not failed:
+        transcript.update_readme()
     return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", help="an already baked service installed in this Python (default: bake one)")
-    parser.add_argument("--workdir", default=str(BUILD / "demo-tour"), help="keys, database and logs (recreated)")
+    parser.add_argument("--workdir", default=str(TOUR_BUILD / "run"), help="keys, database and logs (recreated)")
     parser.add_argument("--limiter", choices=("auto", "redis", "memory"), default="auto")
     parser.add_argument("--port", type=int, default=0, help=f"default {PREFERRED_PORT}, or any free port")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
+    parser.add_argument("--update-readme", action="store_true", help="put this run's output into README.md")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     signal.signal(signal.SIGHUP, raise_keyboard_interrupt)
