@@ -1,10 +1,10 @@
 """`make demo-tour`: one refusal per layer of the security pipeline, against the real service.
 
-Bakes the default answers into build/demo-tour/secure-api and installs it into this Python's environment
-(or takes an already installed bake with --project), then starts what the tour needs: a private
+Bakes the default answers into build/demo-tour/secure-api and installs it into this Python (or
+takes an already installed bake with --project), then starts what the tour needs: a private
 redis-server when one is installed (else the service's in-process limiter, and the output says
-so) and `<slug> serve` on a loopback port with a migrated SQLite file, a development key pair and
-a low address limit. It sends one request per layer and prints, for each, the request as a curl
+so) and `<slug> serve` on a loopback port with a migrated SQLite file, a development key pair
+and a low address limit. It sends one request per layer and prints, for each, the request as a curl
 line, the status, the problem document's `title` and the JSON line the service logged for it
 (matched by trace id). Then it stops everything it started, also on Ctrl-C.
 
@@ -51,7 +51,7 @@ PREFERRED_PORT = 8001  # `make demo` serves on 8000
 STARTUP_SECONDS = 30.0
 LOG_WAIT_SECONDS = 3.0
 REQUEST_TIMEOUT_SECONDS = 10.0
-SCOPES = {"ALICE": ("alice", "orgs:read orgs:write"), "BOB": ("bob", "orgs:read")}
+TOKENS = {"ALICE": ("alice", "orgs:read orgs:write"), "BOB": ("bob", "orgs:read")}
 
 
 class TourError(Exception):
@@ -162,7 +162,12 @@ class Service:
         return self.workdir / "service.log"
 
     def cli(self, *args: str) -> Job:
-        return Job(f"{self.slug} {args[0]} {args[1]}", [self.python, "-m", f"{self.package}.cli", *args], self.workdir, self.env)
+        return Job(
+            f"{self.slug} {args[0]} {args[1]}",
+            [self.python, "-m", f"{self.package}.cli", *args],
+            self.workdir,
+            self.env,
+        )
 
     def prepare(self, redis_url: str | None, port: int) -> None:
         """Keys, settings and a migrated database in the work directory."""
@@ -220,26 +225,24 @@ class Service:
             return "(no log)"
 
     def audit_line(self, trace_id: str) -> str | None:
-        """The JSON line logged for this trace id: its security event if it has one, else its
-        request line. Waits a little: the request line is written after the response."""
+        """The JSON line logged for this trace id: the security event a layer logged, else (a
+        request that was not refused) the request line. The request line is written last, after
+        the response, so the request's lines are complete once it is there."""
         deadline = time.monotonic() + LOG_WAIT_SECONDS
         while True:
-            found: dict[str, str] = {}
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and record.get("trace_id") == trace_id:
-                    kind = "request" if record.get("event") == "request" else "event"
-                    found.setdefault(kind, line)
-            if "event" in found:
-                return found["event"]
-            if "request" in found and time.monotonic() > deadline - LOG_WAIT_SECONDS / 2:
-                return found["request"]
-            if time.monotonic() > deadline:
-                return found.get("request")
+            lines = [(record, line) for record, line in self.log_records() if record.get("trace_id") == trace_id]
+            requests = [line for record, line in lines if record.get("event") == "request"]
+            if requests or time.monotonic() > deadline:
+                events = [line for record, line in lines if record.get("event") != "request"]
+                return next(iter(events or requests), None)
             time.sleep(0.05)
+
+    def log_records(self) -> Iterator[tuple[dict[str, Any], str]]:
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    yield record, line
 
 
 def start_redis(project: Path, workdir: Path, wanted: str, stack: contextlib.ExitStack) -> tuple[Any, str]:
@@ -449,8 +452,8 @@ def tour_steps(service: Service, tokens: dict[str, str], org_id: str) -> list[St
 
 
 def mint_tokens(service: Service) -> dict[str, str]:
-    minted = run(*(service.cli("token", "mint", "--sub", sub, "--scope", scope) for sub, scope in SCOPES.values()))
-    tokens = {name: token.strip() for name, token in zip(SCOPES, minted, strict=True)}
+    minted = run(*(service.cli("token", "mint", "--sub", sub, "--scope", scope) for sub, scope in TOKENS.values()))
+    tokens = {name: token.strip() for name, token in zip(TOKENS, minted, strict=True)}
     tokens["TAMPERED"] = tampered(tokens["BOB"], scope="orgs:read orgs:write")
     return tokens
 
@@ -521,14 +524,15 @@ def shown(path: Path) -> str:
 
 
 def print_header(print: Transcript, service: Service, limiter: str, org_id: str) -> None:
-    (alice, alice_scope), (bob, bob_scope) = SCOPES["ALICE"], SCOPES["BOB"]
+    (alice, alice_scope), (bob, bob_scope) = TOKENS["ALICE"], TOKENS["BOB"]
     print(
         f"""{service.slug} serving on {service.base_url} (log: {shown(service.log_path)})
   rate limits  {limiter}
   settings     RATE_LIMIT_IP={IP_LIMIT}/minute (low for the tour), MAX_BODY_BYTES={MAX_BODY_BYTES},
                ALLOWED_ORIGINS={ALLOWED_ORIGIN}, TRUSTED_PROXIES={PROXY} (the tour is the proxy of {PROXIED_CLIENT})
-  tokens       from `{service.slug} token mint`: $ALICE sub={alice} scope="{alice_scope}", $BOB sub={bob} scope="{bob_scope}";
-               $TAMPERED is $BOB's token with its payload edited to scope="orgs:read orgs:write", signature kept
+  tokens       from `{service.slug} token mint`: $ALICE sub={alice} scope="{alice_scope}",
+               $BOB sub={bob} scope="{bob_scope}", and $TAMPERED: $BOB's token with its payload
+               edited to scope="orgs:read orgs:write", its signature kept
   setup        $ALICE created org {org_id} (she owns it; {bob} holds no grant on it)
 
 Each request, the status and problem title it got, and the JSON line the service logged for it (same trace id):

@@ -70,7 +70,7 @@ def tour(
 
 
 def layer_name(row: dict[str, Any]) -> str:
-    return row["layer"].split(" ", 1)[1]  # "1 transport" -> "transport"
+    return str(row["layer"]).split(" ", 1)[1]  # "1 transport" -> "transport"
 
 
 def test_every_row_gets_its_status(tour: Tour) -> None:
@@ -122,13 +122,17 @@ def test_the_output_shows_each_request_status_and_log_line(tour: Tour) -> None:
     assert f"{len(EXPECTED)} of {len(EXPECTED)} rows as expected" in tour.stdout
 
 
-def row_lines(text: str) -> list[list[str]]:
-    """The table's row lines (`1 transport   untrusted Host   400 ...`), split into columns."""
-    return [
-        re.split(r"\s{2,}", line.strip())[:3]
-        for line in text.splitlines()
-        if re.match(r"^\d [a-z]", line)
-    ]
+def row_lines(text: str) -> list[tuple[str, str, str]]:
+    """Layer, request and status code of each row (`1 transport  untrusted Host  400`).
+
+    Ports, ids, times and Retry-After seconds differ from run to run; these must not.
+    """
+    rows = []
+    for line in text.splitlines():
+        if re.match(r"^\d [a-z]", line):
+            layer, request, status = re.split(r"\s{2,}", line.strip())[:3]
+            rows.append((layer, request, status[:3]))
+    return rows
 
 
 def test_readme_shows_the_rows_the_tour_prints(tour: Tour) -> None:
@@ -136,17 +140,14 @@ def test_readme_shows_the_rows_the_tour_prints(tour: Tour) -> None:
     readme = README.read_text()
     assert start in readme, "README.md has no demo-tour output block"
     block = readme.split(start, 1)[1].split("<!-- /demo-tour output -->", 1)[0]
-    # Ports, ids, times and Retry-After seconds differ from run to run; the rows must not.
-    normalized = [[layer, request, status[:3]] for layer, request, status in row_lines(block)]
-    printed = [[layer, request, status[:3]] for layer, request, status in row_lines(tour.stdout)]
-    assert normalized == printed, (
+    assert row_lines(block) == row_lines(tour.stdout), (
         "README.md's demo-tour table differs from what the tour prints: "
         "run `make demo-tour TOUR_ARGS=--update-readme`"
     )
 
 
 def processes_of(workdir: Path) -> list[str]:
-    """Processes whose working directory or command line is in `workdir` (Linux /proc)."""
+    """Processes whose working directory or command line is in `workdir` (/proc)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -182,7 +183,8 @@ def test_ctrl_c_stops_everything_the_tour_started(
     )
     try:
         deadline = time.monotonic() + 60
-        while not (workdir / "service.log").exists():  # redis-server up, service starting
+        # The log appears when redis-server is up and the service is starting.
+        while not (workdir / "service.log").exists():
             assert tour.poll() is None, tour.communicate()[0]
             assert time.monotonic() < deadline, "the tour did not start the service"
             time.sleep(0.05)
