@@ -169,7 +169,7 @@ class Service:
             self.env,
         )
 
-    def prepare(self, redis_url: str | None, port: int) -> None:
+    def prepare(self, redis_url: str | None) -> None:
         """Keys, settings and a migrated database in the work directory."""
         keys = self.workdir / "keys"
         database = {"DATABASE_URL": f"sqlite+aiosqlite:///{self.workdir / 'tour.db'}"}
@@ -177,7 +177,6 @@ class Service:
         # Migrations read only DATABASE_URL; alembic.ini sits in the project.
         migrate = Job("alembic upgrade head", [self.python, "-m", "alembic", "upgrade", "head"], self.project)
         run(self.cli("keys", "generate", "--out", str(keys)), replace(migrate, env={**self.env, **database}))
-        self.port = port
         self.env = {
             **self.env,
             **database,
@@ -194,7 +193,8 @@ class Service:
             **({"REDIS_URL": redis_url} if redis_url else {}),
         }
 
-    def start(self) -> None:
+    def start(self, port: int) -> None:
+        self.port = port
         command = [self.python, "-m", f"{self.package}.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -208,7 +208,11 @@ class Service:
             if self.process.poll() is not None:
                 raise TourError(f"the service exited with {self.process.returncode}:\n{self.log_tail()}")
             with contextlib.suppress(OSError, http.client.HTTPException):
-                if send(self.port, Request("GET", "/health/live")).status == 200:
+                live = send(self.port, Request("GET", "/health/live"))
+                if live.status == 200:
+                    # Our log has the request only if our process answered, not another on the port.
+                    if self.audit_line(live.trace_id) is None:
+                        raise TourError(f"port {self.port} is answered by another server:\n{self.log_tail()}")
                     return
             if time.monotonic() > deadline:
                 raise TourError(f"the service did not answer within {STARTUP_SECONDS:.0f} s:\n{self.log_tail()}")
@@ -575,9 +579,9 @@ def tour(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     with contextlib.ExitStack() as stack:
         redis, limiter = start_redis(project, workdir, args.limiter, stack)
-        service.prepare(redis.url if redis else None, args.port or free_port(PREFERRED_PORT))
+        service.prepare(redis.url if redis else None)
         stack.callback(service.stop)
-        service.start()
+        service.start(args.port or free_port(PREFERRED_PORT))
         tokens = mint_tokens(service)  # while the service starts
         service.wait_until_live()
         created = send(service.port, Request("POST", "/api/v1/orgs", json_body={"name": "acme"}, token="ALICE"), tokens)
