@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo bench clean
+.PHONY: test demo demo-tour bench clean
 
 test: $(VENV)/.installed
 	$(BIN)/pytest tests -q
 
 demo: $(VENV)/.installed
 	VENV=$(VENV) scripts/demo.sh
+
+# One refusal per pipeline layer against the real service, then it stops; README's first table.
+demo-tour: $(VENV)/.installed
+	$(BIN)/python scripts/demo_tour.py $(TOUR_ARGS)
 
 # wrk from Debian when missing and we may install it; else bench/ falls back to a Python load
 # generator and says so. Driver flags in BENCH_ARGS, e.g. BENCH_ARGS="--duration 2 --update-docs".

@@ -31,6 +31,7 @@ In another terminal:
   curl http://127.0.0.1:8000/health/ready
 
 A new token (this one expires): cd build/secure-api && $venv/bin/secure-api token mint --private-key .keys/private.pem --sub dev-user --scope "$scopes"
+To watch each layer of the pipeline refuse a request, with the audit line it writes: make demo-tour
 
 MSG
 exec secure-api serve
