@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     rate_limit_subject: str = "1000/15minutes"
     rate_limit_failure_mode: Literal["closed", "open"] = "closed"
     redis_timeout_seconds: float = Field(0.5, gt=0, le=10)
+    database_read_pool_size: int = Field(4, ge=1, le=1000)
     redis_pool_size: int = Field(50, ge=1, le=10_000)
     redis_pool_timeout_seconds: float = Field(2.0, gt=0, le=60)
 

@@ -1,13 +1,20 @@
-"""The async engine and one session per request."""
+"""The async engine and one session per request for writes; `Reads` for the request path's reads."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+import asyncio
+import importlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Annotated, Any, TypeAlias
 
 from fastapi import Depends, Request
-from sqlalchemy import event
+from sqlalchemy import Select, event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+AnySelect: TypeAlias = Select[*tuple[Any, ...]]
 
 
 def create_engine(database_url: str) -> AsyncEngine:
@@ -38,3 +45,130 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+# --- Reads on the request path ----------------------------------------------------------------
+
+
+class Query:
+    """A SELECT compiled once for the engine's dialect and run on the database driver itself: its
+    SQL, its parameters in order with SQLAlchemy's bind processors, and its columns with
+    SQLAlchemy's result processors, so a row reads back exactly as the ORM would read it."""
+
+    def __init__(self, statement: AnySelect, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+        self.sql = compiled.string
+        self.names = tuple(compiled.positiontup or ())
+        self.defaults = dict(compiled.params)
+        binds = {name: compiled.binds[name] for name in self.names if name in compiled.binds}
+        self.binders = tuple(
+            binds[name].type.dialect_impl(dialect).bind_processor(dialect) if name in binds else None
+            for name in self.names
+        )
+        self.processors = tuple(
+            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in statement.selected_columns
+        )
+
+    def parameters(self, values: Mapping[str, Any]) -> list[Any]:
+        merged = {**self.defaults, **values}
+        return [
+            merged[name] if binder is None else binder(merged[name])
+            for name, binder in zip(self.names, self.binders, strict=True)
+        ]
+
+    def row(self, raw: Sequence[Any]) -> tuple[Any, ...]:
+        return tuple(
+            value if process is None or value is None else process(value)
+            for value, process in zip(raw, self.processors, strict=True)
+        )
+
+
+class Reads:
+    """Reads on the hot path, one round trip per statement on the driver (aiosqlite or asyncpg):
+    no ORM session, no transaction begun, no ping on checkout (a dead PostgreSQL connection is
+    retried once on another), a fixed pool. Writes and migrations keep SQLAlchemy's engine.
+    Driver errors come out as SQLAlchemy's, so the error layer answers them as it always has."""
+
+    def __init__(self, engine: AsyncEngine, pool_size: int) -> None:
+        self.dialect = engine.dialect
+        self.url = engine.url
+        self.pool_size = pool_size
+        self._queries: dict[Any, Query] = {}
+        self._sqlite: list[Any] = []  # aiosqlite connections, opened on first use
+        self._next = 0
+        self._postgres: Any = None  # asyncpg.Pool, created on first use
+        self._opening = asyncio.Lock()
+
+    def query(self, key: Any, build: Callable[[], AnySelect]) -> Query:
+        """The compiled form of the statement `build` makes, compiled once per `key`."""
+        query = self._queries.get(key)
+        if query is None:
+            query = self._queries[key] = Query(build(), self.dialect)
+        return query
+
+    async def fetch(self, query: Query, **values: Any) -> list[tuple[Any, ...]]:
+        parameters = query.parameters(values)
+        try:
+            if self.dialect.name == "sqlite":
+                rows = await (await self._sqlite_connection()).execute_fetchall(query.sql, parameters)
+            else:
+                rows = await self._fetch_postgres(query.sql, parameters)
+        except sa_exc.SQLAlchemyError:
+            raise
+        except Exception as exc:
+            raise _translated(query.sql, exc) from exc
+        return [query.row(row) for row in rows]
+
+    async def _sqlite_connection(self) -> Any:
+        if len(self._sqlite) < self.pool_size:
+            async with self._opening:
+                if len(self._sqlite) < self.pool_size:
+                    # The bake installs only its own database's driver.
+                    aiosqlite = importlib.import_module("aiosqlite")
+                    args, kwargs = self.dialect.create_connect_args(self.url)
+                    connection = await aiosqlite.connect(*args, **{**kwargs, "timeout": 5})
+                    await connection.execute("PRAGMA query_only=ON")
+                    self._sqlite.append(connection)
+                    return connection
+        self._next = (self._next + 1) % len(self._sqlite)
+        return self._sqlite[self._next]
+
+    async def _fetch_postgres(self, sql: str, parameters: list[Any]) -> list[Any]:
+        if self._postgres is None:
+            async with self._opening:
+                if self._postgres is None:
+                    asyncpg = importlib.import_module("asyncpg")
+                    args, kwargs = self.dialect.create_connect_args(self.url)
+                    self._postgres = await asyncpg.create_pool(
+                        *args, **kwargs, min_size=0, max_size=self.pool_size, timeout=5, command_timeout=30
+                    )
+        try:
+            rows: list[Any] = await self._postgres.fetch(sql, *parameters)
+        except _postgres_connection_errors():
+            # A connection the server closed (a restart, an idle timeout): once more, on another.
+            rows = await self._postgres.fetch(sql, *parameters)
+        return rows
+
+    async def aclose(self) -> None:
+        for connection in self._sqlite:
+            await connection.close()
+        self._sqlite.clear()
+        if self._postgres is not None:
+            await self._postgres.close()
+            self._postgres = None
+
+
+def _postgres_connection_errors() -> tuple[type[Exception], ...]:
+    asyncpg = importlib.import_module("asyncpg")
+    return (OSError, ConnectionError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+
+
+def _translated(sql: str, exc: Exception) -> sa_exc.DBAPIError:
+    """The driver's error as SQLAlchemy would raise it: OperationalError (answered 503) for a
+    database that cannot serve, DBAPIError (500 unless its SQLSTATE says unavailable) otherwise."""
+    unavailable = isinstance(exc, OSError | ConnectionError | TimeoutError | sqlite3.OperationalError)
+    if not unavailable and type(exc).__module__.startswith("asyncpg"):
+        unavailable = isinstance(exc, _postgres_connection_errors())
+    if unavailable:
+        return sa_exc.OperationalError(sql, None, exc, connection_invalidated=True)
+    return sa_exc.DBAPIError(sql, None, exc)

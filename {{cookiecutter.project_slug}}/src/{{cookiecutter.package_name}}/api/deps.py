@@ -8,10 +8,11 @@ from typing import Annotated
 
 from ..models import Relation
 from ..security.authn import Principal
-from ..security.authz import no_object_policy, require_org_relation
+from ..security.authz import OrgRow, no_object_policy, read_org, require_org_relation
 
 CanCreateOrg = Annotated[Principal, no_object_policy(scopes=["orgs:write"])]
-CanReadOrg = Annotated[uuid.UUID, require_org_relation(Relation.viewer, scopes=["orgs:read"])]
+# The org itself, read with the permission check in one statement.
+ReadableOrg = Annotated[OrgRow, read_org(Relation.viewer, scopes=["orgs:read"])]
 CanManageGrants = Annotated[uuid.UUID, require_org_relation(Relation.owner, scopes=["orgs:write"])]
 CanReadUsers = Annotated[uuid.UUID, require_org_relation(Relation.viewer, scopes=["users:read"])]
 CanWriteUsers = Annotated[uuid.UUID, require_org_relation(Relation.admin, scopes=["users:write"])]

@@ -9,11 +9,10 @@ from datetime import UTC, datetime
 
 from fastapi import APIRouter
 
-from ..db import SessionDep
 from ..security.deprecation import Deprecation
 from ..security.errors import PROBLEM_RESPONSES
 from . import orgs
-from .deps import CanReadOrg
+from .deps import ReadableOrg
 from .schemas import OrgOut
 
 router = APIRouter(prefix="/api/v0", tags=["legacy"], responses=PROBLEM_RESPONSES)
@@ -26,6 +25,6 @@ GET_ORG_V0 = Deprecation(
 
 
 @router.get("/orgs/{org_id}", **GET_ORG_V0.route())
-async def get_org_v0(org_id: CanReadOrg, session: SessionDep) -> OrgOut:
+async def get_org_v0(org: ReadableOrg) -> OrgOut:
     """The first version of `GET /api/v1/orgs/{org_id}`."""
-    return await orgs.get_org(org_id, session)
+    return await orgs.get_org(org)

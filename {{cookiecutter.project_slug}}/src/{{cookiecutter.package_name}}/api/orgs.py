@@ -12,7 +12,7 @@ from ..security import authz
 from ..security.authn import CurrentPrincipal
 from ..security.errors import ProblemDetail
 from ..security.ratelimit import limit
-from .deps import CanCreateOrg, CanManageGrants, CanReadOrg, as_utc
+from .deps import CanCreateOrg, CanManageGrants, ReadableOrg, as_utc
 from .schemas import GrantOut, GrantPut, OrgCreate, OrgOut
 
 router = APIRouter(prefix="/orgs", tags=["orgs"])
@@ -40,8 +40,7 @@ async def create_org(body: OrgCreate, principal: CanCreateOrg, session: SessionD
 
 
 @router.get("/{org_id}")
-async def get_org(org_id: CanReadOrg, session: SessionDep) -> OrgOut:
-    org = await _org(session, org_id)
+async def get_org(org: ReadableOrg) -> OrgOut:
     return OrgOut(id=org.id, name=org.name, created_at=as_utc(org.created_at))
 
 

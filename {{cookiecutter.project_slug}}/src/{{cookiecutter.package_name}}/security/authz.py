@@ -22,28 +22,30 @@ never parsed into a model for a caller who may not act. The org id is the one in
 before the object check, because the check needs it; a malformed id is 400 for everyone and
 names no object.
 
-Revocation takes effect on the next request: nothing is cached, each check is one query on the
-unique (subject, resource_type, resource_id) index. A cache added here must be invalidated on
-every write, across replicas (Redis), before it may be used.
+Revocation takes effect on the next request: nothing is cached, each check is one statement on the
+unique (resource_type, resource_id, subject) index, run on the database driver without an ORM
+session (`db.Reads`); a route that reads the object itself gets the check and the read in that one
+statement (`read_org`). A cache added here must be invalidated on every write, across replicas
+(Redis), before it may be used.
 """
 
-import functools
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, TypeVar, cast
 
 import fastapi.routing
-from fastapi import Depends, HTTPException
+from fastapi import Depends, HTTPException, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
-from sqlalchemy import CursorResult, Select, bindparam, delete, func, insert, select, update
+from sqlalchemy import CursorResult, Select, String, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.routing import BaseRoute
 
-from ..db import SessionDep
-from ..models import Permission, Relation
+from ..db import Reads
+from ..models import Org, Permission, Relation
 from .authn import API_PREFIX, CurrentPrincipal, Principal
 from .events import security_event
 
@@ -94,21 +96,52 @@ def require_scopes(*scopes: str) -> Any:
     return Depends(_declare(check_scopes, ScopeRule(needed)))
 
 
-@functools.cache
 def _holds_query(resource_type: str, relation: Relation) -> Select[Any]:
-    """Built once per policy: the subject holds `relation` or higher on one object."""
-    return select(Permission.id).where(
-        Permission.subject == bindparam("subject"),
+    """The subject holds `relation` or higher on one object."""
+    return select(Permission.id).where(*_grant(resource_type, relation))
+
+
+def _grant(resource_type: str, relation: Relation) -> tuple[Any, ...]:
+    return (
+        Permission.subject == bindparam("subject", None, type_=String),
         Permission.resource_type == resource_type,
-        Permission.resource_id == bindparam("resource_id"),
+        Permission.resource_id == bindparam("resource_id", None, type_=String),
         Permission.relation.in_([held.value for held in relation.at_least()]),
     )
 
 
+def _org_read_query(relation: Relation) -> Select[uuid.UUID, str, datetime]:
+    """The caller's grant joined to the org it names: no row, no grant (403); a row of NULLs, a
+    grant that outlived its org (404); else the org."""
+    return (
+        select(Org.id, Org.name, Org.created_at)
+        .select_from(Permission)
+        .outerjoin(Org, Org.id == bindparam("org_id", None, type_=Org.id.type))
+        .where(*_grant(ORG, relation))
+    )
+
+
 async def holds(session: AsyncSession, subject: str, resource_type: str, resource_id: str, relation: Relation) -> bool:
-    """One query on the unique (subject, resource_type, resource_id) index."""
+    """The permission check through an ORM session (one query on the unique index), for code that
+    holds a session anyway; the routes' checks ask `Reads` instead (no session, one round trip)."""
     query = _holds_query(resource_type, relation)
     return await session.scalar(query, {"subject": subject, "resource_id": resource_id}) is not None
+
+
+def _reads(request: Request) -> Reads:
+    reads: Reads = request.app.state.runtime.reads
+    return reads
+
+
+def _deny(principal: Principal, org_id: uuid.UUID, relation: Relation) -> HTTPException:
+    security_event(
+        "object_denied",
+        subject=principal.subject,
+        resource_type=ORG,
+        resource_id=str(org_id),
+        required=relation.value,
+    )
+    return HTTPException(403)
 
 
 def require_org_relation(relation: Relation, *, scopes: Sequence[str]) -> Any:
@@ -116,19 +149,43 @@ def require_org_relation(relation: Relation, *, scopes: Sequence[str]) -> Any:
     higher) on the org in the path. The same 403 whether the org exists or not."""
     scoped = require_scopes(*scopes)
 
-    async def check_org(org_id: uuid.UUID, principal: Annotated[Principal, scoped], session: SessionDep) -> uuid.UUID:
-        if not await holds(session, principal.subject, ORG, str(org_id), relation):
-            security_event(
-                "object_denied",
-                subject=principal.subject,
-                resource_type=ORG,
-                resource_id=str(org_id),
-                required=relation.value,
-            )
-            raise HTTPException(403)
+    async def check_org(org_id: uuid.UUID, principal: Annotated[Principal, scoped], request: Request) -> uuid.UUID:
+        reads = _reads(request)
+        query = reads.query(("holds", ORG, relation), lambda: _holds_query(ORG, relation))
+        if not await reads.fetch(query, subject=principal.subject, resource_id=str(org_id)):
+            raise _deny(principal, org_id, relation)
         return org_id
 
     return Depends(_declare(check_org, ObjectRule(ORG, relation)))
+
+
+@dataclass(frozen=True, slots=True)
+class OrgRow:
+    id: uuid.UUID
+    name: str
+    created_at: datetime
+
+
+def read_org(relation: Relation, *, scopes: Sequence[str]) -> Any:
+    """`require_org_relation`, and the org itself read in the same statement: one round trip for
+    the check and the read. 403 without the relation (whether the org exists or not), 404 for a
+    grant that outlived its org."""
+    scoped = require_scopes(*scopes)
+
+    async def check_and_read_org(
+        org_id: uuid.UUID, principal: Annotated[Principal, scoped], request: Request
+    ) -> OrgRow:
+        reads = _reads(request)
+        query = reads.query(("read", ORG, relation), lambda: _org_read_query(relation))
+        rows = await reads.fetch(query, subject=principal.subject, resource_id=str(org_id), org_id=org_id)
+        if not rows:
+            raise _deny(principal, org_id, relation)
+        found, name, created_at = rows[0]
+        if found is None:
+            raise HTTPException(404)
+        return OrgRow(found, name, created_at)
+
+    return Depends(_declare(check_and_read_org, ObjectRule(ORG, relation)))
 
 
 def no_object_policy(*, scopes: Sequence[str]) -> Any:
