@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     redis_timeout_seconds: float = Field(0.5, gt=0, le=10)
     database_read_pool_size: int = Field(4, ge=1, le=1000)
     redis_pool_size: int = Field(50, ge=1, le=10_000)
-    redis_pool_timeout_seconds: float = Field(2.0, gt=0, le=60)
+    redis_pool_timeout_seconds: float = Field(5.0, gt=0, le=60)
 
     max_body_bytes: int = Field(1_048_576, ge=1024)
     docs_enabled: bool | None = None
