@@ -307,10 +307,14 @@ PROXIES = ["10.0.0.0/8", "2001:db8:ffff::/48"]
 
 
 async def client_seen(
-    settings_for: Callable[..., Settings], peer: str, headers: dict[str, str], proxies: list[str] = PROXIES
+    settings_for: Callable[..., Settings],
+    peer: str,
+    headers: dict[str, str],
+    proxies: list[str] = PROXIES,
+    forwarded_header: str = "X-Forwarded-For",
 ) -> str:
-    app = add_probe_routes(create_app(settings_for(trusted_proxies=proxies)))
-    async with running(app, client=(peer, 4711)) as http:
+    settings = settings_for(trusted_proxies=proxies, forwarded_header=forwarded_header)
+    async with running(add_probe_routes(create_app(settings)), client=(peer, 4711)) as http:
         response = await http.get("/whoami", headers=headers)
     assert response.status_code == 200
     client: str = response.json()["client"]
@@ -335,23 +339,40 @@ async def client_seen(
         ("10.0.0.5", {"X-Forwarded-For": ""}, "10.0.0.5"),
         # No header from a trusted proxy: the proxy itself.
         ("10.0.0.5", {}, "10.0.0.5"),
-        # RFC 7239 Forwarded, quoted IPv6 with port, several elements.
-        ("10.0.0.5", {"Forwarded": "for=198.51.100.1;proto=https"}, "198.51.100.1"),
-        ("10.0.0.5", {"Forwarded": 'for="[2001:db8::1]:4711"'}, "2001:db8::1"),
-        ("10.0.0.5", {"Forwarded": "for=1.1.1.1, for=198.51.100.1, for=10.0.0.3"}, "198.51.100.1"),
-        ("10.0.0.5", {"Forwarded": "for=_hidden, for=10.0.0.3"}, "10.0.0.3"),
-        # Both headers: believed when they agree, neither when they disagree (one is forged).
-        ("10.0.0.5", {"X-Forwarded-For": "198.51.100.1", "Forwarded": "for=198.51.100.1"}, "198.51.100.1"),
-        ("10.0.0.5", {"X-Forwarded-For": "198.51.100.1", "Forwarded": "for=1.1.1.1"}, "10.0.0.5"),
+        # Only the header the proxy writes (FORWARDED_HEADER) is read. The other one came from the
+        # client through the proxy: it neither names the client nor makes the proxy the client.
+        ("10.0.0.5", {"Forwarded": "for=198.51.100.1"}, "10.0.0.5"),
+        ("10.0.0.5", {"X-Forwarded-For": "198.51.100.1", "Forwarded": "for=1.1.1.1"}, "198.51.100.1"),
+        ("10.0.0.5", {"X-Forwarded-For": "198.51.100.1", "Forwarded": "x"}, "198.51.100.1"),
         # IPv6 proxies and IPv4-mapped peers.
         ("2001:db8:ffff::9", {"X-Forwarded-For": "198.51.100.1"}, "198.51.100.1"),
         ("::ffff:10.0.0.5", {"X-Forwarded-For": "198.51.100.1"}, "198.51.100.1"),
     ],
 )
-async def test_client_address_believes_forwarding_headers_only_from_trusted_proxies(
+async def test_client_address_believes_x_forwarded_for_only_from_trusted_proxies(
     settings_for: Callable[..., Settings], peer: str, headers: dict[str, str], expected: str
 ) -> None:
     assert await client_seen(settings_for, peer, headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "expected"),
+    [
+        ("203.0.113.7", {"Forwarded": "for=198.51.100.1"}, "203.0.113.7"),
+        # RFC 7239 Forwarded, quoted IPv6 with port, several elements.
+        ("10.0.0.5", {"Forwarded": "for=198.51.100.1;proto=https"}, "198.51.100.1"),
+        ("10.0.0.5", {"Forwarded": 'for="[2001:db8::1]:4711"'}, "2001:db8::1"),
+        ("10.0.0.5", {"Forwarded": "for=1.1.1.1, for=198.51.100.1, for=10.0.0.3"}, "198.51.100.1"),
+        ("10.0.0.5", {"Forwarded": "for=_hidden, for=10.0.0.3"}, "10.0.0.3"),
+        # X-Forwarded-For is then the header the client controls.
+        ("10.0.0.5", {"X-Forwarded-For": "198.51.100.1"}, "10.0.0.5"),
+        ("10.0.0.5", {"Forwarded": "for=198.51.100.1", "X-Forwarded-For": "1.1.1.1"}, "198.51.100.1"),
+    ],
+)
+async def test_client_address_reads_only_forwarded_when_the_proxy_writes_forwarded(
+    settings_for: Callable[..., Settings], peer: str, headers: dict[str, str], expected: str
+) -> None:
+    assert await client_seen(settings_for, peer, headers, forwarded_header="Forwarded") == expected
 
 
 async def test_forwarding_headers_are_ignored_without_trusted_proxies(settings_for: Callable[..., Settings]) -> None:

@@ -18,7 +18,7 @@ from ..runtime import Runtime
 from .audit import AuditContext
 from .authn import Authenticate, BearerToken
 from .ratelimit import RateLimit, client_address, subject
-from .transport import BodyLimit, ClientAddress, SecurityHeaders, StrictCors, TrustedHosts
+from .transport import BodyLimit, ClientAddress, RefuseWebSocket, SecurityHeaders, StrictCors, TrustedHosts
 
 
 def security_pipeline(runtime: Runtime) -> list[Middleware]:
@@ -27,13 +27,15 @@ def security_pipeline(runtime: Runtime) -> list[Middleware]:
         # 1. Transport: headers on every response, even a 500 (see SecuredApp below) ...
         Middleware(SecurityHeaders, hsts=settings.is_production, docs_enabled=settings.effective_docs_enabled),
         # ... and the one client address every later layer uses.
-        Middleware(ClientAddress, trusted=settings.trusted_proxy_networks),
+        Middleware(ClientAddress, trusted=settings.trusted_proxy_networks, header=settings.forwarded_header),
+        # ... and no WebSocket handshake beyond this point: the service has no WebSocket route.
+        Middleware(RefuseWebSocket),
         # 2. Audit context: trace id and a log line for every request, refusals below included.
-        Middleware(AuditContext),
+        Middleware(AuditContext, trust_trace_context=settings.trace_context_trust),
         # 1. Transport checks that can refuse a request.
         Middleware(TrustedHosts, allowed=settings.effective_trusted_hosts),
         Middleware(StrictCors, allowed_origins=settings.allowed_origins),
-        Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+        Middleware(BodyLimit, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout_seconds),
         # 3. Pre-authentication limit per client address: cheap refusal before any crypto.
         Middleware(RateLimit, limiter=runtime.limiter, item=settings.ip_limit, policy="ip", key=client_address),
         # 4. Authentication on /api/, deny by default. Another credential type is one more entry.
