@@ -200,12 +200,18 @@ async def _apply_grant(database_url: str, org_id: uuid.UUID, subject: str, relat
                 return False, f"no org {org_id}"
             try:
                 if relation is None:
-                    if not await authz.revoke(session, authz.ORG, str(org_id), subject):
+                    if not await authz.revoke(session, authz.ORG, str(org_id), subject, acting_owner=None):
                         return False, f"{subject} holds no grant on org {org_id}"
                     message = f"revoked the grant of {subject} on org {org_id}"
                 else:
                     await authz.set_relation(
-                        session, authz.ORG, str(org_id), subject, Relation(relation), granted_by=f"cli:{SERVICE_NAME}"
+                        session,
+                        authz.ORG,
+                        str(org_id),
+                        subject,
+                        Relation(relation),
+                        granted_by=f"cli:{SERVICE_NAME}",
+                        acting_owner=None,  # an operator with database access, not a caller of the API
                     )
                     message = f"{subject} is now {relation} of org {org_id}"
             except authz.GrantRefused as refused:
