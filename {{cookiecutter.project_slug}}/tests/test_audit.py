@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,7 +27,7 @@ from {{ cookiecutter.package_name }}.config import Settings
 from {{ cookiecutter.package_name }}.db import create_engine
 from {{ cookiecutter.package_name }}.security.audit import Masker, service_log_handler
 
-from .conftest import TokenFactory, bearer, pseudonym, running
+from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, pseudonym, running
 
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 SPAN_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -388,6 +389,22 @@ def test_without_a_key_outside_production_one_is_generated_for_the_process_with_
     assert "AUDIT_PSEUDONYM_KEY" in warnings[0].getMessage()
     masked = Masker().mapping({"subject": "alice"})["subject"]
     assert re.fullmatch(r"ps_[0-9a-f]{32}", masked) and masked != pseudonym("alice")
+
+
+def test_audit_pseudonym_command_prints_what_to_search_the_log_for(
+    public_pem: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from {{ cookiecutter.package_name }}.cli import main
+
+    for name, value in {"JWT_PUBLIC_KEY": public_pem, "JWT_ISSUER": ISSUER, "JWT_AUDIENCE": AUDIENCE}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(Path(__file__).parent)  # no .env here
+    monkeypatch.setenv("AUDIT_PSEUDONYM_KEY", PSEUDONYM_KEY)
+    assert main(["audit-pseudonym", "--sub", "alice@example.com"]) == 0
+    assert capsys.readouterr().out.strip() == pseudonym("alice@example.com")
+    monkeypatch.delenv("AUDIT_PSEUDONYM_KEY")
+    assert main(["audit-pseudonym", "--sub", "alice@example.com"]) == 2
+    assert "AUDIT_PSEUDONYM_KEY" in capsys.readouterr().err
 
 
 # --- one event per security decision ------------------------------------------------------------
