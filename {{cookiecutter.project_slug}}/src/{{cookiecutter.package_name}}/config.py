@@ -100,6 +100,11 @@ class Settings(BaseSettings):
             return {"x-forwarded-for": "X-Forwarded-For", "forwarded": "Forwarded"}.get(value.strip().lower(), value)
         return value
 
+    @field_validator("audit_pseudonym_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
     @field_validator("jwt_public_key")
     @classmethod
     def _unescape_pem(cls, value: str | None) -> str | None:
