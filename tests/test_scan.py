@@ -163,6 +163,7 @@ class Bench:
             "JWT_ISSUER": ISSUER,
             "JWT_AUDIENCE": AUDIENCE,
             "ALLOWED_ORIGINS": ALLOWED_ORIGIN,
+            "AUDIT_PSEUDONYM_KEY": "scan-test-audit-pseudonym-key-0123456789",
             "LOG_LEVEL": "WARNING",
             "SCAN_PRIVATE_KEY_FILE": str(self.workdir / "keys" / "private.pem"),
         }

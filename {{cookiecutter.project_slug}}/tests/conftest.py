@@ -3,6 +3,8 @@ and an app built per test from explicit settings."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import inspect
 import logging
 import os
@@ -41,7 +43,14 @@ UNREACHABLE_DATABASE_URL = (
 ISSUER = "https://issuer.test"
 AUDIENCE = "{{ cookiecutter.project_slug }}"
 ALL_SCOPES = "orgs:read orgs:write users:read users:write"
+PSEUDONYM_KEY = "tests-audit-pseudonym-key-0123456789abcdef"
 TokenFactory = Callable[..., str]
+
+
+def pseudonym(subject: str, key: str = PSEUDONYM_KEY) -> str:
+    """How the audit log names `subject`: HMAC-SHA256 under AUDIT_PSEUDONYM_KEY, 128 bits in hex.
+    Computed here independently of the service's code."""
+    return "ps_" + hmac.new(key.encode(), subject.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -157,6 +166,7 @@ def settings_for(migrated_database: str, redis_url: str, public_pem: str) -> Cal
             "rate_limit_ip": "10000/minute",
             "rate_limit_subject": "10000/minute",
             "allowed_origins": ["https://app.example.com"],
+            "audit_pseudonym_key": PSEUDONYM_KEY,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)

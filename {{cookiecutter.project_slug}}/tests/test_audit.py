@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,9 +27,10 @@ from {{ cookiecutter.package_name }}.config import Settings
 from {{ cookiecutter.package_name }}.db import create_engine
 from {{ cookiecutter.package_name }}.security.audit import Masker, service_log_handler
 
-from .conftest import TokenFactory, bearer, running
+from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, pseudonym, running
 
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+SPAN_ID = re.compile(r"^[0-9a-f]{16}$")
 GIVEN_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{GIVEN_TRACE}-00f067aa0ba902b7-01"
 
@@ -104,8 +106,9 @@ async def test_each_request_is_one_json_line_with_time_trace_method_route_status
     assert line["route"] == "/api/v1/orgs/{org_id}"  # the template, never the path with its ids
     assert line["status"] == 200
     assert isinstance(line["duration_ms"], float | int) and line["duration_ms"] >= 0
+    assert SPAN_ID.match(line["span_id"])
     assert line["client"] == "203.0.113.7"
-    assert line["subject"] == "alice"
+    assert line["subject"] == pseudonym("alice")
     assert org_id not in json.dumps(line)
 
 
@@ -152,17 +155,67 @@ async def test_a_refusal_event_and_its_request_line_share_the_trace_id_of_the_pr
     assert {r["event"] for r in logs.of_trace(trace_id)} == {"authentication_failed", "request"}
 
 
-# --- trace id -----------------------------------------------------------------------------------
+# --- trace id ---------------------------------------------------------------------------------
 
 
-async def test_a_valid_traceparent_gives_the_trace_id(client: httpx.AsyncClient, logs: LogLines) -> None:
-    response = await client.get("/health/live", headers={"traceparent": TRACEPARENT})
-    assert response.headers["x-trace-id"] == GIVEN_TRACE
-    assert logs.request_line(response)["trace_id"] == GIVEN_TRACE
+@pytest.fixture
+def trust_for(settings_for: Callable[..., Settings]) -> Callable[[str], FastAPI]:
+    """An app with the given TRACE_CONTEXT_TRUST, behind the proxy 10.0.0.5."""
+    return lambda trust: create_app(settings_for(trace_context_trust=trust, trusted_proxies=["10.0.0.5"]))
 
 
-async def test_a_later_traceparent_version_with_extra_fields_is_honoured(client: httpx.AsyncClient) -> None:
-    response = await client.get("/health/live", headers={"traceparent": f"01-{GIVEN_TRACE}-00f067aa0ba902b7-01-xyz"})
+PROXY, CLIENT = ("10.0.0.5", 4711), ("203.0.113.7", 4711)
+
+
+@pytest.mark.parametrize(
+    ("trust", "peer", "honoured"),
+    [
+        ("always", CLIENT, True),
+        ("always", PROXY, True),
+        ("proxies", PROXY, True),
+        ("proxies", CLIENT, False),
+        ("never", PROXY, False),
+        ("never", CLIENT, False),
+    ],
+)
+async def test_a_valid_traceparent_gives_the_trace_id_only_from_a_caller_trace_context_trust_believes(
+    trust_for: Callable[[str], FastAPI], trust: str, peer: tuple[str, int], honoured: bool
+) -> None:
+    async with running(trust_for(trust), client=peer) as http:
+        with captured_logs() as logs:
+            response = await http.get("/health/live", headers={"traceparent": TRACEPARENT})
+    assert (response.headers["x-trace-id"] == GIVEN_TRACE) is honoured
+    assert TRACE_ID.match(response.headers["x-trace-id"])
+    assert logs.request_line(response)["trace_id"] == response.headers["x-trace-id"]
+
+
+def test_inbound_trace_context_is_believed_only_from_trusted_proxies_by_default(settings: Settings) -> None:
+    assert settings.trace_context_trust == "proxies"
+
+
+async def test_requests_sharing_a_trace_id_are_told_apart_by_their_own_span_id(
+    trust_for: Callable[[str], FastAPI],
+) -> None:
+    async with running(trust_for("always")) as http:
+        with captured_logs() as logs:
+            first = await http.get(
+                "/api/v1/orgs/00000000-0000-0000-0000-000000000000", headers={"traceparent": TRACEPARENT}
+            )
+            second = await http.get(
+                "/api/v1/orgs/00000000-0000-0000-0000-000000000000", headers={"traceparent": TRACEPARENT}
+            )
+    assert first.headers["x-trace-id"] == second.headers["x-trace-id"] == GIVEN_TRACE
+    lines = logs.of_trace(GIVEN_TRACE)
+    assert [line["event"] for line in lines] == ["authentication_failed", "request"] * 2
+    spans = [line["span_id"] for line in lines]
+    assert all(SPAN_ID.match(span) for span in spans)
+    assert spans[0] == spans[1] != spans[2] == spans[3]  # one span per request, on every line of it
+    assert "00f067aa0ba902b7" not in spans  # the caller's span is its parent, not this service's
+
+
+async def test_a_later_traceparent_version_with_extra_fields_is_honoured(trust_for: Callable[[str], FastAPI]) -> None:
+    async with running(trust_for("always")) as http:
+        response = await http.get("/health/live", headers={"traceparent": f"01-{GIVEN_TRACE}-00f067aa0ba902b7-01-xyz"})
     assert response.headers["x-trace-id"] == GIVEN_TRACE
 
 
@@ -180,17 +233,19 @@ async def test_a_later_traceparent_version_with_extra_fields_is_honoured(client:
     ],
 )
 async def test_a_malformed_traceparent_is_ignored_and_a_new_trace_id_generated(
-    client: httpx.AsyncClient, traceparent: str
+    trust_for: Callable[[str], FastAPI], traceparent: str
 ) -> None:
-    response = await client.get("/health/live", headers={b"traceparent": traceparent.encode("latin-1")})
+    async with running(trust_for("always")) as http:
+        response = await http.get("/health/live", headers={b"traceparent": traceparent.encode("latin-1")})
     assert response.status_code == 200
     assert TRACE_ID.match(response.headers["x-trace-id"])
     assert response.headers["x-trace-id"] != GIVEN_TRACE.lower()
 
 
-async def test_two_traceparent_headers_are_ignored(client: httpx.AsyncClient) -> None:
+async def test_two_traceparent_headers_are_ignored(trust_for: Callable[[str], FastAPI]) -> None:
     other = "00-11111111111111111111111111111111-00f067aa0ba902b7-01"
-    response = await client.get("/health/live", headers=[("traceparent", TRACEPARENT), ("traceparent", other)])
+    async with running(trust_for("always")) as http:
+        response = await http.get("/health/live", headers=[("traceparent", TRACEPARENT), ("traceparent", other)])
     assert response.headers["x-trace-id"] not in (GIVEN_TRACE, "1" * 32)
 
 
@@ -198,6 +253,23 @@ async def test_each_request_without_traceparent_gets_its_own_trace_id(client: ht
     first, second = await client.get("/health/live"), await client.get("/health/live")
     assert TRACE_ID.match(first.headers["x-trace-id"])
     assert first.headers["x-trace-id"] != second.headers["x-trace-id"]
+
+
+def test_trace_and_span_ids_cost_no_system_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import secrets
+
+    from {{ cookiecutter.package_name }}.security.events import new_trace
+
+    def no_syscall(*_args: Any) -> Any:
+        raise AssertionError("trace ids need uniqueness, not secrecy: no getrandom() per request")
+
+    monkeypatch.setattr(os, "urandom", no_syscall)
+    monkeypatch.setattr(secrets, "token_hex", no_syscall)
+    monkeypatch.setattr(secrets, "token_bytes", no_syscall)
+    trace_id, span_id = new_trace()
+    assert TRACE_ID.match(trace_id) and SPAN_ID.match(span_id)
+    assert new_trace(GIVEN_TRACE)[0] == GIVEN_TRACE
 
 
 # --- what is never logged -----------------------------------------------------------------------
@@ -255,7 +327,7 @@ async def test_no_token_cookie_query_body_or_unmasked_email_is_logged(
         "Bearer abc",
     ):
         assert secret not in logged, secret
-    assert "j***@example.org" in logged  # the subject, masked on the request lines
+    assert pseudonym("jane.doe@example.org") in logged  # the subject, pseudonymized on the request lines
     assert "p***@example.org" in logged  # the careless message and the traceback, masked
     assert "RuntimeError" in logged  # the traceback itself is kept for operators
     validation = logs.event(responses[1], "validation_failed")
@@ -284,6 +356,57 @@ def test_the_masker_masks_emails_and_configured_fields_and_redacts_secret_keys()
     assert masker.text("j***@example.org") == "j***@example.org"  # masking twice changes nothing
 
 
+async def test_subjects_are_logged_as_keyed_pseudonyms_that_tell_people_apart(
+    client: httpx.AsyncClient, logs: LogLines, make_token: TokenFactory
+) -> None:
+    path = "/api/v1/orgs/00000000-0000-0000-0000-000000000000"
+    alice = await client.get(path, headers=bearer(make_token("alice@example.com")))
+    anna = await client.get(path, headers=bearer(make_token("anna@example.com")))
+    alice_again = await client.get(path, headers=bearer(make_token("alice@example.com")))
+    assert {alice.status_code, anna.status_code, alice_again.status_code} == {403}
+
+    subjects = [logs.request_line(r)["subject"] for r in (alice, anna, alice_again)]
+    assert subjects == [pseudonym("alice@example.com"), pseudonym("anna@example.com"), pseudonym("alice@example.com")]
+    assert subjects[0] != subjects[1]  # masking made both `a***@example.com`
+    assert logs.event(anna, "object_denied")["subject"] == subjects[1]  # events name the same pseudonym
+    assert "alice" not in logs.text and "anna" not in logs.text and "***" not in logs.text
+
+
+def test_the_pseudonym_depends_on_the_key(settings_for: Callable[..., Settings]) -> None:
+    other_key = "another-audit-pseudonym-key-0123456789"
+    create_app(settings_for(audit_pseudonym_key=other_key))
+    masked = Masker().mapping({"subject": "alice"})
+    assert masked["subject"] == pseudonym("alice", other_key) != pseudonym("alice")
+
+
+def test_without_a_key_outside_production_one_is_generated_for_the_process_with_a_warning(
+    settings_for: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        create_app(settings_for(audit_pseudonym_key=None))
+    warnings = [r for r in caplog.records if getattr(r, "event", None) == "audit_pseudonym_key_generated"]
+    assert len(warnings) == 1
+    assert "AUDIT_PSEUDONYM_KEY" in warnings[0].getMessage()
+    masked = Masker().mapping({"subject": "alice"})["subject"]
+    assert re.fullmatch(r"ps_[0-9a-f]{32}", masked) and masked != pseudonym("alice")
+
+
+def test_audit_pseudonym_command_prints_what_to_search_the_log_for(
+    public_pem: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from {{ cookiecutter.package_name }}.cli import main
+
+    for name, value in {"JWT_PUBLIC_KEY": public_pem, "JWT_ISSUER": ISSUER, "JWT_AUDIENCE": AUDIENCE}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(Path(__file__).parent)  # no .env here
+    monkeypatch.setenv("AUDIT_PSEUDONYM_KEY", PSEUDONYM_KEY)
+    assert main(["audit-pseudonym", "--sub", "alice@example.com"]) == 0
+    assert capsys.readouterr().out.strip() == pseudonym("alice@example.com")
+    monkeypatch.delenv("AUDIT_PSEUDONYM_KEY")
+    assert main(["audit-pseudonym", "--sub", "alice@example.com"]) == 2
+    assert "AUDIT_PSEUDONYM_KEY" in capsys.readouterr().err
+
+
 # --- one event per security decision ------------------------------------------------------------
 
 
@@ -307,7 +430,7 @@ async def test_scope_denial_is_logged_with_the_subject(
     response = await client.get(f"/api/v1/orgs/{org_id}", headers=bearer(make_token("alice", scope="orgs:write")))
     assert response.status_code == 403
     denied = logs.event(response, "scope_denied")
-    assert denied["subject"] == "alice"
+    assert denied["subject"] == pseudonym("alice")
     assert denied["route"] == "/api/v1/orgs/{org_id}"
 
 
@@ -317,7 +440,7 @@ async def test_object_denial_is_logged_with_the_subject(
     org_id = await create_org(client, make_token("alice"))
     response = await client.get(f"/api/v1/orgs/{org_id}", headers=bearer(make_token("mallory")))
     assert response.status_code == 403
-    assert logs.event(response, "object_denied")["subject"] == "mallory"
+    assert logs.event(response, "object_denied")["subject"] == pseudonym("mallory")
 
 
 async def test_validation_failure_is_logged_with_field_locations_only(
@@ -387,7 +510,7 @@ async def audit_rows(app: FastAPI, trace_id: str) -> list[dict[str, Any]]:
         await engine.dispose()
 
 
-async def test_events_are_appended_to_the_audit_table_masked_when_enabled(
+async def test_events_are_appended_to_the_audit_table_pseudonymized_when_enabled(
     settings_for: Callable[..., Settings], make_token: TokenFactory
 ) -> None:
     app = create_app(settings_for(audit_db_enabled=True))
@@ -403,7 +526,7 @@ async def test_events_are_appended_to_the_audit_table_masked_when_enabled(
     # Leaving `running` stopped the sink, which wrote what was queued.
     rows = await audit_rows(app, denied.headers["x-trace-id"])
     assert [row["event"] for row in rows] == ["object_denied"]
-    assert rows[0]["subject"] == "b***@example.org"
+    assert rows[0]["subject"] == pseudonym("bob@example.org")
     assert rows[0]["client"] == "203.0.113.7"
     assert rows[0]["route"] == "/api/v1/orgs/{org_id}"
     sink_statements = [s for s in statements if "audit_events" in s]

@@ -483,6 +483,48 @@ async def test_oversized_token_is_refused_before_parsing(
     assert reasons(audit_events) == ["token_too_large", "token_too_large"]
 
 
+BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def with_unused_bits_set(token: str) -> str:
+    """The same token with the signature's last character replaced by one that decodes to the same
+    bytes: an RS256 signature (256 bytes) ends in a character with 4 unused bits, all zero."""
+    last = BASE64URL.index(token[-1])
+    assert last & 0b1111 == 0
+    return token[:-1] + BASE64URL[last + 1]
+
+
+def with_padded_payload(token: str) -> str:
+    header, payload, signature = token.split(".")
+    return f"{header}.{payload}{'=' * (-len(payload) % 4)}.{signature}"
+
+
+@pytest.mark.parametrize(
+    "respell",
+    [
+        lambda token: token + "==",
+        lambda token: token + "=",
+        with_unused_bits_set,
+        with_padded_payload,
+        lambda token: token.replace(".", "..", 1),
+    ],
+    ids=["padding-appended", "one-pad", "unused-bits-set", "padded-payload", "empty-segment"],
+)
+async def test_a_non_canonical_spelling_of_a_valid_token_is_rejected(
+    client: httpx.AsyncClient,
+    make_token: TokenFactory,
+    audit_events: list[logging.LogRecord],
+    respell: Callable[[str], str],
+) -> None:
+    # A subject that makes the payload's length no multiple of 4, so that it has a padded spelling.
+    token = next(t for t in (make_token("a" * n) for n in range(1, 9)) if len(t.split(".")[1]) % 4)
+    assert await status_of(client, token) == 201
+    respelled = respell(token)
+    assert respelled != token
+    await assert_rejected(client, respelled)
+    assert reasons(audit_events) == ["malformed"]
+
+
 # --- the verified-token cache ---------------------------------------------------------------------
 
 

@@ -82,7 +82,7 @@ class World:
         """Give `subject` a relation on org A directly in the database (test setup)."""
         if relation is not None:
             async with self.runtime.sessionmaker() as session:
-                await set_relation(session, ORG, self.org_a, subject, relation, granted_by="test")
+                await set_relation(session, ORG, self.org_a, subject, relation, granted_by="test", acting_owner=None)
                 await session.commit()
 
 

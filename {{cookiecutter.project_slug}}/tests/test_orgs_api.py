@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 import httpx
@@ -10,9 +13,11 @@ import pytest
 from fastapi import FastAPI
 
 from {{ cookiecutter.package_name }}.api.users import MAX_PAGE_SIZE
-from {{ cookiecutter.package_name }}.models import Permission
+from {{ cookiecutter.package_name }}.models import Permission, Relation
+from {{ cookiecutter.package_name }}.security import authz
 
 from .conftest import TokenFactory, bearer
+from .test_errors import assert_problem
 
 
 async def test_caller_creates_an_org_and_becomes_its_owner(client: httpx.AsyncClient, make_token: TokenFactory) -> None:
@@ -132,6 +137,64 @@ async def test_two_owners_demoting_each_other_at_once_leave_one_owner(
         in (200, 201)
     ]
     assert len(owners) == 1
+
+
+@pytest.fixture
+def demoted_after_the_check(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str], None]:
+    """Arrange that `subject`'s next owner check passes and that right after it, before the route
+    writes, another owner demotes `subject` to viewer in a transaction of its own that commits."""
+
+    def arrange(org: str, subject: str) -> None:
+        reads = app.state.runtime.reads
+        real_fetch = reads.fetch
+
+        async def check_then_demotion_commits(query: Any, **values: Any) -> Any:
+            rows = await real_fetch(query, **values)
+            if rows and values.get("subject") == subject:
+                monkeypatch.setattr(reads, "fetch", real_fetch)  # once
+                async with app.state.runtime.sessionmaker() as session:
+                    await authz.set_relation(
+                        session, authz.ORG, org, subject, Relation.viewer, granted_by="alice", acting_owner="alice"
+                    )
+                    await session.commit()
+            return rows
+
+        monkeypatch.setattr(reads, "fetch", check_then_demotion_commits)
+
+    return arrange
+
+
+@pytest.mark.parametrize("change", ["put", "delete"])
+async def test_an_owner_demoted_while_its_grant_change_runs_cannot_land_it(
+    client: httpx.AsyncClient,
+    make_token: TokenFactory,
+    demoted_after_the_check: Callable[[str, str], None],
+    audit_events: list[logging.LogRecord],
+    change: str,
+) -> None:
+    alice, bob, carol = bearer(make_token("alice")), bearer(make_token("bob")), bearer(make_token("carol"))
+    org = await create_org(client, alice)
+    for subject, relation in (("bob", "owner"), ("carol", "viewer")):
+        granted = await client.put(f"/api/v1/orgs/{org}/grants/{subject}", json={"relation": relation}, headers=alice)
+        assert granted.status_code == 201
+
+    demoted_after_the_check(org, "bob")
+    if change == "put":  # bob tries to make carol an owner
+        response = await client.put(f"/api/v1/orgs/{org}/grants/carol", json={"relation": "owner"}, headers=bob)
+    else:  # bob tries to remove carol
+        response = await client.delete(f"/api/v1/orgs/{org}/grants/carol", headers=bob)
+
+    assert_problem(response, 403)
+    denied = [r for r in audit_events if r.getMessage() == "object_denied"]
+    assert [getattr(r, "reason", None) for r in denied] == ["demoted_during_request"]
+    # Nothing of bob's change landed: carol is still exactly a viewer, bob is a viewer now.
+    assert (await client.get(f"/api/v1/orgs/{org}", headers=carol)).status_code == 200
+    assert (
+        await client.put(f"/api/v1/orgs/{org}/grants/dave", json={"relation": "viewer"}, headers=carol)
+    ).status_code == 403
+    assert (
+        await client.put(f"/api/v1/orgs/{org}/grants/dave", json={"relation": "viewer"}, headers=bob)
+    ).status_code == 403
 
 
 async def test_revoking_a_grant_that_does_not_exist_is_404_for_the_owner(

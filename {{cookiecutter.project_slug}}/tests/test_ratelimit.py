@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
@@ -248,3 +249,38 @@ async def test_redis_outage_serves_when_failing_open_warns_once_and_recovers(
     assert events.names.count("rate_limit_store_unavailable") == 1
     assert recovered.status_code == 200
     assert remaining(recovered, "subject") == 10000 - 1
+
+
+async def test_ipv6_clients_share_the_address_limit_of_their_64(settings_for: Callable[..., Settings]) -> None:
+    app = create_app(settings_for(rate_limit_ip="2/minute"))
+    statuses: list[int] = []
+    for client in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::7", "2001:db8:1:2:abcd::9", "2001:db8:1:3::1"):
+        async with running(app, client=(client, 4711), reset=not statuses) as http:
+            statuses.append((await http.get(PROBE)).status_code)
+    # Three addresses of one /64 spend one bucket of two; another /64 has its own.
+    assert statuses == [401, 401, 429, 401]
+
+
+async def test_a_known_token_gets_all_three_answers_in_one_round_trip(
+    settings_for: Callable[..., Settings], make_token: TokenFactory, redis_url: str
+) -> None:
+    """Layers 3-5 share one round trip for a token verified before: the address window, the
+    revocation lookup and the subject window (admission.py)."""
+    app = create_app(settings_for(redis_url=redis_url))
+    token = bearer(make_token("alice"))
+    async with running(app) as http, Redis.from_url(redis_url) as redis:
+
+        async def counted(request: bool) -> tuple[int, int]:
+            """Reads Redis served (one per round trip) and scripts it ran, around one request."""
+            reads = (await redis.info("stats"))["total_reads_processed"]
+            scripts = (await redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+            if request:
+                assert (await http.get(PROBE, headers=token)).status_code == 403
+            scripts = (await redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0) - scripts
+            return (await redis.info("stats"))["total_reads_processed"] - reads, scripts
+
+        assert (await http.get(PROBE, headers=token)).status_code == 403  # verified, now cached
+        idle_reads, _ = await counted(request=False)  # this test's own INFO commands
+        reads, scripts = await counted(request=True)
+    assert scripts == 2  # the address window; the revocation lookup with the subject window
+    assert reads - idle_reads == 1  # in one round trip

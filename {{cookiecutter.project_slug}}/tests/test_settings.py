@@ -15,6 +15,8 @@ SAFE_PRODUCTION = {
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "TRUSTED_HOSTS": "api.example.com",
     "ALLOWED_ORIGINS": "https://app.example.com",
+    "TRUSTED_PROXIES": "10.0.0.0/8,2001:db8:ffff::/48",
+    "AUDIT_PSEUDONYM_KEY": "production-audit-pseudonym-key-0123456789",
 }
 
 
@@ -53,6 +55,16 @@ def test_safe_production_settings_start(production: dict[str, str]) -> None:
         ({"TRUSTED_HOSTS": ""}, "TRUSTED_HOSTS"),
         ({"JWT_ALGORITHMS": "RS256,HS256"}, "JWT_ALGORITHMS"),
         ({"JWT_JWKS_URL": "http://issuer.example.com/jwks.json"}, "JWT_JWKS_URL"),
+        ({"TRUSTED_HOSTS": "*"}, "TRUSTED_HOSTS"),
+        ({"TRUSTED_HOSTS": "api.example.com,*"}, "TRUSTED_HOSTS"),
+        ({"TRUSTED_PROXIES": "0.0.0.0/0,::/0"}, "TRUSTED_PROXIES"),
+        ({"TRUSTED_PROXIES": "::/0"}, "TRUSTED_PROXIES"),
+        ({"TRUSTED_PROXIES": "10.0.0.0/8,0.0.0.0/1,128.0.0.0/1"}, "TRUSTED_PROXIES"),
+        ({"TRUSTED_PROXIES": "2001:db8::/16"}, "TRUSTED_PROXIES"),
+        ({"ALLOWED_ORIGINS": "http://app.example.com"}, "ALLOWED_ORIGINS"),
+        ({"ALLOWED_ORIGINS": "https://app.example.com,http://localhost:3000"}, "ALLOWED_ORIGINS"),
+        ({"AUDIT_PSEUDONYM_KEY": ""}, "AUDIT_PSEUDONYM_KEY"),
+        ({"AUDIT_PSEUDONYM_KEY": "too-short"}, "AUDIT_PSEUDONYM_KEY"),
     ],
 )
 def test_production_refuses_unsafe_setting_and_names_it(
@@ -66,6 +78,46 @@ def test_production_refuses_unsafe_setting_and_names_it(
     assert "refusing to start" in message[0]
     assert named in message[0]
     assert "Traceback" not in result.stderr
+
+
+CHECK_CONFIG = "from {{ cookiecutter.package_name }}.cli import main; raise SystemExit(main(['check-config']))"
+
+
+def test_check_config_accepts_safe_production_settings(production: dict[str, str]) -> None:
+    result = start(production, CHECK_CONFIG)
+    assert result.returncode == 0, result.stderr
+    assert "configuration ok (production)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"TRUSTED_HOSTS": "*"}, "TRUSTED_HOSTS"),
+        ({"TRUSTED_PROXIES": "0.0.0.0/0,::/0"}, "TRUSTED_PROXIES"),
+        ({"ALLOWED_ORIGINS": "http://app.example.com"}, "ALLOWED_ORIGINS"),
+        ({"AUDIT_PSEUDONYM_KEY": ""}, "AUDIT_PSEUDONYM_KEY"),
+    ],
+)
+def test_check_config_refuses_what_production_refuses(
+    production: dict[str, str], change: dict[str, str], named: str
+) -> None:
+    result = start({k: v for k, v in {**production, **change}.items() if v}, CHECK_CONFIG)
+    assert result.returncode == 1
+    assert "refusing to start" in result.stderr and named in result.stderr
+    assert "configuration ok" not in result.stdout
+
+
+def test_development_keeps_loopback_http_origins_and_any_proxy_range(public_pem: str) -> None:
+    development = {
+        "JWT_ISSUER": "https://issuer.example.com",
+        "JWT_AUDIENCE": "{{ cookiecutter.project_slug }}",
+        "JWT_PUBLIC_KEY": public_pem.replace("\n", "\\n"),
+        "ALLOWED_ORIGINS": "http://localhost:3000,http://127.0.0.1:5173",
+        "TRUSTED_PROXIES": "0.0.0.0/0",
+    }
+    result = start(development, CHECK_CONFIG)
+    assert result.returncode == 0, result.stderr
+    assert "configuration ok (development)" in result.stdout
 
 
 def test_docs_are_off_in_production_unless_enabled(production: dict[str, str]) -> None:

@@ -3,6 +3,10 @@ trusted-proxy-aware client address, and the streaming body limit."""
 
 from __future__ import annotations
 
+import asyncio
+import gzip
+import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,6 +19,7 @@ from starlette.types import Message
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
+from {{ cookiecutter.package_name }}.security.transport import rate_limit_bucket
 
 from .conftest import TokenFactory, bearer, running
 from .test_errors import assert_problem
@@ -284,6 +289,31 @@ async def test_request_for_an_untrusted_host_is_a_400_problem(client: httpx.Asyn
     assert_security_headers(response)
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost:80@evil.example",  # userinfo-like: the host is evil.example, not localhost
+        "[::1]evil.example",  # text after the IPv6 literal
+        "[::1]:80evil.example",
+        "localhost:8000:80",
+        "localhost:80a",
+        "localhost evil.example",
+        "localhost/evil",
+        "localhost,evil.example",
+        "localhost:123456",
+    ],
+)
+async def test_a_malformed_host_is_a_400_problem_even_when_it_starts_with_a_trusted_one(
+    client: httpx.AsyncClient, audit_events: list[logging.LogRecord], host: str
+) -> None:
+    response = await client.get("/health/live", headers={"Host": host})
+    body = assert_problem(response, 400)
+    assert body["type"] == PROBLEM + "host-not-allowed"
+    assert_security_headers(response)
+    refused = [r for r in audit_events if r.getMessage() == "host_refused"]
+    assert len(refused) == 1 and refused[0].malformed is True  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("host", ["localhost", "localhost:8000", "LOCALHOST", "127.0.0.1:80", "[::1]:8000", "[::1]"])
 async def test_default_development_hosts_are_trusted_with_any_port(client: httpx.AsyncClient, host: str) -> None:
     response = await client.get("/health/live", headers={"Host": host})
@@ -307,10 +337,14 @@ PROXIES = ["10.0.0.0/8", "2001:db8:ffff::/48"]
 
 
 async def client_seen(
-    settings_for: Callable[..., Settings], peer: str, headers: dict[str, str], proxies: list[str] = PROXIES
+    settings_for: Callable[..., Settings],
+    peer: str,
+    headers: dict[str, str],
+    proxies: list[str] = PROXIES,
+    forwarded_header: str = "X-Forwarded-For",
 ) -> str:
-    app = add_probe_routes(create_app(settings_for(trusted_proxies=proxies)))
-    async with running(app, client=(peer, 4711)) as http:
+    settings = settings_for(trusted_proxies=proxies, forwarded_header=forwarded_header)
+    async with running(add_probe_routes(create_app(settings)), client=(peer, 4711)) as http:
         response = await http.get("/whoami", headers=headers)
     assert response.status_code == 200
     client: str = response.json()["client"]
@@ -335,23 +369,40 @@ async def client_seen(
         ("10.0.0.5", {"X-Forwarded-For": ""}, "10.0.0.5"),
         # No header from a trusted proxy: the proxy itself.
         ("10.0.0.5", {}, "10.0.0.5"),
-        # RFC 7239 Forwarded, quoted IPv6 with port, several elements.
-        ("10.0.0.5", {"Forwarded": "for=198.51.100.1;proto=https"}, "198.51.100.1"),
-        ("10.0.0.5", {"Forwarded": 'for="[2001:db8::1]:4711"'}, "2001:db8::1"),
-        ("10.0.0.5", {"Forwarded": "for=1.1.1.1, for=198.51.100.1, for=10.0.0.3"}, "198.51.100.1"),
-        ("10.0.0.5", {"Forwarded": "for=_hidden, for=10.0.0.3"}, "10.0.0.3"),
-        # Both headers: believed when they agree, neither when they disagree (one is forged).
-        ("10.0.0.5", {"X-Forwarded-For": "198.51.100.1", "Forwarded": "for=198.51.100.1"}, "198.51.100.1"),
-        ("10.0.0.5", {"X-Forwarded-For": "198.51.100.1", "Forwarded": "for=1.1.1.1"}, "10.0.0.5"),
+        # Only the header the proxy writes (FORWARDED_HEADER) is read. The other one came from the
+        # client through the proxy: it neither names the client nor makes the proxy the client.
+        ("10.0.0.5", {"Forwarded": "for=198.51.100.1"}, "10.0.0.5"),
+        ("10.0.0.5", {"X-Forwarded-For": "198.51.100.1", "Forwarded": "for=1.1.1.1"}, "198.51.100.1"),
+        ("10.0.0.5", {"X-Forwarded-For": "198.51.100.1", "Forwarded": "x"}, "198.51.100.1"),
         # IPv6 proxies and IPv4-mapped peers.
         ("2001:db8:ffff::9", {"X-Forwarded-For": "198.51.100.1"}, "198.51.100.1"),
         ("::ffff:10.0.0.5", {"X-Forwarded-For": "198.51.100.1"}, "198.51.100.1"),
     ],
 )
-async def test_client_address_believes_forwarding_headers_only_from_trusted_proxies(
+async def test_client_address_believes_x_forwarded_for_only_from_trusted_proxies(
     settings_for: Callable[..., Settings], peer: str, headers: dict[str, str], expected: str
 ) -> None:
     assert await client_seen(settings_for, peer, headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "expected"),
+    [
+        ("203.0.113.7", {"Forwarded": "for=198.51.100.1"}, "203.0.113.7"),
+        # RFC 7239 Forwarded, quoted IPv6 with port, several elements.
+        ("10.0.0.5", {"Forwarded": "for=198.51.100.1;proto=https"}, "198.51.100.1"),
+        ("10.0.0.5", {"Forwarded": 'for="[2001:db8::1]:4711"'}, "2001:db8::1"),
+        ("10.0.0.5", {"Forwarded": "for=1.1.1.1, for=198.51.100.1, for=10.0.0.3"}, "198.51.100.1"),
+        ("10.0.0.5", {"Forwarded": "for=_hidden, for=10.0.0.3"}, "10.0.0.3"),
+        # X-Forwarded-For is then the header the client controls.
+        ("10.0.0.5", {"X-Forwarded-For": "198.51.100.1"}, "10.0.0.5"),
+        ("10.0.0.5", {"Forwarded": "for=198.51.100.1", "X-Forwarded-For": "1.1.1.1"}, "198.51.100.1"),
+    ],
+)
+async def test_client_address_reads_only_forwarded_when_the_proxy_writes_forwarded(
+    settings_for: Callable[..., Settings], peer: str, headers: dict[str, str], expected: str
+) -> None:
+    assert await client_seen(settings_for, peer, headers, forwarded_header="Forwarded") == expected
 
 
 async def test_forwarding_headers_are_ignored_without_trusted_proxies(settings_for: Callable[..., Settings]) -> None:
@@ -369,6 +420,80 @@ async def test_rate_limit_counts_the_client_behind_the_proxy(settings_for: Calla
     assert first.status_code == 401
     assert other.status_code == 401
     assert_problem(again, 429)
+
+
+# --- rate-limit bucket ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "prefix", "bucket"),
+    [
+        ("198.51.100.7", 64, "198.51.100.7"),  # IPv4: every address is its own bucket
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::1", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", 64, "2001:db8:1:3::/64"),
+        ("2001:db8:1:3::1", 56, "2001:db8:1::/56"),
+        ("2001:db8:1:3::1", 128, "2001:db8:1:3::1/128"),
+        ("::ffff:198.51.100.7", 64, "198.51.100.7"),
+        ("not-an-address", 64, "not-an-address"),
+    ],
+)
+def test_rate_limit_bucket_counts_an_ipv6_client_by_its_prefix_and_ipv4_by_address(
+    address: str, prefix: int, bucket: str
+) -> None:
+    assert rate_limit_bucket(address, prefix) == bucket
+
+
+def test_addresses_rotated_inside_one_slash_64_share_a_bucket_by_default(settings: Settings) -> None:
+    assert settings.rate_limit_ipv6_prefix == 64
+    rotated = {rate_limit_bucket(f"2001:db8:0:7::{n:x}", settings.rate_limit_ipv6_prefix) for n in range(1, 500)}
+    assert rotated == {"2001:db8:0:7::/64"}
+
+
+# --- WebSocket -------------------------------------------------------------------------------
+
+
+async def websocket_handshake(app: FastAPI, path: str, headers: list[tuple[bytes, bytes]]) -> list[Message]:
+    """Offer one WebSocket handshake straight to the ASGI app; the messages it sends back."""
+    incoming: list[Message] = [{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: dict[str, Any] = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"localhost"), (b"upgrade", b"websocket"), *headers],
+        "client": ("203.0.113.7", 4711),
+        "server": ("localhost", 80),
+        "subprotocols": [],
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize("path", ["/api/v1/orgs/00000000-0000-0000-0000-000000000000", "/health/live", "/ws"])
+async def test_a_websocket_handshake_is_refused_before_any_other_layer_and_logged(
+    app: FastAPI, make_token: TokenFactory, audit_events: list[logging.LogRecord], path: str
+) -> None:
+    forged = make_token("alice") + "x"
+    async with running(app):
+        sent = await websocket_handshake(app, path, [(b"authorization", f"Bearer {forged}".encode())])
+    assert [message["type"] for message in sent] == ["websocket.close"]  # closed before accept: 403
+    assert sent[0]["code"] == 1008
+    events = [record.getMessage() for record in audit_events]
+    assert events == ["websocket_refused"]  # the token was never looked at
+    assert audit_events[0].client == "203.0.113.7"  # type: ignore[attr-defined]
 
 
 # --- body limit ------------------------------------------------------------------------------
@@ -481,3 +606,106 @@ async def test_malformed_content_length_is_a_400_problem(limited_app: FastAPI, v
     assert status == 400
     assert b"bad-content-length" in body
     assert pulled == 0
+
+
+# --- content encoding ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP", "identity, gzip"])
+async def test_a_content_encoded_body_is_a_415_problem(
+    client: httpx.AsyncClient, make_token: TokenFactory, audit_events: list[logging.LogRecord], encoding: str
+) -> None:
+    response = await client.post(
+        "/api/v1/orgs",
+        content=gzip.compress(json.dumps({"name": "Acme"}).encode()),
+        headers={**bearer(make_token()), "Content-Type": "application/json", "Content-Encoding": encoding},
+    )
+    body = assert_problem(response, 415)
+    assert body["type"] == PROBLEM + "unsupported-content-encoding"
+    assert_security_headers(response)
+    assert "content_encoding_refused" in [record.getMessage() for record in audit_events]
+
+
+async def test_an_identity_content_encoding_is_accepted(client: httpx.AsyncClient, make_token: TokenFactory) -> None:
+    response = await client.post(
+        "/api/v1/orgs", json={"name": "Acme"}, headers={**bearer(make_token()), "Content-Encoding": "identity"}
+    )
+    assert response.status_code == 201
+
+
+# --- body read deadline ----------------------------------------------------------------------
+
+
+async def send_slowly(app: FastAPI, token: str, chunks: int, every: float) -> tuple[int, dict[bytes, bytes], bytes]:
+    """POST /api/v1/orgs with a body of `chunks` pieces, one every `every` seconds."""
+    body = json.dumps({"name": "Acme"}).encode()
+    pieces = [body] + [b" "] * (chunks - 1)  # trailing whitespace is still valid JSON
+    messages: list[Message] = [
+        {"type": "http.request", "body": piece, "more_body": index < len(pieces) - 1}
+        for index, piece in enumerate(pieces)
+    ]
+    pulled = 0
+
+    async def receive() -> Message:
+        nonlocal pulled
+        if pulled < len(messages):
+            if pulled:
+                await asyncio.sleep(every)
+            pulled += 1
+            return messages[pulled - 1]
+        await asyncio.sleep(3600)  # no disconnect: the client just holds the connection
+        raise AssertionError("unreachable")
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/v1/orgs",
+        "raw_path": b"/api/v1/orgs",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"localhost"),
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {token}".encode()),
+        ],
+        "client": ("203.0.113.7", 4711),
+        "server": ("localhost", 80),
+    }
+    await app(scope, receive, send)
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    content = b"".join(message.get("body", b"") for message in sent if message["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), content
+
+
+async def test_a_body_that_trickles_past_the_read_deadline_is_a_408_problem(
+    settings_for: Callable[..., Settings], make_token: TokenFactory, audit_events: list[logging.LogRecord]
+) -> None:
+    app = create_app(settings_for(body_read_timeout_seconds=0.3))
+    async with running(app):
+        status, headers, content = await asyncio.wait_for(send_slowly(app, make_token(), chunks=20, every=0.1), 5)
+    assert status == 408
+    assert headers[b"content-type"] == b"application/problem+json"
+    assert headers[b"connection"] == b"close"
+    assert json.loads(content)["type"] == PROBLEM + "body-read-timeout"
+    assert "body_read_timeout" in [record.getMessage() for record in audit_events]
+
+
+async def test_a_body_that_arrives_in_pieces_within_the_deadline_is_read(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    app = create_app(settings_for(body_read_timeout_seconds=2))
+    async with running(app):
+        status, _, _ = await send_slowly(app, make_token(), chunks=4, every=0.05)
+    assert status == 201
+
+
+def test_the_body_read_deadline_defaults_to_thirty_seconds(settings: Settings) -> None:
+    assert settings.body_read_timeout_seconds == 30

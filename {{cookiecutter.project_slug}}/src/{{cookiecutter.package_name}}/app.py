@@ -17,7 +17,11 @@ from .security.ratelimit import RouteLimitExceeded, route_limit_exceeded
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
-    configure_logging(settings.log_level, masked_fields=settings.audit_masked_fields)
+    configure_logging(
+        settings.log_level,
+        masked_fields=settings.audit_masked_fields,
+        pseudonym_key=settings.audit_pseudonym_key_bytes,
+    )
     runtime = Runtime.create(settings)
     docs = settings.effective_docs_enabled
     app = SecuredApp(

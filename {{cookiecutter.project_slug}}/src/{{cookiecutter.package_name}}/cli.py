@@ -127,7 +127,7 @@ def _revoke(action: Callable[[Revocations], Awaitable[str]]) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """Run the service with uvicorn configured for it: no proxy headers (TRUSTED_PROXIES decides
-    whom to believe), no Server banner, the service's JSON logging."""
+    whom to believe), no Server banner, the service's JSON logging, and the server limits."""
     import uvicorn
 
     try:
@@ -145,6 +145,16 @@ def serve(args: argparse.Namespace) -> int:
         server_header=False,
         access_log=False,
         log_config=None,
+        # uvicorn's own protections (SERVER_*): idle keep-alive connections are closed, connections
+        # and tasks are capped (uvicorn answers 503 beyond), the listen backlog is bounded, shutdown
+        # waits a bounded time for requests in flight, and a request head larger than the limit is
+        # refused (h11). uvicorn has no timeout for reading a request head: the reverse proxy in
+        # front provides it (deploy/nginx/).
+        timeout_keep_alive=settings.server_timeout_keep_alive_seconds,
+        limit_concurrency=settings.server_limit_concurrency,
+        backlog=settings.server_backlog,
+        timeout_graceful_shutdown=settings.server_timeout_graceful_shutdown_seconds,
+        h11_max_incomplete_event_size=settings.server_h11_max_incomplete_event_size,
     )
     return 0
 
@@ -157,6 +167,23 @@ def check_config(_args: argparse.Namespace) -> int:
         print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
         return 1
     print(f"configuration ok ({settings.environment})")
+    return 0
+
+
+def audit_pseudonym(args: argparse.Namespace) -> int:
+    """Print the pseudonym under which the audit log names a subject, to search the log for it."""
+    from .security.pseudonyms import Pseudonyms
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
+        return 1
+    key = settings.audit_pseudonym_key_bytes
+    if key is None:
+        print("AUDIT_PSEUDONYM_KEY is not set: the service used a key of its own process", file=sys.stderr)
+        return 2
+    print(Pseudonyms(key)(args.sub))
     return 0
 
 
@@ -198,12 +225,18 @@ async def _apply_grant(database_url: str, org_id: uuid.UUID, subject: str, relat
                 return False, f"no org {org_id}"
             try:
                 if relation is None:
-                    if not await authz.revoke(session, authz.ORG, str(org_id), subject):
+                    if not await authz.revoke(session, authz.ORG, str(org_id), subject, acting_owner=None):
                         return False, f"{subject} holds no grant on org {org_id}"
                     message = f"revoked the grant of {subject} on org {org_id}"
                 else:
                     await authz.set_relation(
-                        session, authz.ORG, str(org_id), subject, Relation(relation), granted_by=f"cli:{SERVICE_NAME}"
+                        session,
+                        authz.ORG,
+                        str(org_id),
+                        subject,
+                        Relation(relation),
+                        granted_by=f"cli:{SERVICE_NAME}",
+                        acting_owner=None,  # an operator with database access, not a caller of the API
                     )
                     message = f"{subject} is now {relation} of org {org_id}"
             except authz.GrantRefused as refused:
@@ -255,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=serve)
 
     commands.add_parser("check-config", help="validate the environment").set_defaults(handler=check_config)
+
+    pseudonym = commands.add_parser("audit-pseudonym", help="the pseudonym the audit log uses for a subject")
+    pseudonym.add_argument("--sub", required=True, type=_claim_text, help="the token subject (`sub` claim)")
+    pseudonym.set_defaults(handler=audit_pseudonym)
 
     relations = [relation.value for relation in Relation]
     give = commands.add_parser("grant", help="give a subject a relation on an org (e.g. its first owner)")

@@ -7,7 +7,7 @@ from functools import cached_property
 from typing import Annotated, Literal
 
 from limits import RateLimitItem, parse
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "{{ cookiecutter.__database_url }}"
@@ -20,6 +20,11 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 CommaList = Annotated[list[str], NoDecode]
+
+# TRUSTED_PROXIES entries wider than these are refused in production: a proxy fleet lives in one
+# private range (10.0.0.0/8 is the widest), and a wider entry believes forwarding headers from
+# most of the internet, i.e. lets clients choose their own address.
+MIN_TRUSTED_PROXY_PREFIX = {4: 8, 6: 32}
 
 
 def _split_commas(value: object) -> object:
@@ -52,9 +57,11 @@ class Settings(BaseSettings):
     allowed_origins: CommaList = []
     trusted_hosts: CommaList = []
     trusted_proxies: CommaList = []
+    forwarded_header: Literal["X-Forwarded-For", "Forwarded"] = "X-Forwarded-For"
 
     rate_limit_ip: str = "100/15minutes"
     rate_limit_subject: str = "1000/15minutes"
+    rate_limit_ipv6_prefix: int = Field(64, ge=32, le=128)
     rate_limit_failure_mode: Literal["closed", "open"] = "closed"
     redis_timeout_seconds: float = Field(0.5, gt=0, le=10)
     database_read_pool_size: int = Field(4, ge=1, le=1000)
@@ -62,12 +69,21 @@ class Settings(BaseSettings):
     redis_pool_timeout_seconds: float = Field(5.0, gt=0, le=60)
 
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    body_read_timeout_seconds: float = Field(30, gt=0, le=600)
     docs_enabled: bool | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    trace_context_trust: Literal["always", "proxies", "never"] = "proxies"
     audit_db_enabled: bool = False
     audit_masked_fields: CommaList = ["email", "phone"]
+    audit_pseudonym_key: SecretStr | None = Field(None, min_length=32)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # uvicorn's own limits, passed by `serve` (a reverse proxy in front does the rest, deploy/nginx/).
+    server_timeout_keep_alive_seconds: int = Field(5, ge=1, le=300)
+    server_limit_concurrency: int = Field(1000, ge=10)
+    server_backlog: int = Field(2048, ge=16)
+    server_timeout_graceful_shutdown_seconds: int = Field(30, ge=1, le=600)
+    server_h11_max_incomplete_event_size: int = Field(16384, ge=4096, le=1_048_576)
 
     @field_validator("jwt_algorithms", "allowed_origins", "trusted_hosts", "trusted_proxies", mode="before")
     @classmethod
@@ -78,6 +94,19 @@ class Settings(BaseSettings):
     @classmethod
     def _masked_fields(cls, value: object) -> object:
         return _split_commas(value)
+
+    @field_validator("forwarded_header", mode="before")
+    @classmethod
+    def _header_name(cls, value: object) -> object:
+        # Header names are case-insensitive: x-forwarded-for and FORWARDED name the same headers.
+        if isinstance(value, str):
+            return {"x-forwarded-for": "X-Forwarded-For", "forwarded": "Forwarded"}.get(value.strip().lower(), value)
+        return value
+
+    @field_validator("audit_pseudonym_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("jwt_public_key")
     @classmethod
@@ -163,13 +192,34 @@ class Settings(BaseSettings):
         problems = []
         if "*" in self.allowed_origins:
             problems.append("ALLOWED_ORIGINS: '*' is not allowed in production; list exact origins")
+        plain = [origin for origin in self.allowed_origins if origin.lower().startswith("http://")]
+        if plain:
+            problems.append(f"ALLOWED_ORIGINS: http:// origins are not allowed in production ({', '.join(plain)})")
         if not self.redis_url:
             problems.append("REDIS_URL: required in production (rate limits and revocation are shared)")
         if not self.trusted_hosts:
             problems.append("TRUSTED_HOSTS: required in production")
+        elif "*" in self.trusted_hosts:
+            problems.append("TRUSTED_HOSTS: '*' is not allowed in production; list the service's host names")
+        wide = [str(network) for network in self.trusted_proxy_networks if _too_wide(network)]
+        if wide:
+            problems.append(
+                "TRUSTED_PROXIES: networks wider than /8 (IPv4) or /32 (IPv6) are not allowed in production "
+                f"({', '.join(wide)}); list the proxies' own addresses or ranges"
+            )
         if self.jwt_jwks_url and not self.jwt_jwks_url.startswith("https://"):
             problems.append("JWT_JWKS_URL: must use https:// in production")
+        if self.audit_pseudonym_key is None:
+            problems.append("AUDIT_PSEUDONYM_KEY: required in production (at least 32 characters, kept secret)")
         return problems
+
+    @property
+    def audit_pseudonym_key_bytes(self) -> bytes | None:
+        return self.audit_pseudonym_key.get_secret_value().encode() if self.audit_pseudonym_key else None
+
+
+def _too_wide(network: IPNetwork) -> bool:
+    return network.prefixlen < MIN_TRUSTED_PROXY_PREFIX[network.version]
 
 
 _ENV_NAMES = {name: name.upper() for name in Settings.model_fields}

@@ -11,6 +11,7 @@ from ..models import Org, Permission, Relation
 from ..security import authz
 from ..security.authn import CurrentPrincipal
 from ..security.errors import ProblemDetail
+from ..security.events import security_event
 from ..security.ratelimit import limit
 from .deps import CanCreateOrg, CanManageGrants, ReadableOrg, as_utc
 from .schemas import GrantOut, GrantPut, OrgCreate, OrgOut
@@ -58,14 +59,23 @@ async def put_grant(
     response: Response,
 ) -> GrantOut:
     """Give `subject` exactly this relation on the org (owner only): 201 when new, 200 when
-    changed. 409 when it would leave the org without an owner."""
+    changed. 409 when it would leave the org without an owner; 403 when the caller was demoted
+    while the request ran (the owner check is repeated inside the write)."""
     await _org(session, org_id)
     try:
         created = await authz.set_relation(
-            session, authz.ORG, str(org_id), subject, body.relation, granted_by=principal.subject
+            session,
+            authz.ORG,
+            str(org_id),
+            subject,
+            body.relation,
+            granted_by=principal.subject,
+            acting_owner=principal.subject,
         )
     except authz.GrantRefused as refused:
         raise HTTPException(409, ProblemDetail(str(refused))) from None
+    except authz.NoLongerOwner:
+        raise _demoted_meanwhile(principal.subject, org_id) from None
     await session.commit()
     if created:
         response.status_code = status.HTTP_201_CREATED
@@ -73,16 +83,33 @@ async def put_grant(
 
 
 @router.delete("/{org_id}/grants/{subject}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_grant(org_id: CanManageGrants, subject: Subject, session: SessionDep) -> None:
-    """Revoke the subject's grant (owner only); effective from its next request. 409 for the last owner."""
+async def delete_grant(
+    org_id: CanManageGrants, subject: Subject, principal: CurrentPrincipal, session: SessionDep
+) -> None:
+    """Revoke the subject's grant (owner only); effective from its next request. 409 for the last
+    owner; 403 when the caller was demoted while the request ran."""
     await _org(session, org_id)
     try:
-        revoked = await authz.revoke(session, authz.ORG, str(org_id), subject)
+        revoked = await authz.revoke(session, authz.ORG, str(org_id), subject, acting_owner=principal.subject)
     except authz.GrantRefused as refused:
         raise HTTPException(409, ProblemDetail(str(refused))) from None
+    except authz.NoLongerOwner:
+        raise _demoted_meanwhile(principal.subject, org_id) from None
     if not revoked:
         raise HTTPException(404)
     await session.commit()
+
+
+def _demoted_meanwhile(subject: str, org_id: object) -> HTTPException:
+    security_event(
+        "object_denied",
+        subject=subject,
+        resource_type=authz.ORG,
+        resource_id=str(org_id),
+        required="owner",
+        reason="demoted_during_request",
+    )
+    return HTTPException(403)
 
 
 async def _org(session: SessionDep, org_id: object) -> Org:

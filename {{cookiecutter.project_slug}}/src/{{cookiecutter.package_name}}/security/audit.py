@@ -1,8 +1,9 @@
 """Layer 2, audit: a trace id for every request, one JSON log line per request, security events as
 structured metadata, and an optional append-only table of those events.
 
-Masking happens in one place, the formatter (and the table sink), not in the callers: emails and
-the AUDIT_MASKED_FIELDS are masked (`j***@example.org`), secrets are redacted, whoever logs them.
+Masking happens in one place, the formatter (and the table sink), not in the callers: `subject`
+fields become keyed pseudonyms (`security/pseudonyms.py`), other emails and the AUDIT_MASKED_FIELDS
+are masked (`j***@example.org`), secrets are redacted, whoever logs them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -22,18 +23,21 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..models import AuditEvent
+from . import pseudonyms
 from .deprecation import response_headers as deprecation_headers
 from .errors import problem
 from .events import (
     AUDIT_LOGGER,
     TraceIdFilter,
     bind_request,
-    bind_trace_id,
+    bind_trace,
+    current_span_id,
     current_trace_id,
+    inbound_trace_id,
+    new_trace,
     request_context,
-    trace_id_from,
     unbind_request,
-    unbind_trace_id,
+    unbind_trace,
 )
 
 TRACE_HEADER = "X-Trace-Id"
@@ -69,6 +73,8 @@ SECRET_KEYS = frozenset(
     }
 )
 SECRET_SUFFIXES = ("_token", "_secret", "_password", "_key")
+# Keys whose values name who acted: logged as keyed pseudonyms, stable per subject.
+SUBJECT_KEYS = frozenset({"subject"})
 
 # Compiled once: these run on every log line.
 _EMAIL = re.compile(r"(?<![\w.%+-])([A-Za-z0-9])[A-Za-z0-9._%+-]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
@@ -79,10 +85,19 @@ _URL_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s?#\"']*)\?[^\s#\"']*")
 
 
 class Masker:
-    """Masks personal data and redacts secrets in any log value, recursively."""
+    """Pseudonymizes subjects, masks personal data and redacts secrets in any log value, recursively.
 
-    def __init__(self, masked_fields: Iterable[str] = ("email",)) -> None:
+    `pseudonymize` defaults to the process's installed key (`pseudonyms.install`), so the log and
+    the audit table give a subject the same pseudonym."""
+
+    def __init__(
+        self, masked_fields: Iterable[str] = ("email",), *, pseudonymize: Callable[[str], str] | None = None
+    ) -> None:
         self.masked_fields = frozenset(field.lower() for field in masked_fields)
+        self._pseudonymize = pseudonymize
+
+    def pseudonym(self, subject: Any) -> str:
+        return (self._pseudonymize or pseudonyms.installed())(str(subject))
 
     def text(self, value: str) -> str:
         if "@" in value:
@@ -109,6 +124,8 @@ class Masker:
             name = str(key).lower()
             if name in SECRET_KEYS or name.endswith(SECRET_SUFFIXES):
                 masked[key] = REDACTED if value is not None else None
+            elif name in SUBJECT_KEYS and value is not None:
+                masked[key] = self.pseudonym(value)
             elif name in self.masked_fields and value is not None:
                 masked[key] = self.personal(value)
             else:
@@ -124,12 +141,12 @@ class Masker:
         return f"{text[:1]}***" if text else ""
 
 
-_FIRST_FIELDS = ("time", "level", "logger", "message", "trace_id")
+_FIRST_FIELDS = ("time", "level", "logger", "message", "trace_id", "span_id")
 
 
 class AuditJsonFormatter(JsonFormatter):
-    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, trace_id, then the
-    record's extra fields, all passed through the Masker."""
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, trace_id, span_id,
+    then the record's extra fields, all passed through the Masker."""
 
     def __init__(self, masker: Masker) -> None:
         super().__init__(
@@ -151,9 +168,15 @@ class ServiceLogHandler(logging.StreamHandler[IO[str]]):
 
 
 def configure_logging(
-    level: str = "INFO", *, masked_fields: Iterable[str] = ("email",), stream: IO[str] | None = None
+    level: str = "INFO",
+    *,
+    masked_fields: Iterable[str] = ("email",),
+    pseudonym_key: bytes | None = None,
+    stream: IO[str] | None = None,
 ) -> ServiceLogHandler:
-    """One JSON shape for the service, uvicorn and libraries, on stdout (or `stream`)."""
+    """One JSON shape for the service, uvicorn and libraries, on stdout (or `stream`). Subjects are
+    pseudonymized with `pseudonym_key`, or with a key generated for this process (development)."""
+    pseudonyms.install(pseudonym_key)
     handler = ServiceLogHandler(stream or sys.stdout)
     handler.addFilter(TraceIdFilter())
     handler.setFormatter(AuditJsonFormatter(Masker(masked_fields)))
@@ -170,6 +193,12 @@ def configure_logging(
     # The audit layer writes its own request line, without the query string; uvicorn's would
     # duplicate it and log the query string.
     logging.getLogger("uvicorn.access").disabled = True
+    if pseudonym_key is None:
+        logger.warning(
+            "AUDIT_PSEUDONYM_KEY is not set: subjects are logged under a key generated for this process, "
+            "so their pseudonyms change at every restart and differ between replicas",
+            extra={"event": "audit_pseudonym_key_generated"},
+        )
     return handler
 
 
@@ -178,20 +207,34 @@ def service_log_handler() -> ServiceLogHandler | None:
 
 
 class AuditContext:
-    """Sets the trace id, returns it in a header, logs one line per request, and is the last
-    guard: an exception that escapes everything inside becomes a logged 500 problem."""
+    """Sets the trace (the trace id, from the caller's `traceparent` when TRACE_CONTEXT_TRUST allows,
+    and this service's own span id), returns the trace id in a header, logs one line per request,
+    and is the last guard: an exception that escapes everything inside becomes a logged 500 problem.
 
-    def __init__(self, app: ASGIApp) -> None:
+    TRACE_CONTEXT_TRUST: `always` honours any caller's traceparent, `proxies` (default) only one
+    that arrived through a peer in TRUSTED_PROXIES (see ClientAddress), `never` none. A caller
+    outside the trust therefore cannot put its requests into another request's trace.
+    """
+
+    def __init__(self, app: ASGIApp, *, trust_trace_context: str = "proxies") -> None:
         self.app = app
         self.header = TRACE_HEADER.lower().encode()
+        self.trust_always = trust_trace_context == "always"
+        self.trust_proxies = trust_trace_context == "proxies"
+
+    def _inbound_trace_id(self, scope: Scope) -> str | None:
+        if not (self.trust_always or (self.trust_proxies and scope.get("state", {}).get("via_trusted_proxy"))):
+            return None
+        traceparents = [value for key, value in scope["headers"] if key == b"traceparent"]
+        return inbound_trace_id(traceparents[0]) if len(traceparents) == 1 else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        traceparents = [value for key, value in scope["headers"] if key == b"traceparent"]
-        trace_id = trace_id_from(traceparents[0] if len(traceparents) == 1 else None)
-        trace_token = bind_trace_id(trace_id)
+        trace = new_trace(self._inbound_trace_id(scope))
+        trace_id = trace[0]
+        trace_token = bind_trace(trace)
         request_token = bind_request(scope)
         started = time.perf_counter()
         status = 500
@@ -222,7 +265,7 @@ class AuditContext:
         finally:
             _log_request(scope, status, started)
             unbind_request(request_token)
-            unbind_trace_id(trace_token)
+            unbind_trace(trace_token)
 
 
 def _log_request(scope: Scope, status: int, started: float) -> None:
@@ -308,6 +351,7 @@ class AuditSink:
     def row(self, record: logging.LogRecord) -> dict[str, Any]:
         fields = self.masker.mapping(_extra_fields(record))
         details = {k: v for k, v in fields.items() if k not in {"event", "subject", "client", "route", "trace_id"}}
+        details["span_id"] = current_span_id()
         return {
             "occurred_at": datetime.fromtimestamp(record.created, UTC),
             "trace_id": current_trace_id()[:32],
@@ -362,7 +406,7 @@ class _SinkHandler(logging.Handler):
             self.handleError(record)
 
 
-_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "trace_id"}
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "trace_id", "span_id"}
 
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -205,11 +205,30 @@ def _scopes(claims: dict[str, Any]) -> frozenset[str]:
 # --- Bearer tokens --------------------------------------------------------------------------
 
 
+# A compact JWS is three base64url segments without padding (RFC 7515 §2, §7.1). The last
+# character of a segment of length 4n+2 or 4n+3 carries 4 or 2 unused bits that must be zero:
+# `AQgw` and `AEIMQUYcgkosw048` are the characters for which they are. PyJWT's decoder accepts
+# padding, stray characters and nonzero unused bits, so one signed token would have many spellings,
+# each verified and cached on its own; only the one canonical spelling is accepted.
+_BASE64URL_AND_DOT = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
+_CANONICAL_LAST = {2: b"AQgw", 3: b"AEIMQUYcgkosw048"}
+
+
+def _canonical_jws(token: bytes) -> bool:
+    if token.translate(None, _BASE64URL_AND_DOT) or token.count(b".") != 2:
+        return False
+    for part in token.split(b"."):
+        rest = len(part) % 4
+        if rest == 1 or (rest and part[-1:] not in _CANONICAL_LAST[rest]):
+            return False
+    return True
+
+
 def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     """The token of `Authorization: Bearer <token>` (never a query string or cookie).
 
     None when there is no bearer credential; b"" for one that is present but unusable
-    (several Authorization headers, or an empty token).
+    (several Authorization headers, an empty token, or one that is not a canonical compact JWS).
     """
     found: bytes | None = None
     for key, value in headers:
@@ -220,6 +239,9 @@ def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
             found = token.strip() if scheme.lower() == b"bearer" else None
             if found is None:
                 return None
+    # An oversized token is left to the verifier, which refuses it for its size without reading it.
+    if found and len(found) <= MAX_TOKEN_BYTES and not _canonical_jws(found):
+        return b""
     return found
 
 

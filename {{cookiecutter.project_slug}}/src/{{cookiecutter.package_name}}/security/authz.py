@@ -206,6 +206,11 @@ class GrantRefused(Exception):
     """A grant change that would break an invariant. The message is safe to show."""
 
 
+class NoLongerOwner(Exception):
+    """The caller's owner grant, which the route's check found, was changed or removed before the
+    caller's own grant change could be written (a concurrent demotion won)."""
+
+
 async def set_relation(
     session: AsyncSession,
     resource_type: str,
@@ -214,11 +219,14 @@ async def set_relation(
     relation: Relation,
     *,
     granted_by: str,
+    acting_owner: str | None,
 ) -> bool:
     """Give `subject` exactly `relation` on the object; True when the grant is new. Refuses to
-    leave the object without an owner. The caller commits."""
+    leave the object without an owner. `acting_owner` is the subject whose owner grant allows the
+    change, re-checked as part of this write (None: an operator, e.g. the CLI). The caller commits."""
     key = _grant_key(resource_type, resource_id, subject)
     await _lock_owners(session, resource_type, resource_id)
+    await _still_owner(session, resource_type, resource_id, acting_owner)
     changed = cast(
         CursorResult[Any], await session.execute(update(Permission).where(*key).values(relation=relation.value))
     )
@@ -242,10 +250,13 @@ async def set_relation(
     return created
 
 
-async def revoke(session: AsyncSession, resource_type: str, resource_id: str, subject: str) -> bool:
+async def revoke(
+    session: AsyncSession, resource_type: str, resource_id: str, subject: str, *, acting_owner: str | None
+) -> bool:
     """Remove the subject's grant on the object; False when it had none. Refuses to remove the
-    last owner. The caller commits."""
+    last owner. `acting_owner` as for `set_relation`. The caller commits."""
     await _lock_owners(session, resource_type, resource_id)
+    await _still_owner(session, resource_type, resource_id, acting_owner)
     removed = cast(
         CursorResult[Any],
         await session.execute(delete(Permission).where(*_grant_key(resource_type, resource_id, subject))),
@@ -279,6 +290,27 @@ async def _lock_owners(session: AsyncSession, resource_type: str, resource_id: s
     await session.execute(
         select(Permission.id).where(*_owners(resource_type, resource_id)).order_by(Permission.id).with_for_update()
     )
+
+
+async def _still_owner(session: AsyncSession, resource_type: str, resource_id: str, subject: str | None) -> None:
+    """The route checked the caller's owner grant before this transaction; a concurrent demotion
+    may have committed since. This no-op UPDATE of the caller's owner row makes the check part of
+    the write: it matches nothing once the row is no longer `owner`, and it holds the row lock
+    (PostgreSQL, after the ordered owner lock above) or the database write lock (SQLite, whose
+    transaction begins with this write) until commit, so no demotion lands in between."""
+    if subject is None:
+        return
+    touched = cast(
+        CursorResult[Any],
+        await session.execute(
+            update(Permission)
+            .where(*_grant_key(resource_type, resource_id, subject), Permission.relation == Relation.owner.value)
+            .values(relation=Relation.owner.value)
+        ),
+    )
+    if touched.rowcount == 0:
+        await session.rollback()
+        raise NoLongerOwner
 
 
 async def _keep_an_owner(session: AsyncSession, resource_type: str, resource_id: str) -> None:

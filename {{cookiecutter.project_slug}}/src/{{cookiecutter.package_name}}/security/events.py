@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from contextvars import ContextVar, Token
+from random import getrandbits
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -20,28 +20,46 @@ from starlette.types import Scope
 AUDIT_LOGGER = "audit"
 audit_logger = logging.getLogger(AUDIT_LOGGER)
 
-_trace_id: ContextVar[str] = ContextVar("trace_id", default="-")
+# The request's trace: (trace id, this service's own span id). The trace id may come from the
+# caller (see AuditContext); the span id is always this service's, so two requests that share a
+# trace id stay apart in the log.
+Trace = tuple[str, str]
+_NO_TRACE: Trace = ("-", "-")
+_trace: ContextVar[Trace] = ContextVar("trace", default=_NO_TRACE)
 _request: ContextVar[Scope | None] = ContextVar("audit_request", default=None)
 
 # W3C Trace Context: version-traceid-parentid-flags in lowercase hex. Version ff and all-zero ids
 # are invalid; versions after 00 may append fields, version 00 may not.
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[\x21-\x7e]*)?")
-_ZERO_TRACE, _ZERO_PARENT = "0" * 32, "0" * 16
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[\x21-\x7e]*)?")
+_ZERO_TRACE, _ZERO_PARENT = b"0" * 32, b"0" * 16
 
 # LogRecord attributes an `extra` key must not overwrite (logging raises KeyError for these).
 _RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
 def current_trace_id() -> str:
-    return _trace_id.get()
+    return _trace.get()[0]
 
 
-def bind_trace_id(trace_id: str) -> Token[str]:
-    return _trace_id.set(trace_id)
+def current_span_id() -> str:
+    return _trace.get()[1]
 
 
-def unbind_trace_id(token: Token[str]) -> None:
-    _trace_id.reset(token)
+def new_trace(trace_id: str | None = None) -> Trace:
+    """A span id of this service under `trace_id`, or under a new trace id.
+
+    Ids need to be unique, not secret: `random.getrandbits` (seeded from the OS once per process,
+    and again in a forked child) costs no system call, unlike `secrets`. W3C forbids all-zero ids.
+    """
+    return (trace_id or f"{getrandbits(128) or 1:032x}", f"{getrandbits(64) or 1:016x}")
+
+
+def bind_trace(trace: Trace) -> Token[Trace]:
+    return _trace.set(trace)
+
+
+def unbind_trace(token: Token[Trace]) -> None:
+    _trace.reset(token)
 
 
 def bind_request(scope: Scope) -> Token[Scope | None]:
@@ -53,16 +71,15 @@ def unbind_request(token: Token[Scope | None]) -> None:
     _request.reset(token)
 
 
-def trace_id_from(traceparent: bytes | None) -> str:
-    """The trace id of a valid W3C traceparent, else a new one. A malformed header is ignored."""
-    if traceparent:
-        match = _TRACEPARENT.fullmatch(traceparent.decode("latin-1").strip())
-        if match:
-            version, trace_id, parent_id, _flags, extension = match.groups()
-            valid_version = version != "ff" and not (version == "00" and extension)
-            if valid_version and trace_id != _ZERO_TRACE and parent_id != _ZERO_PARENT:
-                return trace_id
-    return secrets.token_hex(16)
+def inbound_trace_id(traceparent: bytes) -> str | None:
+    """The trace id of a valid W3C traceparent; None for a malformed one (ignored, never an error)."""
+    match = _TRACEPARENT.fullmatch(traceparent.strip())
+    if match:
+        version, trace_id, parent_id, _flags, extension = match.groups()
+        valid_version = version != b"ff" and not (version == b"00" and extension)
+        if valid_version and trace_id != _ZERO_TRACE and parent_id != _ZERO_PARENT:
+            return trace_id.decode("ascii")
+    return None
 
 
 # FastAPI >= 0.137 puts the route as declared in its own router into scope["route"], without the
@@ -119,9 +136,9 @@ def security_event(event: str, level: int = logging.WARNING, **fields: Any) -> N
 
 
 class TraceIdFilter(logging.Filter):
-    """Puts the current trace id on every log record, whoever logs it."""
+    """Puts the current trace id and span id on every log record, whoever logs it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "trace_id"):
-            record.trace_id = _trace_id.get()
+            record.trace_id, record.span_id = _trace.get()
         return True

@@ -17,8 +17,8 @@ from starlette.types import ASGIApp
 from ..runtime import Runtime
 from .audit import AuditContext
 from .authn import Authenticate, BearerToken
-from .ratelimit import RateLimit
-from .transport import BodyLimit, ClientAddress, SecurityHeaders, StrictCors, TrustedHosts
+from .ratelimit import RateLimit, client_bucket
+from .transport import BodyLimit, ClientAddress, RefuseWebSocket, SecurityHeaders, StrictCors, TrustedHosts
 
 
 def security_pipeline(runtime: Runtime) -> list[Middleware]:
@@ -28,16 +28,25 @@ def security_pipeline(runtime: Runtime) -> list[Middleware]:
         # 1. Transport: headers on every response, even a 500 (see SecuredApp below) ...
         Middleware(SecurityHeaders, hsts=settings.is_production, docs_enabled=settings.effective_docs_enabled),
         # ... and the one client address every later layer uses.
-        Middleware(ClientAddress, trusted=settings.trusted_proxy_networks),
+        Middleware(ClientAddress, trusted=settings.trusted_proxy_networks, header=settings.forwarded_header),
+        # ... and no WebSocket handshake beyond this point: the service has no WebSocket route.
+        Middleware(RefuseWebSocket),
         # 2. Audit context: trace id and a log line for every request, refusals below included.
-        Middleware(AuditContext),
+        Middleware(AuditContext, trust_trace_context=settings.trace_context_trust),
         # 1. Transport checks that can refuse a request.
         Middleware(TrustedHosts, allowed=settings.effective_trusted_hosts),
         Middleware(StrictCors, allowed_origins=settings.allowed_origins),
-        Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
-        # 3. Pre-authentication limit per client address: cheap refusal before any crypto. Layers 3-5
-        # share one Redis round trip: a token verified before is known here already (admission.py).
-        Middleware(RateLimit, admission=runtime.admission, policy="ip", lookahead=bearer.known),
+        Middleware(BodyLimit, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout_seconds),
+        # 3. Pre-authentication limit per client address (IPv6 by prefix): cheap refusal before any
+        # crypto. Layers 3-5 share one Redis round trip: a token verified before is known here
+        # already (admission.py).
+        Middleware(
+            RateLimit,
+            admission=runtime.admission,
+            policy="ip",
+            key=client_bucket(settings.rate_limit_ipv6_prefix),
+            lookahead=bearer.known,
+        ),
         # 4. Authentication on /api/, deny by default. Another credential type is one more entry.
         Middleware(Authenticate, authenticators=[bearer]),
         # 5. Per-subject limit (per-route limits are declared on routes with `ratelimit.limit`).

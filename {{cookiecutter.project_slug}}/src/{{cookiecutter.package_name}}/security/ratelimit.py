@@ -26,6 +26,7 @@ from .authn import API_PREFIX
 from .errors import ProblemResponse, problem, store_busy
 from .events import security_event
 from .store import Command, MemoryStore, RedisStore, Script, StoreBusy, StoreUnavailable
+from .transport import rate_limit_bucket
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -214,6 +215,7 @@ class RateLimit:
         *,
         admission: Admission,
         policy: str,
+        key: Callable[[Scope], str] | None = None,
         lookahead: Callable[[Scope], Principal | None] | None = None,
     ) -> None:
         if policy not in ("ip", "subject"):
@@ -221,6 +223,7 @@ class RateLimit:
         self.app = app
         self.admission = admission
         self.policy = policy
+        self.key = key or client_address
         self.lookahead = lookahead
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -254,7 +257,7 @@ class RateLimit:
     async def _decide(self, scope: Scope) -> Decision | None:
         if self.policy == "ip":
             known = self.lookahead(scope) if self.lookahead is not None else None
-            return await self.admission.address(scope, client_address(scope), known)
+            return await self.admission.address(scope, self.key(scope), known)
         answer = self.admission.kept(scope)
         if answer is not None:
             return answer.decision
@@ -266,6 +269,17 @@ def client_address(scope: Scope) -> str:
     """The address the transport layer decided (TRUSTED_PROXIES-aware)."""
     client = scope.get("client")
     return client[0] if client else "unknown"
+
+
+def client_bucket(v6_prefix: int) -> Callable[[Scope], str]:
+    """The address limit's key: the client address, an IPv6 one cut to its /`v6_prefix` (one
+    subscriber usually holds a whole /64, so counting per /128 would give each one unlimited
+    buckets)."""
+
+    def key(scope: Scope) -> str:
+        return rate_limit_bucket(client_address(scope), v6_prefix)
+
+    return key
 
 
 def subject(scope: Scope) -> str | None:

@@ -1,9 +1,13 @@
 """Layer 1, transport: security headers, trusted hosts, the client address, strict CORS and the
-request body limit. Each is a small pure ASGI middleware with one job."""
+request body limit (size, encoding, read deadline), and the refusal of WebSocket handshakes. Each is
+a small pure ASGI middleware with one job."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -12,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import IPNetwork
 from .errors import ProblemDetail, problem
-from .events import security_event
+from .events import bind_request, bind_trace, new_trace, security_event, unbind_request, unbind_trace
 
 # A JSON API loads nothing, is framed by nobody and is the target of no form: `'none'` everywhere.
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
@@ -78,36 +82,62 @@ class SecurityHeaders:
 
 
 class TrustedHosts:
-    """Answers 400 to a Host header that is not in TRUSTED_HOSTS (exact, or `*.example.com`)."""
+    """Answers 400 to a Host header that is not in TRUSTED_HOSTS (exact, or `*.example.com`), and to
+    one that is not a well-formed `host[:port]` at all (`localhost:80@evil.example`)."""
+
+    CACHE_SIZE = 256
 
     def __init__(self, app: ASGIApp, *, allowed: Iterable[str]) -> None:
         self.app = app
-        hosts = [_hostname(host) if not host.startswith("*.") else host.lower() for host in allowed]
+        hosts = [_configured_host(host) if not host.startswith("*.") else host.lower() for host in allowed]
         self.any = "*" in hosts
         self.exact = frozenset(host for host in hosts if not host.startswith("*."))
         self.suffixes = tuple(host[1:] for host in hosts if host.startswith("*."))
+        # Raw Host values already accepted: the usual request skips the parse. Only accepted values
+        # are remembered, and only so many, so a client cannot grow it.
+        self.accepted: set[bytes] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or self.any:
             await self.app(scope, receive, send)
             return
-        host = _hostname(Headers(scope=scope).get("host", ""))
-        if host in self.exact or (self.suffixes and host.endswith(self.suffixes)):
+        raw = next((value for key, value in scope["headers"] if key == b"host"), b"")
+        if raw in self.accepted:
             await self.app(scope, receive, send)
             return
-        security_event("host_refused", host=host[:255])
+        host = _host_of(raw.decode("latin-1"))
+        if host is not None and (host in self.exact or (self.suffixes and host.endswith(self.suffixes))):
+            if len(self.accepted) < self.CACHE_SIZE:
+                self.accepted.add(raw)
+            await self.app(scope, receive, send)
+            return
+        security_event("host_refused", host=raw.decode("latin-1")[:255], malformed=host is None)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
         await problem(400, "The Host header is not allowed.", name="host-not-allowed")(scope, receive, send)
 
 
-def _hostname(host_header: str) -> str:
-    """The host of a Host header, lower case, without port or IPv6 brackets: `[::1]:80` -> `::1`."""
-    host = host_header.strip().lower()
+# RFC 9110 `Host = uri-host [ ":" port ]`: a name or IPv4 address, or an IPv6 literal in brackets,
+# then an optional port of digits. Nothing else (userinfo, text after the bracket, spaces) is a host.
+_HOST = re.compile(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._-]+))(?::[0-9]{0,5})?")
+
+
+def _host_of(host_header: str) -> str | None:
+    """The host of a Host header, lower case, without port or IPv6 brackets (`[::1]:80` -> `::1`);
+    None when the header is not a well-formed host."""
+    match = _HOST.fullmatch(host_header.lower())
+    if match is None:
+        return None
+    return match.group(1) or match.group(2)
+
+
+def _configured_host(name: str) -> str:
+    """A TRUSTED_HOSTS entry as `_host_of` returns hosts: `::1`, `[::1]` and `[::1]:80` are `::1`."""
+    host = name.strip().lower()
     if host.startswith("["):
         end = host.find("]")
-        return host[1:end] if end > 0 else ""
+        return host[1:end] if end > 0 else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
@@ -133,17 +163,20 @@ def _ip(text: str) -> IPAddress | None:
 
 class ClientAddress:
     """Decides the client address once, for every later layer (rate limits, audit): the socket
-    peer, unless the peer is in TRUSTED_PROXIES; then the chain of X-Forwarded-For or Forwarded
-    is walked from the right, skipping trusted proxies, and the first untrusted hop is the client.
-    The result replaces scope["client"].
+    peer, unless the peer is in TRUSTED_PROXIES; then the chain of the one header the proxy writes
+    (FORWARDED_HEADER: `X-Forwarded-For` or RFC 7239 `Forwarded`) is walked from the right,
+    skipping trusted proxies, and the first untrusted hop is the client. The result replaces
+    scope["client"], and `state["via_trusted_proxy"]` records that the peer was a trusted proxy.
 
-    A proxy appends to one of the two headers and passes the other through from the client. When
-    both are present and name different clients, one of them is forged and neither is believed.
+    The other header is never read: the proxy passes it through from the client unchanged, so it
+    says whatever the client wants.
     """
 
-    def __init__(self, app: ASGIApp, *, trusted: tuple[IPNetwork, ...]) -> None:
+    def __init__(self, app: ASGIApp, *, trusted: tuple[IPNetwork, ...], header: str = "X-Forwarded-For") -> None:
         self.app = app
         self.trusted = trusted
+        self.header = header.lower().encode("latin-1")
+        self.chain = _forwarded_chain if self.header == b"forwarded" else _xff_chain
 
     def _is_trusted(self, ip: IPAddress) -> bool:
         return any(ip in network for network in self.trusted)
@@ -154,17 +187,12 @@ class ClientAddress:
             peer = _ip(client[0]) if client else None
             if peer is not None and self._is_trusted(peer):
                 scope["client"] = (self._resolve(peer, scope["headers"]), 0)
+                scope.setdefault("state", {})["via_trusted_proxy"] = True
         await self.app(scope, receive, send)
 
     def _resolve(self, peer: IPAddress, headers: list[tuple[bytes, bytes]]) -> str:
-        xff = _header_values(headers, b"x-forwarded-for")
-        forwarded = _header_values(headers, b"forwarded")
-        by_xff = self._walk(peer, _xff_chain(xff)) if xff else None
-        by_forwarded = self._walk(peer, _forwarded_chain(forwarded)) if forwarded else None
-        if by_xff is not None and by_forwarded is not None and by_xff != by_forwarded:
-            security_event("forwarded_headers_conflict", peer=str(peer))
-            return str(peer)
-        return str(by_xff or by_forwarded or peer)
+        values = _header_values(headers, self.header)
+        return str(self._walk(peer, self.chain(values)) if values else peer)
 
     def _walk(self, peer: IPAddress, chain: list[str]) -> IPAddress:
         address = peer
@@ -200,6 +228,48 @@ def _forwarded_chain(values: list[str]) -> list[str]:
                     hop = val
             chain.append(hop)
     return chain
+
+
+@functools.lru_cache(maxsize=4096)
+def rate_limit_bucket(address: str, v6_prefix: int) -> str:
+    """The rate-limit key of a client address: an IPv4 address is its own bucket (/32), an IPv6
+    address counts with its whole /`v6_prefix` network (RATE_LIMIT_IPV6_PREFIX, default 64: one
+    subscriber's allocation), so rotating addresses inside one's own prefix buys no new quota.
+    `2001:db8:1:2:aaaa::1` -> `2001:db8:1:2::/64`. Anything that is not an address is its own key.
+    Cached: the limiter asks once per request, mostly for the same few addresses."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address)
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> (128 - v6_prefix) << (128 - v6_prefix), v6_prefix)))
+
+
+class RefuseWebSocket:
+    """The service has no WebSocket route, so a handshake is refused here, before any later layer
+    spends work on it (the token check would otherwise run, unlimited and unlogged): the close
+    before accept makes the server answer the handshake with 403. A service that adds a WebSocket
+    route removes this layer and makes the address limit and the audit line count handshakes first.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        trace_token = bind_trace(new_trace())
+        request_token = bind_request(scope)
+        try:
+            security_event("websocket_refused")
+        finally:
+            unbind_request(request_token)
+            unbind_trace(trace_token)
+        await send({"type": "websocket.close", "code": 1008})
 
 
 class StrictCors:
@@ -294,23 +364,53 @@ class BodyTooLarge(HTTPException):
         super().__init__(status_code=413, detail=ProblemDetail(_too_large(max_bytes)))
 
 
+class BodyReadTimeout(HTTPException):
+    """Raised from `receive` when the body has not arrived within BODY_READ_TIMEOUT_SECONDS: a
+    client trickling its body holds a connection and a task for no longer than that."""
+
+    problem_name = "body-read-timeout"
+
+    def __init__(self, seconds: float) -> None:
+        detail = ProblemDetail(f"The request body did not arrive within {seconds:g} seconds.")
+        super().__init__(status_code=408, detail=detail, headers={"Connection": "close"})
+
+
 def _too_large(max_bytes: int) -> str:
     return f"The request body is larger than {max_bytes} bytes."
 
 
+_IDENTITY = (b"", b"identity")
+
+
 class BodyLimit:
     """Refuses bodies over MAX_BODY_BYTES with 413: at once when Content-Length says so, and while
-    streaming otherwise, so a lying or absent Content-Length cannot get more through."""
+    streaming otherwise, so a lying or absent Content-Length cannot get more through. A body must
+    arrive within BODY_READ_TIMEOUT_SECONDS of the first read (408), and unencoded: the service
+    never decompresses, so `Content-Encoding` other than identity is 415 (a gzip body would
+    otherwise be validated as the bytes it is, and a decompressing layer added later would undo
+    the size limit)."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, read_timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length")
+        declared = encoding = None
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                declared = value if declared is None else declared
+            elif key == b"content-encoding":
+                encoding = value
+        if encoding is not None and encoding.strip().lower() not in _IDENTITY:
+            security_event("content_encoding_refused", encoding=encoding.decode("latin-1")[:64])
+            await problem(415, "Request bodies must not be content-encoded.", name="unsupported-content-encoding")(
+                scope, receive, send
+            )
+            return
         if declared is not None:
             if not declared.isdigit():
                 security_event("bad_content_length")
@@ -323,15 +423,29 @@ class BodyLimit:
                 await problem(413, _too_large(self.max_bytes), name=BodyTooLarge.problem_name)(scope, receive, send)
                 return
         received = 0
+        deadline: float | None = None
+        complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline, complete
+            if complete:  # after the body, receive only waits for a disconnect
+                return await receive()
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.read_timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                security_event("body_read_timeout", timeout=self.read_timeout, received=received)
+                raise BodyReadTimeout(self.read_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     security_event("body_too_large", limit=self.max_bytes, declared=False)
                     raise BodyTooLarge(self.max_bytes)
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
             return message
 
         await self.app(scope, limited_receive, send)
