@@ -615,3 +615,23 @@ def test_token_mint_refuses_in_production(tmp_path: Path, monkeypatch: pytest.Mo
 def test_jwt_library_is_recent_enough() -> None:
     major, minor = (int(part) for part in jwt.__version__.split(".")[:2])
     assert (major, minor) >= (2, 13)
+
+
+async def test_a_service_mounted_under_a_root_path_authenticates_and_limits_alike(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    """`uvicorn --root-path /svc` puts the prefix in the request path too: the prefix checks must
+    look past it, or /api/ would run unauthenticated and unlimited."""
+    app = create_app(settings_for(rate_limit_ip="3/minute"))
+    transport = httpx.ASGITransport(app=app, root_path="/svc", client=("203.0.113.9", 4711))
+    probe = f"/svc/api/v1/orgs/{uuid.uuid4()}"
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+        anonymous = await http.get(probe)
+        authorized = await http.get(probe, headers=bearer(make_token()))
+        await http.get(probe)
+        limited = await http.get(probe)
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"].startswith("Bearer")
+    assert authorized.status_code == 403  # authenticated, no grant on this org
+    assert "ratelimit" in authorized.headers
+    assert limited.status_code == 429

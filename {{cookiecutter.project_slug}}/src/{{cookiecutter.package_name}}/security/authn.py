@@ -72,6 +72,15 @@ class Authenticator(Protocol):
         ...
 
 
+def app_path(scope: Scope) -> str:
+    """The path the application routes on: the request path without the server's `--root-path`
+    (uvicorn puts both in `path`). Every prefix check uses it, so a service mounted under a
+    prefix is authenticated and limited exactly as one that is not."""
+    path: str = scope.get("path", "")
+    root = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 # --- JWT verification -----------------------------------------------------------------------
 
 
@@ -293,7 +302,7 @@ class Authenticate:
         self.challenges = ", ".join(a.challenge for a in self.authenticators)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "")
+        path = app_path(scope)
         if scope["type"] not in ("http", "websocket") or not path.startswith(API_PREFIX) or path in self.public_paths:
             await self.app(scope, receive, send)
             return

@@ -22,7 +22,7 @@ from limits import RateLimitItem, parse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings
-from .authn import API_PREFIX
+from .authn import API_PREFIX, app_path
 from .errors import ProblemResponse, problem, store_busy
 from .events import security_event
 from .store import Command, MemoryStore, RedisStore, Script, StoreBusy, StoreUnavailable
@@ -227,7 +227,7 @@ class RateLimit:
         self.lookahead = lookahead
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+        if scope["type"] != "http" or not app_path(scope).startswith(API_PREFIX):
             await self.app(scope, receive, send)
             return
         try:

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import IPNetwork
+from .authn import app_path
 from .errors import ProblemDetail, problem
 from .events import bind_request, bind_trace, new_trace, security_event, unbind_request, unbind_trace
 
@@ -70,7 +71,7 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        extra = self.docs_headers if self.docs_enabled and scope["path"] in DOCS_PATHS else self.api_headers
+        extra = self.docs_headers if self.docs_enabled and app_path(scope) in DOCS_PATHS else self.api_headers
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
