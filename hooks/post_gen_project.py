@@ -21,12 +21,15 @@ CHOSEN = {
 CONTEXT = json.loads({{ cookiecutter | tojson | tojson }})
 
 # option -> value -> paths that only that value needs.
-# The PostgreSQL test server helper lives in tests/servers.py, shared by both
-# variants, so no database value owns a whole file yet.
+# The PostgreSQL test server helper lives in tests/servers.py, shared by both variants.
 OPTION_FILES: dict[str, dict[str, list[str]]] = {
     "database": {
-        "sqlite": [],
-        "postgresql": [],
+        "sqlite": ["deploy/kubernetes/persistentvolumeclaim.yaml"],
+        # A SQLite file has one writer: no autoscaling, nothing for a disruption budget to keep.
+        "postgresql": [
+            "deploy/kubernetes/poddisruptionbudget.yaml",
+            "deploy/kubernetes/horizontalpodautoscaler.yaml",
+        ],
     },
 }
 
