@@ -95,3 +95,34 @@ def test_make_sbom_describes_the_locked_runtime_set(baked: BakedProject, name: s
         assert component.get("hashes") or any(
             reference.get("hashes") for reference in component.get("externalReferences", [])
         ), component["name"]
+
+
+@variants
+def test_the_image_install_steps_work_from_the_locks(baked: BakedProject, name: str, tmp_path: Path) -> None:
+    """The Dockerfile's build stage, run on this machine's Python: hatchling from build.txt, the
+    runtime set from main.txt (hashes checked, wheels only), the service's wheel on top, and the
+    entry point `serve` is started by."""
+    project = baked(name)
+    build, runtime = tmp_path / "build", tmp_path / "venv"
+    steps = [
+        [sys.executable, "-m", "venv", str(build)],
+        [str(build / "bin/pip"), "install", "--quiet", "--require-hashes", "--no-deps", "--only-binary=:all:",
+         "-r", "requirements/build.txt"],
+        [sys.executable, "-m", "venv", str(runtime)],
+        [str(runtime / "bin/pip"), "install", "--quiet", "--require-hashes", "--no-deps", "--only-binary=:all:",
+         "-r", "requirements/main.txt"],
+        [str(build / "bin/pip"), "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir",
+         str(tmp_path / "wheels"), "."],
+    ]  # fmt: skip
+    for command in steps:
+        result = run(command, cwd=project, timeout=600)
+        assert result.returncode == 0, report(result)
+    wheels = [str(path) for path in (tmp_path / "wheels").glob("*.whl")]
+    for command in (
+        [str(runtime / "bin/pip"), "install", "--quiet", "--no-deps", *wheels],
+        [str(runtime / "bin/pip"), "check"],
+        [str(runtime / "bin" / project.name), "serve", "--help"],
+        [str(runtime / "bin/alembic"), "--help"],
+    ):
+        result = run(command, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, report(result)
