@@ -106,6 +106,14 @@ class ProxiedService:
                     lines.append(record)
         return lines
 
+    def audit_count_reaching(self, expected: int) -> int:
+        """The number of request lines once `expected` are written (the service logs a request
+        after answering it), or what there is after a few seconds."""
+        deadline = time.monotonic() + 5
+        while len(self.audit_lines()) < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return len(self.audit_lines())
+
 
 @pytest.fixture(scope="module")
 def proxied_service(migrated_database: str, redis_url: str, public_pem: str) -> Iterator[ProxiedService]:
@@ -173,6 +181,7 @@ def test_nginx_sets_header_and_body_timeouts() -> None:
 
 
 def test_a_client_cannot_choose_its_address_with_forwarding_headers(proxied_service: ProxiedService) -> None:
+    before = len(proxied_service.audit_lines())
     spoofs = [
         {"X-Forwarded-For": "203.0.113.9"},
         {"X-Forwarded-For": "203.0.113.9, 127.0.0.1"},
@@ -189,6 +198,7 @@ def test_a_client_cannot_choose_its_address_with_forwarding_headers(proxied_serv
     # ... which another client does not share.
     with proxied_service.client(OTHER_CLIENT) as http:
         assert http.get("/api/v1/orgs/spoof").status_code == 401
+    assert proxied_service.audit_count_reaching(before + IP_LIMIT + 2) == before + IP_LIMIT + 2
     # The service logged only real addresses (127.0.0.1: the test's own readiness probes).
     clients = {line["client"] for line in proxied_service.audit_lines()}
     assert SPOOFING_CLIENT in clients
@@ -218,7 +228,7 @@ def test_a_body_over_the_limit_is_refused_by_nginx_with_413(proxied_service: Pro
         assert response.json()["status"] == 413
     # Only the request at the limit reached the service (which refuses it without a token).
     assert at_limit.status_code == 401
-    assert len(proxied_service.audit_lines()) == before + 1
+    assert proxied_service.audit_count_reaching(before + 1) == before + 1
 
 
 def test_a_malformed_request_is_answered_by_nginx(proxied_service: ProxiedService) -> None:
@@ -230,7 +240,10 @@ def test_a_malformed_request_is_answered_by_nginx(proxied_service: ProxiedServic
     assert head.startswith(b"HTTP/1.1 400 ")
     assert b"application/problem+json" in head
     assert json.loads(body)["status"] == 400
-    assert len(proxied_service.audit_lines()) == before
+    # A request after it is the only one the service logs.
+    with proxied_service.client(OTHER_CLIENT) as http:
+        assert http.get("/health/live").status_code == 200
+    assert proxied_service.audit_count_reaching(before + 1) == before + 1
 
 
 def test_a_slow_header_sender_is_cut_off(proxied_service: ProxiedService) -> None:
