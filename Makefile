@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo demo-tour bench clean
+.PHONY: test demo demo-tour bench lock clean
 
 test: $(VENV)/.installed
 	$(BIN)/pytest tests -q
@@ -20,6 +20,11 @@ demo-tour: $(VENV)/.installed
 bench: $(VENV)/.installed
 	command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -q && apt-get install -y -q wrk) </dev/null || true
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The locked requirements every baked service ships, one set per database; UPGRADE=1 for the
+# newest releases pyproject.toml allows.
+lock: $(VENV)/.installed
+	$(BIN)/python scripts/lock.py $(if $(UPGRADE),--upgrade)
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -6,29 +6,49 @@ value, by its path relative to the baked project. Cookiecutter runs this hook wi
 the baked project as the working directory.
 """
 
+import json
+import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 PROJECT_SLUG = {{ cookiecutter.project_slug | tojson }}
 CHOSEN = {
     "database": {{ cookiecutter.database | tojson }},
 }
+# The whole context of this bake, for .cruft.json.
+CONTEXT = json.loads({{ cookiecutter | tojson | tojson }})
 
 # option -> value -> paths that only that value needs.
-# The PostgreSQL test server helper lives in tests/servers.py, shared by both
-# variants, so no database value owns a whole file yet.
+# The PostgreSQL test server helper lives in tests/servers.py, shared by both variants.
 OPTION_FILES: dict[str, dict[str, list[str]]] = {
     "database": {
-        "sqlite": [],
-        "postgresql": [],
+        "sqlite": ["deploy/kubernetes/persistentvolumeclaim.yaml"],
+        # A SQLite file has one writer: no autoscaling, nothing for a disruption budget to keep.
+        "postgresql": [
+            "deploy/kubernetes/poddisruptionbudget.yaml",
+            "deploy/kubernetes/horizontalpodautoscaler.yaml",
+        ],
     },
 }
 
+# The locked dependency sets differ by database driver; the template keeps one per value and
+# the chosen one becomes requirements/main.txt and requirements/dev.txt.
+LOCKED_REQUIREMENTS = "requirements"
+OPTION_VALUES_WITH_LOCKS = ("sqlite", "postgresql")
+
 # What the generated test suite starts by itself, so must find installed.
 TEST_SERVERS = {
-    "sqlite": "redis-server (apt-get install -y redis-server)",
-    "postgresql": "redis-server and initdb"
-    " (apt-get install -y redis-server postgresql)",
+    "sqlite": "redis-server and nginx (apt-get install -y redis-server nginx)",
+    "postgresql": "redis-server, nginx and initdb"
+    " (apt-get install -y redis-server nginx postgresql)",
+}
+# Cookiecutter's abbreviations, which git (and so cruft) does not know.
+ABBREVIATIONS = {
+    "gh:": "https://github.com/",
+    "gl:": "https://gitlab.com/",
+    "bb:": "https://bitbucket.org/",
 }
 
 
@@ -49,6 +69,78 @@ def remove_unselected_option_files() -> None:
                 remove_path(relative_path)
 
 
+def place_locked_requirements() -> None:
+    requirements = Path(LOCKED_REQUIREMENTS)
+    for value in OPTION_VALUES_WITH_LOCKS:
+        per_value = requirements / value
+        if value == CHOSEN["database"] and per_value.is_dir():
+            for locked in per_value.iterdir():
+                locked.replace(requirements / locked.name)
+        remove_path(str(per_value))
+
+
+def local_template_dir() -> Path | None:
+    """The template's directory when it was baked from a local path. Cookiecutter keeps that path
+    as given and runs this hook inside the baked project, so a relative one is resolved against
+    the directory cookiecutter was started from."""
+    for key in ("_repo_dir", "_template"):
+        given = Path(str(CONTEXT.get(key) or ""))
+        if not str(given):
+            continue
+        base = Path(os.environ.get("PWD", "/"))
+        candidate = given if given.is_absolute() else base / given
+        if (candidate / "cookiecutter.json").is_file():
+            return candidate.resolve()
+    return None
+
+
+def template_source() -> str:
+    template = str(CONTEXT.get("_template", ""))
+    for short, url in ABBREVIATIONS.items():
+        if template.startswith(short):
+            return url + template[len(short) :]
+    if not re.match(r"^[\w+.-]+://|^[\w.-]+@", template):  # a local path, not a URL
+        local = local_template_dir()
+        return str(local) if local else template
+    return template
+
+
+def template_commit() -> str | None:
+    repo_dir = local_template_dir()
+    if repo_dir is None:
+        return None
+    result = subprocess.run(
+        ["git", "-C", str(repo_dir), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def write_cruft_state() -> None:
+    """Give a plain `cookiecutter` bake the .cruft.json that `cruft create` writes, so
+    `cruft update` works on every service. Under cruft (create, update, diff) the context has
+    `_commit` and cruft writes the file itself."""
+    if "_commit" in CONTEXT or Path(".cruft.json").exists():
+        return
+    commit = template_commit()
+    if commit is None:
+        print("note: the template is not a git checkout, so no .cruft.json was written;"
+              " bake with `cruft create` to be able to `cruft update`")
+        return
+    answers = {key: value for key, value in CONTEXT.items() if not key.startswith("_")}
+    state = {
+        "template": template_source(),
+        "commit": commit,
+        "checkout": CONTEXT.get("_checkout"),
+        "context": {"cookiecutter": {**answers, "_template": template_source(), "_commit": commit}},
+        "directory": None,
+    }
+    Path(".cruft.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
 def print_next_steps() -> None:
     print(
         f"\nBaked {PROJECT_SLUG} (database: {CHOSEN['database']}). Next steps:\n"
@@ -62,6 +154,8 @@ def print_next_steps() -> None:
 
 def main() -> None:
     remove_unselected_option_files()
+    place_locked_requirements()
+    write_cruft_state()
     print_next_steps()
 
 

@@ -52,11 +52,15 @@ FULLY_TESTED = ("default", "postgresql")
 
 
 def run(
-    command: Sequence[str], cwd: Path, timeout: float = 900
+    command: Sequence[str],
+    cwd: Path,
+    timeout: float = 900,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         list(command),
         cwd=cwd,
+        env=None if env is None else dict(env),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

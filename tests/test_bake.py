@@ -10,7 +10,8 @@ import pytest
 from bake import FULLY_TESTED, VARIANTS, option_files, report, run, template_choices
 from conftest import BakedProject
 
-JINJA_RESIDUE = re.compile(r"\{\{|\{%|\{#|cookiecutter\.")
+# `${{ ... }}` is a GitHub Actions expression, meant to be left as it is.
+JINJA_RESIDUE = re.compile(r"(?<!\$)\{\{|\{%|\{#|cookiecutter\.")
 
 
 def text_files(project: Path) -> list[Path]:

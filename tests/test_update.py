@@ -1,0 +1,245 @@
+"""The template update path, end to end: a service baked from an older commit of this template,
+changed by its owner, then updated to the newest commit with `cruft update`.
+
+The template's history is made here, in a temporary git repository (no network): commit OLD is
+this working tree with a few changes undone (a security setting of the reverse proxy, a
+Kubernetes manifest the template later added, lines in template-owned files), commit NEW is the
+working tree as it is. The service owner's change is a new route and a changed settings default.
+The update must apply without a conflict or a rejected hunk, bring every template change, keep
+the owner's change, and leave a service whose lint, type check and tests pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from bake import TEMPLATE_DIR, report, run
+
+SLUG, PACKAGE = "secure-api", "secure_api"
+TEMPLATE_PROJECT = "{{cookiecutter.project_slug}}"
+TEMPLATE_PACKAGE = f"{TEMPLATE_PROJECT}/src/{{{{cookiecutter.package_name}}}}"
+GIT_ENV = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "template test",
+    "GIT_AUTHOR_EMAIL": "template-test@example.invalid",
+    "GIT_COMMITTER_NAME": "template test",
+    "GIT_COMMITTER_EMAIL": "template-test@example.invalid",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "HOME": os.environ.get("HOME", "/tmp"),
+}
+OLD_HEADER_TIMEOUT = "client_header_timeout 60s;"
+OLD_TEMPLATE_LINE = "# (an older revision of the template)\n"
+OWNER_ROUTE = '''"""A route of this service's own, added after baking; template updates leave it alone."""
+
+from typing import Annotated
+
+from fastapi import APIRouter
+
+from ..security.authn import Principal
+from ..security.authz import no_object_policy
+
+router = APIRouter(prefix="/ping", tags=["ping"])
+
+CanPing = Annotated[Principal, no_object_policy(scopes=["orgs:read"])]
+
+
+@router.get("")
+async def ping(principal: CanPing) -> dict[str, str]:
+    return {"pong": principal.subject}
+'''
+
+
+def git(*args: str, cwd: Path) -> str:
+    result = subprocess.run(
+        ["git", *args], cwd=cwd, env=GIT_ENV, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, report(result)
+    return result.stdout
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    """Replace text that must be there: a changed anchor fails loudly, not silently."""
+    text = path.read_text()
+    assert old in text, f"{path}: {old!r} not found; update the fixture in {__file__}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def copy_working_tree(destination: Path) -> None:
+    """This template as it is on disk (uncommitted changes included), without ignored files."""
+    listed = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=TEMPLATE_DIR)
+    for relative in filter(None, listed.split("\0")):
+        source = TEMPLATE_DIR / relative
+        if source.is_file():
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def undo_template_changes(template: Path) -> None:
+    """Turn the working tree into the older template that OLD stands for."""
+    edit(template / TEMPLATE_PROJECT / "deploy/nginx/nginx.conf", "client_header_timeout 10s;", OLD_HEADER_TIMEOUT)
+    edit(template / TEMPLATE_PROJECT / "deploy/kubernetes/kustomization.yaml", "  - networkpolicy.yaml\n", "")
+    (template / TEMPLATE_PROJECT / "deploy/kubernetes/networkpolicy.yaml").unlink()
+    for owned in ("security/transport.py", "config.py"):
+        path = template / TEMPLATE_PACKAGE / owned
+        path.write_text(path.read_text() + OLD_TEMPLATE_LINE)
+    readme = template / TEMPLATE_PROJECT / "README.md"
+    readme.write_text(readme.read_text() + "\n" + OLD_TEMPLATE_LINE)
+
+
+def make_template_history(template: Path) -> tuple[str, str]:
+    """Commit OLD, then NEW on top of it, on `main` (the branch cruft updates to)."""
+    copy_working_tree(template)
+    undo_template_changes(template)
+    git("init", "-q", "-b", "main", cwd=template)
+    git("add", "-A", cwd=template)
+    git("commit", "-q", "-m", "fixture: an older template", cwd=template)
+    old = git("rev-parse", "HEAD", cwd=template).strip()
+    copy_working_tree(template)
+    git("add", "-A", cwd=template)
+    git("commit", "-q", "-m", "the template, as it is", cwd=template)
+    return old, git("rev-parse", "HEAD", cwd=template).strip()
+
+
+def change_the_service(project: Path) -> None:
+    """What a service owner does: a route of their own and a different settings default."""
+    package = project / "src" / PACKAGE
+    (package / "api" / "ping.py").write_text(OWNER_ROUTE)
+    api = package / "api" / "__init__.py"
+    edit(api, "from . import orgs, users", "from . import orgs, ping, users")
+    api.write_text(api.read_text() + "router.include_router(ping.router)\n")
+    config = package / "config.py"
+    text = config.read_text()
+    changed = re.sub(r"(jwt_jwks_refresh_seconds: int = Field\()300\b", r"\g<1>600", text, count=1)
+    assert changed != text, f"{config}: the jwt_jwks_refresh_seconds default moved; update {__file__}"
+    config.write_text(changed)
+
+
+def overlay_python(tmp_path: Path, project: Path) -> Path:
+    """A venv that sees this venv's packages and has `project` installed editable on top, so the
+    updated service is tested without touching the install other template tests share."""
+    overlay = tmp_path / "venv"
+    result = run([sys.executable, "-m", "venv", "--without-pip", str(overlay)], cwd=tmp_path)
+    assert result.returncode == 0, report(result)
+    python = overlay / "bin" / "python"
+    purelib = run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=tmp_path)
+    # A plain path line: this venv's packages, but not the editable installs its .pth files make.
+    (Path(purelib.stdout.strip()) / "template-venv.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    command = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-build-isolation"]
+    result = run([*command, "--editable", f"{project}[dev]"], cwd=project)
+    assert result.returncode == 0, report(result)
+    return python
+
+
+@pytest.fixture(scope="module")
+def updated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, subprocess.CompletedProcess[str]]:
+    root = tmp_path_factory.mktemp("update")
+    template = root / "template"
+    old, new = make_template_history(template)
+    out = root / "out"
+    out.mkdir()
+    create = run(
+        [sys.executable, "-m", "cruft", "create", "--no-input", "--checkout", old, "--output-dir", str(out), str(template)],
+        cwd=root,
+        timeout=120,
+    )
+    assert create.returncode == 0, report(create)
+    project = out / SLUG
+    assert json.loads((project / ".cruft.json").read_text())["commit"] == old
+    git("init", "-q", "-b", "main", cwd=project)
+    git("add", "-A", cwd=project)
+    git("commit", "-q", "-m", "baked from the template", cwd=project)
+    change_the_service(project)
+    git("add", "-A", cwd=project)
+    git("commit", "-q", "-m", "our route and settings", cwd=project)
+    update = subprocess.run(
+        [sys.executable, "-m", "cruft", "update", "--skip-apply-ask"],
+        cwd=project,
+        env=GIT_ENV,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    return project, old, new, update
+
+
+def test_cruft_create_and_update_apply_cleanly(updated: tuple[Path, str, str, subprocess.CompletedProcess[str]]) -> None:
+    project, _old, new, update = updated
+    assert update.returncode == 0, report(update)
+    assert json.loads((project / ".cruft.json").read_text())["commit"] == new
+    rejected = [str(path.relative_to(project)) for path in project.rglob("*.rej")]
+    assert not rejected, f"hunks rejected: {rejected}\n{report(update)}"
+    conflicted = git("diff", "--name-only", "--diff-filter=U", cwd=project).split()
+    markers = git("grep", "-l", "-E", "^(<<<<<<<|>>>>>>>) ", cwd=project) if _has_markers(project) else ""
+    assert not conflicted and not markers, f"conflicts: {conflicted} {markers}"
+
+
+def _has_markers(project: Path) -> bool:
+    return (
+        subprocess.run(
+            ["git", "grep", "-q", "-E", "^(<<<<<<<|>>>>>>>) "], cwd=project, env=GIT_ENV, check=False
+        ).returncode
+        == 0
+    )
+
+
+def test_the_update_brings_every_template_change(updated: tuple[Path, str, str, subprocess.CompletedProcess[str]]) -> None:
+    project, *_ = updated
+    nginx = (project / "deploy/nginx/nginx.conf").read_text()
+    assert "client_header_timeout 10s;" in nginx and OLD_HEADER_TIMEOUT not in nginx
+    assert (project / "deploy/kubernetes/networkpolicy.yaml").is_file()
+    assert "networkpolicy.yaml" in (project / "deploy/kubernetes/kustomization.yaml").read_text()
+    for path in (f"src/{PACKAGE}/security/transport.py", f"src/{PACKAGE}/config.py", "README.md"):
+        assert OLD_TEMPLATE_LINE not in (project / path).read_text(), path
+    # Exactly the files the template changed, and none the owner alone touched.
+    changed = set(git("diff", "--name-only", "HEAD", cwd=project).split())
+    changed |= set(git("ls-files", "--others", "--exclude-standard", cwd=project).split())
+    assert changed == {
+        ".cruft.json",
+        "README.md",
+        "deploy/kubernetes/kustomization.yaml",
+        "deploy/kubernetes/networkpolicy.yaml",
+        "deploy/nginx/nginx.conf",
+        f"src/{PACKAGE}/config.py",
+        f"src/{PACKAGE}/security/transport.py",
+    }
+
+
+def test_the_owners_change_survives_the_update(updated: tuple[Path, str, str, subprocess.CompletedProcess[str]]) -> None:
+    project, *_ = updated
+    package = project / "src" / PACKAGE
+    assert (package / "api" / "ping.py").read_text() == OWNER_ROUTE
+    assert "router.include_router(ping.router)" in (package / "api" / "__init__.py").read_text()
+    assert "jwt_jwks_refresh_seconds: int = Field(600" in (package / "config.py").read_text()
+
+
+CHECKS: dict[str, Callable[[Path], list[str]]] = {
+    "ruff-check": lambda python: [str(python), "-m", "ruff", "check", "."],
+    "ruff-format": lambda python: [str(python), "-m", "ruff", "format", "--check", "."],
+    "mypy": lambda python: [str(python), "-m", "mypy"],
+    "pytest": lambda python: [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+}
+
+
+def test_the_updated_service_passes_lint_types_and_tests(
+    updated: tuple[Path, str, str, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    project, *_ = updated
+    python = overlay_python(tmp_path, project)
+    failures = []
+    for name, command in CHECKS.items():
+        result = run(command(python), cwd=project)
+        if result.returncode != 0:
+            failures.append(f"{name}: {report(result)}")
+    assert not failures, "\n\n".join(failures)
