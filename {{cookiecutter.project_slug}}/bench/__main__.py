@@ -188,6 +188,7 @@ def main() -> int:
         "RATE_LIMIT_IP": HUGE_LIMIT,
         "RATE_LIMIT_SUBJECT": HUGE_LIMIT,
         "LOG_LEVEL": "INFO",
+        "AUDIT_PSEUDONYM_KEY": "bench-only-pseudonym-key-0123456789abcdef",
         "BENCH_TOKEN": token,
     }
 
