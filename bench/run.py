@@ -2,7 +2,8 @@
 run its own driver (`python -m bench` inside the baked service) with results in build/bench.
 
 Extra arguments go to the driver (`make bench BENCH_ARGS="--duration 2"`); `--update-docs`
-also copies the report into docs/benchmarks.md between its markers.
+also copies the report into docs/benchmarks.md between its markers; `--database postgresql` bakes
+and measures the PostgreSQL variant (its report goes between the `postgresql` markers).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "bench"
 PROJECT = BUILD / "secure-api"
 DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
+MARKERS = {
+    "sqlite": ("<!-- bench:results:start -->", "<!-- bench:results:end -->"),
+    "postgresql": ("<!-- bench:postgresql:start -->", "<!-- bench:postgresql:end -->"),
+}
 
 
 def run(command: list[str], cwd: Path) -> None:
@@ -25,22 +29,24 @@ def run(command: list[str], cwd: Path) -> None:
     subprocess.run(command, cwd=cwd, check=True)
 
 
-def bake() -> None:
+def bake(database: str) -> None:
     shutil.rmtree(PROJECT, ignore_errors=True)
     BUILD.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-m", "cookiecutter", "--no-input", "--output-dir", str(BUILD), str(ROOT)], ROOT)
+    command = [sys.executable, "-m", "cookiecutter", "--no-input", "--output-dir", str(BUILD), str(ROOT)]
+    run([*command, f"database={database}"], ROOT)
     # No build isolation: hatchling and editables come from requirements-dev.txt, offline-friendly.
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation"]
     run([*pip, "--editable", f"{PROJECT}[bench]"], ROOT)
 
 
-def update_docs(results: Path) -> None:
+def update_docs(results: Path, database: str) -> None:
+    start_marker, end_marker = MARKERS[database]
     text = DOCS.read_text()
-    before, start, rest = text.partition(START)
-    _, end, after = rest.partition(END)
+    before, start, rest = text.partition(start_marker)
+    _, end, after = rest.partition(end_marker)
     if not start or not end:
-        raise SystemExit(f"{DOCS} has no {START} ... {END} markers")
-    DOCS.write_text(f"{before}{START}\n{results.read_text().strip()}\n{END}{after}")
+        raise SystemExit(f"{DOCS} has no {start_marker} ... {end_marker} markers")
+    DOCS.write_text(f"{before}{start_marker}\n{results.read_text().strip()}\n{end_marker}{after}")
     print(f"updated {DOCS.relative_to(ROOT)}")
 
 
@@ -57,13 +63,14 @@ def commit() -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--update-docs", action="store_true", help="copy the report into docs/benchmarks.md")
+    parser.add_argument("--database", choices=sorted(MARKERS), default="sqlite", help="the variant to bake")
     args, driver_args = parser.parse_known_args()
-    bake()
+    bake(args.database)
     if "--commit" not in driver_args:
         driver_args += commit()
     run([sys.executable, "-m", "bench", "--out", str(BUILD), *driver_args], PROJECT)
     if args.update_docs:
-        update_docs(BUILD / "results.md")
+        update_docs(BUILD / "results.md", args.database)
     return 0
 
 

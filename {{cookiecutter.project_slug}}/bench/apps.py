@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from {{ cookiecutter.package_name }} import health
 from {{ cookiecutter.package_name }}.app import create_app
-from {{ cookiecutter.package_name }}.db import Reads
+from {{ cookiecutter.package_name }}.db import Statements
 from {{ cookiecutter.package_name }}.models import Org
 from {{ cookiecutter.package_name }}.runtime import Runtime
 from {{ cookiecutter.package_name }}.security.authn import API_PREFIX
@@ -153,7 +153,7 @@ def skip_object_checks(app: FastAPI) -> None:
         return org_id
 
     async def org_by_id(org_id: uuid.UUID, request: Request) -> OrgRow:
-        reads: Reads = request.app.state.runtime.reads
+        reads: Statements = request.app.state.runtime.statements
         query = reads.query("bench:org_by_id", _org_by_id)
         rows = await reads.fetch(query, org_id=org_id)
         if not rows:

@@ -8,14 +8,25 @@ from typing import Any
 RSS_TARGET_MB = 150.0
 
 
-def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
-    bare, full = scenarios["a"]["median"], scenarios["c"]["median"]
-    throughput = full["rps"] / bare["rps"] if bare["rps"] else 0.0
-    tail = full["p99_ms"] / bare["p99_ms"] if bare["p99_ms"] else float("inf")
-    return [
-        {"target": "req/s of (c) at least 0.5 x (a)", "value": round(throughput, 2), "met": throughput >= 0.5},
-        {"target": "p99 of (c) under 2 x p99 of (a)", "value": round(tail, 2), "met": tail < 2.0},
-    ]
+# The cost targets of an authenticated, authorized read (c) and a committed write (d), as a share of
+# the bare framework's throughput (a) in the same run: what a hand-written app doing the same
+# security work reaches on this kind of machine.
+TARGETS = {"sqlite": {"c": 0.16, "d": 0.07}, "postgresql": {"c": 0.19, "d": 0.12}}
+
+
+def targets(scenarios: dict[str, Any], database: str = "sqlite") -> list[dict[str, Any]]:
+    bare = scenarios["a"]["median"]
+    found = []
+    for key, share in TARGETS[database].items():
+        ratio = scenarios[key]["median"]["rps"] / bare["rps"] if bare["rps"] else 0.0
+        found.append(
+            {
+                "target": f"req/s of ({key}) at least {share} x (a) ({database})",
+                "value": round(ratio, 3),
+                "met": ratio >= share,
+            }
+        )
+    return found
 
 
 def _ms(value: float) -> str:
@@ -36,7 +47,8 @@ def _machine(results: dict[str, Any]) -> list[str]:
         f"{results['settings']['repeat']} alternating rounds of {results['settings']['duration']:g} s per scenario, "
         "medians",
         f"- Service: uvicorn, 1 worker, uvloop + httptools, no access log, ENVIRONMENT=production, "
-        f"redis-server ({machine['redis_server'].split(' sha=')[0]}) on loopback, limits set never to trigger",
+        f"redis-server ({machine['redis_server'].split(' sha=')[0]}) on loopback, limits set never to trigger; "
+        "the service pinned to core 0, wrk, Redis and the database server to core 1",
         f"- Versions: {packages}",
     ]
 
@@ -59,7 +71,7 @@ def _scenarios(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| ({key}) | {scenario['label']} | {median['rps']:.0f} | {_ms(median['p50_ms'])} "
             f"| {_ms(median['p99_ms'])} "
-            f"| {median['rps'] / bare['rps']:.2f} | {median['p99_ms'] / bare['p99_ms']:.1f} "
+            f"| {median['rps'] / bare['rps']:.3f} | {median['p99_ms'] / bare['p99_ms']:.1f} "
             f"| {median['cpu_us_per_request']:.0f} "
             f"| {median['redis_round_trips_per_request']:.1f} | {median['non_2xx']:.0f} |"
         )

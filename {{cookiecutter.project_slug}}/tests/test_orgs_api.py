@@ -145,7 +145,7 @@ def demoted_after_the_check(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Ca
     writes, another owner demotes `subject` to viewer in a transaction of its own that commits."""
 
     def arrange(org: str, subject: str) -> None:
-        reads = app.state.runtime.reads
+        reads = app.state.runtime.statements
         real_fetch = reads.fetch
 
         async def check_then_demotion_commits(query: Any, **values: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The async engine and one session per request for writes; `Reads` for the request path's reads."""
+"""The async engine and one session per request for writes; `Statements` for the request path's reads."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from sqlalchemy import Select, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.sql.dml import ReturningInsert
 
 AnySelect: TypeAlias = Select[*tuple[Any, ...]]
+AnyStatement: TypeAlias = Select[*tuple[Any, ...]] | ReturningInsert[*tuple[Any, ...]]
 
 
 def create_engine(database_url: str) -> AsyncEngine:
@@ -22,7 +24,7 @@ def create_engine(database_url: str) -> AsyncEngine:
     if database_url.startswith("sqlite"):
         # One connection: writers queue for it in this process instead of spinning on SQLite's
         # file lock through busy_timeout (which gave a p99 of a second under 32 concurrent
-        # writers). Request-path reads do not wait for it: they go through `Reads`.
+        # writers). Request-path reads do not wait for it: they go through `Statements`.
         engine = create_async_engine(
             database_url, connect_args={"timeout": 5}, pool_size=1, max_overflow=0, pool_timeout=10
         )
@@ -52,15 +54,16 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-# --- Reads on the request path ----------------------------------------------------------------
+# --- Statements on the request path ----------------------------------------------------------------
 
 
 class Query:
-    """A SELECT compiled once for the engine's dialect and run on the database driver itself: its
-    SQL, its parameters in order with SQLAlchemy's bind processors, and its columns with
-    SQLAlchemy's result processors, so a row reads back exactly as the ORM would read it."""
+    """A statement (a SELECT, or an INSERT ... RETURNING) compiled once for the engine's dialect and
+    run on the database driver itself: its SQL, its parameters in order with SQLAlchemy's bind
+    processors, and its columns with SQLAlchemy's result processors, so a row reads back exactly
+    as the ORM would read it. Python-side column defaults are not applied: pass every value."""
 
-    def __init__(self, statement: AnySelect, dialect: Dialect) -> None:
+    def __init__(self, statement: AnyStatement, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
         self.sql = compiled.string
         self.names = tuple(compiled.positiontup or ())
@@ -71,7 +74,7 @@ class Query:
             for name in self.names
         )
         self.processors = tuple(
-            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in statement.selected_columns
+            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in statement.exported_columns
         )
 
     def parameters(self, values: Mapping[str, Any]) -> list[Any]:
@@ -88,11 +91,15 @@ class Query:
         )
 
 
-class Reads:
-    """Reads on the hot path, one round trip per statement on the driver (aiosqlite or asyncpg):
-    no ORM session, no transaction begun, no ping on checkout (a dead PostgreSQL connection is
-    retried once on another), a fixed pool. Writes and migrations keep SQLAlchemy's engine.
-    Driver errors come out as SQLAlchemy's, so the error layer answers them as it always has."""
+class Statements:
+    """Single statements on the hot path, one round trip each on the driver (aiosqlite or asyncpg):
+    no ORM session, no transaction begun (each statement commits by itself), no ping on checkout
+    (a dead PostgreSQL connection is retried once on another, reads only), a fixed pool. `fetch`
+    reads on read-only connections; `write` runs an INSERT ... RETURNING, on SQLite through one
+    writer connection that writes queue for in this process. Work of several statements that must
+    commit together keeps SQLAlchemy's session (`SessionDep`). Driver errors come out as
+    SQLAlchemy's (IntegrityError, OperationalError, ...), so callers and the error layer handle
+    them as they always have."""
 
     def __init__(self, engine: AsyncEngine, pool_size: int) -> None:
         self.dialect = engine.dialect
@@ -102,9 +109,10 @@ class Reads:
         self._sqlite: list[Any] = []  # aiosqlite connections, opened on first use
         self._next = 0
         self._postgres: Any = None  # asyncpg.Pool, created on first use
+        self._writer: Any = None  # SQLite: one aiosqlite connection in autocommit mode
         self._opening = asyncio.Lock()
 
-    def query(self, key: Any, build: Callable[[], AnySelect]) -> Query:
+    def query(self, key: Any, build: Callable[[], AnyStatement]) -> Query:
         """The compiled form of the statement `build` makes, compiled once per `key`."""
         query = self._queries.get(key)
         if query is None:
@@ -124,6 +132,34 @@ class Reads:
             raise _translated(query.sql, exc) from exc
         return [query.row(row) for row in rows]
 
+    async def write(self, query: Query, **values: Any) -> list[tuple[Any, ...]]:
+        """Run one INSERT ... RETURNING that commits by itself; its returned rows."""
+        parameters = query.parameters(values)
+        try:
+            if self.dialect.name == "sqlite":
+                rows = await (await self._sqlite_writer()).execute_fetchall(query.sql, parameters)
+            else:
+                await self._postgres_pool()
+                rows = await self._postgres.fetch(query.sql, *parameters)
+        except sa_exc.SQLAlchemyError:
+            raise
+        except Exception as exc:
+            raise _translated(query.sql, exc) from exc
+        return [query.row(row) for row in rows]
+
+    async def _sqlite_writer(self) -> Any:
+        if self._writer is None:
+            async with self._opening:
+                if self._writer is None:
+                    aiosqlite = importlib.import_module("aiosqlite")
+                    args, kwargs = self.dialect.create_connect_args(self.url)
+                    # isolation_level=None: each statement is its own transaction, committed
+                    # (synchronous=FULL, WAL) before the call returns; one thread hop per write.
+                    writer = await aiosqlite.connect(*args, **{**kwargs, "timeout": 5, "isolation_level": None})
+                    await writer.execute("PRAGMA foreign_keys=ON")
+                    self._writer = writer
+        return self._writer
+
     async def _sqlite_connection(self) -> Any:
         if len(self._sqlite) < self.pool_size:
             async with self._opening:
@@ -139,6 +175,15 @@ class Reads:
         return self._sqlite[self._next]
 
     async def _fetch_postgres(self, sql: str, parameters: list[Any]) -> list[Any]:
+        await self._postgres_pool()
+        try:
+            rows: list[Any] = await self._postgres.fetch(sql, *parameters)
+        except _postgres_connection_errors():
+            # A connection the server closed (a restart, an idle timeout): once more, on another.
+            rows = await self._postgres.fetch(sql, *parameters)
+        return rows
+
+    async def _postgres_pool(self) -> None:
         if self._postgres is None:
             async with self._opening:
                 if self._postgres is None:
@@ -155,17 +200,14 @@ class Reads:
                         # so no reset query (a second round trip) on every release.
                         reset=_no_reset,
                     )
-        try:
-            rows: list[Any] = await self._postgres.fetch(sql, *parameters)
-        except _postgres_connection_errors():
-            # A connection the server closed (a restart, an idle timeout): once more, on another.
-            rows = await self._postgres.fetch(sql, *parameters)
-        return rows
 
     async def aclose(self) -> None:
         for connection in self._sqlite:
             await connection.close()
         self._sqlite.clear()
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
         if self._postgres is not None:
             await self._postgres.close()
             self._postgres = None
@@ -180,9 +222,26 @@ def _postgres_connection_errors() -> tuple[type[Exception], ...]:
     return (OSError, ConnectionError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 
 
+# asyncpg's IntegrityConstraintViolationError subclasses (SQLSTATE class 23), by name: the bake
+# installs only its own database's driver.
+_POSTGRES_INTEGRITY_ERRORS = frozenset(
+    {
+        "IntegrityConstraintViolationError",
+        "UniqueViolationError",
+        "ForeignKeyViolationError",
+        "NotNullViolationError",
+        "CheckViolationError",
+        "ExclusionViolationError",
+        "RestrictViolationError",
+    }
+)
+
+
 def _translated(sql: str, exc: Exception) -> sa_exc.DBAPIError:
     """The driver's error as SQLAlchemy would raise it: OperationalError (answered 503) for a
     database that cannot serve, DBAPIError (500 unless its SQLSTATE says unavailable) otherwise."""
+    if isinstance(exc, sqlite3.IntegrityError) or type(exc).__name__ in _POSTGRES_INTEGRITY_ERRORS:
+        return sa_exc.IntegrityError(sql, None, exc)
     unavailable = isinstance(exc, OSError | ConnectionError | TimeoutError | sqlite3.OperationalError)
     if not unavailable and type(exc).__module__.startswith("asyncpg"):
         unavailable = isinstance(exc, _postgres_connection_errors())

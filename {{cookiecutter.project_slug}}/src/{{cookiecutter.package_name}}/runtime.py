@@ -13,7 +13,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from .config import Settings
-from .db import Reads, create_engine, create_sessionmaker
+from .db import Statements, create_engine, create_sessionmaker
 from .security.admission import Admission
 from .security.audit import AuditSink, Masker
 from .security.authn import TokenVerifier
@@ -50,7 +50,7 @@ class Runtime:
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    reads: Reads  # the request path's reads (authorization checks, the read routes)
+    statements: Statements  # the request path's reads (authorization checks, the read routes)
     store: RedisStore | MemoryStore  # MemoryStore: no REDIS_URL (development only)
     keys: KeySource
     verifier: TokenVerifier
@@ -72,7 +72,7 @@ class Runtime:
             settings=settings,
             engine=engine,
             sessionmaker=create_sessionmaker(engine),
-            reads=Reads(engine, settings.database_read_pool_size),
+            statements=Statements(engine, settings.database_read_pool_size),
             store=store,
             keys=keys,
             verifier=TokenVerifier(settings, keys),
@@ -96,5 +96,5 @@ class Runtime:
             await self.keys.stop()
             if isinstance(self.store, RedisStore):
                 await self.store.aclose()
-            await self.reads.aclose()
+            await self.statements.aclose()
             await self.engine.dispose()

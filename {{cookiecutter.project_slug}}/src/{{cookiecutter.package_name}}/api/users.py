@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, status
-from sqlalchemy import select
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.dml import ReturningInsert
 
-from ..db import SessionDep
+from ..db import SessionDep, Statements
 from ..models import OrgUser
 from ..security.errors import ProblemDetail
 from .deps import CanReadUsers, CanWriteUsers, as_utc
@@ -31,16 +33,41 @@ def _user_out(user: OrgUser) -> UserOut:
     )
 
 
+def _insert_user() -> ReturningInsert[datetime]:
+    table = OrgUser.__table__
+    assert isinstance(table, Table)
+    values = {name: bindparam(name, None, type_=table.c[name].type) for name in _INSERTED}
+    return insert(table).values(values).returning(table.c.created_at)
+
+
+_INSERTED = ("id", "org_id", "email", "role", "metadata", "created_at")
+
+
 @router.post("", status_code=status.HTTP_201_CREATED)
-async def create_user(org_id: CanWriteUsers, body: UserCreate, session: SessionDep) -> UserOut:
-    user = OrgUser(org_id=org_id, email=body.email.lower(), role=body.role, metadata_=body.metadata or {})
-    session.add(user)
+async def create_user(org_id: CanWriteUsers, body: UserCreate, request: Request) -> UserOut:
+    """One INSERT ... RETURNING that commits by itself (no session: a single statement needs no
+    transaction of ours)."""
+    statements: Statements = request.app.state.runtime.statements
+    user = {
+        "id": uuid.uuid4(),
+        "org_id": org_id,
+        "email": body.email.lower(),
+        "role": body.role.value,
+        "metadata": body.metadata or {},
+        "created_at": datetime.now(UTC),
+    }
     try:
-        await session.commit()
+        await statements.write(statements.query("insert_user", _insert_user), **user)
     except IntegrityError:
-        await session.rollback()
         raise HTTPException(409, ProblemDetail("A user with this email already exists in this org.")) from None
-    return _user_out(user)
+    return UserOut(
+        id=user["id"],
+        org_id=org_id,
+        email=user["email"],
+        role=body.role,
+        metadata=user["metadata"],
+        created_at=user["created_at"],
+    )
 
 
 @router.get("")

@@ -24,7 +24,7 @@ names no object.
 
 Revocation takes effect on the next request: nothing is cached, each check is one statement on the
 unique (resource_type, resource_id, subject) index, run on the database driver without an ORM
-session (`db.Reads`); a route that reads the object itself gets the check and the read in that one
+session (`db.Statements`); a route that reads the object itself gets the check and the read in that one
 statement (`read_org`). A cache added here must be invalidated on every write, across replicas
 (Redis), before it may be used.
 """
@@ -44,7 +44,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.routing import BaseRoute
 
-from ..db import Reads
+from ..db import Statements
 from ..models import Org, Permission, Relation
 from .authn import API_PREFIX, CurrentPrincipal, Principal
 from .events import security_event
@@ -123,14 +123,14 @@ def _org_read_query(relation: Relation) -> Select[uuid.UUID, str, datetime]:
 
 async def holds(session: AsyncSession, subject: str, resource_type: str, resource_id: str, relation: Relation) -> bool:
     """The permission check through an ORM session (one query on the unique index), for code that
-    holds a session anyway; the routes' checks ask `Reads` instead (no session, one round trip)."""
+    holds a session anyway; the routes' checks ask `Statements` instead (no session, one round trip)."""
     query = _holds_query(resource_type, relation)
     return await session.scalar(query, {"subject": subject, "resource_id": resource_id}) is not None
 
 
-def _reads(request: Request) -> Reads:
-    reads: Reads = request.app.state.runtime.reads
-    return reads
+def _reads(request: Request) -> Statements:
+    statements: Statements = request.app.state.runtime.statements
+    return statements
 
 
 def _deny(principal: Principal, org_id: uuid.UUID, relation: Relation) -> HTTPException:
