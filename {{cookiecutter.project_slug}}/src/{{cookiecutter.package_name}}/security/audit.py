@@ -84,6 +84,11 @@ _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
 _URL_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s?#\"']*)\?[^\s#\"']*")
 
 
+_SECRET, _SUBJECT, _PERSONAL, _VALUE = "secret", "subject", "personal", "value"
+_MAX_RULES = 1024  # field names remembered; callers choose field names, not clients
+_PLAIN = frozenset({int, float, bool})
+
+
 class Masker:
     """Pseudonymizes subjects, masks personal data and redacts secrets in any log value, recursively.
 
@@ -95,6 +100,7 @@ class Masker:
     ) -> None:
         self.masked_fields = frozenset(field.lower() for field in masked_fields)
         self._pseudonymize = pseudonymize
+        self._rules: dict[str, str] = {}
 
     def pseudonym(self, subject: Any) -> str:
         return (self._pseudonymize or pseudonyms.installed())(str(subject))
@@ -121,16 +127,35 @@ class Masker:
     def mapping(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
         masked: dict[Any, Any] = {}
         for key, value in data.items():
-            name = str(key).lower()
-            if name in SECRET_KEYS or name.endswith(SECRET_SUFFIXES):
-                masked[key] = REDACTED if value is not None else None
-            elif name in SUBJECT_KEYS and value is not None:
+            rule = self._rules.get(key)
+            if rule is None:
+                rule = self._rule(key)
+            if value is None or (rule == _VALUE and value.__class__ in _PLAIN):
+                masked[key] = value  # nothing to mask in a number
+            elif rule == _SECRET:
+                masked[key] = REDACTED
+            elif rule == _SUBJECT:
                 masked[key] = self.pseudonym(value)
-            elif name in self.masked_fields and value is not None:
+            elif rule == _PERSONAL:
                 masked[key] = self.personal(value)
             else:
                 masked[key] = self.value(value)
         return masked
+
+    def _rule(self, key: Any) -> str:
+        """What to do with a field's value, decided once per field name (log lines repeat them)."""
+        name = str(key).lower()
+        if name in SECRET_KEYS or name.endswith(SECRET_SUFFIXES):
+            rule = _SECRET
+        elif name in SUBJECT_KEYS:
+            rule = _SUBJECT
+        elif name in self.masked_fields:
+            rule = _PERSONAL
+        else:
+            rule = _VALUE
+        if len(self._rules) < _MAX_RULES and isinstance(key, str):
+            self._rules[key] = rule
+        return rule
 
     def personal(self, value: Any) -> str:
         text = str(value)
