@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Annotated, Any, TypeAlias
 
@@ -150,11 +151,9 @@ class Statements:
         if self._writer is None:
             async with self._opening:
                 if self._writer is None:
-                    aiosqlite = importlib.import_module("aiosqlite")
-                    args, kwargs = self.dialect.create_connect_args(self.url)
                     # isolation_level=None: each statement is its own transaction, committed
                     # (synchronous=FULL, WAL) before the call returns; one thread hop per write.
-                    writer = await aiosqlite.connect(*args, **{**kwargs, "timeout": 5, "isolation_level": None})
+                    writer = await self._open_sqlite(isolation_level=None)
                     await writer.execute("PRAGMA foreign_keys=ON")
                     self._writer = writer
         return self._writer
@@ -163,15 +162,24 @@ class Statements:
         if len(self._sqlite) < self.pool_size:
             async with self._opening:
                 if len(self._sqlite) < self.pool_size:
-                    # The bake installs only its own database's driver.
-                    aiosqlite = importlib.import_module("aiosqlite")
-                    args, kwargs = self.dialect.create_connect_args(self.url)
-                    connection = await aiosqlite.connect(*args, **{**kwargs, "timeout": 5})
+                    connection = await self._open_sqlite()
                     await connection.execute("PRAGMA query_only=ON")
                     self._sqlite.append(connection)
                     return connection
         self._next = (self._next + 1) % len(self._sqlite)
         return self._sqlite[self._next]
+
+    async def _open_sqlite(self, **options: Any) -> Any:
+        # The bake installs only its own database's driver.
+        aiosqlite = importlib.import_module("aiosqlite")
+        args, kwargs = self.dialect.create_connect_args(self.url)
+        connection = aiosqlite.connect(*args, **{**kwargs, "timeout": 5, **options})
+        # aiosqlite runs each connection on a thread of its own; as SQLAlchemy does for its own
+        # aiosqlite connections, a daemon one, so a connection nobody closed (an app served
+        # without its lifespan) cannot keep the process from exiting.
+        thread = connection if isinstance(connection, threading.Thread) else connection._thread  # < 0.22 / 0.22+
+        thread.daemon = True
+        return await connection
 
     async def _fetch_postgres(self, sql: str, parameters: list[Any]) -> list[Any]:
         return await self._postgres.fetch(sql, parameters, retry=True)
