@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import statistics
 import time
 import uuid
@@ -192,7 +193,7 @@ def main() -> int:
         "RATE_LIMIT_IP": HUGE_LIMIT,
         "RATE_LIMIT_SUBJECT": HUGE_LIMIT,
         "LOG_LEVEL": "INFO",
-        "AUDIT_PSEUDONYM_KEY": "bench-only-pseudonym-key-0123456789abcdef",
+        "AUDIT_PSEUDONYM_KEY": secrets.token_urlsafe(32),
         "BENCH_TOKEN": token,
     }
 

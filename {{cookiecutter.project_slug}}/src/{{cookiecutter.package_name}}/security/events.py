@@ -48,7 +48,7 @@ def current_span_id() -> str:
 def new_trace(trace_id: str | None = None) -> Trace:
     """A span id of this service under `trace_id`, or under a new trace id.
 
-    Ids need to be unique, not secret: `random.getrandbits` (seeded from the OS once per process,
+    Ids need to be unique, not unguessable, so `random.getrandbits` (seeded from the OS once per process,
     and again in a forked child) costs no system call, unlike `secrets`. W3C forbids all-zero ids.
     """
     return (trace_id or f"{getrandbits(128) or 1:032x}", f"{getrandbits(64) or 1:016x}")
