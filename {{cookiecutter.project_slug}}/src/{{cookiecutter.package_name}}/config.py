@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     jwt_audience: str = Field(min_length=1)
     jwt_algorithms: CommaList = ["RS256"]
     jwt_leeway_seconds: int = Field(30, ge=0, le=300)
-    jwt_max_token_lifetime_seconds: int = Field(3600, ge=60, le=86400)
+    jwt_max_token_lifetime_seconds: int = Field(900, ge=60, le=86400)
     jwt_jwks_refresh_seconds: int = Field(300, ge=10)
     jwt_jwks_min_refetch_seconds: int = Field(30, ge=1)
 
