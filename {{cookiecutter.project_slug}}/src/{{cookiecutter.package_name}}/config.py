@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     rate_limit_subject: str = "1000/15minutes"
     rate_limit_ipv6_prefix: int = Field(64, ge=32, le=128)
     rate_limit_failure_mode: Literal["closed", "open"] = "closed"
+    lockout_failures: int = Field(20, ge=1, le=10_000)
+    lockout_window_seconds: int = Field(300, ge=1, le=86400)
+    lockout_seconds: int = Field(60, ge=1, le=86400)
+    lockout_max_seconds: int = Field(3600, ge=1, le=604800)
     redis_timeout_seconds: float = Field(0.5, gt=0, le=10)
     database_read_pool_size: int = Field(4, ge=1, le=1000)
     redis_pool_size: int = Field(50, ge=1, le=10_000)

@@ -20,7 +20,8 @@ from .security.audit import AuditSink, Masker
 from .security.authn import TokenVerifier
 from .security.deprecation import utc_now
 from .security.keys import KeySource, StaticKey, key_source
-from .security.ratelimit import RateLimiter
+from .security.lockout import Lockout
+from .security.ratelimit import RateLimiter, client_bucket
 from .security.revocation import Revocations
 from .security.store import MemoryStore, RedisStore
 
@@ -68,6 +69,7 @@ class Runtime:
     revocations: Revocations
     limiter: RateLimiter
     admission: Admission
+    lockout: Lockout
     migration_heads: frozenset[str]
     secret_files: SecretFiles
     audit_sink: AuditSink | None = None  # AUDIT_DB_ENABLED
@@ -80,6 +82,7 @@ class Runtime:
         keys = key_source(settings)
         limiter = RateLimiter(settings, store)
         revocations = Revocations(settings, store)
+        lockout = Lockout(settings, store, client_bucket(settings.rate_limit_ipv6_prefix))
         return cls(
             settings=settings,
             engine=engine,
@@ -90,7 +93,8 @@ class Runtime:
             verifier=TokenVerifier(settings, keys),
             revocations=revocations,
             limiter=limiter,
-            admission=Admission(settings, limiter, revocations),
+            admission=Admission(settings, limiter, revocations, lockout),
+            lockout=lockout,
             migration_heads=migration_heads(),
             secret_files=watched_secret_files(settings, keys),
             audit_sink=AuditSink(engine, Masker(settings.audit_masked_fields)) if settings.audit_db_enabled else None,

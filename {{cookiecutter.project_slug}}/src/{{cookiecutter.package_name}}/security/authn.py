@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
@@ -293,12 +293,14 @@ class Authenticate:
         *,
         authenticators: Sequence[Authenticator],
         public_paths: frozenset[str] = frozenset(),
+        on_failure: Callable[[Scope], Awaitable[None]] | None = None,
     ) -> None:
         if not authenticators:
             raise ValueError("at least one authenticator is required")
         self.app = app
         self.authenticators = tuple(authenticators)
         self.public_paths = public_paths
+        self.on_failure = on_failure  # counts refused credentials towards a lockout (lockout.py)
         self.challenges = ", ".join(a.challenge for a in self.authenticators)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -311,6 +313,8 @@ class Authenticate:
                 principal = await authenticator.authenticate(scope)
             except InvalidCredentials as exc:
                 security_event("authentication_failed", reason=exc.reason, credential=authenticator.challenge)
+                if self.on_failure is not None:
+                    await self.on_failure(scope)
                 await self._refuse(
                     problem(
                         401,
