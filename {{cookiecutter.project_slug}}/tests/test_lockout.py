@@ -1,5 +1,6 @@
-"""Lockout: repeated authentication failures from one address lock it out, for a period that
-doubles on each repeat; shared by replicas through Redis. Against the real process and redis-server."""
+"""Lockout: repeated authentication failures from one address (or, for verified but refused tokens,
+of one subject) lock it out, for a period that doubles on each repeat; shared by replicas through
+Redis. Against the real process and redis-server."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 from redis.asyncio import Redis
+
+from {{ cookiecutter.package_name }}.cli import main
 
 from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer
 from .servers import ServiceProcess
@@ -122,3 +126,25 @@ async def test_two_replicas_share_the_count(service: ServiceFactory, make_token:
         assert (await call(replica, bad)).status_code == 401
     assert (await call(second, good)).status_code == 429
     assert (await call(first, good)).status_code == 429
+
+
+async def test_a_subject_whose_verified_tokens_keep_being_refused_is_locked_from_any_address(
+    service: ServiceFactory, make_token: TokenFactory, redis_url: str, public_pem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    process = service()
+    revoked = make_token("mallory")
+    claims = jwt.decode(revoked, options={"verify_signature": False})
+    for name, value in {"ENVIRONMENT": "test", "REDIS_URL": redis_url, "JWT_PUBLIC_KEY": public_pem,
+                        "JWT_ISSUER": ISSUER, "JWT_AUDIENCE": AUDIENCE}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    argv = ["token", "revoke", "--sub", claims["sub"], "--jti", claims["jti"], "--exp", str(claims["exp"])]
+    assert await asyncio.to_thread(main, argv) == 0
+    for number in range(FAILURES):  # each from its own address: no address reaches the limit
+        assert (await call(process, revoked, f"198.51.100.{10 + number}")).status_code == 401
+    locked = await call(process, make_token("mallory"), "198.51.100.99")  # a fresh token, a new address
+    assert locked.status_code == 429
+    assert locked.json()["type"].endswith(":problem:locked-out")
+    assert int(locked.headers["Retry-After"]) >= 1
+    assert (await call(process, make_token("alice"), "198.51.100.99")).status_code == 201  # others are not
+    started = [line for line in log_of(process).splitlines() if "lockout_started" in line]
+    assert len(started) == 1, started

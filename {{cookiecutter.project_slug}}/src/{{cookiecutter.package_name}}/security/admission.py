@@ -42,11 +42,15 @@ STATE_KEY = "admission"
 WARNING_INTERVAL_SECONDS = 60.0
 
 SUBJECT_CHECK = Script("""
+local locked = redis.call('PTTL', KEYS[3])
+if locked > 0 then
+  return {-2, locked}
+end
 local mark = redis.call('GET', KEYS[1])
 if mark and tonumber(ARGV[1]) < tonumber(mark) then
   return {-1, 0}
 end
-if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
+if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then
   return {-1, 0}
 end
 local count = redis.call('INCR', KEYS[2])
@@ -65,7 +69,8 @@ class SubjectAnswer:
 
     principal: Principal
     revoked: bool
-    decision: Decision | None  # the subject window; None when revoked, or the store is down in `open` mode
+    decision: Decision | None  # the subject window; None when revoked or locked, or the store is down in `open` mode
+    locked_seconds: int = 0  # the subject is locked out (lockout.py) for this long
 
 
 class Admission:
@@ -137,18 +142,27 @@ class Admission:
 
     def _subject_check(self, principal: Principal) -> Any:
         mark, denied = self.revocations.keys(principal)
-        keys = [mark, self.subject_policy.key_prefix + self.revocations.tag(principal.subject)]
+        keys = [
+            mark,
+            self.subject_policy.key_prefix + self.revocations.tag(principal.subject),
+            self.lockout.subject_lock_key(principal.subject),
+        ]
         if denied is not None:
             keys.append(denied)
         return SUBJECT_CHECK.call(keys, [principal.issued_at - self.leeway, self.subject_policy.window * 1000])
 
     def _subject_answer(self, principal: Principal, reply: Any) -> SubjectAnswer:
+        if int(reply[0]) == -2:
+            return SubjectAnswer(principal, False, None, math.ceil(int(reply[1]) / 1000))
         if int(reply[0]) < 0:
             return SubjectAnswer(principal, True, None)
         return SubjectAnswer(principal, False, decision(self.subject_policy, reply))
 
     def _memory_subject(self, principal: Principal) -> SubjectAnswer:
         assert isinstance(self.store, MemoryStore)
+        locked = self.lockout.subject_locked_seconds(principal.subject)
+        if locked > 0:
+            return SubjectAnswer(principal, False, None, locked)
         if self.revocations.memory_revoked(principal):
             return SubjectAnswer(principal, True, None)
         key = self.subject_policy.key_prefix + self.revocations.tag(principal.subject)

@@ -25,6 +25,7 @@ from ..config import Settings
 from .errors import ProblemResponse, problem, store_busy
 from .events import security_event
 from .keys import KeySource
+from .lockout import LockedOut, locked_out
 from .revocation import MAX_ID_LENGTH, RevocationStoreUnavailable
 from .store import StoreBusy
 
@@ -54,9 +55,10 @@ class Principal:
 class InvalidCredentials(Exception):
     """A credential was presented and is not acceptable. `reason` is for the audit log only."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, subject: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.subject = subject  # set when the credential verified but is refused (counts for its lockout)
 
 
 class Authenticator(Protocol):
@@ -276,8 +278,11 @@ class BearerToken:
         if not token:
             raise InvalidCredentials("malformed")
         principal = await self.verifier.verify(token)
-        if (await self.admission.subject(scope, principal)).revoked:
-            raise InvalidCredentials("revoked")
+        answer = await self.admission.subject(scope, principal)
+        if answer.locked_seconds:
+            raise LockedOut(answer.locked_seconds)
+        if answer.revoked:
+            raise InvalidCredentials("revoked", subject=principal.subject)
         return principal
 
 
@@ -293,7 +298,7 @@ class Authenticate:
         *,
         authenticators: Sequence[Authenticator],
         public_paths: frozenset[str] = frozenset(),
-        on_failure: Callable[[Scope], Awaitable[None]] | None = None,
+        on_failure: Callable[[Scope, str | None], Awaitable[None]] | None = None,
     ) -> None:
         if not authenticators:
             raise ValueError("at least one authenticator is required")
@@ -314,7 +319,7 @@ class Authenticate:
             except InvalidCredentials as exc:
                 security_event("authentication_failed", reason=exc.reason, credential=authenticator.challenge)
                 if self.on_failure is not None:
-                    await self.on_failure(scope)
+                    await self.on_failure(scope, exc.subject)
                 await self._refuse(
                     problem(
                         401,
@@ -326,6 +331,9 @@ class Authenticate:
                     receive,
                     send,
                 )
+                return
+            except LockedOut as exc:
+                await self._refuse(locked_out(exc), scope, receive, send)
                 return
             except StoreBusy:
                 await self._refuse(store_busy("authn"), scope, receive, send)

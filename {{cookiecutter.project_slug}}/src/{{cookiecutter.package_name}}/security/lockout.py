@@ -1,14 +1,16 @@
-"""Lockout: an address that keeps failing authentication is refused for a while, whatever it sends.
+"""Lockout: an address (or a subject) that keeps failing authentication is refused for a while.
 
 Rate limits count requests; this counts failures. LOCKOUT_FAILURES refused credentials from one
 address (its rate-limit bucket) within LOCKOUT_WINDOW_SECONDS lock the address for LOCKOUT_SECONDS,
-doubled on each repeat up to LOCKOUT_MAX_SECONDS. Successful requests in between reset nothing,
-so an attacker cannot interleave a valid token to keep guessing.
+doubled on each repeat up to LOCKOUT_MAX_SECONDS. A token that verifies but is refused (revoked)
+counts for its subject too, which is locked the same way, from whatever address. Successful
+requests in between reset nothing, so an attacker cannot interleave a valid token to keep guessing.
 
-The cost stays where the failures are: the lock is read by layer 3 as one more command in the
-request's existing round trip (admission.py), and a failure is recorded (one more round trip) only
-when layer 4 refuses a credential, which already cost a signature check. All keys of an address
-share its hash tag, so each script touches one Redis Cluster slot; the count is shared by replicas.
+The cost stays where the failures are: an address's lock is read by layer 3 as one more command in
+the request's existing round trip, a subject's inside its revocation script (admission.py); a
+failure is recorded (one more round trip) only when layer 4 refuses a credential, which already
+cost a signature check. The keys of one address or subject share its hash tag, so each script
+touches one Redis Cluster slot; the counts are shared by replicas.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .revocation import tag
 from .store import Command, MemoryStore, RedisStore, Script, StoreBusy, StoreUnavailable
 
 KEY_PREFIX = "lockout"
+WARNING_INTERVAL_SECONDS = 60.0
 
 LOCK_LEFT = Script("return redis.call('PTTL', KEYS[1])")
 
@@ -60,7 +63,8 @@ def locked_out(exc: LockedOut) -> ProblemResponse:
 
 
 class Lockout:
-    """Reads and records the lockout of client addresses (keys from `key`, the rate-limit bucket)."""
+    """Reads and records the lockouts of client addresses (keyed by `key`, the rate-limit bucket)
+    and of subjects."""
 
     def __init__(self, settings: Settings, store: RedisStore | MemoryStore, key: Callable[[Scope], str]) -> None:
         self.store = store
@@ -70,10 +74,21 @@ class Lockout:
         self.first_ms = settings.lockout_seconds * 1000
         self.longest_ms = settings.lockout_max_seconds * 1000
         self._locked: dict[str, float] = {}  # address -> monotonic end, what the store said
+        self._warned_at = -math.inf
 
-    def _keys(self, address: str) -> list[str]:
+    @staticmethod
+    def _keys(address: str, kind: str = "address") -> list[str]:
         tagged = tag(address)
-        return [f"{KEY_PREFIX}:failures:{tagged}", f"{KEY_PREFIX}:lock:{tagged}", f"{KEY_PREFIX}:repeats:{tagged}"]
+        return [f"{KEY_PREFIX}:{kind}:{part}:{tagged}" for part in ("failures", "lock", "repeats")]
+
+    @classmethod
+    def subject_lock_key(cls, subject: str) -> str:
+        """The subject's lock, read by its revocation script (same hash tag, admission.py)."""
+        return cls._keys(subject, "subject")[1]
+
+    def subject_locked_seconds(self, subject: str) -> int:
+        """Without REDIS_URL: how long the subject stays locked."""
+        return math.ceil(self._memory_left_ms(self.subject_lock_key(subject)) / 1000)
 
     # --- layer 3: is the address locked? --------------------------------------------------------
 
@@ -102,26 +117,34 @@ class Lockout:
         if len(self._locked) >= 10_000:
             now = time.monotonic()
             self._locked = {key: end for key, end in self._locked.items() if end > now}
+            while len(self._locked) >= 10_000:  # bounded, like the rate limiter's blocked keys
+                del self._locked[next(iter(self._locked))]
         self._locked[address] = ends
 
     # --- layer 4: record a refused credential ---------------------------------------------------
 
-    async def failed(self, scope: Scope) -> None:
-        """Count one authentication failure of the request's address; may start its lockout.
-        Store down: the failure is not counted (the request is refused with 401 all the same)."""
-        address = self.key(scope)
+    async def failed(self, scope: Scope, subject: str | None = None) -> None:
+        """Count one authentication failure of the request's address, and of `subject` (a token
+        that verified but was refused); may start their lockouts. Store down: not counted (the
+        request is refused with 401 all the same), logged."""
+        targets = [("address", self.key(scope))] + ([("subject", subject)] if subject is not None else [])
         if isinstance(self.store, MemoryStore):
-            started_ms = self._memory_record(address)
+            started = [self._memory_record(self._keys(name, kind)) for kind, name in targets]
         else:
+            commands = [RECORD_FAILURE.call(self._keys(name, kind), self._args()) for kind, name in targets]
             try:
-                (reply,) = await self.store.run([RECORD_FAILURE.call(self._keys(address), self._args())])
+                started = [int(reply) for reply in await self.store.run(commands)]
             except (StoreUnavailable, StoreBusy):
-                security_event("lockout_store_unavailable")
+                now = time.monotonic()
+                if now - self._warned_at >= WARNING_INTERVAL_SECONDS:  # once a minute, not per failure
+                    self._warned_at = now
+                    security_event("lockout_store_unavailable")
                 return
-            started_ms = int(reply)
-        if started_ms > 0:
-            self._remember(address, time.monotonic() + started_ms / 1000)
-            security_event("lockout_started", scope="address", seconds=math.ceil(started_ms / 1000))
+        for (kind, name), started_ms in zip(targets, started, strict=True):
+            if started_ms > 0:
+                if kind == "address":
+                    self._remember(name, time.monotonic() + started_ms / 1000)
+                security_event("lockout_started", locked=kind, seconds=math.ceil(started_ms / 1000))
 
     def _args(self) -> list[str | int]:
         return [self.window_ms, self.failures, self.first_ms, self.longest_ms]
@@ -133,9 +156,9 @@ class Lockout:
         entry = self.store.values.get(key)
         return 0 if entry is None else max(0, math.ceil((entry[1] - time.time()) * 1000))
 
-    def _memory_record(self, address: str) -> int:
+    def _memory_record(self, keys: list[str]) -> int:
         assert isinstance(self.store, MemoryStore)
-        failures_key, lock_key, repeats_key = self._keys(address)
+        failures_key, lock_key, repeats_key = keys
         failures, _ = self.store.count(failures_key, self.window_ms)
         if failures < self.failures:
             return 0
