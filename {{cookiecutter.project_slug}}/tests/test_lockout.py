@@ -148,3 +148,16 @@ async def test_a_subject_whose_verified_tokens_keep_being_refused_is_locked_from
     assert (await call(process, make_token("alice"), "198.51.100.99")).status_code == 201  # others are not
     started = [line for line in log_of(process).splitlines() if "lockout_started" in line]
     assert len(started) == 1, started
+
+
+@pytest.mark.parametrize(("mode", "refused", "served"), [("closed", 503, 503), ("open", 401, 201)])
+async def test_redis_down_follows_the_rate_limit_failure_mode(
+    service: ServiceFactory, make_token: TokenFactory, mode: str, refused: int, served: int
+) -> None:
+    process = service(REDIS_URL="redis://127.0.0.1:9/0", RATE_LIMIT_FAILURE_MODE=mode)
+    good, bad = make_token("alice"), make_token("alice") + "x"
+    for _ in range(FAILURES + 1):
+        assert (await call(process, bad)).status_code == refused
+    assert (await call(process, good)).status_code == served  # nothing could be counted: not locked
+    unrecorded = [line for line in log_of(process).splitlines() if "lockout_store_unavailable" in line]
+    assert len(unrecorded) == (1 if mode == "open" else 0), unrecorded  # once a minute, not per failure
