@@ -195,6 +195,8 @@ def main() -> int:
         "LOG_LEVEL": "INFO",
         "AUDIT_PSEUDONYM_KEY": secrets.token_urlsafe(32),
         "BENCH_TOKEN": token,
+        # One token serves the whole run (minutes longer than the 900 s default lifetime).
+        "JWT_MAX_TOKEN_LIFETIME_SECONDS": "3600",
     }
 
     services: dict[str, Service] = {}

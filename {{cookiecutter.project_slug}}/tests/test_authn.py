@@ -308,12 +308,12 @@ async def test_numeric_string_exp_is_rejected_although_pyjwt_accepts_it(
 
 async def test_lifetime_over_the_maximum_is_rejected(client: httpx.AsyncClient, make_token: TokenFactory) -> None:
     now = int(time.time())
-    await assert_rejected(client, make_token(iat=now, exp=now + 3601))
+    await assert_rejected(client, make_token(iat=now, exp=now + 901))
 
 
 async def test_lifetime_at_the_maximum_is_accepted(client: httpx.AsyncClient, make_token: TokenFactory) -> None:
     now = int(time.time())
-    assert await status_of(client, make_token(iat=now, exp=now + 3600)) == 201
+    assert await status_of(client, make_token(iat=now, exp=now + 900)) == 201
 
 
 # --- issuer, audience, subject ----------------------------------------------------------------
@@ -610,6 +610,36 @@ def test_token_mint_refuses_in_production(tmp_path: Path, monkeypatch: pytest.Mo
     captured = capsys.readouterr()
     assert "refused" in captured.err
     assert "eyJ" not in captured.out
+
+
+def mint(tmp_path: Path, *extra: str) -> int:
+    return main(
+        ["token", "mint", "--private-key", str(tmp_path / "private.pem"), "--sub", "dev-user",
+         "--issuer", ISSUER, "--audience", AUDIENCE, *extra]
+    )  # fmt: skip
+
+
+def test_minted_token_lives_900_seconds_and_never_beyond_the_maximum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    assert main(["keys", "generate", "--out", str(tmp_path)]) == 0
+    monkeypatch.setenv("ENVIRONMENT", "development")
+    monkeypatch.delenv("JWT_MAX_TOKEN_LIFETIME_SECONDS", raising=False)
+    assert mint(tmp_path) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip().splitlines()[-1], options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 900
+    monkeypatch.setenv("JWT_MAX_TOKEN_LIFETIME_SECONDS", "300")
+    assert mint(tmp_path) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip().splitlines()[-1], options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 300
+    assert mint(tmp_path, "--ttl", "301") == 2
+    captured = capsys.readouterr()
+    assert "JWT_MAX_TOKEN_LIFETIME_SECONDS" in captured.err
+    assert "eyJ" not in captured.out
+
+
+def test_default_maximum_token_lifetime_is_900_seconds(settings: Settings) -> None:
+    assert settings.jwt_max_token_lifetime_seconds == 900
 
 
 def test_jwt_library_is_recent_enough() -> None:

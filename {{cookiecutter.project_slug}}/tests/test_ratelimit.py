@@ -265,7 +265,7 @@ async def test_a_known_token_gets_all_three_answers_in_one_round_trip(
     settings_for: Callable[..., Settings], make_token: TokenFactory, redis_url: str
 ) -> None:
     """Layers 3-5 share one round trip for a token verified before: the address window, the
-    revocation lookup and the subject window (admission.py)."""
+    address's lockout, the revocation lookup and the subject window (admission.py)."""
     app = create_app(settings_for(redis_url=redis_url))
     token = bearer(make_token("alice"))
     async with running(app) as http, Redis.from_url(redis_url) as redis:
@@ -282,5 +282,5 @@ async def test_a_known_token_gets_all_three_answers_in_one_round_trip(
         assert (await http.get(PROBE, headers=token)).status_code == 403  # verified, now cached
         idle_reads, _ = await counted(request=False)  # this test's own INFO commands
         reads, scripts = await counted(request=True)
-    assert scripts == 2  # the address window; the revocation lookup with the subject window
+    assert scripts == 3  # the address window; its lockout; the revocation lookup with the subject window
     assert reads - idle_reads == 1  # in one round trip

@@ -23,7 +23,8 @@ from {{ cookiecutter.package_name }}.config import SERVICE_NAME, Settings
 from {{ cookiecutter.package_name }}.security.admission import Admission
 from {{ cookiecutter.package_name }}.security.authn import Authenticate, BearerToken, TokenVerifier
 from {{ cookiecutter.package_name }}.security.keys import key_source
-from {{ cookiecutter.package_name }}.security.ratelimit import RateLimiter
+from {{ cookiecutter.package_name }}.security.lockout import Lockout
+from {{ cookiecutter.package_name }}.security.ratelimit import RateLimiter, client_address
 from {{ cookiecutter.package_name }}.security.revocation import Revocations, tag
 from {{ cookiecutter.package_name }}.security.store import RedisStore
 
@@ -212,7 +213,7 @@ def layer_with_unreachable_redis(settings: Settings) -> Authenticate:
     lookups going to a Redis port nothing listens on."""
     store = RedisStore(UNREACHABLE_REDIS, timeout=0.5, pool_size=4, pool_timeout=1.0)
     limiter = RateLimiter(settings, store)
-    admission = Admission(settings, limiter, Revocations(settings, store))
+    admission = Admission(settings, limiter, Revocations(settings, store), Lockout(settings, store, client_address))
     verifier = TokenVerifier(settings, key_source(settings))
     return Authenticate(ok, authenticators=[BearerToken(verifier, admission)])
 

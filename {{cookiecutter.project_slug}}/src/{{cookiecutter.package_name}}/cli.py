@@ -16,7 +16,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .config import SERVICE_NAME, ConfigError, load_settings
+from .config import SERVICE_NAME, ConfigError, Settings, load_settings
 from .models import Relation
 from .security.revocation import MAX_ID_LENGTH, Revocations
 from .security.store import StoreBusy, StoreUnavailable
@@ -61,6 +61,11 @@ def mint_token(args: argparse.Namespace) -> int:
     if missing:
         print(f"missing: {', '.join(missing)}", file=sys.stderr)
         return 2
+    maximum = _max_token_lifetime()
+    ttl = min(maximum, 900) if args.ttl is None else args.ttl
+    if not 0 < ttl <= maximum:
+        print(f"--ttl must be between 1 and JWT_MAX_TOKEN_LIFETIME_SECONDS ({maximum})", file=sys.stderr)
+        return 2
     now = int(time.time())
     claims = {
         "iss": issuer,
@@ -68,12 +73,21 @@ def mint_token(args: argparse.Namespace) -> int:
         "sub": args.sub,
         "scope": args.scope,
         "iat": now,
-        "exp": now + args.ttl,
+        "exp": now + ttl,
         "jti": uuid.uuid4().hex,
     }
     headers = {"kid": args.kid} if args.kid else None
     print(jwt.encode(claims, Path(str(key_file)).read_bytes(), algorithm="RS256", headers=headers))
     return 0
+
+
+def _max_token_lifetime() -> int:
+    """The service's JWT_MAX_TOKEN_LIFETIME_SECONDS: a minted token the service would refuse is no help."""
+    default = Settings.model_fields["jwt_max_token_lifetime_seconds"].default
+    try:
+        return int(os.environ.get("JWT_MAX_TOKEN_LIFETIME_SECONDS", default))
+    except ValueError:
+        return int(default)
 
 
 def revoke_token(args: argparse.Namespace) -> int:
@@ -266,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     mint = token.add_parser("mint", help="sign a development token (refused in production)")
     mint.add_argument("--sub", required=True)
     mint.add_argument("--scope", default="")
-    mint.add_argument("--ttl", type=int, default=900)
+    mint.add_argument("--ttl", type=int, help="seconds; default 900, at most JWT_MAX_TOKEN_LIFETIME_SECONDS")
     mint.add_argument("--kid")
     mint.add_argument("--private-key")
     mint.add_argument("--issuer")

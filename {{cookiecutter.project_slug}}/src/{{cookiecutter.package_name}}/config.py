@@ -10,6 +10,8 @@ from limits import RateLimitItem, parse
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .secret_files import values_from_files
+
 DEFAULT_DATABASE_URL = "{{ cookiecutter.__database_url }}"
 SERVICE_NAME = "{{ cookiecutter.project_slug }}"
 
@@ -43,6 +45,12 @@ class Settings(BaseSettings):
     environment: Literal["development", "test", "production"] = "development"
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str | None = None
+    # `<NAME>_FILE`: a file holding the secret (secret_files.py); read instead of NAME, never with it.
+    database_url_file: str | None = None
+    redis_url_file: str | None = None
+    jwt_public_key_file: str | None = None
+    audit_pseudonym_key_file: str | None = None
+    secret_file_refresh_seconds: float = Field(10, ge=1, le=3600)
 
     jwt_public_key: str | None = None
     jwt_jwks_url: str | None = None
@@ -50,7 +58,7 @@ class Settings(BaseSettings):
     jwt_audience: str = Field(min_length=1)
     jwt_algorithms: CommaList = ["RS256"]
     jwt_leeway_seconds: int = Field(30, ge=0, le=300)
-    jwt_max_token_lifetime_seconds: int = Field(3600, ge=60, le=86400)
+    jwt_max_token_lifetime_seconds: int = Field(900, ge=60, le=86400)
     jwt_jwks_refresh_seconds: int = Field(300, ge=10)
     jwt_jwks_min_refetch_seconds: int = Field(30, ge=1)
 
@@ -63,6 +71,10 @@ class Settings(BaseSettings):
     rate_limit_subject: str = "1000/15minutes"
     rate_limit_ipv6_prefix: int = Field(64, ge=32, le=128)
     rate_limit_failure_mode: Literal["closed", "open"] = "closed"
+    lockout_failures: int = Field(20, ge=1, le=10_000)
+    lockout_window_seconds: int = Field(300, ge=1, le=86400)
+    lockout_seconds: int = Field(60, ge=1, le=86400)
+    lockout_max_seconds: int = Field(3600, ge=1, le=604800)
     redis_timeout_seconds: float = Field(0.5, gt=0, le=10)
     database_read_pool_size: int = Field(4, ge=1, le=1000)
     redis_pool_size: int = Field(50, ge=1, le=10_000)
@@ -84,6 +96,11 @@ class Settings(BaseSettings):
     server_backlog: int = Field(2048, ge=16)
     server_timeout_graceful_shutdown_seconds: int = Field(30, ge=1, le=600)
     server_h11_max_incomplete_event_size: int = Field(16384, ge=4096, le=1_048_576)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: object) -> object:
+        return values_from_files(data) if isinstance(data, dict) else data
 
     @field_validator("jwt_algorithms", "allowed_origins", "trusted_hosts", "trusted_proxies", mode="before")
     @classmethod

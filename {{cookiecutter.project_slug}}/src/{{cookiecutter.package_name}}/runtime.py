@@ -14,12 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from .config import Settings
 from .db import Statements, create_engine, create_sessionmaker
+from .secret_files import SecretFiles
 from .security.admission import Admission
 from .security.audit import AuditSink, Masker
 from .security.authn import TokenVerifier
 from .security.deprecation import utc_now
-from .security.keys import KeySource, key_source
-from .security.ratelimit import RateLimiter
+from .security.keys import KeySource, StaticKey, key_source
+from .security.lockout import Lockout
+from .security.ratelimit import RateLimiter, client_bucket
 from .security.revocation import Revocations
 from .security.store import MemoryStore, RedisStore
 
@@ -45,6 +47,16 @@ def redis_store(settings: Settings) -> RedisStore:
     )
 
 
+def watched_secret_files(settings: Settings, keys: KeySource) -> SecretFiles:
+    """The secret files re-read while the service runs: JWT_PUBLIC_KEY_FILE (a rotated key is
+    trusted within SECRET_FILE_REFRESH_SECONDS). DATABASE_URL, REDIS_URL and AUDIT_PSEUDONYM_KEY
+    are read at start: their pools and pseudonyms are built once, so a rollout picks them up."""
+    files = SecretFiles(settings.secret_file_refresh_seconds, production=settings.is_production)
+    if settings.jwt_public_key_file and settings.jwt_public_key and isinstance(keys, StaticKey):
+        files.watch("jwt_public_key", settings.jwt_public_key_file, settings.jwt_public_key, keys.replace)
+    return files
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -57,7 +69,9 @@ class Runtime:
     revocations: Revocations
     limiter: RateLimiter
     admission: Admission
+    lockout: Lockout
     migration_heads: frozenset[str]
+    secret_files: SecretFiles
     audit_sink: AuditSink | None = None  # AUDIT_DB_ENABLED
     clock: Callable[[], datetime] = utc_now  # read by deprecation sunsets; tests replace it
 
@@ -68,6 +82,7 @@ class Runtime:
         keys = key_source(settings)
         limiter = RateLimiter(settings, store)
         revocations = Revocations(settings, store)
+        lockout = Lockout(settings, store, client_bucket(settings.rate_limit_ipv6_prefix))
         return cls(
             settings=settings,
             engine=engine,
@@ -78,14 +93,17 @@ class Runtime:
             verifier=TokenVerifier(settings, keys),
             revocations=revocations,
             limiter=limiter,
-            admission=Admission(settings, limiter, revocations),
+            admission=Admission(settings, limiter, revocations, lockout),
+            lockout=lockout,
             migration_heads=migration_heads(),
+            secret_files=watched_secret_files(settings, keys),
             audit_sink=AuditSink(engine, Masker(settings.audit_masked_fields)) if settings.audit_db_enabled else None,
         )
 
     @asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
         await self.keys.start()
+        await self.secret_files.start()
         if self.audit_sink is not None:
             await self.audit_sink.start()
         try:
@@ -93,6 +111,7 @@ class Runtime:
         finally:
             if self.audit_sink is not None:
                 await self.audit_sink.stop()  # writes what is queued while the engine still works
+            await self.secret_files.stop()
             await self.keys.stop()
             if isinstance(self.store, RedisStore):
                 await self.store.aclose()

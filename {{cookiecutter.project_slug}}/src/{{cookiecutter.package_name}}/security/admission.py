@@ -8,6 +8,7 @@ every request. Here they are asked together:
   layer 3 already. Layer 3 then sends the address window and the subject's check in one write.
 - Any other request gets the address window alone (a cheap refusal before any signature is
   checked); once the token verifies, layer 4 sends the subject's check.
+- Either way the address's lockout (lockout.py) is read by one more command in layer 3's batch.
 
 The subject's check is one script over keys of one hash slot (the subject's hash tag): is the token
 revoked (its `jti`, or the subject's "revoked before" mark), and if not, count it in the subject's
@@ -29,6 +30,7 @@ from starlette.types import Scope
 
 from ..config import Settings
 from .events import security_event
+from .lockout import Lockout
 from .ratelimit import Decision, Policy, RateLimiter, decision, window
 from .revocation import Revocations, RevocationStoreUnavailable
 from .store import MemoryStore, Script, StoreUnavailable
@@ -40,11 +42,15 @@ STATE_KEY = "admission"
 WARNING_INTERVAL_SECONDS = 60.0
 
 SUBJECT_CHECK = Script("""
+local locked = redis.call('PTTL', KEYS[3])
+if locked > 0 then
+  return {-2, locked}
+end
 local mark = redis.call('GET', KEYS[1])
 if mark and tonumber(ARGV[1]) < tonumber(mark) then
   return {-1, 0}
 end
-if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
+if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then
   return {-1, 0}
 end
 local count = redis.call('INCR', KEYS[2])
@@ -63,13 +69,15 @@ class SubjectAnswer:
 
     principal: Principal
     revoked: bool
-    decision: Decision | None  # the subject window; None when revoked, or the store is down in `open` mode
+    decision: Decision | None  # the subject window; None when revoked or locked, or the store is down in `open` mode
+    locked_seconds: int = 0  # the subject is locked out (lockout.py) for this long
 
 
 class Admission:
     """The store's answers for layers 3-5 of one request, asked in as few round trips as possible."""
 
-    def __init__(self, settings: Settings, limiter: RateLimiter, revocations: Revocations) -> None:
+    def __init__(self, settings: Settings, limiter: RateLimiter, revocations: Revocations, lockout: Lockout) -> None:
+        self.lockout = lockout
         self.address_policy = Policy.of("ip", settings.ip_limit)
         self.subject_policy = Policy.of("subject", settings.subject_limit)
         self.limiter = limiter
@@ -81,27 +89,32 @@ class Admission:
     # --- layer 3 ------------------------------------------------------------------------------
 
     async def address(self, scope: Scope, key: str, known: Principal | None) -> Decision | None:
-        """Count the request against the address limit; with `known`, ask the subject's check in
-        the same round trip and keep its answer for layers 4 and 5. None: store down, mode open."""
+        """Count the request against the address limit and read the address's lockout; with
+        `known`, ask the subject's check in the same round trip and keep its answer for layers 4
+        and 5. None: store down, mode open. Raises LockedOut for a locked address."""
+        self.lockout.raise_if_locked(key)
         refused = self.limiter.blocked(self.address_policy, key)
         if refused is not None:
             return refused
-        if known is None:
-            return await self.limiter.hit(self.address_policy, key)
         if isinstance(self.store, MemoryStore):
             address = await self.limiter.hit(self.address_policy, key)
-            self._keep(scope, self._memory_subject(known))
+            if known is not None:
+                self._keep(scope, self._memory_subject(known))
             return address
+        commands = [window(self.address_policy, key), self.lockout.check(key)]
+        if known is not None:
+            commands.append(self._subject_check(known))
         try:
-            address_reply, subject_reply = await self.store.run(
-                [window(self.address_policy, key), self._subject_check(known)]
-            )
+            replies = await self.store.run(commands)
         except StoreUnavailable as exc:
             self.limiter.unavailable(exc)  # raises in `closed` mode: layer 3 answers 503
-            self._keep(scope, self._unavailable(known, exc))
+            if known is not None:
+                self._keep(scope, self._unavailable(known, exc))
             return None
-        self._keep(scope, self._subject_answer(known, subject_reply))
-        return self.limiter.note(decision(self.address_policy, address_reply), key)
+        self.lockout.raise_if_locked(key, replies[1])
+        if known is not None:
+            self._keep(scope, self._subject_answer(known, replies[2]))
+        return self.limiter.note(decision(self.address_policy, replies[0]), key)
 
     # --- layers 4 and 5 -----------------------------------------------------------------------
 
@@ -129,18 +142,27 @@ class Admission:
 
     def _subject_check(self, principal: Principal) -> Any:
         mark, denied = self.revocations.keys(principal)
-        keys = [mark, self.subject_policy.key_prefix + self.revocations.tag(principal.subject)]
+        keys = [
+            mark,
+            self.subject_policy.key_prefix + self.revocations.tag(principal.subject),
+            self.lockout.subject_lock_key(principal.subject),
+        ]
         if denied is not None:
             keys.append(denied)
         return SUBJECT_CHECK.call(keys, [principal.issued_at - self.leeway, self.subject_policy.window * 1000])
 
     def _subject_answer(self, principal: Principal, reply: Any) -> SubjectAnswer:
+        if int(reply[0]) == -2:
+            return SubjectAnswer(principal, False, None, math.ceil(int(reply[1]) / 1000))
         if int(reply[0]) < 0:
             return SubjectAnswer(principal, True, None)
         return SubjectAnswer(principal, False, decision(self.subject_policy, reply))
 
     def _memory_subject(self, principal: Principal) -> SubjectAnswer:
         assert isinstance(self.store, MemoryStore)
+        locked = self.lockout.subject_locked_seconds(principal.subject)
+        if locked > 0:
+            return SubjectAnswer(principal, False, None, locked)
         if self.revocations.memory_revoked(principal):
             return SubjectAnswer(principal, True, None)
         key = self.subject_policy.key_prefix + self.revocations.tag(principal.subject)

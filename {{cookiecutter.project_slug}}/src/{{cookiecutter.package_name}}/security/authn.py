@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
@@ -25,6 +25,7 @@ from ..config import Settings
 from .errors import ProblemResponse, problem, store_busy
 from .events import security_event
 from .keys import KeySource
+from .lockout import LockedOut, locked_out
 from .revocation import MAX_ID_LENGTH, RevocationStoreUnavailable
 from .store import StoreBusy
 
@@ -54,9 +55,10 @@ class Principal:
 class InvalidCredentials(Exception):
     """A credential was presented and is not acceptable. `reason` is for the audit log only."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, subject: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.subject = subject  # set when the credential verified but is refused (counts for its lockout)
 
 
 class Authenticator(Protocol):
@@ -276,8 +278,11 @@ class BearerToken:
         if not token:
             raise InvalidCredentials("malformed")
         principal = await self.verifier.verify(token)
-        if (await self.admission.subject(scope, principal)).revoked:
-            raise InvalidCredentials("revoked")
+        answer = await self.admission.subject(scope, principal)
+        if answer.locked_seconds:
+            raise LockedOut(answer.locked_seconds)
+        if answer.revoked:
+            raise InvalidCredentials("revoked", subject=principal.subject)
         return principal
 
 
@@ -293,12 +298,14 @@ class Authenticate:
         *,
         authenticators: Sequence[Authenticator],
         public_paths: frozenset[str] = frozenset(),
+        on_failure: Callable[[Scope, str | None], Awaitable[None]] | None = None,
     ) -> None:
         if not authenticators:
             raise ValueError("at least one authenticator is required")
         self.app = app
         self.authenticators = tuple(authenticators)
         self.public_paths = public_paths
+        self.on_failure = on_failure  # counts refused credentials towards a lockout (lockout.py)
         self.challenges = ", ".join(a.challenge for a in self.authenticators)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -311,6 +318,8 @@ class Authenticate:
                 principal = await authenticator.authenticate(scope)
             except InvalidCredentials as exc:
                 security_event("authentication_failed", reason=exc.reason, credential=authenticator.challenge)
+                if self.on_failure is not None:
+                    await self.on_failure(scope, exc.subject)
                 await self._refuse(
                     problem(
                         401,
@@ -322,6 +331,9 @@ class Authenticate:
                     receive,
                     send,
                 )
+                return
+            except LockedOut as exc:
+                await self._refuse(locked_out(exc), scope, receive, send)
                 return
             except StoreBusy:
                 await self._refuse(store_busy("authn"), scope, receive, send)

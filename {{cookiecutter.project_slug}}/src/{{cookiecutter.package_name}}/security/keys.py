@@ -86,15 +86,25 @@ def key_source(settings: Settings) -> KeySource:
 
 
 class StaticKey:
-    """JWT_PUBLIC_KEY: one key, parsed once at start. A `kid` has nothing to choose from here."""
-
-    generation = 0
+    """JWT_PUBLIC_KEY: one key, parsed once at start and again only when its file changes
+    (`replace`, called off the request path by secret_files.py). A `kid` has nothing to choose from."""
 
     def __init__(self, pem: str, *, algorithms: frozenset[str]) -> None:
-        key = load_pem_public_key(pem.encode())
+        self.algorithms = algorithms
+        self.generation = 0
+        self.key = self._parse(pem)
+
+    def _parse(self, pem: str) -> TrustedKey:
+        key = load_pem_public_key(pem.replace("\\n", "\n").strip().encode())
         if not isinstance(key, VerificationKey):
             raise ValueError("JWT_PUBLIC_KEY must be an RSA, EC or EdDSA public key")
-        self.key = TrustedKey(key, algorithms & _algorithms_for(key))
+        return TrustedKey(key, self.algorithms & _algorithms_for(key))
+
+    def replace(self, pem: str) -> None:
+        """Trust this key from now on; tokens cached under the old one are verified again.
+        ValueError (the old key stays) when `pem` is not a usable public key."""
+        self.key = self._parse(pem)
+        self.generation += 1
 
     def has_keys(self) -> bool:
         return True

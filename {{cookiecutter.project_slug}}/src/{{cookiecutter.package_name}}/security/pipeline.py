@@ -48,7 +48,8 @@ def security_pipeline(runtime: Runtime) -> list[Middleware]:
             lookahead=bearer.known,
         ),
         # 4. Authentication on /api/, deny by default. Another credential type is one more entry.
-        Middleware(Authenticate, authenticators=[bearer]),
+        # A refused credential counts towards its address's lockout (read by layer 3).
+        Middleware(Authenticate, authenticators=[bearer], on_failure=runtime.lockout.failed),
         # 5. Per-subject limit (per-route limits are declared on routes with `ratelimit.limit`).
         Middleware(RateLimit, admission=runtime.admission, policy="subject"),
         # 6. Input validation and 7. authorization: dependencies on each route, see api/.

@@ -25,6 +25,7 @@ from ..config import Settings
 from .authn import API_PREFIX, app_path
 from .errors import ProblemResponse, problem, store_busy
 from .events import security_event
+from .lockout import LockedOut, locked_out
 from .store import Command, MemoryStore, RedisStore, Script, StoreBusy, StoreUnavailable
 from .transport import rate_limit_bucket
 
@@ -232,6 +233,9 @@ class RateLimit:
             return
         try:
             result = await self._decide(scope)
+        except LockedOut as exc:
+            await locked_out(exc)(scope, receive, send)
+            return
         except StoreUnavailable:
             await store_unavailable()(scope, receive, send)
             return

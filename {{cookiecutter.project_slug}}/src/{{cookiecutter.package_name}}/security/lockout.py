@@ -1,0 +1,170 @@
+"""Lockout: an address (or a subject) that keeps failing authentication is refused for a while.
+
+Rate limits count requests; this counts failures. LOCKOUT_FAILURES refused credentials from one
+address (its rate-limit bucket) within LOCKOUT_WINDOW_SECONDS lock the address for LOCKOUT_SECONDS,
+doubled on each repeat up to LOCKOUT_MAX_SECONDS. A token that verifies but is refused (revoked)
+counts for its subject too, which is locked the same way, from whatever address. Successful
+requests in between reset nothing, so an attacker cannot interleave a valid token to keep guessing.
+
+The cost stays where the failures are: an address's lock is read by layer 3 as one more command in
+the request's existing round trip, a subject's inside its revocation script (admission.py); a
+failure is recorded (one more round trip) only when layer 4 refuses a credential, which already
+cost a signature check. The keys of one address or subject share its hash tag, so each script
+touches one Redis Cluster slot; the counts are shared by replicas.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.types import Scope
+
+from ..config import Settings
+from .errors import ProblemResponse, problem
+from .events import security_event
+from .revocation import tag
+from .store import Command, MemoryStore, RedisStore, Script, StoreBusy, StoreUnavailable
+
+KEY_PREFIX = "lockout"
+WARNING_INTERVAL_SECONDS = 60.0
+
+LOCK_LEFT = Script("return redis.call('PTTL', KEYS[1])")
+
+# KEYS: failures, lock, repeats. ARGV: window ms, failures allowed, first lock ms, longest lock ms.
+# Returns the lock just started, in ms, or 0.
+RECORD_FAILURE = Script("""
+local failures = redis.call('INCR', KEYS[1])
+if failures == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+if failures < tonumber(ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[1])
+local repeats = redis.call('INCR', KEYS[3])
+local ms = math.min(tonumber(ARGV[3]) * 2 ^ (repeats - 1), tonumber(ARGV[4]))
+redis.call('SET', KEYS[2], '1', 'PX', ms)
+redis.call('PEXPIRE', KEYS[3], ms + tonumber(ARGV[4]))
+return ms
+""")
+
+
+class LockedOut(Exception):
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+
+
+def locked_out(exc: LockedOut) -> ProblemResponse:
+    return problem(
+        429,
+        "Too many failed authentication attempts; retry after the number of seconds in Retry-After.",
+        name="locked-out",
+        headers={"Retry-After": str(max(1, exc.seconds))},
+    )
+
+
+class Lockout:
+    """Reads and records the lockouts of client addresses (keyed by `key`, the rate-limit bucket)
+    and of subjects."""
+
+    def __init__(self, settings: Settings, store: RedisStore | MemoryStore, key: Callable[[Scope], str]) -> None:
+        self.store = store
+        self.key = key
+        self.failures = settings.lockout_failures
+        self.window_ms = settings.lockout_window_seconds * 1000
+        self.first_ms = settings.lockout_seconds * 1000
+        self.longest_ms = settings.lockout_max_seconds * 1000
+        self._locked: dict[str, float] = {}  # address -> monotonic end, what the store said
+        self._warned_at = -math.inf
+
+    @staticmethod
+    def _keys(address: str, kind: str = "address") -> list[str]:
+        tagged = tag(address)
+        return [f"{KEY_PREFIX}:{kind}:{part}:{tagged}" for part in ("failures", "lock", "repeats")]
+
+    @classmethod
+    def subject_lock_key(cls, subject: str) -> str:
+        """The subject's lock, read by its revocation script (same hash tag, admission.py)."""
+        return cls._keys(subject, "subject")[1]
+
+    def subject_locked_seconds(self, subject: str) -> int:
+        """Without REDIS_URL: how long the subject stays locked."""
+        return math.ceil(self._memory_left_ms(self.subject_lock_key(subject)) / 1000)
+
+    # --- layer 3: is the address locked? --------------------------------------------------------
+
+    def check(self, address: str) -> Command:
+        """The command that reads the address's lock, for the request's one round trip."""
+        return LOCK_LEFT.call([self._keys(address)[1]], [])
+
+    def raise_if_locked(self, address: str, reply: Any = None) -> None:
+        """LockedOut when the store's reply (or, without one, this process's memory) says so."""
+        now = time.monotonic()
+        if reply is not None and int(reply) > 0:
+            self._remember(address, now + int(reply) / 1000)
+        if isinstance(self.store, MemoryStore):
+            left_ms = self._memory_left_ms(self._keys(address)[1])
+            if left_ms > 0:
+                self._remember(address, now + left_ms / 1000)
+        ends = self._locked.get(address)
+        if ends is None:
+            return
+        if ends <= now:
+            del self._locked[address]
+            return
+        raise LockedOut(math.ceil(ends - now))
+
+    def _remember(self, address: str, ends: float) -> None:
+        if len(self._locked) >= 10_000:
+            now = time.monotonic()
+            self._locked = {key: end for key, end in self._locked.items() if end > now}
+            while len(self._locked) >= 10_000:  # bounded, like the rate limiter's blocked keys
+                del self._locked[next(iter(self._locked))]
+        self._locked[address] = ends
+
+    # --- layer 4: record a refused credential ---------------------------------------------------
+
+    async def failed(self, scope: Scope, subject: str | None = None) -> None:
+        """Count one authentication failure of the request's address, and of `subject` (a token
+        that verified but was refused); may start their lockouts. Store down: not counted (the
+        request is refused with 401 all the same), logged."""
+        targets = [("address", self.key(scope))] + ([("subject", subject)] if subject is not None else [])
+        if isinstance(self.store, MemoryStore):
+            started = [self._memory_record(self._keys(name, kind)) for kind, name in targets]
+        else:
+            commands = [RECORD_FAILURE.call(self._keys(name, kind), self._args()) for kind, name in targets]
+            try:
+                started = [int(reply) for reply in await self.store.run(commands)]
+            except (StoreUnavailable, StoreBusy):
+                now = time.monotonic()
+                if now - self._warned_at >= WARNING_INTERVAL_SECONDS:  # once a minute, not per failure
+                    self._warned_at = now
+                    security_event("lockout_store_unavailable")
+                return
+        for (kind, name), started_ms in zip(targets, started, strict=True):
+            if started_ms > 0:
+                if kind == "address":
+                    self._remember(name, time.monotonic() + started_ms / 1000)
+                security_event("lockout_started", locked=kind, seconds=math.ceil(started_ms / 1000))
+
+    def _args(self) -> list[str | int]:
+        return [self.window_ms, self.failures, self.first_ms, self.longest_ms]
+
+    # --- without REDIS_URL (development) ----------------------------------------------------------
+
+    def _memory_left_ms(self, key: str) -> int:
+        assert isinstance(self.store, MemoryStore)
+        entry = self.store.values.get(key)
+        return 0 if entry is None else max(0, math.ceil((entry[1] - time.time()) * 1000))
+
+    def _memory_record(self, keys: list[str]) -> int:
+        assert isinstance(self.store, MemoryStore)
+        failures_key, lock_key, repeats_key = keys
+        failures, _ = self.store.count(failures_key, self.window_ms)
+        if failures < self.failures:
+            return 0
+        self.store.set(failures_key, b"0", 0)
+        repeats = int(self.store.get(repeats_key) or b"0") + 1
+        ms: int = min(self.first_ms << (repeats - 1), self.longest_ms)
+        self.store.set(lock_key, b"1", ms / 1000)
+        self.store.set(repeats_key, str(repeats).encode(), (ms + self.longest_ms) / 1000)
+        return ms
