@@ -282,5 +282,5 @@ async def test_a_known_token_gets_all_three_answers_in_one_round_trip(
         assert (await http.get(PROBE, headers=token)).status_code == 403  # verified, now cached
         idle_reads, _ = await counted(request=False)  # this test's own INFO commands
         reads, scripts = await counted(request=True)
-    assert scripts == 3  # the address window; its lockout; the revocation lookup with the subject window
+    assert scripts == 2  # the address window with its lockout; the revocation lookup with the subject window
     assert reads - idle_reads == 1  # in one round trip

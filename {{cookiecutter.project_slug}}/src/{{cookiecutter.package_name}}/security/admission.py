@@ -8,7 +8,7 @@ every request. Here they are asked together:
   layer 3 already. Layer 3 then sends the address window and the subject's check in one write.
 - Any other request gets the address window alone (a cheap refusal before any signature is
   checked); once the token verifies, layer 4 sends the subject's check.
-- Either way the address's lockout (lockout.py) is read by one more command in layer 3's batch.
+- Either way the address window also reads the address's lockout (lockout.py), in the same script.
 
 The subject's check is one script over keys of one hash slot (the subject's hash tag): is the token
 revoked (its `jti`, or the subject's "revoked before" mark), and if not, count it in the subject's
@@ -31,7 +31,7 @@ from starlette.types import Scope
 from ..config import Settings
 from .events import security_event
 from .lockout import Lockout
-from .ratelimit import Decision, Policy, RateLimiter, decision, window
+from .ratelimit import Decision, Policy, RateLimiter, decision
 from .revocation import Revocations, RevocationStoreUnavailable
 from .store import MemoryStore, Script, StoreUnavailable
 
@@ -40,6 +40,16 @@ if TYPE_CHECKING:
 
 STATE_KEY = "admission"
 WARNING_INTERVAL_SECONDS = 60.0
+
+ADDRESS_CHECK = Script("""
+local count = redis.call('INCR', KEYS[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {count, ttl, redis.call('PTTL', KEYS[2])}
+""")
 
 SUBJECT_CHECK = Script("""
 local locked = redis.call('PTTL', KEYS[3])
@@ -101,7 +111,7 @@ class Admission:
             if known is not None:
                 self._keep(scope, self._memory_subject(known))
             return address
-        commands = [window(self.address_policy, key), self.lockout.check(key)]
+        commands = [self._address_check(key)]
         if known is not None:
             commands.append(self._subject_check(known))
         try:
@@ -111,10 +121,11 @@ class Admission:
             if known is not None:
                 self._keep(scope, self._unavailable(known, exc))
             return None
-        self.lockout.raise_if_locked(key, replies[1])
+        count, ttl_ms, locked_ms = replies[0]
+        self.lockout.raise_if_locked(key, locked_ms)
         if known is not None:
-            self._keep(scope, self._subject_answer(known, replies[2]))
-        return self.limiter.note(decision(self.address_policy, replies[0]), key)
+            self._keep(scope, self._subject_answer(known, replies[1]))
+        return self.limiter.note(decision(self.address_policy, (count, ttl_ms)), key)
 
     # --- layers 4 and 5 -----------------------------------------------------------------------
 
@@ -139,6 +150,12 @@ class Admission:
         return answer
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _address_check(self, address: str) -> Any:
+        """Count the request in the address's window and read the address's lock, in one script:
+        both keys carry the address as their hash tag."""
+        keys = [self.address_policy.key_prefix + self.revocations.tag(address), self.lockout.lock_key(address)]
+        return ADDRESS_CHECK.call(keys, [self.address_policy.window * 1000])
 
     def _subject_check(self, principal: Principal) -> Any:
         mark, denied = self.revocations.keys(principal)

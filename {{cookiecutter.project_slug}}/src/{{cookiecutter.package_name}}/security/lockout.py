@@ -6,8 +6,8 @@ doubled on each repeat up to LOCKOUT_MAX_SECONDS. A token that verifies but is r
 counts for its subject too, which is locked the same way, from whatever address. Successful
 requests in between reset nothing, so an attacker cannot interleave a valid token to keep guessing.
 
-The cost stays where the failures are: an address's lock is read by layer 3 as one more command in
-the request's existing round trip, a subject's inside its revocation script (admission.py); a
+The cost stays where the failures are: an address's lock is read by layer 3 inside its address
+window script, a subject's inside its revocation script (admission.py); a
 failure is recorded (one more round trip) only when layer 4 refuses a credential, which already
 cost a signature check. The keys of one address or subject share its hash tag, so each script
 touches one Redis Cluster slot; the counts are shared by replicas.
@@ -26,12 +26,10 @@ from ..config import Settings
 from .errors import ProblemResponse, problem
 from .events import security_event
 from .revocation import tag
-from .store import Command, MemoryStore, RedisStore, Script, StoreBusy, StoreUnavailable
+from .store import MemoryStore, RedisStore, Script, StoreBusy, StoreUnavailable
 
 KEY_PREFIX = "lockout"
 WARNING_INTERVAL_SECONDS = 60.0
-
-LOCK_LEFT = Script("return redis.call('PTTL', KEYS[1])")
 
 # KEYS: failures, lock, repeats. ARGV: window ms, failures allowed, first lock ms, longest lock ms.
 # Returns the lock just started, in ms, or 0.
@@ -92,9 +90,10 @@ class Lockout:
 
     # --- layer 3: is the address locked? --------------------------------------------------------
 
-    def check(self, address: str) -> Command:
-        """The command that reads the address's lock, for the request's one round trip."""
-        return LOCK_LEFT.call([self._keys(address)[1]], [])
+    @classmethod
+    def lock_key(cls, address: str) -> str:
+        """The address's lock, read by the address-window script (same hash tag, admission.py)."""
+        return cls._keys(address)[1]
 
     def raise_if_locked(self, address: str, reply: Any = None) -> None:
         """LockedOut when the store's reply (or, without one, this process's memory) says so."""
