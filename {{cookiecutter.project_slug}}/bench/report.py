@@ -79,7 +79,7 @@ def _scenarios(results: dict[str, Any]) -> list[str]:
 
 
 def _targets(results: dict[str, Any]) -> list[str]:
-    lines = [f"- {t['target']}: {t['value']} — {'met' if t['met'] else 'MISSED'}" for t in results["targets"]]
+    lines = [f"- {t['target']}: {t['value']:.3f} — {'met' if t['met'] else 'MISSED'}" for t in results["targets"]]
     rss = results.get("rss_mb", {})
     if "full" in rss:
         met = rss["full"] < RSS_TARGET_MB

@@ -31,7 +31,7 @@ from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, Setting
 from {{ cookiecutter.package_name }}.runtime import MIGRATIONS, Runtime
 from {{ cookiecutter.package_name }}.security.store import RedisStore
 
-from .servers import RedisServer, start_postgres, start_redis
+from .servers import RedisServer, ServiceProcess, start_postgres, start_redis
 
 DATABASE = "postgresql" if DEFAULT_DATABASE_URL.startswith("postgresql") else "sqlite"
 # A database of the configured kind that cannot be reached, for outage tests.
@@ -242,3 +242,32 @@ def audit_events() -> Iterator[list[logging.LogRecord]]:
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+ServiceFactory = Callable[..., ServiceProcess]
+
+
+@pytest.fixture
+def start_service(tmp_path: Path, migrated_database: str, redis_url: str, public_pem: str) -> Iterator[ServiceFactory]:
+    """Start the service in its own uvicorn process on the session's database and redis-server;
+    keyword arguments are settings (environment variables) on top of the test defaults. Every
+    process started is stopped after the test."""
+    started: list[ServiceProcess] = []
+
+    def start(**settings: str) -> ServiceProcess:
+        env = {
+            "ENVIRONMENT": "test",
+            "DATABASE_URL": migrated_database,
+            "REDIS_URL": redis_url,
+            "JWT_PUBLIC_KEY": public_pem,
+            "JWT_ISSUER": ISSUER,
+            "JWT_AUDIENCE": AUDIENCE,
+            **settings,
+        }
+        process = ServiceProcess(env, tmp_path / f"service-{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

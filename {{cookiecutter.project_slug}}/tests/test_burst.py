@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import jwt
@@ -21,39 +19,25 @@ from redis.asyncio import Redis
 
 from {{ cookiecutter.package_name }}.cli import main
 
-from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer
+from .conftest import AUDIENCE, ISSUER, ServiceFactory, TokenFactory, bearer
 from .servers import ServiceProcess
 
 CONNECTIONS = 250
 REQUESTS = 300
-ServiceFactory = Callable[..., ServiceProcess]
 
 
 @pytest.fixture
-def service(tmp_path: Path, migrated_database: str, redis_url: str, public_pem: str) -> Iterator[ServiceFactory]:
-    started: list[ServiceProcess] = []
-
+def service(start_service: ServiceFactory) -> ServiceFactory:
     def start(**settings: str) -> ServiceProcess:
-        env = {
-            "ENVIRONMENT": "test",
-            "DATABASE_URL": migrated_database,
-            "REDIS_URL": redis_url,
-            "JWT_PUBLIC_KEY": public_pem,
-            "JWT_ISSUER": ISSUER,
-            "JWT_AUDIENCE": AUDIENCE,
+        defaults = {
             "RATE_LIMIT_IP": "100000/minute",
             "RATE_LIMIT_SUBJECT": "100000/minute",
             "LOCKOUT_FAILURES": "10000",  # the bursts' tampered tokens all come from one address
             "LOG_LEVEL": "WARNING",
-            **settings,
         }
-        process = ServiceProcess(env, tmp_path / f"service-{len(started)}.log")
-        started.append(process)
-        return process
+        return start_service(**{**defaults, **settings})
 
-    yield start
-    for process in started:
-        process.stop()
+    return start
 
 
 async def burst(base_url: str, requests: list[tuple[str, str, dict[str, str], dict[str, str] | None]]) -> list[int]:

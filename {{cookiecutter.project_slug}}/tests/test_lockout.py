@@ -5,7 +5,6 @@ Redis. Against the real process and redis-server."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -15,25 +14,16 @@ from redis.asyncio import Redis
 
 from {{ cookiecutter.package_name }}.cli import main
 
-from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer
+from .conftest import AUDIENCE, ISSUER, ServiceFactory, TokenFactory, bearer
 from .servers import ServiceProcess
 
 FAILURES = 3
-ServiceFactory = Callable[..., ServiceProcess]
 
 
 @pytest.fixture
-def service(tmp_path: Path, migrated_database: str, redis_url: str, public_pem: str) -> Iterator[ServiceFactory]:
-    started: list[ServiceProcess] = []
-
+def service(start_service: ServiceFactory) -> ServiceFactory:
     def start(**settings: str) -> ServiceProcess:
-        env = {
-            "ENVIRONMENT": "test",
-            "DATABASE_URL": migrated_database,
-            "REDIS_URL": redis_url,
-            "JWT_PUBLIC_KEY": public_pem,
-            "JWT_ISSUER": ISSUER,
-            "JWT_AUDIENCE": AUDIENCE,
+        defaults = {
             "RATE_LIMIT_IP": "100000/minute",
             "RATE_LIMIT_SUBJECT": "100000/minute",
             "TRUSTED_PROXIES": "127.0.0.1",  # clients choose their address with X-Forwarded-For
@@ -41,15 +31,10 @@ def service(tmp_path: Path, migrated_database: str, redis_url: str, public_pem: 
             "LOCKOUT_WINDOW_SECONDS": "60",
             "LOCKOUT_SECONDS": "1",
             "LOCKOUT_MAX_SECONDS": "60",
-            **settings,
         }
-        process = ServiceProcess(env, tmp_path / f"service-{len(started)}.log")
-        started.append(process)
-        return process
+        return start_service(**{**defaults, **settings})
 
-    yield start
-    for process in started:
-        process.stop()
+    return start
 
 
 @pytest.fixture(autouse=True)

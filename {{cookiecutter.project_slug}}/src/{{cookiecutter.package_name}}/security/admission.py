@@ -31,7 +31,7 @@ from starlette.types import Scope
 from ..config import Settings
 from .events import security_event
 from .lockout import Lockout
-from .ratelimit import Decision, Policy, RateLimiter, decision
+from .ratelimit import Decision, Policy, RateLimiter, count_in_window, decision
 from .revocation import Revocations, RevocationStoreUnavailable
 from .store import MemoryStore, Script, StoreUnavailable
 
@@ -41,17 +41,13 @@ if TYPE_CHECKING:
 STATE_KEY = "admission"
 WARNING_INTERVAL_SECONDS = 60.0
 
-ADDRESS_CHECK = Script("""
-local count = redis.call('INCR', KEYS[1])
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-  ttl = tonumber(ARGV[1])
-end
-return {count, ttl, redis.call('PTTL', KEYS[2])}
-""")
+# KEYS: the address's window, its lock. ARGV: window ms. Returns {count, ttl, lock ms left}.
+ADDRESS_CHECK = Script(count_in_window("KEYS[1]", "ARGV[1]") + "return {count, ttl, redis.call('PTTL', KEYS[2])}\n")
 
-SUBJECT_CHECK = Script("""
+# KEYS: the subject's revocation mark, its window, its lock, the token's jti entry (if any). ARGV:
+# iat minus the leeway, window ms. Returns {-2, lock ms left}, {-1, 0} (revoked) or {count, ttl}.
+SUBJECT_CHECK = Script(
+    """
 local locked = redis.call('PTTL', KEYS[3])
 if locked > 0 then
   return {-2, locked}
@@ -63,14 +59,10 @@ end
 if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then
   return {-1, 0}
 end
-local count = redis.call('INCR', KEYS[2])
-local ttl = redis.call('PTTL', KEYS[2])
-if ttl < 0 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  ttl = tonumber(ARGV[2])
-end
-return {count, ttl}
-""")
+"""
+    + count_in_window("KEYS[2]", "ARGV[2]")
+    + "return {count, ttl}\n"
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,19 +36,29 @@ if TYPE_CHECKING:
 KEY_PREFIX = "ratelimit"
 WARNING_INTERVAL_SECONDS = 60.0
 
+
 # Count this request and read the time left in its window, atomically. The expiry is set only
 # when the window opens (or if it was somehow lost), so a client that keeps knocking cannot
 # stretch its own window. One key per call, so it runs unchanged on a Redis Cluster shard. The
 # subject limit counts with the same steps inside the revocation lookup (admission.py).
-COUNT_SCRIPT = """
-local count = redis.call('INCR', KEYS[1])
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-  ttl = tonumber(ARGV[1])
-end
-return {count, ttl}
-"""
+def count_in_window(key: str, window_ms: str) -> str:
+    """Lua that counts one request in the fixed window at `key` (a KEYS[i]) of `window_ms` (an
+    ARGV[j]) and leaves `count` and `ttl` (ms) in locals; the scripts that count build on it."""
+    return (
+        (
+            "local count = redis.call('INCR', KEY)\n"
+            "local ttl = redis.call('PTTL', KEY)\n"
+            "if ttl < 0 then\n"
+            "  redis.call('PEXPIRE', KEY, WINDOW)\n"
+            "  ttl = tonumber(WINDOW)\n"
+            "end\n"
+        )
+        .replace("KEY", key)
+        .replace("WINDOW", window_ms)
+    )
+
+
+COUNT_SCRIPT = count_in_window("KEYS[1]", "ARGV[1]") + "return {count, ttl}\n"
 
 
 @dataclass(frozen=True, slots=True)
