@@ -271,3 +271,17 @@ def start_service(tmp_path: Path, migrated_database: str, redis_url: str, public
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, public_pem: str) -> None:
+    """The environment the operators' commands (`token revoke`, ...) read, pointing at the
+    session's redis-server."""
+    for name, value in {
+        "ENVIRONMENT": "test",
+        "REDIS_URL": redis_url,
+        "JWT_PUBLIC_KEY": public_pem,
+        "JWT_ISSUER": ISSUER,
+        "JWT_AUDIENCE": AUDIENCE,
+    }.items():
+        monkeypatch.setenv(name, value)

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from {{ cookiecutter.package_name }}.cli import main
 
-from .conftest import AUDIENCE, ISSUER, ServiceFactory, TokenFactory, bearer
+from .conftest import ServiceFactory, TokenFactory, bearer
 from .servers import ServiceProcess
 
 CONNECTIONS = 250
@@ -93,20 +93,12 @@ async def test_burst_of_anonymous_requests_gets_only_401(service: ServiceFactory
 
 
 async def test_open_mode_never_serves_a_revoked_token_in_a_burst(
-    service: ServiceFactory, make_token: TokenFactory, redis_url: str, monkeypatch: pytest.MonkeyPatch, public_pem: str
+    service: ServiceFactory, make_token: TokenFactory, cli_env: None
 ) -> None:
     process = service(RATE_LIMIT_FAILURE_MODE="open")
     token = make_token("alice")
     org = await create_org(process.base_url, token)  # the token is now in the service's verified cache
     claims = jwt.decode(token, options={"verify_signature": False})
-    for name, value in {
-        "ENVIRONMENT": "test",
-        "REDIS_URL": redis_url,
-        "JWT_PUBLIC_KEY": public_pem,
-        "JWT_ISSUER": ISSUER,
-        "JWT_AUDIENCE": AUDIENCE,
-    }.items():
-        monkeypatch.setenv(name, value)
     argv = ["token", "revoke", "--sub", claims["sub"], "--jti", claims["jti"], "--exp", str(claims["exp"])]
     assert await asyncio.to_thread(main, argv) == 0
     statuses = await burst(process.base_url, [("GET", org, bearer(token), None)] * REQUESTS)

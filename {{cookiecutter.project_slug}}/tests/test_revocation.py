@@ -28,7 +28,7 @@ from {{ cookiecutter.package_name }}.security.ratelimit import RateLimiter, clie
 from {{ cookiecutter.package_name }}.security.revocation import Revocations, tag
 from {{ cookiecutter.package_name }}.security.store import RedisStore
 
-from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, running
+from .conftest import TokenFactory, bearer, running
 
 PROTECTED = "/api/v1/orgs"
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
@@ -153,20 +153,8 @@ async def test_revocation_without_redis_url_is_kept_in_process(
 # --- operators' commands ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def service_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, public_pem: str) -> None:
-    for name, value in {
-        "ENVIRONMENT": "test",
-        "REDIS_URL": redis_url,
-        "JWT_PUBLIC_KEY": public_pem,
-        "JWT_ISSUER": ISSUER,
-        "JWT_AUDIENCE": AUDIENCE,
-    }.items():
-        monkeypatch.setenv(name, value)
-
-
 async def test_token_revoke_command_refuses_the_token_on_the_running_service(
-    service_env: None, client: httpx.AsyncClient, make_token: TokenFactory, capsys: Any
+    cli_env: None, client: httpx.AsyncClient, make_token: TokenFactory, capsys: Any
 ) -> None:
     token = make_token()
     assert await status_of(client, token) == 201
@@ -178,7 +166,7 @@ async def test_token_revoke_command_refuses_the_token_on_the_running_service(
 
 
 async def test_token_revoke_subject_command_refuses_the_subjects_tokens(
-    service_env: None, client: httpx.AsyncClient, make_token: TokenFactory
+    cli_env: None, client: httpx.AsyncClient, make_token: TokenFactory
 ) -> None:
     token = make_token("carol", iat=int(time.time()) - 5)
     assert await status_of(client, token) == 201
@@ -186,14 +174,14 @@ async def test_token_revoke_subject_command_refuses_the_subjects_tokens(
     assert await status_of(client, token) == 401
 
 
-def test_token_revoke_command_requires_redis(service_env: None, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+def test_token_revoke_command_requires_redis(cli_env: None, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     monkeypatch.delenv("REDIS_URL")
     assert main(["token", "revoke", "--sub", "s", "--jti", "j", "--exp", str(int(time.time()) + 60)]) == 2
     assert "REDIS_URL" in capsys.readouterr().err
 
 
 def test_token_revoke_command_reports_an_unreachable_redis(
-    service_env: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
+    cli_env: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     monkeypatch.setenv("REDIS_URL", UNREACHABLE_REDIS)
     assert main(["token", "revoke-subject", "--sub", "carol"]) == 1

@@ -16,7 +16,6 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.sql.dml import ReturningInsert
 
-AnySelect: TypeAlias = Select[*tuple[Any, ...]]
 AnyStatement: TypeAlias = Select[*tuple[Any, ...]] | ReturningInsert[*tuple[Any, ...]]
 
 

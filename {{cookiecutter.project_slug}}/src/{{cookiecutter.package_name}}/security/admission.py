@@ -32,7 +32,7 @@ from ..config import Settings
 from .events import security_event
 from .lockout import Lockout
 from .ratelimit import Decision, Policy, RateLimiter, count_in_window, decision
-from .revocation import Revocations, RevocationStoreUnavailable
+from .revocation import Revocations, RevocationStoreUnavailable, tag
 from .store import MemoryStore, Script, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -146,14 +146,14 @@ class Admission:
     def _address_check(self, address: str) -> Any:
         """Count the request in the address's window and read the address's lock, in one script:
         both keys carry the address as their hash tag."""
-        keys = [self.address_policy.key_prefix + self.revocations.tag(address), self.lockout.lock_key(address)]
+        keys = [self.address_policy.key_prefix + tag(address), self.lockout.lock_key(address)]
         return ADDRESS_CHECK.call(keys, [self.address_policy.window * 1000])
 
     def _subject_check(self, principal: Principal) -> Any:
         mark, denied = self.revocations.keys(principal)
         keys = [
             mark,
-            self.subject_policy.key_prefix + self.revocations.tag(principal.subject),
+            self.subject_policy.key_prefix + tag(principal.subject),
             self.lockout.subject_lock_key(principal.subject),
         ]
         if denied is not None:
@@ -174,7 +174,7 @@ class Admission:
             return SubjectAnswer(principal, False, None, locked)
         if self.revocations.memory_revoked(principal):
             return SubjectAnswer(principal, True, None)
-        key = self.subject_policy.key_prefix + self.revocations.tag(principal.subject)
+        key = self.subject_policy.key_prefix + tag(principal.subject)
         count, ttl_ms = self.store.count(key, self.subject_policy.window * 1000)
         return SubjectAnswer(principal, False, decision(self.subject_policy, (count, ttl_ms)))
 

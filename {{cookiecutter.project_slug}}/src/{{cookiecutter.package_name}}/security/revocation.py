@@ -47,8 +47,6 @@ class Revocations:
         self.leeway = settings.jwt_leeway_seconds
         self.max_lifetime = settings.jwt_max_token_lifetime_seconds
 
-    tag = staticmethod(tag)
-
     @staticmethod
     def keys(principal: Principal) -> tuple[str, str | None]:
         """The subject's mark and, for a token with a `jti`, its denylist entry."""

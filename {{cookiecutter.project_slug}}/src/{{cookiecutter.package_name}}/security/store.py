@@ -62,12 +62,8 @@ class Command:
 
     def packed(self, *, by_sha: bool = True) -> bytes:
         """RESP: `EVALSHA sha numkeys key... arg...` (or EVAL with the source)."""
-        parts = [b"EVALSHA" if by_sha else b"EVAL", self.script.sha if by_sha else self.script.source]
-        parts += [str(len(self.keys)).encode(), *self.keys, *self.args]
-        out = [b"*%d\r\n" % len(parts)]
-        for part in parts:
-            out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-        return b"".join(out)
+        head = (b"EVALSHA", self.script.sha) if by_sha else (b"EVAL", self.script.source)
+        return pack(*head, str(len(self.keys)).encode(), *self.keys, *self.args)
 
 
 def pack(*parts: bytes) -> bytes:
