@@ -16,6 +16,9 @@ from pathlib import Path
 PROJECT_SLUG = {{ cookiecutter.project_slug | tojson }}
 CHOSEN = {
     "database": {{ cookiecutter.database | tojson }},
+    "api_keys": {{ cookiecutter.api_keys | tojson }},
+    "webhooks": {{ cookiecutter.webhooks | tojson }},
+    "mtls": {{ cookiecutter.mtls | tojson }},
 }
 # The whole context of this bake, for .cruft.json.
 CONTEXT = json.loads({{ cookiecutter | tojson | tojson }})
@@ -30,6 +33,17 @@ OPTION_FILES: dict[str, dict[str, list[str]]] = {
             "deploy/kubernetes/poddisruptionbudget.yaml",
             "deploy/kubernetes/horizontalpodautoscaler.yaml",
         ],
+    },
+    # The credential options (the seed's decision matrix): each one's files exist only when it
+    # is chosen. Its wiring is the module in src/<package>/options/ (see that package).
+    "api_keys": {
+        "yes": [],
+    },
+    "webhooks": {
+        "yes": [],
+    },
+    "mtls": {
+        "yes": [],
     },
 }
 

@@ -22,6 +22,10 @@ DEFAULTS = {
     "project_slug": "secure-api",
     "package_name": "secure_api",
     "project_name": "Secure API",
+    # Yes/no answers stand in as unique strings, since "no" could not be swapped back.
+    "api_keys": "answer-of-api-keys",
+    "webhooks": "answer-of-webhooks",
+    "mtls": "answer-of-mtls",
 }
 
 

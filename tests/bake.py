@@ -24,18 +24,58 @@ class Variant:
     slug: str
     package: str
     database: str
+    # The pytest arguments of its own suite when it runs one: empty for the whole suite.
+    suite: tuple[str, ...] = ()
 
+    @property
+    def chosen(self) -> dict[str, str]:
+        """The value of every multiple-choice option in this bake (the first one by default)."""
+        return {
+            option: self.answers.get(option, values[0])
+            for option, values in template_choices().items()
+        }
+
+
+# The seed's decision matrix as yes/no questions (cookiecutter.json).
+CREDENTIAL_OPTIONS = ("api_keys", "webhooks", "mtls")
+# The baked tests that belong to each option ...
+OPTION_TESTS: dict[str, tuple[str, ...]] = {
+    "api_keys": ("tests/test_api_keys.py",),
+    "webhooks": ("tests/test_webhooks.py",),
+    "mtls": ("tests/test_mtls.py",),
+}
+# ... and the ones that check how options are wired into the pipeline, routes, CLI and schema.
+WIRING_TESTS = (
+    "tests/test_options.py",
+    "tests/test_route_policy.py",
+    "tests/test_health.py",
+    "tests/test_migrations.py",
+    "tests/test_settings.py",
+)
 
 VARIANTS = {
     variant.name: variant
     for variant in (
         Variant("default", {}, "secure-api", "secure_api", "sqlite"),
+        # Every credential option on, with the other database.
         Variant(
             "postgresql",
-            {"database": "postgresql"},
+            {"database": "postgresql", **dict.fromkeys(CREDENTIAL_OPTIONS, "yes")},
             "secure-api",
             "secure_api",
             "postgresql",
+        ),
+        # Each credential option alone: its own tests and those of the shared wiring.
+        *(
+            Variant(
+                option.replace("_", "-"),
+                {option: "yes"},
+                "secure-api",
+                "secure_api",
+                "sqlite",
+                suite=(*OPTION_TESTS[option], *WIRING_TESTS),
+            )
+            for option in CREDENTIAL_OPTIONS
         ),
         Variant(
             "custom-name",
@@ -46,9 +86,11 @@ VARIANTS = {
         ),
     )
 }
-# Variants whose own checks (ruff, mypy, their test suite) run; the others are only
-# rendered and byte-compiled.
+# Variants whose own checks (ruff, mypy, their whole test suite) run, and whose shipping files
+# and locks are checked; ...
 FULLY_TESTED = ("default", "postgresql")
+# ... variants that run ruff, mypy and their `suite`; the others are only rendered and compiled.
+SUITE_TESTED = tuple(option.replace("_", "-") for option in CREDENTIAL_OPTIONS)
 
 
 def run(

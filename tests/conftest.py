@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from bake import FULLY_TESTED, VARIANTS, bake, report, run
+from bake import FULLY_TESTED, SUITE_TESTED, VARIANTS, bake, report, run
 
 BakedProject = Callable[[str], Path]
 # With these in this venv, editable installs skip the isolated build environment.
@@ -34,11 +34,11 @@ def baked(tmp_path_factory: pytest.TempPathFactory) -> BakedProject:
     return baked_project
 
 
-@pytest.fixture(scope="session", params=FULLY_TESTED)
+@pytest.fixture(scope="session", params=FULLY_TESTED + SUITE_TESTED)
 def installed_project(
     request: pytest.FixtureRequest, baked: BakedProject
 ) -> Iterator[Path]:
-    """A fully tested variant, installed with its dev extras into this venv.
+    """A variant that runs its own checks, installed with its dev extras into this venv.
 
     The variants share a distribution name, so they take turns: pytest runs all the
     tests of one parameter, tears it down (uninstalls), then installs the next.

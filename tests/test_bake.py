@@ -67,10 +67,14 @@ def test_no_template_syntax_is_left_in_any_file(baked: BakedProject, name: str) 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_only_the_chosen_option_files_remain(baked: BakedProject, name: str) -> None:
     project = baked(name)
-    chosen = {"database": VARIANTS[name].database}
+    chosen = VARIANTS[name].chosen
     for option, files_by_value in option_files().items():
         for value, paths in files_by_value.items():
-            for relative_path in paths:
+            for path in paths:
+                # The hook's paths name the package as the template does.
+                relative_path = path.replace(
+                    "{{ cookiecutter.package_name }}", VARIANTS[name].package
+                )
                 exists = (project / relative_path).exists()
                 if value == chosen[option]:
                     assert exists, f"{relative_path} ({option}={value}) is missing"

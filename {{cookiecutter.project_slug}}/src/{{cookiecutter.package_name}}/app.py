@@ -38,5 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(api.router)
     app.include_router(legacy.router)  # deprecated aliases until their sunset
+    for extension in runtime.extensions:  # the baked credential options' routes
+        for router in extension.routers:
+            app.include_router(router)
     problem_openapi(app)
     return app

@@ -16,6 +16,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from . import options
 from .config import SERVICE_NAME, ConfigError, Settings, load_settings
 from .models import Relation
 from .security.revocation import MAX_ID_LENGTH, Revocations
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     take.add_argument("--sub", required=True, help="the token subject (`sub` claim)")
     take.add_argument("--org", required=True, type=uuid.UUID, help="the org id")
     take.set_defaults(handler=revoke_grant)
+
+    options.add_commands(commands)  # the baked credential options' commands
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -12,8 +12,10 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from . import options
 from .config import Settings
 from .db import Statements, create_engine, create_sessionmaker
+from .options import Extension
 from .secret_files import SecretFiles
 from .security.admission import Admission
 from .security.audit import AuditSink, Masker
@@ -73,6 +75,7 @@ class Runtime:
     migration_heads: frozenset[str]
     secret_files: SecretFiles
     audit_sink: AuditSink | None = None  # AUDIT_DB_ENABLED
+    extensions: list[Extension] = field(default_factory=list)  # the baked credential options
     clock: Callable[[], datetime] = utc_now  # read by deprecation sunsets; tests replace it
 
     @classmethod
@@ -83,7 +86,7 @@ class Runtime:
         limiter = RateLimiter(settings, store)
         revocations = Revocations(settings, store)
         lockout = Lockout(settings, store, client_bucket(settings.rate_limit_ipv6_prefix))
-        return cls(
+        runtime = cls(
             settings=settings,
             engine=engine,
             sessionmaker=create_sessionmaker(engine),
@@ -99,6 +102,8 @@ class Runtime:
             secret_files=watched_secret_files(settings, keys),
             audit_sink=AuditSink(engine, Masker(settings.audit_masked_fields)) if settings.audit_db_enabled else None,
         )
+        runtime.extensions = options.extensions(runtime)
+        return runtime
 
     @asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:

@@ -47,9 +47,14 @@ def security_pipeline(runtime: Runtime) -> list[Middleware]:
             key=client_bucket(settings.rate_limit_ipv6_prefix),
             lookahead=bearer.known,
         ),
-        # 4. Authentication on /api/, deny by default. Another credential type is one more entry.
-        # A refused credential counts towards its address's lockout (read by layer 3).
-        Middleware(Authenticate, authenticators=[bearer], on_failure=runtime.lockout.failed),
+        # 4. Authentication on /api/, deny by default. Another credential type is one more entry:
+        # the baked credential options' come first (options/). A refused credential counts towards
+        # its address's lockout (read by layer 3).
+        Middleware(
+            Authenticate,
+            authenticators=[*(a for extension in runtime.extensions for a in extension.authenticators), bearer],
+            on_failure=runtime.lockout.failed,
+        ),
         # 5. Per-subject limit (per-route limits are declared on routes with `ratelimit.limit`).
         Middleware(RateLimit, admission=runtime.admission, policy="subject"),
         # 6. Input validation and 7. authorization: dependencies on each route, see api/.

@@ -1,0 +1,55 @@
+"""The credential options baked into this service are exactly the ones chosen, and each one is
+wired into the pipeline, the routes and the CLI through `options/` alone."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from {{ cookiecutter.package_name }} import options
+from {{ cookiecutter.package_name }}.cli import build_parser
+from {{ cookiecutter.package_name }}.runtime import Runtime
+from {{ cookiecutter.package_name }}.security.authn import Authenticate, BearerToken
+from {{ cookiecutter.package_name }}.security.pipeline import SecuredApp
+
+# The answers this service was baked with.
+BAKED = {
+    "mtls": "{{ cookiecutter.mtls }}",
+    "api_keys": "{{ cookiecutter.api_keys }}",
+    "webhooks": "{{ cookiecutter.webhooks }}",
+}
+
+
+def test_the_option_modules_are_exactly_the_chosen_ones() -> None:
+    assert set(BAKED) == set(options.KNOWN)
+    present = [module.__name__.rsplit(".", 1)[1] for module in options.chosen()]
+    assert present == [name for name in options.KNOWN if BAKED[name] == "yes"]
+
+
+def test_each_options_authenticators_come_before_the_bearer_token(app: FastAPI) -> None:
+    assert isinstance(app, SecuredApp)
+    runtime: Runtime = app.state.runtime
+    assert [extension.name for extension in runtime.extensions] == [
+        name for name in options.KNOWN if BAKED[name] == "yes"
+    ]
+    app.middleware_stack = app.build_middleware_stack()
+    layer = app.middleware_stack
+    while not isinstance(layer, Authenticate):
+        layer = layer.app  # type: ignore[attr-defined]
+    expected = [a for extension in runtime.extensions for a in extension.authenticators]
+    assert list(layer.authenticators[:-1]) == expected
+    assert isinstance(layer.authenticators[-1], BearerToken)
+
+
+def test_each_options_routes_are_served(app: FastAPI) -> None:
+    runtime: Runtime = app.state.runtime
+    served = {getattr(route, "path", None) for route in app.routes}
+    for extension in runtime.extensions:
+        for router in extension.routers:
+            assert {route.path for route in router.routes} <= served  # type: ignore[attr-defined]
+
+
+def test_the_cli_offers_exactly_the_core_and_the_chosen_options_commands() -> None:
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command")
+    core = {"keys", "token", "serve", "check-config", "audit-pseudonym", "grant", "revoke-grant"}
+    assert core <= set(commands.choices)  # type: ignore[arg-type]
