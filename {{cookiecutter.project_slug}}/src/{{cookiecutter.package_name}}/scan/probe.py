@@ -6,6 +6,7 @@ given, never follows a redirect elsewhere, and stops by itself when the budget o
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,3 +126,5 @@ class Scan:
     allow_burst: bool = False
     openapi_file: str | None = None
     min_score: int = 100
+    # Every parsed argument, the credential options' own (their `add_arguments`) included.
+    arguments: argparse.Namespace = field(default_factory=argparse.Namespace)

@@ -6,23 +6,42 @@ Exit status: 0 when no check fails, 1 when one does, 2 when the command line is 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import pkgutil
 import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import httpx
 
+from .. import options
 from . import authn, bola, cors, errors, headers, health, ratelimit
 from .probe import BudgetExhausted, Probe, Scan, target_url
 from .report import CheckResult, Status, failed, render_json, render_text
 
+Check = Callable[[Scan], CheckResult]
+
+
+def option_modules() -> list[ModuleType]:
+    """The checks of the baked credential options: `scan/<option>.py`, which exists only in a
+    service baked with that option. Each has NAME, check and optionally add_arguments(parser)."""
+    present = {module.name for module in pkgutil.iter_modules([os.path.dirname(__file__)])}
+    return [importlib.import_module(f"{__package__}.{name}") for name in options.KNOWN if name in present]
+
+
+def option_checks() -> tuple[tuple[str, Check], ...]:
+    return tuple((module.NAME, module.check) for module in option_modules())
+
+
 # Order matters: errors reads every error body the earlier checks saw; the burst goes last
 # because it spends the scanner's address quota.
-CHECKS: tuple[tuple[str, Callable[[Scan], CheckResult]], ...] = (
+CHECKS: tuple[tuple[str, Check], ...] = (
     (headers.NAME, headers.check),
     (cors.NAME, cors.check),
     (authn.NAME, authn.check),
     (bola.NAME, bola.check),
+    *option_checks(),
     (errors.NAME, errors.check),
     (health.NAME, health.check),
     (ratelimit.NAME, ratelimit.check),
@@ -51,10 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-score", type=int, default=100, help="lowest Observatory score that passes (100 = A+)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
     parser.add_argument("--json", action="store_true", help="print a machine-readable report")
+    for module in option_modules():
+        adder = getattr(module, "add_arguments", None)
+        if adder is not None:
+            adder(parser)
     return parser
 
 
-def run_check(name: str, check: Callable[[Scan], CheckResult], scan: Scan) -> CheckResult:
+def run_check(name: str, check: Check, scan: Scan) -> CheckResult:
     try:
         return check(scan)
     except BudgetExhausted as exc:
@@ -74,6 +97,7 @@ def scan(arguments: argparse.Namespace) -> tuple[list[CheckResult], list[str], i
         allow_burst=arguments.allow_burst,
         openapi_file=arguments.openapi,
         min_score=arguments.min_score,
+        arguments=arguments,
     )
     results, notes = [], []
     try:
