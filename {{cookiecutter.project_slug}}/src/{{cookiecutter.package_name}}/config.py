@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     server_backlog: int = Field(2048, ge=16)
     server_timeout_graceful_shutdown_seconds: int = Field(30, ge=1, le=600)
     server_h11_max_incomplete_event_size: int = Field(16384, ge=4096, le=1_048_576)
+    # Observability (README "Observability"); OpenTelemetry is configured by the standard OTEL_* variables.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    log_health_requests: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -119,6 +123,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return {"x-forwarded-for": "X-Forwarded-For", "forwarded": "Forwarded"}.get(value.strip().lower(), value)
         return value
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_port_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("audit_pseudonym_key", mode="before")
     @classmethod
@@ -174,6 +183,12 @@ class Settings(BaseSettings):
             raise ValueError("JWT_PUBLIC_KEY or JWT_JWKS_URL is required")
         if self.jwt_public_key and self.jwt_jwks_url:
             raise ValueError("set JWT_PUBLIC_KEY or JWT_JWKS_URL, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_listener_apart(self) -> Settings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("METRICS_PORT must differ from PORT: metrics are never served on the public listener")
         return self
 
     @property
