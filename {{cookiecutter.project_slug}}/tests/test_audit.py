@@ -183,7 +183,8 @@ async def test_a_valid_traceparent_gives_the_trace_id_only_from_a_caller_trace_c
 ) -> None:
     async with running(trust_for(trust), client=peer) as http:
         with captured_logs() as logs:
-            response = await http.get("/health/live", headers={"traceparent": TRACEPARENT})
+            # Not a probe: probes are not in the request log (LOG_HEALTH_REQUESTS).
+            response = await http.get("/no/such/path", headers={"traceparent": TRACEPARENT})
     assert (response.headers["x-trace-id"] == GIVEN_TRACE) is honoured
     assert TRACE_ID.match(response.headers["x-trace-id"])
     assert logs.request_line(response)["trace_id"] == response.headers["x-trace-id"]
