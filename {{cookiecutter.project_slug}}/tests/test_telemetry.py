@@ -15,13 +15,15 @@ from fastapi import FastAPI
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import ConfigError, Settings
-from {{ cookiecutter.package_name }}.db import Statements
+from {{ cookiecutter.package_name }}.db import Statements, create_engine
 from {{ cookiecutter.package_name }}.security.pipeline import installed_layers
 from {{ cookiecutter.package_name }}.security.store import RedisStore
-from {{ cookiecutter.package_name }}.telemetry import tracing_requested
+from {{ cookiecutter.package_name }}.telemetry import Tracing, tracing_requested
 
 from .conftest import DATABASE, TokenFactory, bearer, running
 from .jwks_server import JwksServer, public_jwk
@@ -227,3 +229,40 @@ def test_tracing_is_on_only_when_otel_variables_ask_for_it(environ: dict[str, st
 def test_an_exporter_the_service_does_not_ship_is_refused_by_name(environ: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         tracing_requested(environ)
+
+
+async def test_a_database_error_span_keeps_its_type_never_the_drivers_message(
+    migrated_database: str, spans: InMemorySpanExporter
+) -> None:
+    tracing = Tracing.create(exporter=spans)
+    engine = create_engine(migrated_database)
+    tracing.instrument_engine(engine)
+    try:
+        async with engine.connect() as connection:
+            with pytest.raises(DBAPIError):
+                await connection.execute(text("SELECT secret_column_named_in_the_message FROM orgs"))
+    finally:
+        await engine.dispose()
+        await tracing.shutdown()
+    (failed,) = [span for span in spans.get_finished_spans() if span.status.status_code == StatusCode.ERROR]
+    assert failed.name.startswith("SELECT")
+    assert not failed.status.description  # the driver's message named the column; the span does not
+    assert "secret_column_named_in_the_message" not in json.dumps([failed.status.description, failed.events])
+
+
+async def test_a_refused_write_on_the_request_path_is_an_error_span_without_the_row(
+    traced: Callable[..., FastAPI], spans: InMemorySpanExporter, make_token: TokenFactory
+) -> None:
+    token = make_token("alice")
+    async with running(traced()) as http:
+        org_id = (await http.post("/api/v1/orgs", json={"name": "Acme"}, headers=bearer(token))).json()["id"]
+        user = {"email": "jane.doe@example.org", "role": "editor"}
+        assert (await http.post(f"/api/v1/orgs/{org_id}/users", json=user, headers=bearer(token))).status_code == 201
+        spans.clear()
+        duplicate = await http.post(f"/api/v1/orgs/{org_id}/users", json=user, headers=bearer(token))
+    assert duplicate.status_code == 409
+    (server,) = server_spans(spans)
+    (insert,) = [child for child in children_of(spans, server) if child.name == "INSERT"]
+    assert insert.status.status_code == StatusCode.ERROR and not insert.status.description
+    assert (insert.attributes or {})["error.type"] == "IntegrityError"
+    assert "jane" not in everything_in(spans)
