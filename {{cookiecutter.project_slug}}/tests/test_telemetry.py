@@ -7,7 +7,9 @@ Spans go to the SDK's InMemorySpanExporter; the service runs on the real redis-s
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -26,7 +28,7 @@ from {{ cookiecutter.package_name }}.security.store import RedisStore
 from {{ cookiecutter.package_name }}.telemetry import Tracing, tracing_requested
 
 from .conftest import DATABASE, TokenFactory, bearer, running
-from .jwks_server import JwksServer, public_jwk
+from .jwks_server import LOOPBACK, JwksServer, public_jwk
 from .test_audit import GIVEN_TRACE, TRACEPARENT, captured_logs
 
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -266,3 +268,48 @@ async def test_a_refused_write_on_the_request_path_is_an_error_span_without_the_
     assert insert.status.status_code == StatusCode.ERROR and not insert.status.description
     assert (insert.attributes or {})["error.type"] == "IntegrityError"
     assert "jane" not in everything_in(spans)
+
+
+class Collector(BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver: keeps what each POST carried."""
+
+    received: list[tuple[str, str, bytes]]
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.received.append((self.path, self.headers.get("Content-Type", ""), body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_args: Any) -> None:
+        return None
+
+
+async def test_otel_variables_alone_export_the_requests_spans_over_otlp_http(
+    settings_for: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received: list[tuple[str, str, bytes]] = []
+    handler = type("Receiver", (Collector,), {"received": received})
+    server = ThreadingHTTPServer((LOOPBACK, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://{LOOPBACK}:{server.server_address[1]}")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "traced-by-env")
+    try:
+        app = create_app(settings_for())
+        async with running(app) as http:
+            response = await http.get(ORG)
+        # The lifespan's end flushed the batch processor.
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert app.state.runtime.tracing is not None
+    assert received, "nothing was exported"
+    paths = {path for path, _type, _body in received}
+    assert paths == {"/v1/traces"}
+    assert all(content_type == "application/x-protobuf" for _path, content_type, _body in received)
+    exported = b"".join(body for _path, _type, body in received)
+    assert bytes.fromhex(response.headers["x-trace-id"]) in exported  # the audit trace id, as OTLP bytes
+    assert b"traced-by-env" in exported

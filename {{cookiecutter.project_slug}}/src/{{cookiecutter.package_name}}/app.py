@@ -37,6 +37,9 @@ def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter 
         docs_url="/docs" if docs else None,
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
+        # FastAPI's own OpenTelemetry (recent versions) would start its server span before the
+        # audit layer has decided the trace id; telemetry.py makes it inside, with that trace id.
+        telemetry=dict(tracing=False, metrics=False, logs=False, auto_configure=False),
     )
     app.state.runtime = runtime
     install_error_handlers(app)
