@@ -26,9 +26,10 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -49,6 +50,7 @@ READINESS_MAX_AGE_SECONDS = 5.0
 READINESS_SCRAPE_TIMEOUT_SECONDS = 3.0
 MAX_LABEL_VALUES = 100  # per label fed from events; beyond it values count as `other`
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+T = TypeVar("T")
 
 
 class BoundedLabel:
@@ -273,7 +275,7 @@ class ReadinessCollector(Collector):
         answer = readiness.answer
         fresh = answer is not None and time.monotonic() - readiness.checked_at <= READINESS_MAX_AGE_SECONDS
         if not fresh and not _on_loop(loop):
-            future = asyncio.run_coroutine_threadsafe(readiness.get(app, self.runtime), loop)
+            future = asyncio.run_coroutine_threadsafe(_untraced(readiness.get(app, self.runtime)), loop)
             try:
                 answer = future.result(READINESS_SCRAPE_TIMEOUT_SECONDS)
             except Exception:
@@ -283,6 +285,12 @@ class ReadinessCollector(Collector):
                 if status != "not_configured":
                     gauge.add_metric([check], 1.0 if status == "ok" else 0.0)
         return [gauge]
+
+
+async def _untraced(check: Awaitable[T]) -> T:
+    """A scrape's readiness run makes no spans, as a probe's does not (telemetry.py)."""
+    with suppress_instrumentation():
+        return await check
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -29,6 +29,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled, suppress_instrumentation
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
@@ -162,6 +163,8 @@ class Tracing:
 
         @functools.wraps(method)
         async def traced(query: Any, **values: Any) -> T:
+            if not is_instrumentation_enabled():  # a probe's readiness check
+                return await method(query, **values)
             operation = query.sql.split(None, 1)[0].upper()
             attributes = {"db.system.name": system, "db.operation.name": operation, "db.query.text": query.sql}
             with tracer.start_as_current_span(
@@ -179,6 +182,8 @@ class Tracing:
 
         @functools.wraps(run)
         async def traced_run(commands: Any) -> Any:
+            if not is_instrumentation_enabled():
+                return await run(commands)
             operation = "EVALSHA" if len(commands) == 1 else "PIPELINE"
             attributes: dict[str, Any] = {"db.system.name": "redis", "db.operation.name": operation}
             if len(commands) > 1:
@@ -190,6 +195,8 @@ class Tracing:
 
         @functools.wraps(execute)
         async def traced_execute(*parts: bytes) -> Any:
+            if not is_instrumentation_enabled():  # a probe's readiness check
+                return await execute(*parts)
             operation = parts[0].decode("ascii", "replace").upper() if parts else "COMMAND"
             attributes = {"db.system.name": "redis", "db.operation.name": operation}
             with tracer.start_as_current_span(
@@ -224,7 +231,8 @@ class ServerSpan:
     span when (and only when) the audit layer believed the caller's `traceparent`.
 
     Attributes: `http.request.method`, `http.route` (the template), `http.response.status_code`,
-    `url.scheme`. Probes (/health/) are left out unless LOG_HEALTH_REQUESTS."""
+    `url.scheme`. Probes (/health/) are left out, with the spans of their checks, unless
+    LOG_HEALTH_REQUESTS."""
 
     def __init__(self, app: ASGIApp, *, tracing: Tracing) -> None:
         self.app = app
@@ -232,8 +240,12 @@ class ServerSpan:
         self.log_health_requests = tracing.log_health_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (not self.log_health_requests and is_health_request(scope)):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if not self.log_health_requests and is_health_request(scope):
+            with suppress_instrumentation():  # nor the spans of the readiness checks it runs
+                await self.app(scope, receive, send)
             return
         method = scope["method"] if scope["method"] in HTTP_METHODS else "_OTHER"
         token = _server_span_id.set(int(current_span_id(), 16))
