@@ -21,11 +21,12 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from {{ cookiecutter.package_name }}.app import create_app
-from {{ cookiecutter.package_name }}.config import ConfigError, Settings
+from {{ cookiecutter.package_name }}.cli import main
+from {{ cookiecutter.package_name }}.config import ConfigError, Settings, tracing_requested
 from {{ cookiecutter.package_name }}.db import Statements, create_engine
 from {{ cookiecutter.package_name }}.security.pipeline import installed_layers
 from {{ cookiecutter.package_name }}.security.store import RedisStore
-from {{ cookiecutter.package_name }}.telemetry import Tracing, tracing_requested
+from {{ cookiecutter.package_name }}.telemetry import Tracing
 
 from .conftest import DATABASE, TokenFactory, bearer, running
 from .jwks_server import LOOPBACK, JwksServer, public_jwk
@@ -313,3 +314,15 @@ async def test_otel_variables_alone_export_the_requests_spans_over_otlp_http(
     exported = b"".join(body for _path, _type, body in received)
     assert bytes.fromhex(response.headers["x-trace-id"]) in exported  # the audit trace id, as OTLP bytes
     assert b"traced-by-env" in exported
+
+
+def test_check_config_names_an_unshipped_exporter_and_says_when_tracing_is_on(
+    cli_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    assert main(["check-config"]) == 1
+    assert "OTEL_TRACES_EXPORTER" in capsys.readouterr().err
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("METRICS_PORT", "9464")
+    assert main(["check-config"]) == 0
+    assert capsys.readouterr().out == "configuration ok (test, traces, metrics)\n"

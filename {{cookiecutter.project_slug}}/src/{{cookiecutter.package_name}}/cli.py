@@ -16,7 +16,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .config import SERVICE_NAME, ConfigError, Settings, load_settings
+from .config import SERVICE_NAME, ConfigError, Settings, load_settings, tracing_requested
 from .models import Relation
 from .security.revocation import MAX_ID_LENGTH, Revocations
 from .security.store import StoreBusy, StoreUnavailable
@@ -182,8 +182,6 @@ def serve(args: argparse.Namespace) -> int:
 
 def check_config(_args: argparse.Namespace) -> int:
     """Validate the environment as the service would at start."""
-    from .telemetry import tracing_requested
-
     try:
         settings = load_settings()
         tracing = tracing_requested()

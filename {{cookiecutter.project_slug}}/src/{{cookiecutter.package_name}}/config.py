@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Literal
 
@@ -273,3 +275,29 @@ def load_settings() -> Settings:
     if problems:
         raise ConfigError("; ".join(problems))
     return settings
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() == "true"
+
+
+def tracing_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """The rule (README "Observability"): on when OTEL_TRACES_EXPORTER is `otlp`, or is unset and an
+    OTLP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set; off
+    when OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none, or nothing is set. Raises ConfigError,
+    naming the variable, for an exporter or protocol this service does not ship."""
+    environ = os.environ if environ is None else environ
+    if _flag(environ, "OTEL_SDK_DISABLED"):
+        return False
+    exporter = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter == "none":
+        return False
+    if exporter not in ("", "otlp"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER: only 'otlp' or 'none' are supported, not {exporter!r}")
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = environ.get(name, "").strip()
+        if protocol and protocol != "http/protobuf":
+            raise ConfigError(f"{name}: only 'http/protobuf' is supported, not {protocol!r}")
+    if exporter == "otlp":
+        return True
+    return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))

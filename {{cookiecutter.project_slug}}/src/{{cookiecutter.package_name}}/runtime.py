@@ -12,7 +12,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from .config import Settings
+from .config import Settings, tracing_requested
 from .db import Statements, create_engine, create_sessionmaker
 from .secret_files import SecretFiles
 from .security.admission import Admission
@@ -114,8 +114,6 @@ class Runtime:
 
     def observe(self, span_exporter: SpanExporter | None) -> None:
         """Tracing and metrics, each only when configured: when off, nothing is imported or wrapped."""
-        from .telemetry import tracing_requested
-
         if span_exporter is not None or tracing_requested():
             from .telemetry import Tracing
 

@@ -1,4 +1,5 @@
-"""OpenTelemetry traces, off unless the standard OTEL_* variables ask for them (README "Observability").
+"""OpenTelemetry traces, off unless the standard OTEL_* variables ask for them (config.tracing_requested,
+README "Observability"); imported only then.
 
 When on: a server span per request (named after the route template, never the raw path), under the
 audit layer's trace id and span id, so a trace and the log lines of its request share both; child
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from random import getrandbits
@@ -40,42 +41,13 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import SERVICE_NAME, ConfigError
+from .config import SERVICE_NAME
 from .security.audit import is_health_request
 from .security.events import current_span_id, current_trace_id, route_template
 
 TRACER_NAME = __name__
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 T = TypeVar("T")
-
-# --- When tracing is on --------------------------------------------------------------------------
-
-
-def _flag(environ: Mapping[str, str], name: str) -> bool:
-    return environ.get(name, "").strip().lower() == "true"
-
-
-def tracing_requested(environ: Mapping[str, str] | None = None) -> bool:
-    """The rule (README "Observability"): on when OTEL_TRACES_EXPORTER is `otlp`, or is unset and an
-    OTLP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set; off
-    when OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none, or nothing is set. Raises ConfigError,
-    naming the variable, for an exporter or protocol this service does not ship."""
-    environ = os.environ if environ is None else environ
-    if _flag(environ, "OTEL_SDK_DISABLED"):
-        return False
-    exporter = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if exporter == "none":
-        return False
-    if exporter not in ("", "otlp"):
-        raise ConfigError(f"OTEL_TRACES_EXPORTER: only 'otlp' or 'none' are supported, not {exporter!r}")
-    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-        protocol = environ.get(name, "").strip()
-        if protocol and protocol != "http/protobuf":
-            raise ConfigError(f"{name}: only 'http/protobuf' is supported, not {protocol!r}")
-    if exporter == "otlp":
-        return True
-    return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-
 
 # --- Ids: the audit layer's ----------------------------------------------------------------------
 
