@@ -7,11 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from {{ cookiecutter.package_name }}.app import create_app
+from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import Settings
+from {{ cookiecutter.package_name }}.metrics import MAX_LABEL_VALUES, BoundedLabel
 from {{ cookiecutter.package_name }}.security.pipeline import installed_layers
 
 from .conftest import TokenFactory, bearer, running
@@ -127,3 +130,20 @@ def test_the_metrics_port_cannot_be_the_public_port(settings_for: Callable[..., 
         assert "METRICS_PORT" in str(exc)
     else:
         raise AssertionError("METRICS_PORT equal to PORT was accepted")
+
+
+def test_labels_fed_from_events_stay_bounded() -> None:
+    label = BoundedLabel()
+    assert label("no_credentials") == "no_credentials"
+    assert label("has spaces and /slashes/") == "other"  # not a name the service writes
+    names = [label(f"reason_{number}") for number in range(MAX_LABEL_VALUES + 50)]
+    assert names.count("other") == 51  # 100 distinct values at most, no_credentials among them
+    assert label("no_credentials") == "no_credentials"  # a value seen before keeps its label
+
+
+def test_serve_refuses_metrics_with_several_workers(
+    cli_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("METRICS_PORT", str(free_port()))
+    assert main(["serve", "--workers", "2"]) == 2
+    assert "METRICS_PORT" in capsys.readouterr().err
