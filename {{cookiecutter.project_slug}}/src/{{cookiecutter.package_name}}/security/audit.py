@@ -272,11 +272,12 @@ class AuditContext:
     outside the trust therefore cannot put its requests into another request's trace.
     """
 
-    def __init__(self, app: ASGIApp, *, trust_trace_context: str = "proxies") -> None:
+    def __init__(self, app: ASGIApp, *, trust_trace_context: str = "proxies", log_health_requests: bool = True) -> None:
         self.app = app
         self.header = TRACE_HEADER.lower().encode()
         self.trust_always = trust_trace_context == "always"
         self.trust_proxies = trust_trace_context == "proxies"
+        self.log_health_requests = log_health_requests  # LOG_HEALTH_REQUESTS
 
     def _inbound_trace_id(self, scope: Scope) -> str | None:
         if not (self.trust_always or (self.trust_proxies and scope.get("state", {}).get("via_trusted_proxy"))):
@@ -320,9 +321,21 @@ class AuditContext:
                     scope, receive, send_with_trace
                 )
         finally:
-            _log_request(scope, status, started)
+            if self.log_health_requests or not is_health_request(scope):
+                _log_request(scope, status, started)
             unbind_request(request_token)
             unbind_trace(trace_token)
+
+
+HEALTH_PREFIX = "/health/"
+
+
+def is_health_request(scope: Scope) -> bool:
+    """A probe (`/health/live`, `/health/ready`): kept out of the request log and of traces unless
+    LOG_HEALTH_REQUESTS; its security events and errors are logged as any other's."""
+    path: str = scope["path"]
+    root = scope.get("root_path")
+    return path.startswith(HEALTH_PREFIX, len(root) if root and path.startswith(root) else 0)
 
 
 def _log_request(scope: Scope, status: int, started: float) -> None:

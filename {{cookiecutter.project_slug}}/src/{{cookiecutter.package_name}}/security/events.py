@@ -84,6 +84,11 @@ def unbind_request(token: Token[Scope | None]) -> None:
     _request.reset(token)
 
 
+def current_request() -> Scope | None:
+    """The scope of the request being served (bound by the audit layer), if any."""
+    return _request.get()
+
+
 def inbound_trace_id(traceparent: bytes) -> str | None:
     """The trace id of a valid W3C traceparent; None for a malformed one (ignored, never an error)."""
     match = _TRACEPARENT.fullmatch(traceparent.strip())
