@@ -312,24 +312,30 @@ def start_postgres(tmp_path: Path) -> PostgresServer:
 
 
 class ServiceProcess:
-    """The service as production runs it: `uvicorn <package>.app:create_app --factory` in its own
-    process, with `env` as its settings (nothing inherited from a .env file)."""
+    """The service in its own process, with `env` as its settings (nothing inherited from a .env
+    file): `uvicorn <package>.app:create_app --factory`, or with `serve` the operators' command
+    `<service> serve` (its uvicorn settings and its drain on SIGTERM, server.py)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, *, extra_args: tuple[str, ...] = (), serve: bool = False
+    ) -> None:
         self.port = free_port()
         self.log_path = log_path
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            f"{PACKAGE}.app:create_app",
-            "--factory",
-            f"--host={LOOPBACK}",
-            f"--port={self.port}",
-            "--no-access-log",
-            "--no-server-header",
-            *extra_args,
-        ]
+        if serve:
+            command = [sys.executable, "-m", f"{PACKAGE}.cli", "serve", f"--host={LOOPBACK}", f"--port={self.port}"]
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                f"{PACKAGE}.app:create_app",
+                "--factory",
+                f"--host={LOOPBACK}",
+                f"--port={self.port}",
+                "--no-access-log",
+                "--no-server-header",
+            ]
+        command += extra_args
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command,

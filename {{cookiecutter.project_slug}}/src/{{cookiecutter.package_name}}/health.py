@@ -70,12 +70,18 @@ class Readiness:
             self.running = None
 
 
+# Shutting down (server.py): out of the load balancer at once, whatever the cache holds.
+DRAINING = Ready(status="fail", checks={"shutdown": "fail"})
+
+
 @router.get("/ready", response_model=Ready, responses={503: {"model": Ready, "description": "Not ready"}})
 async def ready(request: Request) -> JSONResponse:
     state = request.app.state
     readiness: Readiness | None = getattr(state, "readiness", None)
     if readiness is None:
         readiness = state.readiness = Readiness()
+    if state.runtime.draining:
+        return JSONResponse(DRAINING.model_dump(), status_code=503)
     result = await readiness.get(request.app, state.runtime)
     return JSONResponse(result.model_dump(), status_code=200 if result.status == "ok" else 503)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from .security.revocation import Revocations
 from .security.store import MemoryStore, RedisStore
 
 MIGRATIONS = f"{__package__}:migrations"
+logger = logging.getLogger(__name__)
 
 
 def migration_heads() -> frozenset[str]:
@@ -81,6 +83,7 @@ class Runtime:
     audit_sink: AuditSink | None = None  # AUDIT_DB_ENABLED
     extensions: list[Extension] = field(default_factory=list)  # the baked credential options
     clock: Callable[[], datetime] = utc_now  # read by deprecation sunsets; tests replace it
+    draining: bool = False  # shutting down (server.py): /health/ready answers 503
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
@@ -138,3 +141,4 @@ class Runtime:
                 await self.store.aclose()
             await self.statements.aclose()
             await self.engine.dispose()
+            logger.info("connection pools closed", extra={"event": "shutdown_pools_closed"})
