@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     lockout_max_seconds: int = Field(3600, ge=1, le=604800)
     redis_timeout_seconds: float = Field(0.5, gt=0, le=10)
     database_read_pool_size: int = Field(4, ge=1, le=1000)
+    database_pool_size: int = Field(10, ge=1, le=1000)  # PostgreSQL: the engine's (db.create_engine)
+    database_max_overflow: int = Field(10, ge=0, le=1000)
     redis_pool_size: int = Field(50, ge=1, le=10_000)
     redis_pool_timeout_seconds: float = Field(5.0, gt=0, le=60)
 

@@ -87,7 +87,9 @@ class Runtime:
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
-        engine = create_engine(settings.database_url)
+        engine = create_engine(
+            settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
+        )
         store = redis_store(settings) if settings.redis_url else MemoryStore()
         keys = key_source(settings)
         limiter = RateLimiter(settings, store)
