@@ -198,7 +198,7 @@ def test_the_grace_periods_shipped_cover_the_drain_and_the_graceful_shutdown() -
     graceful = Settings.model_fields["server_timeout_graceful_shutdown_seconds"].default
     assert manifest_seconds("deploy/kubernetes/configmap.yaml", "SHUTDOWN_DRAIN_SECONDS") == drain
     assert manifest_seconds("deploy/kubernetes/configmap.yaml", "SERVER_TIMEOUT_GRACEFUL_SHUTDOWN_SECONDS") == graceful
-    needed = drain + graceful + 5
+    needed = drain + graceful + 10  # closing the pools, and a margin
     assert manifest_seconds("deploy/kubernetes/deployment.yaml", "terminationGracePeriodSeconds") >= needed
     assert manifest_seconds("compose.yaml", "stop_grace_period") >= needed
     # No preStop pause on top: the drain is the pause, and a pause would eat into the grace period.
