@@ -26,8 +26,8 @@ from {{ cookiecutter.package_name }}.config import Settings
 from .conftest import ServiceFactory, TokenFactory, bearer
 from .servers import LOOPBACK, ServiceProcess
 
-DRAIN_SECONDS = 2.0
-UPLOAD_SECONDS = 3.5  # longer than the drain: the uploads end during uvicorn's graceful shutdown
+DRAIN_SECONDS = 3.0
+UPLOAD_SECONDS = 4.5  # longer than the drain: the uploads end during uvicorn's graceful shutdown
 UPLOADS = 4
 LOAD_WORKERS = 4
 PROJECT = Path(__file__).resolve().parent.parent
@@ -74,10 +74,11 @@ async def ready_status(base_url: str) -> tuple[int, dict[str, object]]:
 
 
 async def load(base_url: str, path: str, token: str, until: float, *, fresh: bool) -> list[int | str]:
-    """Requests one after another until `until` (monotonic); fresh: a new connection for each."""
+    """Requests one after another, at least two, until `until` (monotonic); fresh: a new
+    connection for each."""
     outcomes: list[int | str] = []
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
-        while time.monotonic() < until:
+        while len(outcomes) < 2 or time.monotonic() < until:
             headers = {**bearer(token), **({"Connection": "close"} if fresh else {})}
             try:
                 outcomes.append((await http.get(path, headers=headers)).status_code)
@@ -140,11 +141,11 @@ async def test_sigterm_drains_then_finishes_every_request_and_exits_0(
     assert await asyncio.to_thread(process.process.poll) is None
 
     # During the drain: new connections and keep-alive ones are all answered.
-    until = signalled + DRAIN_SECONDS - 0.4
+    until = signalled + DRAIN_SECONDS - 1
     loads = [load(process.base_url, org, token, until, fresh=worker % 2 == 0) for worker in range(LOAD_WORKERS)]
     served = [outcome for outcomes in await asyncio.gather(*loads) for outcome in outcomes]
     assert served and set(served) == {200}, f"during the drain: {sorted(set(map(str, served)))}"
-    assert len(served) >= LOAD_WORKERS * 2
+    assert time.monotonic() - signalled < DRAIN_SECONDS, "the machine is too slow for this test's timing"
 
     # Then the listener closes, not before the drain has ended ...
     closed = await listener_closed_at(process.port, signalled + DRAIN_SECONDS + 3)
