@@ -314,7 +314,7 @@ def start_postgres(tmp_path: Path) -> PostgresServer:
 class ServiceProcess:
     """The service in its own process, with `env` as its settings (nothing inherited from a .env
     file): `uvicorn <package>.app:create_app --factory`, or with `serve` the operators' command
-    `<service> serve` (its uvicorn settings and its drain on SIGTERM, server.py)."""
+    `<service> serve` (its uvicorn settings and its drain on SIGTERM, shutdown.py)."""
 
     def __init__(
         self, env: dict[str, str], log_path: Path, *, extra_args: tuple[str, ...] = (), serve: bool = False

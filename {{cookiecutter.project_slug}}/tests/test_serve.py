@@ -181,7 +181,7 @@ def test_a_websocket_handshake_is_answered_403_by_the_real_server(service: Servi
 def test_serve_passes_the_server_limits_from_the_settings(
     migrated_database: str, redis_url: str, public_pem: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from {{ cookiecutter.package_name }}.server import DrainingServer
+    from {{ cookiecutter.package_name }}.shutdown import DrainingServer
 
     for name, value in service_env(migrated_database, redis_url, public_pem).items():
         monkeypatch.setenv(name, value)

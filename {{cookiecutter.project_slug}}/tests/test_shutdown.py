@@ -1,4 +1,4 @@
-"""Graceful shutdown of the real `serve` process under load (server.py): on SIGTERM readiness turns
+"""Graceful shutdown of the real `serve` process under load (shutdown.py): on SIGTERM readiness turns
 503 at once, the process keeps accepting and answering for SHUTDOWN_DRAIN_SECONDS, then stops
 accepting, lets every request in flight finish, closes its pools and exits 0.
 

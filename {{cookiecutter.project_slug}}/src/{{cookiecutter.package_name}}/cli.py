@@ -144,7 +144,7 @@ def _revoke(action: Callable[[Revocations], Awaitable[str]]) -> int:
 def serve(args: argparse.Namespace) -> int:
     """Run the service with uvicorn configured for it: no proxy headers (TRUSTED_PROXIES decides
     whom to believe), no Server banner, the service's JSON logging, the server limits, and a drain
-    period on SIGTERM (server.py)."""
+    period on SIGTERM (shutdown.py)."""
     import uvicorn
 
     try:
@@ -163,7 +163,7 @@ def serve(args: argparse.Namespace) -> int:
         return 0
 
     from .app import create_app
-    from .server import DrainingServer
+    from .shutdown import DrainingServer
 
     app = create_app(settings)
     server = DrainingServer(

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     server_limit_concurrency: int = Field(1000, ge=10)
     server_backlog: int = Field(2048, ge=16)
     server_timeout_graceful_shutdown_seconds: int = Field(30, ge=1, le=600)
-    # SIGTERM: not ready, still serving, for this long before the graceful shutdown (server.py).
+    # SIGTERM: not ready, still serving, for this long before the graceful shutdown (shutdown.py).
     shutdown_drain_seconds: float = Field(5, ge=0, le=300)
     server_h11_max_incomplete_event_size: int = Field(16384, ge=4096, le=1_048_576)
 

@@ -70,7 +70,7 @@ class Readiness:
             self.running = None
 
 
-# Shutting down (server.py): out of the load balancer at once, whatever the cache holds.
+# Shutting down (shutdown.py): out of the load balancer at once, whatever the cache holds.
 DRAINING = Ready(status="fail", checks={"shutdown": "fail"})
 
 

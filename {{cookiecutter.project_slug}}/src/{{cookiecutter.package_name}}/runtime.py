@@ -83,7 +83,7 @@ class Runtime:
     audit_sink: AuditSink | None = None  # AUDIT_DB_ENABLED
     extensions: list[Extension] = field(default_factory=list)  # the baked credential options
     clock: Callable[[], datetime] = utc_now  # read by deprecation sunsets; tests replace it
-    draining: bool = False  # shutting down (server.py): /health/ready answers 503
+    draining: bool = False  # shutting down (shutdown.py): /health/ready answers 503
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
