@@ -80,7 +80,8 @@ def fleet(
 ) -> Iterator[Fleet]:
     directory = tmp_path_factory.mktemp("replicas")
     fleet_redis = redis_url.rsplit("/", 1)[0] + "/5"  # a database of its own: empty buckets
-    Redis.from_url(fleet_redis).flushdb()
+    with Redis.from_url(fleet_redis) as redis:
+        redis.flushdb()
     env = {
         "ENVIRONMENT": "test",
         "DATABASE_URL": migrated_database,
