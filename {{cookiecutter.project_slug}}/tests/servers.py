@@ -312,24 +312,31 @@ def start_postgres(tmp_path: Path) -> PostgresServer:
 
 
 class ServiceProcess:
-    """The service as production runs it: `uvicorn <package>.app:create_app --factory` in its own
-    process, with `env` as its settings (nothing inherited from a .env file)."""
+    """The service in its own process, with `env` as its settings (nothing inherited from a .env
+    file): `uvicorn <package>.app:create_app --factory`, or with `serve` the operators' command
+    `<service> serve` (its uvicorn settings and its drain on SIGTERM, shutdown.py)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, *, extra_args: tuple[str, ...] = (), serve: bool = False
+    ) -> None:
         self.port = free_port()
         self.log_path = log_path
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            f"{PACKAGE}.app:create_app",
-            "--factory",
-            f"--host={LOOPBACK}",
-            f"--port={self.port}",
-            "--no-access-log",
-            "--no-server-header",
-            *extra_args,
-        ]
+        self.env = env
+        if serve:
+            command = [sys.executable, "-m", f"{PACKAGE}.cli", "serve", f"--host={LOOPBACK}", f"--port={self.port}"]
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                f"{PACKAGE}.app:create_app",
+                "--factory",
+                f"--host={LOOPBACK}",
+                f"--port={self.port}",
+                "--no-access-log",
+                "--no-server-header",
+            ]
+        command += extra_args
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command,
@@ -361,3 +368,51 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+# --- nginx -----------------------------------------------------------------------------------------
+
+
+def nginx_executable() -> str:
+    found = shutil.which("nginx") or next(
+        (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(path, os.X_OK)), None
+    )
+    if found is None:
+        raise RuntimeError("nginx not found: install it (Debian/Ubuntu: apt-get install -y nginx)")
+    return found
+
+
+class NginxProxy:
+    """Debian's nginx in the foreground with the shipped nginx.conf itself (a symlink): only the
+    two per-environment includes beside it are written here, listen.conf (a loopback port) and
+    upstream.conf (the replicas' ports). Every path nginx writes is under a temporary prefix, so
+    it needs no privileges."""
+
+    def __init__(self, shipped_conf: Path, upstream_ports: list[int]) -> None:
+        self.port = free_port()
+        # nginx started as root runs its workers as `nobody`: they must reach the prefix.
+        self.prefix = Path(tempfile.mkdtemp(prefix="nginx-test-"))
+        self.prefix.chmod(0o755)
+        conf = self.prefix / "conf"
+        conf.mkdir(mode=0o755)
+        (conf / "nginx.conf").symlink_to(shipped_conf)
+        (conf / "listen.conf").write_text(f"listen {LOOPBACK}:{self.port};\n")
+        (conf / "upstream.conf").write_text("".join(f"server {LOOPBACK}:{port};\n" for port in upstream_ports))
+        self.log_path = self.prefix / "nginx.log"
+        command = [nginx_executable(), "-p", f"{self.prefix}/", "-c", str(conf / "nginx.conf"), "-g", "daemon off;"]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.prefix, ignore_errors=True)

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     lockout_max_seconds: int = Field(3600, ge=1, le=604800)
     redis_timeout_seconds: float = Field(0.5, gt=0, le=10)
     database_read_pool_size: int = Field(4, ge=1, le=1000)
+    database_pool_size: int = Field(10, ge=1, le=1000)  # PostgreSQL: the engine's (db.create_engine)
+    database_max_overflow: int = Field(10, ge=0, le=1000)
     redis_pool_size: int = Field(50, ge=1, le=10_000)
     redis_pool_timeout_seconds: float = Field(5.0, gt=0, le=60)
 
@@ -97,6 +99,8 @@ class Settings(BaseSettings):
     server_limit_concurrency: int = Field(1000, ge=10)
     server_backlog: int = Field(2048, ge=16)
     server_timeout_graceful_shutdown_seconds: int = Field(30, ge=1, le=600)
+    # SIGTERM: not ready, still serving, for this long before the graceful shutdown (shutdown.py).
+    shutdown_drain_seconds: float = Field(5, ge=0, le=300)
     server_h11_max_incomplete_event_size: int = Field(16384, ge=4096, le=1_048_576)
     # Observability (README "Observability"); OpenTelemetry is configured by the standard OTEL_* variables.
     metrics_port: int | None = Field(None, ge=1, le=65535)

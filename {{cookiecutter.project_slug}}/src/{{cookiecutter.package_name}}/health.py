@@ -70,9 +70,16 @@ class Readiness:
             self.running = None
 
 
+# Shutting down (shutdown.py): out of the load balancer at once, whatever the cache holds.
+DRAINING = Ready(status="fail", checks={"shutdown": "fail"})
+
+
 @router.get("/ready", response_model=Ready, responses={503: {"model": Ready, "description": "Not ready"}})
 async def ready(request: Request) -> JSONResponse:
-    result = await readiness_of(request.app).get(request.app, request.app.state.runtime)
+    state = request.app.state
+    if state.runtime.draining:
+        return JSONResponse(DRAINING.model_dump(), status_code=503)
+    result = await readiness_of(request.app).get(request.app, state.runtime)
     return JSONResponse(result.model_dump(), status_code=200 if result.status == "ok" else 503)
 
 

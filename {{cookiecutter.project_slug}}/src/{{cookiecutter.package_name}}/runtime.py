@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from .telemetry import Tracing
 
 MIGRATIONS = f"{__package__}:migrations"
+logger = logging.getLogger(__name__)
 
 
 def migration_heads() -> frozenset[str]:
@@ -89,11 +91,14 @@ class Runtime:
     clock: Callable[[], datetime] = utc_now  # read by deprecation sunsets; tests replace it
     tracing: Tracing | None = None  # OTEL_* (telemetry.py)
     metrics: Metrics | None = None  # METRICS_PORT (metrics.py)
+    draining: bool = False  # shutting down (shutdown.py): /health/ready answers 503
 
     @classmethod
     def create(cls, settings: Settings, *, span_exporter: SpanExporter | None = None) -> Runtime:
         """`span_exporter`: trace, and export there (tests), whatever OTEL_* say."""
-        engine = create_engine(settings.database_url)
+        engine = create_engine(
+            settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
+        )
         store = redis_store(settings) if settings.redis_url else MemoryStore()
         keys = key_source(settings)
         limiter = RateLimiter(settings, store)
@@ -175,3 +180,4 @@ class Runtime:
             await self.engine.dispose()
             if self.tracing is not None:
                 await self.tracing.shutdown()
+            logger.info("connection pools closed", extra={"event": "shutdown_pools_closed"})
