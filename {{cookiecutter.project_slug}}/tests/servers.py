@@ -24,7 +24,9 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import redis
 from cryptography import x509
@@ -225,9 +227,14 @@ def start_cluster(tmp_path: Path, primaries: int = 3) -> RedisCluster:
         cluster.stop()
         raise RuntimeError(f"redis-cli --cluster create failed:\n{result.stdout}{result.stderr}")
     for server in servers:
-        with redis_client(server.port) as client:
-            wait_for(lambda c=client: c.cluster("info")["cluster_state"] == "ok", "cluster_state:ok")
+        wait_for(partial(_cluster_ok, server.port), "cluster_state:ok")
     return cluster
+
+
+def _cluster_ok(port: int) -> bool:
+    with redis_client(port) as client:
+        info: dict[str, Any] = client.cluster("info")
+    return bool(info["cluster_state"] == "ok")
 
 
 SENTINEL_SERVICE = "primary"
@@ -283,13 +290,13 @@ def start_sentinel_group(tmp_path: Path) -> SentinelGroup:
     with redis_client(replica.port) as client:
         wait_for(lambda: client.info("replication").get("master_link_status") == "up", "the replica to sync")
     for sentinel in sentinels:
-        with redis_client(sentinel.port) as client:
-            wait_for(lambda c=client: _sees_group(c), "the sentinels to see the replica and each other")
+        wait_for(partial(_sees_group, sentinel.port), "the sentinels to see the replica and each other")
     return group
 
 
-def _sees_group(sentinel: redis.Redis) -> bool:
-    state = sentinel.sentinel_master(SENTINEL_SERVICE)
+def _sees_group(port: int) -> bool:
+    with redis_client(port) as client:
+        state: dict[str, Any] = client.sentinel_master(SENTINEL_SERVICE)
     return int(state["num-slaves"]) == 1 and int(state["num-other-sentinels"]) == 2
 
 
