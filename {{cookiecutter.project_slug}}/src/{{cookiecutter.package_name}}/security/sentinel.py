@@ -13,11 +13,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio.connection import ConnectionPool
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.connection import ConnectionPool, SSLConnection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from .store import RedisStore
 from .topology import Topology
+
+
+class PrimaryConnection(SentinelManagedConnection):
+    """A connection to the primary the sentinels name now. redis-py asks the sentinels in
+    `connect()`, which its command layer calls; `RedisStore` lets the first send connect, so the
+    asking happens here."""
+
+    async def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if not self.is_connected:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+
+class PrimarySSLConnection(PrimaryConnection, SSLConnection):
+    pass
 
 
 class SentinelStore(RedisStore):
@@ -41,7 +56,7 @@ class SentinelStore(RedisStore):
         return SentinelConnectionPool(  # type: ignore[no-untyped-call]
             topology.service,
             manager,
-            ssl=topology.tls,
+            connection_class=PrimarySSLConnection if topology.tls else PrimaryConnection,
             db=topology.db,
             username=topology.username,
             password=topology.password,
