@@ -284,12 +284,6 @@ async def test_a_stale_slot_map_follows_moved_and_ask_redirections(
     try:
         await store.ping()  # learns the slot map
         nodes = list(store.primaries)
-        policy = Policy.of("ip", on_cluster().ip_limit)
-        keys = [tag(f"k{index}") for index in range(30)]
-        store._slots = [nodes[0]] * SLOTS  # every slot wrongly on the first primary: MOVED from it
-        assert [count for count, _ in await store.run([window(policy, key) for key in keys])] == [1] * 30
-        assert [count for count, _ in await store.run([window(policy, key) for key in keys])] == [2] * 30
-
         # A slot being migrated: the source answers ASK for keys it does not hold; the target takes
         # the command after ASKING.
         key = b"{migrating}"
@@ -303,11 +297,23 @@ async def test_a_stale_slot_map_follows_moved_and_ask_redirections(
         assert await store.execute(b"SET", key, b"moved", b"EX", b"60") == b"OK"
         asked = await target._round_trip(pack(b"ASKING") + pack(b"EXISTS", key), 2)
         assert asked == [b"OK", 1]  # written on the importing node
+        stable(cluster, slot)
+
+        policy = Policy.of("ip", on_cluster().ip_limit)
+        names = [tag(f"k{index}") for index in range(30)]
+        store._slots = [nodes[0]] * SLOTS  # every slot wrongly on the first primary: MOVED from it
+        assert [count for count, _ in await store.run([window(policy, name) for name in names])] == [1] * 30
+        assert [count for count, _ in await store.run([window(policy, name) for name in names])] == [2] * 30
     finally:
         await store.aclose()
-        for server in cluster.servers:  # put the slot back as it was (stable)
-            with redis_client(server.port) as client:
-                client.execute_command("CLUSTER", "SETSLOT", key_slot(b"{migrating}"), "STABLE")
+        stable(cluster, key_slot(b"{migrating}"))
+
+
+def stable(cluster: RedisCluster, slot: int) -> None:
+    """The slot back where it was, neither migrating nor importing."""
+    for server in cluster.servers:
+        with redis_client(server.port) as client:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
 
 
 # --- Sentinel ---------------------------------------------------------------------------------
@@ -323,7 +329,8 @@ async def test_killing_the_primary_fails_over_to_the_promoted_replica_without_a_
 ) -> None:
     group = start_sentinel_group(tmp_path)
     try:
-        app = create_app(settings_for(redis_url=group.url, rate_limit_failure_mode=mode))
+        settings = settings_for(redis_url=group.url, rate_limit_failure_mode=mode, redis_timeout_seconds=2)
+        app = create_app(settings)
         token = make_token()
         async with running(app, reset=False) as client:
             before = await client.get(PROBE, headers=bearer(token))
@@ -369,12 +376,13 @@ def tls_redis_url(tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles)
 @pytest.fixture
 def tls_app(settings_for: Callable[..., Settings], tls_redis_url: str, tls_files: TlsFiles) -> Callable[..., FastAPI]:
     def build(**overrides: Any) -> FastAPI:
-        files = {
+        defaults: dict[str, Any] = {
+            "redis_timeout_seconds": 5,  # a TLS handshake on a busy machine; this is not about latency
             "redis_tls_ca_file": str(tls_files.ca),
             "redis_tls_cert_file": str(tls_files.client_cert),
             "redis_tls_key_file": str(tls_files.client_key),
         }
-        return create_app(settings_for(redis_url=tls_redis_url, **{**files, **overrides}))
+        return create_app(settings_for(redis_url=tls_redis_url, **{**defaults, **overrides}))
 
     return build
 
