@@ -309,6 +309,26 @@ async def test_a_stale_slot_map_follows_moved_and_ask_redirections(
         stable(cluster, key_slot(b"{migrating}"))
 
 
+async def test_a_cluster_primary_down_is_the_failure_mode_and_not_ready(
+    tmp_path: Path, settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    cluster = start_cluster(tmp_path)
+    try:
+        app = create_app(settings_for(redis_url=cluster.url, redis_timeout_seconds=2))
+        async with running(app, reset=False) as client:
+            assert (await client.get("/health/ready")).json()["checks"]["redis"] == "ok"
+            cluster.servers[2].kill()  # the primary of the last third of the slots (redis-cli's split)
+            await asyncio.sleep(1.1)  # readiness answers from its one-second cache until then
+            ready = await client.get("/health/ready")
+            # A subject whose keys were on the dead primary: its checks fail, the declared way.
+            subject = next(f"user-{n}" for n in range(100) if key_slot(tag(f"user-{n}").encode()) > 10922)
+            statuses = {(await client.get(PROBE, headers=bearer(make_token(subject)))).status_code for _ in range(3)}
+        assert ready.status_code == 503 and ready.json()["checks"]["redis"] == "fail"
+        assert statuses == {503}, statuses  # RATE_LIMIT_FAILURE_MODE closed, never a 500
+    finally:
+        cluster.stop()
+
+
 def stable(cluster: RedisCluster, slot: int) -> None:
     """The slot back where it was, neither migrating nor importing."""
     for server in cluster.servers:
