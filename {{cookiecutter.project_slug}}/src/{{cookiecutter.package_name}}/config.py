@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .secret_files import values_from_files
+from .security.topology import Topology, parse_redis_url
 
 DEFAULT_DATABASE_URL = "{{ cookiecutter.__database_url }}"
 SERVICE_NAME = "{{ cookiecutter.project_slug }}"
@@ -46,7 +47,10 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "test", "production"] = "development"
     database_url: str = DEFAULT_DATABASE_URL
-    redis_url: str | None = None
+    redis_url: str | None = None  # its scheme picks the topology: one node, Sentinel or Cluster (topology.py)
+    redis_tls_ca_file: str | None = None
+    redis_tls_cert_file: str | None = None
+    redis_tls_key_file: str | None = None
     # `<NAME>_FILE`: a file holding the secret (secret_files.py); read instead of NAME, never with it.
     database_url_file: str | None = None
     redis_url_file: str | None = None
@@ -166,6 +170,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"{item!r} is not an IP address or CIDR") from None
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_topology(cls, value: str | None) -> str | None:
+        if value:
+            parse_redis_url(value)  # ValueError names what is wrong, never the URL (it may hold a password)
+        return value or None
+
     @field_validator("rate_limit_ip", "rate_limit_subject")
     @classmethod
     def _limit_notation(cls, value: str) -> str:
@@ -196,6 +207,25 @@ class Settings(BaseSettings):
         if self.metrics_port is not None and self.metrics_port == self.port:
             raise ValueError("METRICS_PORT must differ from PORT: metrics are never served on the public listener")
         return self
+
+    @model_validator(mode="after")
+    def _redis_tls(self) -> Settings:
+        tls_files = [
+            name for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file") if getattr(self, name)
+        ]
+        if tls_files and not (self.redis_url and self.redis_topology.tls):
+            raise ValueError(
+                f"{tls_files[0].upper()}: only with a TLS REDIS_URL (rediss://, rediss+sentinel://, rediss+cluster://)"
+            )
+        if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
+            raise ValueError("REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE: set both (a client certificate) or neither")
+        return self
+
+    @cached_property
+    def redis_topology(self) -> Topology:
+        """What REDIS_URL describes (validated above); only with REDIS_URL set."""
+        assert self.redis_url
+        return parse_redis_url(self.redis_url)
 
     @property
     def is_production(self) -> bool:

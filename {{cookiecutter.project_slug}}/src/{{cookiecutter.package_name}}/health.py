@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from .runtime import Runtime
 from .security.pipeline import SecuredApp, expected_layers, installed_layers
-from .security.store import RedisStore
+from .security.store import RemoteStore
 
 router = APIRouter(prefix="/health", tags=["health"])
 logger = logging.getLogger(__name__)
@@ -130,9 +130,9 @@ async def _migrations(runtime: Runtime) -> CheckStatus:
 
 
 async def _redis(runtime: Runtime) -> CheckStatus:
-    if not isinstance(runtime.store, RedisStore):
+    if not isinstance(runtime.store, RemoteStore):
         return "not_configured"
-    await runtime.store.execute(b"PING")
+    await runtime.store.ping()  # one node; Sentinel: the current primary; Cluster: every primary
     return "ok"
 
 

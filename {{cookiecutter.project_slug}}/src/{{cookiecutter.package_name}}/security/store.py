@@ -7,7 +7,9 @@ when installed) and skips redis-py's command layer, whose pool checkout, retry w
 timers cost more CPU than the round trip itself (docs/decisions/redis-round-trip.md).
 
 Every command touches keys of one hash slot (one key, or keys sharing a `{...}` hash tag), so the
-same commands run unchanged on a Redis Cluster node.
+same commands run unchanged on a Redis Cluster node. REDIS_URL's scheme picks the topology
+(topology.py): `RedisStore` is one node, `SentinelStore` (sentinel.py) the primary a group of
+sentinels names, `ClusterStore` (cluster.py) a Redis Cluster; all answer as a `RemoteStore`.
 
 The pool is bounded and waits: a burst queues for a connection instead of failing. Waiting longer
 than REDIS_POOL_TIMEOUT_SECONDS is `StoreBusy` (this process is overloaded: 503 whatever the failure
@@ -66,6 +68,19 @@ class Command:
         return pack(*head, str(len(self.keys)).encode(), *self.keys, *self.args)
 
 
+class Plain:
+    """One plain command (SET, PING), packed like a script call; its key, if any, is `parts[1]`."""
+
+    __slots__ = ("keys", "parts")
+
+    def __init__(self, parts: Sequence[bytes]) -> None:
+        self.parts = parts
+        self.keys = list(parts[1:2])
+
+    def packed(self, *, by_sha: bool = True) -> bytes:
+        return pack(*self.parts)
+
+
 def pack(*parts: bytes) -> bytes:
     """RESP encoding of one plain command."""
     out = [b"*%d\r\n" % len(parts)]
@@ -74,19 +89,44 @@ def pack(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
-class RedisStore:
+class RemoteStore:
+    """What the checks ask of Redis, whatever its topology."""
+
+    async def run(self, commands: Sequence[Command]) -> list[Any]:
+        """Run script calls (in one round trip per node); their replies in order. Raises
+        StoreUnavailable (Redis down, or an error reply) or StoreBusy (this process's pool)."""
+        raise NotImplementedError
+
+    async def execute(self, *parts: bytes) -> Any:
+        """One plain command on the node that holds its key (`parts[1]`): not on the request path."""
+        raise NotImplementedError
+
+    async def ping(self) -> None:
+        """PING every primary the service writes to (readiness); raises StoreUnavailable."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class RedisStore(RemoteStore):
     """Commands in one round trip over a bounded pool of connections that waits when all are busy."""
 
-    def __init__(self, url: str, *, timeout: float, pool_size: int, pool_timeout: float) -> None:
+    def __init__(self, url: str, *, timeout: float, pool_size: int, pool_timeout: float, **connection: Any) -> None:
         # redis-py parses the URL (redis://, rediss:// with its TLS options, unix://) and builds
         # connections; reads have no per-read timer, the whole round trip has one (`timeout`).
-        self._factory = ConnectionPool.from_url(url, socket_connect_timeout=timeout, socket_timeout=None)
+        # `connection`: more connection options (the REDIS_TLS_* files).
+        self._factory = self._connections(url, socket_connect_timeout=timeout, socket_timeout=None, **connection)
         self.timeout = timeout
         self.pool_size = pool_size
         self.pool_timeout = pool_timeout
         self._idle: list[AbstractConnection] = []
         self._slots = asyncio.Semaphore(pool_size)
         self._all: set[AbstractConnection] = set()
+
+    def _connections(self, url: str, **options: Any) -> ConnectionPool:
+        """The factory of this store's connections (redis-py's pool, used only to make them)."""
+        return ConnectionPool.from_url(url, **options)
 
     # --- the pool ---------------------------------------------------------------------------
 
@@ -133,14 +173,21 @@ class RedisStore:
         """Run script calls in one round trip; their replies in order."""
         replies = await self._round_trip(b"".join(command.packed() for command in commands), len(commands))
         if any(isinstance(reply, NoScriptError) for reply in replies):
-            # Redis restarted or flushed its scripts: none of them ran (they all fail alike), so
-            # sending the source once more cannot count anything twice.
-            replies = await self._round_trip(
-                b"".join(command.packed(by_sha=False) for command in commands), len(commands)
-            )
+            replies = await self.resend_unknown_scripts(commands, replies)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise StoreUnavailable from reply
+        return replies
+
+    async def resend_unknown_scripts(self, commands: Sequence[Command | Plain], replies: list[Any]) -> list[Any]:
+        """Send once more, with their source, the calls answered NOSCRIPT (a restart or a
+        SCRIPT FLUSH, or a script it has not seen yet). Those did not run; the others did and are
+        not sent again, so nothing is counted twice."""
+        unknown = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        payload = b"".join(commands[index].packed(by_sha=False) for index in unknown)
+        replies = list(replies)
+        for index, reply in zip(unknown, await self._round_trip(payload, len(unknown)), strict=True):
+            replies[index] = reply
         return replies
 
     async def execute(self, *parts: bytes) -> Any:
@@ -149,6 +196,9 @@ class RedisStore:
         if isinstance(reply, Exception):
             raise StoreUnavailable from reply
         return reply
+
+    async def ping(self) -> None:
+        await self.execute(b"PING")
 
     async def _round_trip(self, payload: bytes, count: int) -> list[Any]:
         connection = await self._acquire()
