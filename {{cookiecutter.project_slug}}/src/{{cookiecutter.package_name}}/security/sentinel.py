@@ -45,7 +45,7 @@ class SentinelStore(RedisStore):
     def _connections(self, url: str, **options: Any) -> ConnectionPool:
         topology = self.topology
         # The sentinels are asked with the round trip's timeout, over TLS when the nodes are.
-        timeout = options["socket_connect_timeout"]
+        timeout = self.timeout
         sentinel_options: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
         if topology.tls:
             sentinel_options |= {"ssl": True} | {

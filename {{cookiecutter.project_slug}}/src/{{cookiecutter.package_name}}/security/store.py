@@ -14,6 +14,9 @@ sentinels names, `ClusterStore` (cluster.py) a Redis Cluster; all answer as a `R
 The pool is bounded and waits: a burst queues for a connection instead of failing. Waiting longer
 than REDIS_POOL_TIMEOUT_SECONDS is `StoreBusy` (this process is overloaded: 503 whatever the failure
 mode), never `StoreUnavailable` (Redis refused, timed out or failed: the declared failure mode).
+Likewise a round trip's timeout is judged when it fires (`Deadline`): an event loop too busy to
+read a reply that may well have arrived is this process's overload, not Redis's silence, so it
+never makes `open` mode serve a request unchecked (a flood must not switch revocation off).
 
 `MemoryStore` answers the same commands from process memory, for development without REDIS_URL.
 """
@@ -38,7 +41,53 @@ class StoreUnavailable(Exception):
 
 
 class StoreBusy(Exception):
-    """Every connection of this process's pool stayed in use for REDIS_POOL_TIMEOUT_SECONDS."""
+    """This process is overloaded: every connection of its pool stayed in use for
+    REDIS_POOL_TIMEOUT_SECONDS, or its event loop was too busy to read Redis's replies in time."""
+
+
+# A timer that fires this late found the event loop busy: the reply may be waiting unread.
+LATE_SECONDS = 0.02
+# How many more periods such a round trip waits before it counts as this process's overload.
+LATE_EXTENSIONS = 3
+
+
+class Deadline:
+    """`asyncio.timeout(seconds)`, except that expiry is judged when the timer fires. On a busy
+    event loop a timer and the reply it guards become ready in the same turn, and the timer runs
+    first: a plain timeout would cancel a round trip whose reply is already in. A timer that fires
+    more than LATE_SECONDS late therefore waits one more period (at most LATE_EXTENSIONS times),
+    then expires with `overloaded` set; one that fires on time expires as Redis's timeout."""
+
+    __slots__ = ("_due", "_extensions", "_handle", "_loop", "_timeout", "overloaded", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.overloaded = False
+
+    async def __aenter__(self) -> Deadline:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = asyncio.timeout(None)
+        await self._timeout.__aenter__()
+        self._extensions = 0
+        self._arm()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._handle.cancel()
+        await self._timeout.__aexit__(*exc_info)
+
+    def _arm(self) -> None:
+        self._due = self._loop.time() + self.seconds
+        self._handle = self._loop.call_at(self._due, self._fire)
+
+    def _fire(self) -> None:
+        if self._loop.time() - self._due > LATE_SECONDS:
+            if self._extensions < LATE_EXTENSIONS:
+                self._extensions += 1
+                self._arm()
+                return
+            self.overloaded = True
+        self._timeout.reschedule(self._loop.time())  # expires now: the round trip is cancelled
 
 
 class Script:
@@ -114,10 +163,11 @@ class RedisStore(RemoteStore):
 
     def __init__(self, url: str, *, timeout: float, pool_size: int, pool_timeout: float, **connection: Any) -> None:
         # redis-py parses the URL (redis://, rediss:// with its TLS options, unix://) and builds
-        # connections; reads have no per-read timer, the whole round trip has one (`timeout`).
+        # connections; neither connecting nor reading has a timer of its own: the whole round trip,
+        # a first one's connect included, has one (`timeout`, judged by `Deadline`).
         # `connection`: more connection options (the REDIS_TLS_* files).
-        self._factory = self._connections(url, socket_connect_timeout=timeout, socket_timeout=None, **connection)
         self.timeout = timeout
+        self._factory = self._connections(url, socket_connect_timeout=None, socket_timeout=None, **connection)
         self.pool_size = pool_size
         self.pool_timeout = pool_timeout
         self._idle: list[AbstractConnection] = []
@@ -205,12 +255,15 @@ class RedisStore(RemoteStore):
         retried = False
         while True:
             fresh = not connection.is_connected
+            deadline = Deadline(self.timeout)
             try:
-                async with asyncio.timeout(self.timeout):
+                async with deadline:
                     await connection.send_packed_command(payload, check_health=False)
                     replies = [await self._reply(connection) for _ in range(count)]
             except (RedisError, OSError, TimeoutError) as exc:
                 await self._discard(connection)
+                if deadline.overloaded:
+                    raise StoreBusy from exc
                 # A pooled connection that Redis closed (a restart, an idle timeout) fails on first
                 # use: one more try on a new connection. A new connection that fails is an outage.
                 if fresh or retried or isinstance(exc, TimeoutError):
