@@ -31,7 +31,7 @@ MIGRATIONS = f"{__package__}:migrations"
 
 
 def migration_heads() -> frozenset[str]:
-    """The revisions `alembic upgrade head` leads to, read once from the packaged migrations."""
+    """The revisions `alembic upgrade heads` leads to, read once from the packaged migrations."""
     config = Config()
     config.set_main_option("script_location", MIGRATIONS)
     return frozenset(ScriptDirectory.from_config(config).get_heads())
