@@ -262,6 +262,8 @@ async def test_a_signed_webhook_opens_no_other_route(client: httpx.AsyncClient) 
     response = await client.post("/api/v1/orgs", content=content, headers=signed(content))
     assert_401_problem(response)
     assert response.json()["type"].endswith(":unauthenticated")
+    # A webhook signature is valid on its own route only: not advertised on every 401.
+    assert "Webhook" not in response.headers["www-authenticate"]
 
 
 def malformed_cases() -> Iterator[tuple[str, Callable[[dict[str, str]], list[tuple[str, str]]], str]]:
@@ -330,6 +332,43 @@ async def test_an_oversized_body_is_refused_413_before_it_is_read_whole(
         {"reason": "body_too_large", "partner": "acme", "webhook_id": "msg_large"},
         {"reason": "body_too_large", "partner": "acme", "webhook_id": "msg_streamed"},
     ]
+
+
+async def test_an_oversized_declared_body_is_refused_without_reading_it(app: FastAPI) -> None:
+    content = body(padding="x" * MAX_BODY)
+    headers = signed(content, message_id="msg_declared")
+    reads: list[str] = []
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        reads.append("body")
+        return {"type": "http.request", "body": content, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": URL,
+        "raw_path": URL.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "client": ("203.0.113.7", 4711),
+        "server": ("localhost", 80),
+        "headers": [
+            (b"host", b"localhost"),
+            (b"content-length", str(len(content)).encode()),
+            *((name.lower().encode(), value.encode()) for name, value in headers.items()),
+        ],
+    }
+    async with running(app):
+        await app(scope, receive, send)
+    assert sent[0]["status"] == 413
+    assert reads == []
 
 
 async def test_a_body_just_under_the_limit_is_accepted(client: httpx.AsyncClient) -> None:
