@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -344,8 +344,8 @@ async def test_an_oversized_declared_body_is_refused_without_reading_it(app: Fas
         reads.append("body")
         return {"type": "http.request", "body": content, "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
 
     scope = {
         "type": "http",
@@ -578,7 +578,7 @@ def test_a_world_readable_secrets_file_is_refused_in_production(
     monkeypatch.delenv("WEBHOOK_SECRETS")
     monkeypatch.setenv("WEBHOOK_SECRETS_FILE", str(secrets_file))
     production = settings_for(environment="production", trusted_hosts=["api.example.com"])
-    with pytest.raises(ConfigError, match="WEBHOOK_SECRETS_FILE: .* is readable by every user"):
+    with pytest.raises(ConfigError, match=r"WEBHOOK_SECRETS_FILE: .* is readable by every user"):
         create_app(production)
 
 
