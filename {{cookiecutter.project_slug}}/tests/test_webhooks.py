@@ -644,6 +644,21 @@ def test_the_cli_generates_a_secret_the_service_accepts(capsys: pytest.CaptureFi
     assert len(base64.b64decode(secret.removeprefix("whsec_"))) == 32
 
 
+def test_the_cli_lists_partners_by_fingerprint_never_by_secret(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli_main(["webhook-secret", "list"]) == 0
+    out = capsys.readouterr().out
+    new_fingerprint = hashlib.sha256(base64.b64decode(NEW_SECRET.removeprefix("whsec_"))).hexdigest()[:12]
+    assert f"acme: 2 secret(s): {new_fingerprint}, " in out
+    assert "globex: 1 secret(s)" in out
+    for secret in (NEW_SECRET, OLD_SECRET, OTHER_PARTNER_SECRET):
+        assert secret.removeprefix("whsec_")[:12] not in out
+    monkeypatch.setenv("WEBHOOK_SECRETS", "not json")
+    assert cli_main(["webhook-secret", "list"]) == 1
+    assert "WEBHOOK_SECRETS: must be a JSON object" in capsys.readouterr().err
+
+
 # --- The self-scan check --------------------------------------------------------------------
 
 

@@ -10,19 +10,23 @@ Settings (environment variables, validated at start):
 - WEBHOOK_MAX_BODY_BYTES (default 262144): the largest webhook body read (MAX_BODY_BYTES still
   caps it).
 
-Operators: `webhook-secret generate` prints a new secret to share with a partner.
+Operators: `webhook-secret generate` prints a new secret to share with a partner; `webhook-secret
+list` shows each configured partner's secrets by fingerprint (never the secrets).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+import sys
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..api import webhooks as routes
-from ..config import ConfigError
+from ..config import SERVICE_NAME, ConfigError
 from ..secret_files import read_secret_file
 from ..security.webhooks import PartnerSecrets, ReplayGuard, WebhookSignature, parse_secrets
 from ..webhooks_out import generate_secret
@@ -105,10 +109,33 @@ def generate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def fingerprint(key: bytes) -> str:
+    """Names a secret in output and logs: the start of its SHA-256, which reveals nothing of it."""
+    return hashlib.sha256(key).hexdigest()[:12]
+
+
+def list_secrets(_args: argparse.Namespace) -> int:
+    """Each partner of WEBHOOK_SECRETS(_FILE) with its secrets' fingerprints, to check a rotation."""
+    try:
+        settings = load_webhook_settings(os.environ.get("ENVIRONMENT", "development"))
+    except ConfigError as exc:
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
+        return 1
+    partners = settings.partners.partners
+    if not partners:
+        print("no partners: WEBHOOK_SECRETS is not set, so every webhook is refused")
+    for partner, keys in sorted(partners.items()):
+        print(f"{partner}: {len(keys)} secret(s): {', '.join(fingerprint(key) for key in keys)}")
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     secret = commands.add_parser("webhook-secret", help="partners' webhook secrets").add_subparsers(
         dest="action", required=True
     )
     secret.add_parser("generate", help="print a new whsec_ secret to share with a partner").set_defaults(
         handler=generate
+    )
+    secret.add_parser("list", help="the partners and their secrets' fingerprints (never the secrets)").set_defaults(
+        handler=list_secrets
     )
