@@ -40,7 +40,16 @@ OPTION_FILES: dict[str, dict[str, list[str]]] = {
         "yes": [],
     },
     "webhooks": {
-        "yes": [],
+        "yes": [
+            "src/{{ cookiecutter.package_name }}/options/webhooks.py",
+            "src/{{ cookiecutter.package_name }}/security/webhooks.py",
+            "src/{{ cookiecutter.package_name }}/api/webhooks.py",
+            "src/{{ cookiecutter.package_name }}/webhook_models.py",
+            "src/{{ cookiecutter.package_name }}/webhooks_out.py",
+            "src/{{ cookiecutter.package_name }}/migrations/versions/webhooks_0001_webhook_events.py",
+            "src/{{ cookiecutter.package_name }}/scan/webhooks.py",
+            "tests/test_webhooks.py",
+        ],
     },
     "mtls": {
         "yes": [],
@@ -160,7 +169,7 @@ def print_next_steps() -> None:
         f"\nBaked {PROJECT_SLUG} (database: {CHOSEN['database']}). Next steps:\n"
         f"  cd {PROJECT_SLUG}\n"
         "  make install   # the service and its dev tools\n"
-        "  make migrate   # alembic upgrade head\n"
+        "  make migrate   # alembic upgrade heads\n"
         f"  make test      # needs {TEST_SERVERS[CHOSEN['database']]}\n"
         "  make run       # set JWT_PUBLIC_KEY, JWT_ISSUER, JWT_AUDIENCE first\n"
     )

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 def migration_heads() -> frozenset[str]:
-    """The revisions `alembic upgrade head` leads to, read once from the packaged migrations."""
+    """The revisions `alembic upgrade heads` leads to, read once from the packaged migrations."""
     config = Config()
     config.set_main_option("script_location", MIGRATIONS)
     return frozenset(ScriptDirectory.from_config(config).get_heads())
