@@ -47,7 +47,9 @@ def test_safe_production_settings_start(production: dict[str, str]) -> None:
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        ({"JWT_PUBLIC_KEY": ""}, "JWT_PUBLIC_KEY or JWT_JWKS_URL"),
+        # No key and no JWKS URL: OIDC discovery, which needs an https:// issuer in production.
+        ({"JWT_PUBLIC_KEY": "", "JWT_ISSUER": "http://issuer.example.com"}, "JWT_ISSUER"),
+        ({"JWT_PUBLIC_KEY": "", "JWT_ISSUER": "issuer.example.com"}, "JWT_ISSUER"),
         ({"JWT_ISSUER": ""}, "JWT_ISSUER"),
         ({"JWT_AUDIENCE": ""}, "JWT_AUDIENCE"),
         ({"ALLOWED_ORIGINS": "*"}, "ALLOWED_ORIGINS"),
