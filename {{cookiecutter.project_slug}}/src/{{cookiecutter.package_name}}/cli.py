@@ -147,6 +147,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings()
+        server_options = options.server_options(settings)  # e.g. TLS, from the baked options
     except ConfigError as exc:
         print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
         return 1
@@ -170,6 +171,7 @@ def serve(args: argparse.Namespace) -> int:
         backlog=settings.server_backlog,
         timeout_graceful_shutdown=settings.server_timeout_graceful_shutdown_seconds,
         h11_max_incomplete_event_size=settings.server_h11_max_incomplete_event_size,
+        **server_options,
     )
     return 0
 
