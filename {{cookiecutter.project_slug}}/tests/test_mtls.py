@@ -443,3 +443,53 @@ def test_through_nginx_the_verified_certificate_is_the_workload(nginx_mtls: str,
         with client(refused) as http:
             # nginx answers 400 itself ("No required SSL certificate was sent" / "certificate error").
             assert create_org(http).status_code == 400, refused
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def serve_refusal(env: dict[str, str]) -> str:
+    """The one line `serve` prints when it refuses to start with `env`."""
+    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")}
+    result = subprocess.run(
+        [sys.executable, "-m", f"{PACKAGE}.cli", "serve", "--port", str(free_port())],
+        env={**keep, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refusing to start" in lines[0], result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"MTLS_IDENTITIES": ""}, "MTLS_IDENTITIES: required in production"),
+        ({"MTLS_IDENTITIES": "{not json"}, "MTLS_IDENTITIES"),
+        ({"MTLS_IDENTITIES": '{"spiffe://a/b": ["orgs read"]}'}, "MTLS_IDENTITIES"),
+        ({"MTLS_MODE": "jwt"}, "MTLS_MODE"),
+        ({"MTLS_SERVER_KEY": ""}, "MTLS_SERVER_CERT, MTLS_SERVER_KEY and MTLS_CLIENT_CA"),
+        ({"MTLS_CLIENT_CA": "/nonexistent/ca.crt"}, "MTLS_CLIENT_CA: no such file"),
+        ({"MTLS_SERVER_CERT": "", "MTLS_SERVER_KEY": "", "MTLS_CLIENT_CA": ""}, "MTLS_SERVER_CERT or TRUSTED_PROXIES"),
+    ],
+)
+def test_production_refuses_unsafe_mtls_settings_and_names_them(
+    pki: Pki, public_pem: str, change: dict[str, str], named: str
+) -> None:
+    from .test_settings import SAFE_PRODUCTION
+
+    production = {
+        **SAFE_PRODUCTION,
+        "TRUSTED_PROXIES": "",
+        "JWT_PUBLIC_KEY": public_pem.replace("\n", "\\n"),
+        "MTLS_IDENTITIES": json.dumps(IDENTITIES),
+        **tls_env(pki),
+    }
+    env = {name: value for name, value in {**production, **change}.items() if value}
+    assert named in serve_refusal(env)

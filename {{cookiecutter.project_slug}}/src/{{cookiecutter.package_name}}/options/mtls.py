@@ -14,12 +14,13 @@ Settings (environment variables, validated at start; production refuses unsafe o
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ..config import ConfigError, Settings
 from ..security.authn import BearerToken
@@ -34,7 +35,7 @@ class MtlsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MTLS_", env_file=".env", extra="ignore", frozen=True)
 
     mode: Mode = "mtls"
-    identities: dict[str, list[str]] = Field(default_factory=dict)
+    identities: Annotated[dict[str, list[str]], NoDecode] = Field(default_factory=dict)
     server_cert: str | None = None
     server_key: str | None = None
     client_ca: str | None = None
@@ -45,6 +46,16 @@ class MtlsSettings(BaseSettings):
     def _header_name(cls, value: object) -> object:
         names = {NGINX_HEADER.lower(): NGINX_HEADER, ENVOY_HEADER.lower(): ENVOY_HEADER}
         return names.get(value.strip().lower(), value) if isinstance(value, str) else value
+
+    @field_validator("identities", mode="before")
+    @classmethod
+    def _json(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except ValueError:
+                raise ValueError('not JSON; e.g. {"spiffe://example.org/ns/a/sa/b": ["orgs:read"]}') from None
+        return value
 
     @field_validator("identities")
     @classmethod
