@@ -17,6 +17,8 @@ SAFE_PRODUCTION = {
     "ALLOWED_ORIGINS": "https://app.example.com",
     "TRUSTED_PROXIES": "10.0.0.0/8,2001:db8:ffff::/48",
     "AUDIT_PSEUDONYM_KEY": "production-audit-pseudonym-key-0123456789",
+    # Read only by a service baked with the mtls option, which requires it in production.
+    "MTLS_IDENTITIES": '{"spiffe://example.org/ns/default/sa/caller": ["orgs:read"]}',
 }
 
 
