@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,14 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from {{ cookiecutter.package_name }}.app import create_app
+from {{ cookiecutter.package_name }}.config import Settings
 from {{ cookiecutter.package_name }}.scan import mtls as mtls_scan
 from {{ cookiecutter.package_name }}.scan.probe import Probe, Scan
 from {{ cookiecutter.package_name }}.scan.report import Status
 
 from .certificates import Issued, client_certificate, make_ca, server_certificate
-from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, pseudonym
+from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, pseudonym, running
 from .servers import LOOPBACK, free_port, log_tail
 
 PACKAGE = "{{ cookiecutter.package_name }}"
@@ -443,6 +446,49 @@ def test_through_nginx_the_verified_certificate_is_the_workload(nginx_mtls: str,
         with client(refused) as http:
             # nginx answers 400 itself ("No required SSL certificate was sent" / "certificate error").
             assert create_org(http).status_code == 400, refused
+
+
+# --- in-process: the option's activation ------------------------------------------------------
+
+
+async def test_with_identities_a_valid_token_without_a_certificate_is_refused(
+    settings_for: Callable[..., Settings], make_token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MTLS_IDENTITIES", json.dumps(IDENTITIES))
+    async with running(create_app(settings_for())) as http:
+        refused = await http.post(ORGS, json={"name": "Acme"}, headers=bearer(make_token()))
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"] == 'mTLS error="invalid_token"'
+
+
+async def test_without_identities_the_option_is_inactive_and_says_so(
+    settings_for: Callable[..., Settings], make_token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Development and tests only: production refuses to start without MTLS_IDENTITIES (below).
+    monkeypatch.delenv("MTLS_IDENTITIES", raising=False)
+    with caplog_of("{{ cookiecutter.package_name }}.options.mtls") as records:
+        app = create_app(settings_for())
+    assert [getattr(record, "event", None) for record in records] == ["mtls_inactive"]
+    async with running(app) as http:
+        created = await http.post(ORGS, json={"name": "Acme"}, headers=bearer(make_token()))
+    assert created.status_code == 201
+
+
+@contextlib.contextmanager
+def caplog_of(name: str) -> Iterator[list[logging.LogRecord]]:
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect(level=logging.DEBUG)
+    target = logging.getLogger(name)
+    target.addHandler(handler)
+    try:
+        yield records
+    finally:
+        target.removeHandler(handler)
 
 
 # --- settings ---------------------------------------------------------------------------------

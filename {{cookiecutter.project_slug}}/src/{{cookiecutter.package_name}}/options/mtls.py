@@ -6,6 +6,9 @@ Settings (environment variables, validated at start; production refuses unsafe o
 
 - MTLS_MODE: `mtls` (the workload is the principal) or `mtls+jwt` (a bearer token as well).
 - MTLS_IDENTITIES: JSON, identity -> its scopes, e.g. {"spiffe://example.org/ns/a/sa/b": ["orgs:read"]}.
+  Required in production. Empty (development and tests only) leaves the option inactive: no
+  certificate is asked for, bearer tokens work as in a service baked without it, and a warning
+  says so at start.
 - MTLS_SERVER_CERT, MTLS_SERVER_KEY, MTLS_CLIENT_CA: files; all three make `serve` terminate TLS
   and require a client certificate signed by the CA bundle.
 - MTLS_PROXY_HEADER: the header a trusted proxy (TRUSTED_PROXIES) forwards the verified certificate
@@ -15,6 +18,7 @@ Settings (environment variables, validated at start; production refuses unsafe o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import ssl
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -29,6 +33,8 @@ from . import Extension
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
+
+logger = logging.getLogger(__name__)
 
 
 class MtlsSettings(BaseSettings):
@@ -120,6 +126,12 @@ def load_mtls_settings(settings: Settings) -> MtlsSettings:
 
 def extension(runtime: Runtime) -> Extension:
     mtls = load_mtls_settings(runtime.settings)
+    if not mtls.identities:  # never in production: load_mtls_settings refuses it there
+        logger.warning(
+            "mtls inactive: MTLS_IDENTITIES is empty, so no client certificate is required",
+            extra={"event": "mtls_inactive"},
+        )
+        return Extension(name="mtls")
     bearer = BearerToken(runtime.verifier, runtime.admission) if mtls.mode == "mtls+jwt" else None
     certificate = ClientCertificate(
         identities=mtls.identities,
