@@ -539,3 +539,17 @@ def test_production_refuses_unsafe_mtls_settings_and_names_them(
     }
     env = {name: value for name, value in {**production, **change}.items() if value}
     assert named in serve_refusal(env)
+
+
+def test_check_config_refuses_production_without_identities(pki: Pki, public_pem: str) -> None:
+    from .test_settings import SAFE_PRODUCTION
+
+    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")}
+    env = {**keep, **SAFE_PRODUCTION, "JWT_PUBLIC_KEY": public_pem.replace("\n", "\\n"), **tls_env(pki)}
+    command = [sys.executable, "-m", f"{PACKAGE}.cli", "check-config"]
+    ok = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    assert ok.returncode == 0, ok.stderr
+    del env["MTLS_IDENTITIES"]
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    assert refused.returncode == 1
+    assert "refusing to start" in refused.stderr and "MTLS_IDENTITIES" in refused.stderr

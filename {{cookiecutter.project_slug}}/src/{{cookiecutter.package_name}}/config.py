@@ -264,7 +264,9 @@ def load_settings() -> Settings:
             message = "required" if error["type"] == "missing" else error["msg"].removeprefix("Value error, ")
             lines.append(f"{name}: {message}" if field else message)
         raise ConfigError("; ".join(lines)) from None
-    problems = settings.production_problems()
+    from . import options  # imported here: options import the security layers, which import this module
+
+    problems = settings.production_problems() + options.production_problems(settings)
     if problems:
         raise ConfigError("; ".join(problems))
     return settings

@@ -6,7 +6,9 @@ hook removes them). Nothing outside this package names an option. An option modu
 
 - `extension(runtime) -> Extension`: what it adds to the running service;
 - `add_commands(commands)`, optionally: its operators' commands, given the CLI's subparsers;
-- `server_options(settings) -> dict`, optionally: uvicorn settings `serve` adds (e.g. TLS).
+- `server_options(settings) -> dict`, optionally: uvicorn settings `serve` adds (e.g. TLS);
+- `production_problems(settings) -> list[str]`, optionally: its refusals in production, each
+  naming its variable, added to the core's by `config.load_settings`.
 """
 
 from __future__ import annotations
@@ -68,3 +70,13 @@ def server_options(settings: Settings) -> dict[str, Any]:
         if provider is not None:
             merged.update(provider(settings))
     return merged
+
+
+def production_problems(settings: Settings) -> list[str]:
+    """The chosen options' production refusals (config.load_settings adds them to its own)."""
+    problems: list[str] = []
+    for module in chosen():
+        checker = getattr(module, "production_problems", None)
+        if checker is not None:
+            problems.extend(checker(settings))
+    return problems

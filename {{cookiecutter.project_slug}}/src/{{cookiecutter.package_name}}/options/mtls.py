@@ -97,10 +97,10 @@ class MtlsSettings(BaseSettings):
         return bool(self.server_cert)
 
 
-def load_mtls_settings(settings: Settings) -> MtlsSettings:
+def load_mtls_settings() -> MtlsSettings:
     """The option's settings from the environment, or ConfigError naming each bad variable."""
     try:
-        mtls = MtlsSettings()
+        return MtlsSettings()
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
@@ -108,25 +108,27 @@ def load_mtls_settings(settings: Settings) -> MtlsSettings:
             message = error["msg"].removeprefix("Value error, ")
             lines.append(f"MTLS_{field.upper()}: {message}" if field else message)
         raise ConfigError("; ".join(lines)) from None
-    if settings.is_production:
-        problems = []
-        if not mtls.identities:
-            problems.append(
-                "MTLS_IDENTITIES: required in production (the workloads allowed to call, with their scopes)"
-            )
-        if not mtls.terminates_tls and not settings.trusted_proxies:
-            problems.append(
-                "MTLS_SERVER_CERT or TRUSTED_PROXIES: required in production; no client certificate can reach "
-                "the service without one (it terminates TLS itself, or a trusted proxy forwards the certificate)"
-            )
-        if problems:
-            raise ConfigError("; ".join(problems))
-    return mtls
+
+
+def production_problems(settings: Settings) -> list[str]:
+    """Added to the core's by load_settings: each unsafe setting, named by its variable."""
+    if not settings.is_production:
+        return []
+    mtls = load_mtls_settings()
+    problems = []
+    if not mtls.identities:
+        problems.append("MTLS_IDENTITIES: required in production (the workloads allowed to call, with their scopes)")
+    if not mtls.terminates_tls and not settings.trusted_proxies:
+        problems.append(
+            "MTLS_SERVER_CERT or TRUSTED_PROXIES: required in production; no client certificate can reach "
+            "the service without one (it terminates TLS itself, or a trusted proxy forwards the certificate)"
+        )
+    return problems
 
 
 def extension(runtime: Runtime) -> Extension:
-    mtls = load_mtls_settings(runtime.settings)
-    if not mtls.identities:  # never in production: load_mtls_settings refuses it there
+    mtls = load_mtls_settings()
+    if not mtls.identities:  # never in production: load_settings refuses it there (production_problems)
         logger.warning(
             "mtls inactive: MTLS_IDENTITIES is empty, so no client certificate is required",
             extra={"event": "mtls_inactive"},
@@ -143,10 +145,10 @@ def extension(runtime: Runtime) -> Extension:
     return Extension(name="mtls", authenticators=[certificate])
 
 
-def server_options(settings: Settings) -> dict[str, Any]:
+def server_options(_settings: Settings) -> dict[str, Any]:
     """What `serve` gives uvicorn: with the server files, TLS that requires a client certificate
     signed by MTLS_CLIENT_CA, and the protocol that shows the application which one it was."""
-    mtls = load_mtls_settings(settings)
+    mtls = load_mtls_settings()
     if not mtls.terminates_tls:
         return {}
     from ..security.tls_peer import PROTOCOL
