@@ -174,12 +174,9 @@ class ClientCertificate:
         return replace(token_principal, scopes=token_principal.scopes & scopes)
 
     def _refuse(self, reason: str, workload: Workload | None = None) -> NoReturn:
-        security_event(
-            "client_certificate_refused",
-            reason=reason,
-            subject=workload.identity if workload else None,  # pseudonymised by the log formatter
-            mode=self.mode,
-        )
+        # The identity goes in as `subject`, which the log formatter pseudonymises; never the certificate.
+        identity = {"subject": workload.identity} if workload else {}
+        security_event("client_certificate_refused", reason=reason, mode=self.mode, **identity)
         raise InvalidCredentials(reason)
 
     def _workload(self, scope: Scope) -> Workload:
