@@ -175,8 +175,10 @@ class ClientCertificate:
 
     def _refuse(self, reason: str, workload: Workload | None = None) -> NoReturn:
         # The identity goes in as `subject`, which the log formatter pseudonymises; never the certificate.
-        identity = {"subject": workload.identity} if workload else {}
-        security_event("client_certificate_refused", reason=reason, mode=self.mode, **identity)
+        if workload is None:
+            security_event("client_certificate_refused", reason=reason, mode=self.mode)
+        else:
+            security_event("client_certificate_refused", reason=reason, mode=self.mode, subject=workload.identity)
         raise InvalidCredentials(reason)
 
     def _workload(self, scope: Scope) -> Workload:
