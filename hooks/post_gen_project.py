@@ -52,7 +52,13 @@ OPTION_FILES: dict[str, dict[str, list[str]]] = {
         ],
     },
     "mtls": {
-        "yes": [],
+        "yes": [
+            "src/{{ cookiecutter.package_name }}/options/mtls.py",
+            "src/{{ cookiecutter.package_name }}/security/mtls.py",
+            "src/{{ cookiecutter.package_name }}/security/tls_peer.py",
+            "src/{{ cookiecutter.package_name }}/scan/mtls.py",
+            "tests/test_mtls.py",
+        ],
     },
 }
 

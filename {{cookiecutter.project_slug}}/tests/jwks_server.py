@@ -1,12 +1,15 @@
 """A real HTTP JWKS endpoint for the tests: `http.server` in a thread on 127.0.0.1.
 
-It serves `document` (any JSON value, or `status` as an error) on every path and counts the
-requests per path, so a test can prove how often the service fetched keys, and from where.
+It serves `document` (any JSON value, or `status` as an error) on every path not in `documents`
+(a document per path, e.g. an OIDC discovery document beside the JWKS), and counts the requests per
+path, so a test can prove how often the service fetched keys, and from where. Given an SSL context
+it speaks HTTPS.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,7 +38,9 @@ def public_jwk(public_key: Any, kid: str | None, **fields: Any) -> dict[str, Any
 class JwksServer:
     def __init__(self) -> None:
         self.document: Any = {"keys": []}
+        self.documents: dict[str, Any] = {}
         self.status = 200
+        self.scheme = "http"
         self.requests: Counter[str] = Counter()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -46,7 +51,7 @@ class JwksServer:
         return self.url_for("/.well-known/jwks.json")
 
     def url_for(self, path: str) -> str:
-        return f"http://{LOOPBACK}:{self.port}{path}"
+        return f"{self.scheme}://{LOOPBACK}:{self.port}{path}"
 
     @property
     def fetches(self) -> int:
@@ -55,13 +60,13 @@ class JwksServer:
     def serve_keys(self, *jwks: dict[str, Any]) -> None:
         self.document = {"keys": list(jwks)}
 
-    def start(self) -> None:
+    def start(self, tls: ssl.SSLContext | None = None) -> None:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 owner.requests[self.path] += 1
-                body = json.dumps(owner.document).encode()
+                body = json.dumps(owner.documents.get(self.path, owner.document)).encode()
                 self.send_response(owner.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -73,6 +78,9 @@ class JwksServer:
 
         self._server = ThreadingHTTPServer((LOOPBACK, self.port), Handler)
         self.port = self._server.server_address[1]
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            self.scheme = "https"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 

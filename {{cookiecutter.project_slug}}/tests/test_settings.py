@@ -17,6 +17,8 @@ SAFE_PRODUCTION = {
     "ALLOWED_ORIGINS": "https://app.example.com",
     "TRUSTED_PROXIES": "10.0.0.0/8,2001:db8:ffff::/48",
     "AUDIT_PSEUDONYM_KEY": "production-audit-pseudonym-key-0123456789",
+    # Read only by a service baked with the mtls option, which requires it in production.
+    "MTLS_IDENTITIES": '{"spiffe://example.org/ns/default/sa/caller": ["orgs:read"]}',
 }
 
 
@@ -47,7 +49,9 @@ def test_safe_production_settings_start(production: dict[str, str]) -> None:
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        ({"JWT_PUBLIC_KEY": ""}, "JWT_PUBLIC_KEY or JWT_JWKS_URL"),
+        # No key and no JWKS URL: OIDC discovery, which needs an https:// issuer in production.
+        ({"JWT_PUBLIC_KEY": "", "JWT_ISSUER": "http://issuer.example.com"}, "JWT_ISSUER"),
+        ({"JWT_PUBLIC_KEY": "", "JWT_ISSUER": "issuer.example.com"}, "JWT_ISSUER"),
         ({"JWT_ISSUER": ""}, "JWT_ISSUER"),
         ({"JWT_AUDIENCE": ""}, "JWT_AUDIENCE"),
         ({"ALLOWED_ORIGINS": "*"}, "ALLOWED_ORIGINS"),

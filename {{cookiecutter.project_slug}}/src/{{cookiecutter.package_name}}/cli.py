@@ -149,6 +149,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings()
+        option_server_options = options.server_options(settings)  # e.g. TLS, from the baked options
     except ConfigError as exc:
         print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
         return 1
@@ -165,7 +166,7 @@ def serve(args: argparse.Namespace) -> int:
         # (README: Scaling). One process per container is the Kubernetes way.
         uvicorn.run(
             f"{__package__}.app:create_app", factory=True, host=host, port=port, workers=args.workers,
-            **server_options(settings),
+            **server_options(settings, option_server_options),
         )  # fmt: skip
         return 0
 
@@ -174,7 +175,7 @@ def serve(args: argparse.Namespace) -> int:
 
     app = create_app(settings)
     server = DrainingServer(
-        uvicorn.Config(app, host=host, port=port, **server_options(settings)),
+        uvicorn.Config(app, host=host, port=port, **server_options(settings, option_server_options)),
         app.state.runtime,
         settings.shutdown_drain_seconds,
     )
@@ -182,8 +183,8 @@ def serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 3  # 3: uvicorn's status for a server that never started
 
 
-def server_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn's settings for the service, from SERVER_*."""
+def server_options(settings: Settings, extra: dict[str, Any]) -> dict[str, Any]:
+    """uvicorn's settings for the service, from SERVER_*, and `extra` from the baked options."""
     return dict(
         proxy_headers=False,
         server_header=False,
@@ -199,6 +200,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
         backlog=settings.server_backlog,
         timeout_graceful_shutdown=settings.server_timeout_graceful_shutdown_seconds,
         h11_max_incomplete_event_size=settings.server_h11_max_incomplete_event_size,
+        **extra,
     )
 
 

@@ -196,10 +196,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _key_source(self) -> Settings:
-        if not self.jwt_public_key and not self.jwt_jwks_url:
-            raise ValueError("JWT_PUBLIC_KEY or JWT_JWKS_URL is required")
         if self.jwt_public_key and self.jwt_jwks_url:
             raise ValueError("set JWT_PUBLIC_KEY or JWT_JWKS_URL, not both")
+        if self.uses_discovery and not self.jwt_issuer.startswith(("https://", "http://")):
+            raise ValueError(
+                "JWT_ISSUER: with neither JWT_PUBLIC_KEY nor JWT_JWKS_URL the keys are found by OIDC discovery, "
+                "which needs the issuer's URL (e.g. https://login.example.com/realms/main)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -226,6 +229,11 @@ class Settings(BaseSettings):
         """What REDIS_URL describes (validated above); only with REDIS_URL set."""
         assert self.redis_url
         return parse_redis_url(self.redis_url)
+
+    @property
+    def uses_discovery(self) -> bool:
+        """No key and no JWKS URL: JWT_ISSUER's discovery document names the JWKS (keys.py)."""
+        return not self.jwt_public_key and not self.jwt_jwks_url
 
     @property
     def is_production(self) -> bool:
@@ -277,6 +285,8 @@ class Settings(BaseSettings):
             )
         if self.jwt_jwks_url and not self.jwt_jwks_url.startswith("https://"):
             problems.append("JWT_JWKS_URL: must use https:// in production")
+        if self.uses_discovery and not self.jwt_issuer.startswith("https://"):
+            problems.append("JWT_ISSUER: must use https:// in production (its discovery document names the keys)")
         if self.audit_pseudonym_key is None:
             problems.append("AUDIT_PSEUDONYM_KEY: required in production (at least 32 characters, kept secret)")
         return problems
@@ -305,7 +315,9 @@ def load_settings() -> Settings:
             message = "required" if error["type"] == "missing" else error["msg"].removeprefix("Value error, ")
             lines.append(f"{name}: {message}" if field else message)
         raise ConfigError("; ".join(lines)) from None
-    problems = settings.production_problems()
+    from . import options  # imported here: options import the security layers, which import this module
+
+    problems = settings.production_problems() + options.production_problems(settings)
     if problems:
         raise ConfigError("; ".join(problems))
     return settings

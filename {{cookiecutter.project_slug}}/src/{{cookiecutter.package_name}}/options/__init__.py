@@ -5,7 +5,10 @@ baked without an option has no module for it, nor any other file of it (the temp
 hook removes them). Nothing outside this package names an option. An option module provides:
 
 - `extension(runtime) -> Extension`: what it adds to the running service;
-- `add_commands(commands)`, optionally: its operators' commands, given the CLI's subparsers.
+- `add_commands(commands)`, optionally: its operators' commands, given the CLI's subparsers;
+- `server_options(settings) -> dict`, optionally: uvicorn settings `serve` adds (e.g. TLS);
+- `production_problems(settings) -> list[str]`, optionally: its refusals in production, each
+  naming its variable, added to the core's by `config.load_settings`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from fastapi import APIRouter
 from ..security.authn import Authenticator
 
 if TYPE_CHECKING:
+    from ..config import Settings
     from ..runtime import Runtime
 
 # Every option this template offers, in the order their authenticators are tried (all before the
@@ -56,3 +60,23 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         adder = getattr(module, "add_commands", None)
         if adder is not None:
             adder(commands)
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn settings the chosen options add to `serve`. Raises ConfigError like load_settings."""
+    merged: dict[str, Any] = {}
+    for module in chosen():
+        provider = getattr(module, "server_options", None)
+        if provider is not None:
+            merged.update(provider(settings))
+    return merged
+
+
+def production_problems(settings: Settings) -> list[str]:
+    """The chosen options' production refusals (config.load_settings adds them to its own)."""
+    problems: list[str] = []
+    for module in chosen():
+        checker = getattr(module, "production_problems", None)
+        if checker is not None:
+            problems.extend(checker(settings))
+    return problems

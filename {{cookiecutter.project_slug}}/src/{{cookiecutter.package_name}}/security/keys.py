@@ -6,6 +6,11 @@ may trigger one refetch (a signing key rotated since the last refresh), but at m
 JWT_JWKS_MIN_REFETCH_SECONDS, so a burst of invented `kid`s cannot turn the service into a
 JWKS-fetching amplifier. A failed fetch keeps the last good keys.
 
+With neither JWT_PUBLIC_KEY nor JWT_JWKS_URL, JWT_ISSUER alone is enough (OIDC discovery): the
+JWKS address is the `jwks_uri` of `<issuer>/.well-known/openid-configuration`, whose `issuer` must be
+JWT_ISSUER exactly; it is read again with every scheduled refresh, so a provider that moves its keys
+is followed.
+
 A token's own `jku`, `x5u`, `jwk` or `x5c` header is never used: only these sources are trusted.
 """
 
@@ -29,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from ..config import Settings
+from ..config import ConfigError, Settings
 from .events import security_event
 
 VerificationKey = RSAPublicKey | EllipticCurvePublicKey | Ed25519PublicKey | Ed448PublicKey
@@ -73,6 +78,14 @@ class KeySource(Protocol):
 
 
 def key_source(settings: Settings) -> KeySource:
+    if settings.uses_discovery:
+        return DiscoveredKeys(
+            settings.jwt_issuer,
+            production=settings.is_production,
+            algorithms=frozenset(settings.jwt_algorithms),
+            refresh_seconds=settings.jwt_jwks_refresh_seconds,
+            min_refetch_seconds=settings.jwt_jwks_min_refetch_seconds,
+        )
     if settings.jwt_jwks_url:
         return JwksKeys(
             settings.jwt_jwks_url,
@@ -235,10 +248,10 @@ class JwksKeys:
             logger.info("jwks loaded", extra={"event": "jwks_loaded", "keys": len(keys)})
         return True
 
-    async def _download(self) -> Any:
+    async def _download(self, url: str | None = None) -> Any:
         if self._client is None:
             self._client = self._new_client()
-        async with self._client.stream("GET", self.url, headers={"Accept": "application/json"}) as response:
+        async with self._client.stream("GET", url or self.url, headers={"Accept": "application/json"}) as response:
             if response.status_code != 200:
                 raise JwksError(f"status {response.status_code}")
             body = bytearray()
@@ -278,3 +291,101 @@ class JwksKeys:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+# --- OIDC discovery -------------------------------------------------------------------------
+
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+
+
+def discovery_url(issuer: str) -> str:
+    """OpenID Connect Discovery 1.0 §4: the issuer without a trailing slash, then the well-known path."""
+    return issuer.rstrip("/") + DISCOVERY_PATH
+
+
+class DiscoveryRefused(JwksError):
+    """The discovery document is answered but not acceptable (another issuer, no or an unsafe
+    jwks_uri): a configuration error, not an outage. The message names the setting."""
+
+
+def jwks_uri_of(document: Any, issuer: str, *, production: bool) -> str:
+    """The `jwks_uri` of an OpenID Provider configuration document, checked against JWT_ISSUER."""
+    if not isinstance(document, Mapping):
+        raise JwksError("not an OpenID Provider configuration document")
+    named = document.get("issuer")
+    if named != issuer:
+        # OIDC Discovery §4.3: the issuer in the document must be identical to the one asked for.
+        shown = repr(named)[:200]
+        raise DiscoveryRefused(
+            f"JWT_ISSUER: the discovery document at {discovery_url(issuer)} names the issuer {shown}, "
+            f"not {issuer!r}; JWT_ISSUER must equal the provider's issuer exactly"
+        )
+    uri = document.get("jwks_uri")
+    if not isinstance(uri, str) or not uri.startswith(("https://", "http://")):
+        raise DiscoveryRefused(f"JWT_ISSUER: the discovery document at {discovery_url(issuer)} has no jwks_uri")
+    if production and not uri.startswith("https://"):
+        raise DiscoveryRefused(
+            f"JWT_ISSUER: the discovery document's jwks_uri {uri[:200]!r} is not https://, refused in production"
+        )
+    return uri
+
+
+class DiscoveredKeys(JwksKeys):
+    """JWT_ISSUER alone: the JWKS found through the issuer's discovery document, then kept and
+    refreshed exactly as JWT_JWKS_URL's. The document is read at start and again with the scheduled
+    refresh (at most once per JWT_JWKS_REFRESH_SECONDS); while nothing has loaded, retries back off
+    from 1 second to JWT_JWKS_MIN_REFETCH_SECONDS, and readiness reports the keys as failing.
+
+    A document that names another issuer, or (in production) a jwks_uri that is not https://, is
+    never used: in production the service refuses to start with it."""
+
+    def __init__(
+        self,
+        issuer: str,
+        *,
+        production: bool,
+        algorithms: frozenset[str],
+        refresh_seconds: float,
+        min_refetch_seconds: float,
+        timeout_seconds: float = JWKS_TIMEOUT_SECONDS,
+    ) -> None:
+        super().__init__(
+            "",
+            algorithms=algorithms,
+            refresh_seconds=refresh_seconds,
+            min_refetch_seconds=min_refetch_seconds,
+            timeout_seconds=timeout_seconds,
+        )
+        self.issuer = issuer
+        self.production = production
+        self.discovery_url = discovery_url(issuer)
+        self.refused: DiscoveryRefused | None = None
+        self._discovered_at = -math.inf
+
+    async def _fetch(self) -> bool:
+        if not self.url or time.monotonic() - self._discovered_at >= self.refresh_seconds:
+            try:
+                document = await self._download(self.discovery_url)
+                self.url = jwks_uri_of(document, self.issuer, production=self.production)
+                self._discovered_at = time.monotonic()
+                self.refused = None
+            except Exception as exc:  # the last good keys keep serving
+                self.refused = exc if isinstance(exc, DiscoveryRefused) else None
+                reason = str(exc) if isinstance(exc, JwksError) else type(exc).__name__
+                security_event("oidc_discovery_failed", reason=reason, keys_kept=len(self._keys))
+                if self.refused is not None or not self.url:
+                    return False
+        return await super()._fetch()
+
+    async def start(self) -> None:
+        await super().start()
+        if self.production and self.refused is not None:
+            await self.stop()
+            raise ConfigError(str(self.refused))
+
+    async def _refresh_forever(self) -> None:
+        failures = 0 if self.has_keys() else 1
+        while True:
+            delay = self.refresh_seconds if not failures else min(self.min_refetch_seconds, 2.0 ** (failures - 1))
+            await asyncio.sleep(delay)
+            failures = 0 if await self.refresh() else failures + 1

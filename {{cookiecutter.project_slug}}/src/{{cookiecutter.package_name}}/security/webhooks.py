@@ -42,7 +42,7 @@ from ..config import SERVICE_NAME
 from .authn import InvalidCredentials, Principal, app_path
 from .events import security_event
 from .revocation import RevocationStoreUnavailable, tag
-from .store import MemoryStore, RedisStore, StoreUnavailable
+from .store import MemoryStore, RemoteStore, StoreUnavailable
 from .transport import BodyTooLarge
 
 WEBHOOK_PATH = "/api/v1/webhooks/"
@@ -167,7 +167,7 @@ class ReplayGuard:
     """Message ids seen within the tolerance window, in the shared store (SET NX PX): the first
     request with an id wins on every replica. Keys carry the partner's hash tag (Cluster-safe)."""
 
-    def __init__(self, store: RedisStore | MemoryStore, tolerance_seconds: int) -> None:
+    def __init__(self, store: RemoteStore | MemoryStore, tolerance_seconds: int) -> None:
         self.store = store
         self.tolerance = tolerance_seconds
 

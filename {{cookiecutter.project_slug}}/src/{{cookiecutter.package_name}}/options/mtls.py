@@ -1,0 +1,162 @@
+"""The `mtls` option: internal callers are known by their client certificate (the seed's
+"Internal microservices: mTLS + JWT + RBAC"). See security/mtls.py for what is accepted and
+security/tls_peer.py for how the certificate reaches the pipeline when the service terminates TLS.
+
+Settings (environment variables, validated at start; production refuses unsafe ones by name):
+
+- MTLS_MODE: `mtls` (the workload is the principal) or `mtls+jwt` (a bearer token as well).
+- MTLS_IDENTITIES: JSON, identity -> its scopes, e.g. {"spiffe://example.org/ns/a/sa/b": ["orgs:read"]}.
+  Required in production. Empty (development and tests only) leaves the option inactive: no
+  certificate is asked for, bearer tokens work as in a service baked without it, and a warning
+  says so at start.
+- MTLS_SERVER_CERT, MTLS_SERVER_KEY, MTLS_CLIENT_CA: files; all three make `serve` terminate TLS
+  and require a client certificate signed by the CA bundle.
+- MTLS_PROXY_HEADER: the header a trusted proxy (TRUSTED_PROXIES) forwards the verified certificate
+  in: `X-Client-Cert` (nginx `$ssl_client_escaped_cert`, the default) or `X-Forwarded-Client-Cert` (Envoy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ..config import ConfigError, Settings
+from ..security.authn import BearerToken
+from ..security.mtls import ENVOY_HEADER, NGINX_HEADER, ClientCertificate, Mode
+from . import Extension
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+class MtlsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MTLS_", env_file=".env", extra="ignore", frozen=True)
+
+    mode: Mode = "mtls"
+    identities: Annotated[dict[str, list[str]], NoDecode] = Field(default_factory=dict)
+    server_cert: str | None = None
+    server_key: str | None = None
+    client_ca: str | None = None
+    proxy_header: Literal["X-Client-Cert", "X-Forwarded-Client-Cert"] = "X-Client-Cert"
+
+    @field_validator("proxy_header", mode="before")
+    @classmethod
+    def _header_name(cls, value: object) -> object:
+        names = {NGINX_HEADER.lower(): NGINX_HEADER, ENVOY_HEADER.lower(): ENVOY_HEADER}
+        return names.get(value.strip().lower(), value) if isinstance(value, str) else value
+
+    @field_validator("identities", mode="before")
+    @classmethod
+    def _json(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except ValueError:
+                raise ValueError('not JSON; e.g. {"spiffe://example.org/ns/a/sa/b": ["orgs:read"]}') from None
+        return value
+
+    @field_validator("identities")
+    @classmethod
+    def _identities(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for identity, scopes in value.items():
+            if not identity.strip() or identity != identity.strip():
+                raise ValueError(f"{identity!r} is not an identity (a SPIFFE ID or a subject DN)")
+            if any(not scope or " " in scope for scope in scopes):
+                raise ValueError(f"the scopes of {identity!r} must be names without spaces")
+        return value
+
+    @field_validator("server_cert", "server_key", "client_ca", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _all_or_no_tls_files(self) -> MtlsSettings:
+        given = [self.server_cert, self.server_key, self.client_ca]
+        if any(given) and not all(given):
+            raise ValueError("MTLS_SERVER_CERT, MTLS_SERVER_KEY and MTLS_CLIENT_CA: set all three, or none")
+        for name, path in (
+            ("MTLS_SERVER_CERT", self.server_cert),
+            ("MTLS_SERVER_KEY", self.server_key),
+            ("MTLS_CLIENT_CA", self.client_ca),
+        ):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file {path!r}")
+        return self
+
+    @property
+    def terminates_tls(self) -> bool:
+        return bool(self.server_cert)
+
+
+def load_mtls_settings() -> MtlsSettings:
+    """The option's settings from the environment, or ConfigError naming each bad variable."""
+    try:
+        return MtlsSettings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"MTLS_{field.upper()}: {message}" if field else message)
+        raise ConfigError("; ".join(lines)) from None
+
+
+def production_problems(settings: Settings) -> list[str]:
+    """Added to the core's by load_settings: each unsafe setting, named by its variable."""
+    if not settings.is_production:
+        return []
+    mtls = load_mtls_settings()
+    problems = []
+    if not mtls.identities:
+        problems.append("MTLS_IDENTITIES: required in production (the workloads allowed to call, with their scopes)")
+    if not mtls.terminates_tls and not settings.trusted_proxies:
+        problems.append(
+            "MTLS_SERVER_CERT or TRUSTED_PROXIES: required in production; no client certificate can reach "
+            "the service without one (it terminates TLS itself, or a trusted proxy forwards the certificate)"
+        )
+    return problems
+
+
+def extension(runtime: Runtime) -> Extension:
+    mtls = load_mtls_settings()
+    if not mtls.identities:  # never in production: load_settings refuses it there (production_problems)
+        logger.warning(
+            "mtls inactive: MTLS_IDENTITIES is empty, so no client certificate is required",
+            extra={"event": "mtls_inactive"},
+        )
+        return Extension(name="mtls")
+    bearer = BearerToken(runtime.verifier, runtime.admission) if mtls.mode == "mtls+jwt" else None
+    certificate = ClientCertificate(
+        identities=mtls.identities,
+        mode=mtls.mode,
+        proxy_header=mtls.proxy_header,
+        admission=runtime.admission,
+        bearer=bearer,
+    )
+    return Extension(name="mtls", authenticators=[certificate])
+
+
+def server_options(_settings: Settings) -> dict[str, Any]:
+    """What `serve` gives uvicorn: with the server files, TLS that requires a client certificate
+    signed by MTLS_CLIENT_CA, and the protocol that shows the application which one it was."""
+    mtls = load_mtls_settings()
+    if not mtls.terminates_tls:
+        return {}
+    from ..security.tls_peer import PROTOCOL
+
+    return {
+        "ssl_certfile": mtls.server_cert,
+        "ssl_keyfile": mtls.server_key,
+        "ssl_ca_certs": mtls.client_ca,
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "http": PROTOCOL,
+    }

@@ -1,0 +1,224 @@
+"""Layer 4, the `mtls` option: the calling workload, named by its verified client certificate.
+
+The certificate comes from one of two places:
+
+- the TLS connection itself, when the service terminates TLS and verified the certificate at the
+  handshake (`serve` with MTLS_SERVER_CERT, MTLS_SERVER_KEY and MTLS_CLIENT_CA): it is in the ASGI
+  TLS extension, `scope["extensions"]["tls"]["client_cert_chain"]` (security/tls_peer.py);
+- a header written by a trusted proxy that terminated TLS and verified it (MTLS_PROXY_HEADER:
+  nginx's `$ssl_client_escaped_cert` in `X-Client-Cert`, or Envoy's `X-Forwarded-Client-Cert`),
+  believed only when the immediate peer is in TRUSTED_PROXIES (security/transport.py decides that).
+  Either header from any other peer is a forgery: refused, whatever it holds.
+
+The workload identity is the certificate's SPIFFE ID (its `spiffe://` URI SAN), else its subject
+DN (RFC 4514). Only identities in MTLS_IDENTITIES are accepted, each with its own scopes. In mode
+`mtls` the identity is the principal; in `mtls+jwt` a bearer token is required as well and the
+principal is the token's, with the scopes both allow.
+
+Refusals are 401 problems; the audit event names the reason and the identity (a keyed pseudonym in
+the log, as every subject is), never the certificate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import TYPE_CHECKING, Literal, NoReturn
+from urllib.parse import unquote
+
+from cryptography import x509
+from starlette.types import Scope
+
+from .authn import BearerToken, InvalidCredentials, Principal
+from .events import security_event
+from .lockout import LockedOut
+
+if TYPE_CHECKING:
+    from .admission import Admission
+
+Mode = Literal["mtls", "mtls+jwt"]
+NGINX_HEADER = "X-Client-Cert"
+ENVOY_HEADER = "X-Forwarded-Client-Cert"
+FORWARDING_HEADERS = frozenset({NGINX_HEADER.lower().encode(), ENVOY_HEADER.lower().encode()})
+SPIFFE_SCHEME = "spiffe://"
+MAX_HEADER_BYTES = 16384
+MAX_IDENTITY_LENGTH = 2048
+# An Envoy-forwarded identity without a certificate (`URI=` only) carries no validity period: the
+# principal it becomes is dated now, valid this long (it only bounds what is cached about it).
+URI_ONLY_SECONDS = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """Who a certificate names, and when the certificate is valid (epoch seconds)."""
+
+    identity: str
+    not_before: int
+    not_after: int
+
+
+def workload_of(certificate: x509.Certificate) -> Workload:
+    """The SPIFFE ID of the certificate (exactly one `spiffe://` URI SAN), else its subject DN."""
+    try:
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    spiffe = [uri for uri in uris if uri.startswith(SPIFFE_SCHEME)]
+    if len(spiffe) > 1:
+        raise InvalidCredentials("several_spiffe_ids")  # an SVID has exactly one
+    identity = spiffe[0] if spiffe else certificate.subject.rfc4514_string()
+    if not identity or len(identity) > MAX_IDENTITY_LENGTH:
+        raise InvalidCredentials("no_identity")
+    return Workload(
+        identity,
+        int(certificate.not_valid_before_utc.timestamp()),
+        int(certificate.not_valid_after_utc.timestamp()),
+    )
+
+
+@lru_cache(maxsize=1024)
+def workload_of_pem(pem: str) -> Workload:
+    """Parsed once per certificate: a connection's requests, and a proxy's repeat callers, all carry
+    the same one. Only verified certificates get here (the handshake's, or a trusted proxy's)."""
+    try:
+        certificate = x509.load_pem_x509_certificate(pem.encode("latin-1"))
+    except ValueError:
+        raise InvalidCredentials("malformed_certificate") from None
+    return workload_of(certificate)
+
+
+def envoy_elements(value: str) -> list[dict[str, str]]:
+    """The elements of an X-Forwarded-Client-Cert header: `,`-separated, each `;`-separated
+    `Key=value` pairs, values optionally in double quotes (which may hold `,`, `;` and `\\"`)."""
+    elements: list[dict[str, str]] = []
+    pairs: dict[str, str] = {}
+    key, buffer, quoted, escaped, in_value = "", [], False, False, False
+    for char in value + ",":
+        if quoted:
+            if escaped:
+                buffer.append(char)
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+            else:
+                buffer.append(char)
+        elif char == '"' and in_value:
+            quoted = True
+        elif char == "=" and not in_value:
+            key, buffer, in_value = "".join(buffer).strip().lower(), [], True
+        elif char in ";,":
+            if in_value and key:
+                pairs[key] = "".join(buffer).strip()
+            key, buffer, in_value = "", [], False
+            if char == ",":
+                elements.append(pairs)
+                pairs = {}
+        else:
+            buffer.append(char)
+    if quoted:
+        raise InvalidCredentials("malformed_certificate_header")
+    return elements
+
+
+class ClientCertificate:
+    """The `mtls` option's authenticator: always answers (a principal, or InvalidCredentials), so
+    no request under /api/ gets past layer 4 without an allowed certificate."""
+
+    challenge = "mTLS"
+
+    def __init__(
+        self,
+        *,
+        identities: Mapping[str, Iterable[str]],
+        mode: Mode,
+        proxy_header: str,
+        admission: Admission,
+        bearer: BearerToken | None = None,
+    ) -> None:
+        if mode == "mtls+jwt" and bearer is None:
+            raise ValueError("mode mtls+jwt needs the bearer token authenticator")
+        self.identities = {identity: frozenset(scopes) for identity, scopes in identities.items()}
+        self.mode = mode
+        self.proxy_header = proxy_header.lower().encode("latin-1")
+        self.envoy = self.proxy_header == ENVOY_HEADER.lower().encode()
+        self.admission = admission
+        self.bearer = bearer
+
+    async def authenticate(self, scope: Scope) -> Principal:
+        workload = self._workload(scope)
+        now = time.time()
+        if workload.not_after < now:
+            self._refuse("certificate_expired", workload)
+        if workload.not_before > now + 60:  # a minute of clock skew
+            self._refuse("certificate_not_yet_valid", workload)
+        scopes = self.identities.get(workload.identity)
+        if scopes is None:
+            self._refuse("identity_not_allowed", workload)
+        if self.bearer is None:
+            principal = Principal(workload.identity, scopes, None, workload.not_before, workload.not_after)
+            answer = await self.admission.subject(scope, principal)
+            if answer.locked_seconds:
+                raise LockedOut(answer.locked_seconds)
+            if answer.revoked:
+                raise InvalidCredentials("revoked", subject=principal.subject)
+            return principal
+        # mtls+jwt: the token names the caller, the certificate the workload it may call through.
+        token_principal = await self.bearer.authenticate(scope)
+        if token_principal is None:
+            self._refuse("token_required", workload)
+        return replace(token_principal, scopes=token_principal.scopes & scopes)
+
+    def _refuse(self, reason: str, workload: Workload | None = None) -> NoReturn:
+        # The identity goes in as `subject`, which the log formatter pseudonymises; never the certificate.
+        if workload is None:
+            security_event("client_certificate_refused", reason=reason, mode=self.mode)
+        else:
+            security_event("client_certificate_refused", reason=reason, mode=self.mode, subject=workload.identity)
+        raise InvalidCredentials(reason)
+
+    def _workload(self, scope: Scope) -> Workload:
+        forwarded: list[bytes] = []
+        other = False
+        for name, value in scope["headers"]:
+            if name in FORWARDING_HEADERS:
+                if name == self.proxy_header:
+                    forwarded.append(value)
+                else:
+                    other = True
+        if forwarded or other:
+            if not scope.get("state", {}).get("via_trusted_proxy"):
+                # Only a proxy in TRUSTED_PROXIES writes these; from anyone else they are forged.
+                self._refuse("forwarded_certificate_from_untrusted_peer")
+            if forwarded:
+                if len(forwarded) > 1:
+                    self._refuse("several_certificate_headers")
+                return self._forwarded(forwarded[0])
+        tls = (scope.get("extensions") or {}).get("tls") or {}
+        chain = tls.get("client_cert_chain") or ()
+        if not chain:
+            self._refuse("no_client_certificate")
+        return workload_of_pem(chain[0])
+
+    def _forwarded(self, value: bytes) -> Workload:
+        if len(value) > MAX_HEADER_BYTES:
+            self._refuse("certificate_header_too_large")
+        text = value.decode("latin-1")
+        if not self.envoy:
+            return workload_of_pem(unquote(text))  # nginx: $ssl_client_escaped_cert, URL-encoded PEM
+        elements = envoy_elements(text)
+        if not elements:
+            self._refuse("malformed_certificate_header")
+        # Each proxy appends its element: the last one is the certificate the trusted proxy verified.
+        element = elements[-1]
+        if element.get("cert"):
+            return workload_of_pem(unquote(element["cert"]))
+        uri = element.get("uri", "")
+        if uri.startswith(SPIFFE_SCHEME) and len(uri) <= MAX_IDENTITY_LENGTH:
+            now = int(time.time())
+            return Workload(uri, now, now + URI_ONLY_SECONDS)
+        self._refuse("no_certificate_in_header")
