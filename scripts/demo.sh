@@ -19,7 +19,7 @@ export ENVIRONMENT=development
 export JWT_PUBLIC_KEY="$(cat .keys/public.pem)"
 export JWT_ISSUER=https://issuer.dev.local
 export JWT_AUDIENCE=secure-api
-alembic upgrade head
+alembic upgrade heads
 token=$(secure-api token mint --private-key .keys/private.pem --sub dev-user --scope "$scopes")
 
 cat <<MSG

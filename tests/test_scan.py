@@ -252,7 +252,7 @@ def bench(
     checked([*cli, "keys", "generate", "--out", str(workdir / "keys")], cwd=workdir)
     database_url = f"sqlite+aiosqlite:///{workdir / 'scan.db'}"
     migrate_env = {**os.environ, "DATABASE_URL": database_url}
-    checked(python("-m", "alembic", "upgrade", "head"), installed_project, migrate_env)
+    checked(python("-m", "alembic", "upgrade", "heads"), installed_project, migrate_env)
     mint = [
         *cli, "token", "mint", "--private-key", str(workdir / "keys" / "private.pem"),
         "--issuer", ISSUER, "--audience", AUDIENCE, "--scope", SCOPES, "--sub",

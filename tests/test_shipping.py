@@ -224,7 +224,7 @@ def test_compose_runs_two_replicas_behind_the_shipped_nginx(baked: BakedProject,
     app, nginx, migrate = services["app"], services["nginx"], services["migrate"]
     assert app["deploy"]["replicas"] == 2
     assert app["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    assert migrate["command"] == ["alembic", "upgrade", "head"]
+    assert migrate["command"] == ["alembic", "upgrade", "heads"]
     assert "./deploy/nginx:" in nginx["volumes"][0]
     assert "nginx.conf" in " ".join(nginx["command"])
     expected = {"migrate", "app", "nginx", "redis"} | ({"postgres"} if name == "postgresql" else set())

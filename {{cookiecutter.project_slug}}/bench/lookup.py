@@ -43,7 +43,7 @@ def migrate(database_url: str) -> None:
     config = Config()
     config.set_main_option("script_location", MIGRATIONS)
     config.set_main_option("sqlalchemy.url", database_url)
-    command.upgrade(config, "head")
+    command.upgrade(config, "heads")
 
 
 def grant(number: int) -> tuple[str, str, str, str, str]:

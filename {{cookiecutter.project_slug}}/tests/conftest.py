@@ -103,7 +103,7 @@ def alembic_config(database_url: str) -> Config:
 
 @pytest.fixture(scope="session")
 def migrated_database(database_url: str) -> str:
-    command.upgrade(alembic_config(database_url), "head")
+    command.upgrade(alembic_config(database_url), "heads")
     return database_url
 
 

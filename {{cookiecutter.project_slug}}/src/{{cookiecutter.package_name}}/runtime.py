@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -31,7 +31,7 @@ MIGRATIONS = f"{__package__}:migrations"
 
 
 def migration_heads() -> frozenset[str]:
-    """The revisions `alembic upgrade head` leads to, read once from the packaged migrations."""
+    """The revisions `alembic upgrade heads` leads to, read once from the packaged migrations."""
     config = Config()
     config.set_main_option("script_location", MIGRATIONS)
     return frozenset(ScriptDirectory.from_config(config).get_heads())
@@ -112,7 +112,11 @@ class Runtime:
         if self.audit_sink is not None:
             await self.audit_sink.start()
         try:
-            yield
+            async with AsyncExitStack() as options_running:
+                for extension in self.extensions:
+                    if extension.lifespan is not None:
+                        await options_running.enter_async_context(extension.lifespan())
+                yield
         finally:
             if self.audit_sink is not None:
                 await self.audit_sink.stop()  # writes what is queued while the engine still works

@@ -9,9 +9,11 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from {{ cookiecutter.package_name }} import options
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL
 from {{ cookiecutter.package_name }}.models import Base
 
+options.chosen()  # the baked options' tables join Base.metadata as their modules are imported
 target_metadata = Base.metadata
 
 

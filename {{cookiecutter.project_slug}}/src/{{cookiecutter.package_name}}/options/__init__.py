@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,8 @@ class Extension:
     authenticators: Sequence[Authenticator] = ()
     # Routes, included after the core API's.
     routers: Sequence[APIRouter] = ()
+    # Entered for the life of the service (background work, e.g. batched writes), exited at shutdown.
+    lifespan: Callable[[], AbstractAsyncContextManager[None]] | None = None
 
 
 def chosen() -> list[ModuleType]:
