@@ -418,6 +418,8 @@ async def test_last_use_is_written_in_batches_off_the_request_path(http: httpx.A
     async with key_app.state.runtime.sessionmaker() as session:
         used = (await store.get_key(session, issued.info.id)).last_used_at  # type: ignore[union-attr]
     assert used is not None and abs((datetime.now(UTC) - used).total_seconds()) < 60
+    await http.get(ORGS + "/x", headers=api_key(issued.key))
+    assert not last_used._pending  # written less than a minute ago: not noted again
 
 
 def test_production_refuses_to_start_without_a_pepper(
