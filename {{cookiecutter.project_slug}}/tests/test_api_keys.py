@@ -281,7 +281,10 @@ async def test_a_revoked_key_is_refused_on_its_next_request_by_every_replica(
 
 
 async def test_rotation_with_an_overlap_accepts_both_secrets_then_only_the_new_one(
-    monkeypatch: pytest.MonkeyPatch, settings: Settings, make_token: TokenFactory
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+    make_token: TokenFactory,
+    audit_events: list[logging.LogRecord],
 ) -> None:
     monkeypatch.setenv("API_KEY_CACHE_SECONDS", "1")
     app = create_app(settings)
@@ -302,6 +305,32 @@ async def test_rotation_with_an_overlap_accepts_both_secrets_then_only_the_new_o
         await anyio.sleep(2.2)
         assert_refused(await http.post(ORGS, json={"name": "A"}, headers=api_key(old.key)))
         assert (await http.post(ORGS, json={"name": "A"}, headers=api_key(new))).status_code == 201
+    reasons = [getattr(r, "reason", None) for r in audit_events if getattr(r, "event", "") == "authentication_failed"]
+    assert reasons == ["rotated_api_key_secret"]
+
+
+async def test_a_revoked_key_stays_refused_once_its_redis_mark_has_expired(
+    http: httpx.AsyncClient, key_app: FastAPI
+) -> None:
+    issued = await issue(key_app)
+    async with key_app.state.runtime.sessionmaker() as session:
+        assert await store.revoke(session, key_app.state.runtime.revocations, issued.info.id) is True
+    await key_app.state.runtime.store.execute(b"FLUSHDB")  # the mark outlives only the reuse time
+    assert_refused(await http.get(ORGS + "/x", headers=api_key(issued.key)))
+
+
+async def test_the_store_changes_only_the_named_owners_keys(http: httpx.AsyncClient, key_app: FastAPI) -> None:
+    issued = await issue(key_app, owner="alice")
+    runtime = key_app.state.runtime
+    settings = authenticator(key_app).settings
+    async with runtime.sessionmaker() as session:
+        assert await store.get_key(session, issued.info.id, owner="bob") is None
+        assert (
+            await store.rotate(session, settings, runtime.revocations, issued.info.id, overlap_seconds=0, owner="bob")
+            is None
+        )
+        assert await store.revoke(session, runtime.revocations, issued.info.id, owner="bob") is False
+    assert (await http.get(ORGS + "/x", headers=api_key(issued.key))).status_code == 400  # still alive
 
 
 async def test_rotation_without_overlap_refuses_the_old_secret_on_every_replica_at_once(
