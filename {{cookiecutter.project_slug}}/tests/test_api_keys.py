@@ -368,7 +368,7 @@ async def test_an_api_key_cannot_manage_keys_whatever_it_carries(http: httpx.Asy
     issued = await issue(key_app, scopes=("orgs:read",))
     async with key_app.state.runtime.engine.begin() as connection:  # even with the scopes forced in
         await connection.execute(
-            update(ApiKey).where(ApiKey.id == issued.info.id).values(scopes=["api-keys:read", "api-keys:write"])
+            update(ApiKey).where(ApiKey.id == issued.info.id).values(scopes="api-keys:read api-keys:write")
         )
     for method, path, body in [
         ("POST", KEYS, {"scopes": ["orgs:read"]}),

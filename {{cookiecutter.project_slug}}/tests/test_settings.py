@@ -17,6 +17,7 @@ SAFE_PRODUCTION = {
     "ALLOWED_ORIGINS": "https://app.example.com",
     "TRUSTED_PROXIES": "10.0.0.0/8,2001:db8:ffff::/48",
     "AUDIT_PSEUDONYM_KEY": "production-audit-pseudonym-key-0123456789",
+    "API_KEY_PEPPER": "production-api-key-pepper-0123456789abcdef",  # read only by the api_keys option
 }
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, String, func
+from sqlalchemy import DateTime, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from ..models import Base
 
 KEY_ID_LENGTH = 16  # hex characters of the public id
 HASH_LENGTH = 64  # hex characters of an HMAC-SHA256
+SCOPES_LENGTH = 2100  # 32 scopes of up to 64 characters, space-separated
+NETWORKS_LENGTH = 1500  # 32 CIDRs of up to 43 characters, space-separated
 
 
 def _now() -> datetime:
@@ -24,9 +26,11 @@ class ApiKey(Base):
     id: Mapped[str] = mapped_column(String(KEY_ID_LENGTH), primary_key=True)
     owner: Mapped[str] = mapped_column(String(255), index=True)
     name: Mapped[str] = mapped_column(String(100))
-    scopes: Mapped[list[str]] = mapped_column(JSON)
-    # CIDRs the key may be used from (the client address layer 1 decided); empty: anywhere.
-    networks: Mapped[list[str]] = mapped_column(JSON)
+    # Space-separated, like a token's `scope` claim (plain text: the request path reads it with the
+    # database driver alone, which decodes no JSON).
+    scopes: Mapped[str] = mapped_column(String(SCOPES_LENGTH))
+    # Space-separated CIDRs the key may be used from (the client address layer 1 decided); empty: anywhere.
+    networks: Mapped[str] = mapped_column(String(NETWORKS_LENGTH))
     secret_hash: Mapped[str] = mapped_column(String(HASH_LENGTH))
     # The secret before the last rotation, accepted until previous_expires_at (the overlap window).
     previous_hash: Mapped[str | None] = mapped_column(String(HASH_LENGTH))

@@ -259,12 +259,12 @@ class ApiKeys:
             raise InvalidCredentials("expired", subject=subject)
         principal = Principal(
             subject=subject,
-            scopes=frozenset(scopes),
+            scopes=frozenset(scopes.split()),
             token_id=secret_id(matched),
             issued_at=int(as_utc(created).timestamp()),
             expires_at=math.floor(valid_until.timestamp()),
         )
-        parsed = tuple(ipaddress.ip_network(network, strict=False) for network in networks)
+        parsed = tuple(ipaddress.ip_network(network, strict=False) for network in networks.split())
         return KnownKey(principal, parsed, time.time() + self.reuse_seconds)
 
 
