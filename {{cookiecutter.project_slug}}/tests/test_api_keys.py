@@ -16,6 +16,7 @@ import anyio.from_thread
 import httpx
 import pytest
 from fastapi import FastAPI
+from redis.asyncio import Redis
 from sqlalchemy import text, update
 
 from {{ cookiecutter.package_name }}.api_keys import store
@@ -251,6 +252,36 @@ async def test_guessed_keys_are_counted_by_the_address_limit(settings_for: Calla
         assert (
             await http.get(ORGS + "/x", headers=api_key(f"{DEFAULT_PREFIX}_{'0' * 16}_{'2' * 64}"))
         ).status_code == 429
+
+
+async def test_a_key_this_replica_knows_costs_one_redis_round_trip_and_no_database(
+    http: httpx.AsyncClient, key_app: FastAPI, redis_url: str
+) -> None:
+    """Layers 3-5 share one round trip for a key looked up before (the lookahead of layer 3), as for
+    a known token: the address window, its lockout, the key's revocation mark and its subject window."""
+    issued = await issue(key_app)
+    probe = f"{ORGS}/00000000-0000-0000-0000-000000000000"
+    assert (await http.get(probe, headers=api_key(issued.key))).status_code == 403  # looked up, now known
+    lookups = 0
+    real_fetch = key_app.state.runtime.statements.fetch
+
+    async def fetch(query: Any, **values: Any) -> Any:
+        nonlocal lookups
+        lookups += query is authenticator(key_app).query
+        return await real_fetch(query, **values)
+
+    key_app.state.runtime.statements.fetch = fetch
+    async with Redis.from_url(redis_url) as redis:
+
+        async def reads() -> int:
+            return int((await redis.info("stats"))["total_reads_processed"])
+
+        idle = await reads()
+        idle = await reads() - idle  # this test's own INFO command
+        before = await reads()
+        assert (await http.get(probe, headers=api_key(issued.key))).status_code == 403
+        assert await reads() - before - idle == 1
+    assert lookups == 0
 
 
 # --- Revocation and rotation across replicas ----------------------------------------------------
