@@ -120,6 +120,7 @@ async def test_a_key_issued_through_the_api_reads_an_org_granted_to_it(
         headers=bearer(make_token("alice", MANAGER_SCOPES)),
     )
     assert response.status_code == 201, response.text
+    assert response.headers["cache-control"] == "no-store"  # the one response that holds the secret
     body = response.json()
     key, key_id = body["key"], body["id"]
     assert body["subject"] == f"apikey:{key_id}"

@@ -207,7 +207,9 @@ class ApiKeys:
         if not key or not self.reuse_seconds:
             return None
         entry = self.known_keys.get(hashlib.sha256(key).digest())
-        return entry.principal if entry is not None else None
+        if entry is None or (entry.networks and not _allowed(scope, entry.networks)):
+            return None  # refused by layer 4 anyway: spend none of the key's subject limit
+        return entry.principal
 
     async def authenticate(self, scope: Scope) -> Principal | None:
         key = api_key_credential(scope["headers"])
