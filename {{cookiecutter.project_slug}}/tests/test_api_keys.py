@@ -26,6 +26,7 @@ from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import ConfigError, Settings
 from {{ cookiecutter.package_name }}.scan import api_keys as scan_check
+from {{ cookiecutter.package_name }}.scan import authn as scan_authn
 from {{ cookiecutter.package_name }}.scan.probe import Probe, Scan
 from {{ cookiecutter.package_name }}.scan.report import Status
 from {{ cookiecutter.package_name }}.security.api_keys import ApiKeys, KnownKey, LastUsed, scanner_pattern
@@ -572,13 +573,20 @@ class ThreadBridge(httpx.BaseTransport):
         return anyio.from_thread.run(send)
 
 
-async def scan_result(app: FastAPI, token: str) -> Any:
+async def scan_result(app: FastAPI, token: str, check: Callable[[Scan], Any] = scan_check.check) -> Any:
     probe = Probe("http://localhost", max_requests=50, max_seconds=30, transport=ThreadBridge(app))
     scan = Scan(probe=probe, token=token)
     try:
-        return await anyio.to_thread.run_sync(scan_check.check, scan)
+        return await anyio.to_thread.run_sync(check, scan)
     finally:
         probe.close()
+
+
+async def test_the_scans_token_check_still_passes_with_the_apikey_challenge_first(
+    http: httpx.AsyncClient, key_app: FastAPI, make_token: TokenFactory
+) -> None:
+    result = await scan_result(key_app, make_token("alice", MANAGER_SCOPES), scan_authn.check)
+    assert result.status is Status.PASS, result
 
 
 async def test_the_scan_check_passes_on_a_healthy_instance(
