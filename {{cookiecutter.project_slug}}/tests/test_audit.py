@@ -183,10 +183,27 @@ async def test_a_valid_traceparent_gives_the_trace_id_only_from_a_caller_trace_c
 ) -> None:
     async with running(trust_for(trust), client=peer) as http:
         with captured_logs() as logs:
-            response = await http.get("/health/live", headers={"traceparent": TRACEPARENT})
+            # Not a probe: probes are not in the request log (LOG_HEALTH_REQUESTS).
+            response = await http.get("/no/such/path", headers={"traceparent": TRACEPARENT})
     assert (response.headers["x-trace-id"] == GIVEN_TRACE) is honoured
     assert TRACE_ID.match(response.headers["x-trace-id"])
     assert logs.request_line(response)["trace_id"] == response.headers["x-trace-id"]
+
+
+@pytest.mark.parametrize("asked", [False, True])
+async def test_probes_are_in_the_request_log_only_when_asked_for(
+    settings_for: Callable[..., Settings], asked: bool
+) -> None:
+    async with running(create_app(settings_for(log_health_requests=asked))) as http:
+        with captured_logs() as logs:
+            probes = [await http.get("/health/live"), await http.get("/health/ready")]
+            refused = await http.get("/health/live", headers={"Host": "evil.example"})
+            other = await http.get("/no/such/path")
+    lines = [r for r in logs.records() if r.get("event") == "request"]
+    assert [line["route"] for line in lines] == (["/health/live", "/health/ready", None, None] if asked else [None])
+    assert all(probe.status_code == 200 for probe in probes)
+    logs.event(refused, "host_refused")  # a probe's security events are logged either way
+    assert logs.request_line(other)["status"] == 404
 
 
 def test_inbound_trace_context_is_believed_only_from_trusted_proxies_by_default(settings: Settings) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import FastAPI
 
 from . import api, health
@@ -14,15 +16,19 @@ from .security.errors import install_error_handlers
 from .security.pipeline import SecuredApp, security_pipeline
 from .security.ratelimit import RouteLimitExceeded, route_limit_exceeded
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+
+def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter | None = None) -> FastAPI:
+    """`span_exporter`: trace every request and export the spans there (tests), whatever OTEL_* say."""
     settings = settings or load_settings()
     configure_logging(
         settings.log_level,
         masked_fields=settings.audit_masked_fields,
         pseudonym_key=settings.audit_pseudonym_key_bytes,
     )
-    runtime = Runtime.create(settings)
+    runtime = Runtime.create(settings, span_exporter=span_exporter)
     docs = settings.effective_docs_enabled
     app = SecuredApp(
         title=SERVICE_NAME,
@@ -31,6 +37,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs" if docs else None,
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
+        # FastAPI's own OpenTelemetry (recent versions) would start its server span before the
+        # audit layer has decided the trace id; telemetry.py makes it inside, with that trace id.
+        telemetry=dict(tracing=False, metrics=False, logs=False, auto_configure=False),
     )
     app.state.runtime = runtime
     install_error_handlers(app)

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import options
-from .config import SERVICE_NAME, ConfigError, Settings, load_settings
+from .config import SERVICE_NAME, ConfigError, Settings, load_settings, tracing_requested
 from .models import Relation
 from .security.revocation import MAX_ID_LENGTH, Revocations
 from .security.store import StoreBusy, StoreUnavailable
@@ -150,6 +150,13 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
         return 1
+    if settings.metrics_port is not None and args.workers > 1:
+        print(
+            f"{SERVICE_NAME}: refusing to start: METRICS_PORT serves one process's metrics; "
+            "run one process per container (or per port) instead of --workers",
+            file=sys.stderr,
+        )
+        return 2
     uvicorn.run(
         f"{__package__}.app:create_app",
         factory=True,
@@ -178,10 +185,12 @@ def check_config(_args: argparse.Namespace) -> int:
     """Validate the environment as the service would at start."""
     try:
         settings = load_settings()
+        tracing = tracing_requested()
     except ConfigError as exc:
         print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
         return 1
-    print(f"configuration ok ({settings.environment})")
+    observed = [name for name, on in (("traces", tracing), ("metrics", settings.metrics_port is not None)) if on]
+    print(f"configuration ok ({', '.join([settings.environment, *observed])})")
     return 0
 
 

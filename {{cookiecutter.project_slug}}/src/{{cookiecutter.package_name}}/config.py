@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Literal
 
@@ -96,6 +98,10 @@ class Settings(BaseSettings):
     server_backlog: int = Field(2048, ge=16)
     server_timeout_graceful_shutdown_seconds: int = Field(30, ge=1, le=600)
     server_h11_max_incomplete_event_size: int = Field(16384, ge=4096, le=1_048_576)
+    # Observability (README "Observability"); OpenTelemetry is configured by the standard OTEL_* variables.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    log_health_requests: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -119,6 +125,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return {"x-forwarded-for": "X-Forwarded-For", "forwarded": "Forwarded"}.get(value.strip().lower(), value)
         return value
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_port_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("audit_pseudonym_key", mode="before")
     @classmethod
@@ -174,6 +185,12 @@ class Settings(BaseSettings):
             raise ValueError("JWT_PUBLIC_KEY or JWT_JWKS_URL is required")
         if self.jwt_public_key and self.jwt_jwks_url:
             raise ValueError("set JWT_PUBLIC_KEY or JWT_JWKS_URL, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_listener_apart(self) -> Settings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("METRICS_PORT must differ from PORT: metrics are never served on the public listener")
         return self
 
     @property
@@ -258,3 +275,29 @@ def load_settings() -> Settings:
     if problems:
         raise ConfigError("; ".join(problems))
     return settings
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() == "true"
+
+
+def tracing_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """The rule (README "Observability"): on when OTEL_TRACES_EXPORTER is `otlp`, or is unset and an
+    OTLP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set; off
+    when OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none, or nothing is set. Raises ConfigError,
+    naming the variable, for an exporter or protocol this service does not ship."""
+    environ = os.environ if environ is None else environ
+    if _flag(environ, "OTEL_SDK_DISABLED"):
+        return False
+    exporter = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter == "none":
+        return False
+    if exporter not in ("", "otlp"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER: only 'otlp' or 'none' are supported, not {exporter!r}")
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = environ.get(name, "").strip()
+        if protocol and protocol != "http/protobuf":
+            raise ConfigError(f"{name}: only 'http/protobuf' is supported, not {protocol!r}")
+    if exporter == "otlp":
+        return True
+    return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))

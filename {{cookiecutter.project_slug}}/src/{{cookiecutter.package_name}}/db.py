@@ -183,6 +183,13 @@ class Statements:
     async def _fetch_postgres(self, sql: str, parameters: list[Any]) -> list[Any]:
         return await self._postgres.fetch(sql, parameters, retry=True)
 
+    def pool_usage(self) -> tuple[int | None, int, int]:
+        """Connections (in use, open, at most), for the metrics listener (metrics.py). SQLite's
+        connections each queue the statements given to them: "in use" is None there."""
+        if self.dialect.name == "sqlite":
+            return None, len(self._sqlite) + (self._writer is not None), self.pool_size + 1
+        return self._postgres.in_use(), len(self._postgres._open), self.pool_size
+
     async def aclose(self) -> None:
         for connection in self._sqlite:
             await connection.close()
@@ -233,6 +240,9 @@ class PostgresConnections:
                 raise
             self._idle.append(connection)
             return rows
+
+    def in_use(self) -> int:
+        return len(self._open) - len(self._idle)
 
     async def _connect(self) -> Any:
         asyncpg = importlib.import_module("asyncpg")

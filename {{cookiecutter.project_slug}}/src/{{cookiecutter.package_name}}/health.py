@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -72,12 +72,16 @@ class Readiness:
 
 @router.get("/ready", response_model=Ready, responses={503: {"model": Ready, "description": "Not ready"}})
 async def ready(request: Request) -> JSONResponse:
-    state = request.app.state
-    readiness: Readiness | None = getattr(state, "readiness", None)
-    if readiness is None:
-        readiness = state.readiness = Readiness()
-    result = await readiness.get(request.app, state.runtime)
+    result = await readiness_of(request.app).get(request.app, request.app.state.runtime)
     return JSONResponse(result.model_dump(), status_code=200 if result.status == "ok" else 503)
+
+
+def readiness_of(app: Any) -> Readiness:
+    """The application's readiness, shared by the probes and the metrics listener (metrics.py)."""
+    readiness: Readiness | None = getattr(app.state, "readiness", None)
+    if readiness is None:
+        readiness = app.state.readiness = Readiness()
+    return readiness
 
 
 async def _readiness(app: SecuredApp, runtime: Runtime) -> Ready:

@@ -37,6 +37,19 @@ _ZERO_TRACE, _ZERO_PARENT = b"0" * 32, b"0" * 16
 _RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
+# Headers that a layer adds to whatever answer its request gets, outermost layer's first; the
+# audit layer writes them (it wraps `send` anyway), so no other layer has to.
+LAYER_HEADERS = "layer_headers"
+
+
+def add_response_headers(scope: Scope, headers: list[tuple[bytes, bytes]]) -> None:
+    added: list[tuple[bytes, bytes]] | None = scope.get(LAYER_HEADERS)
+    if added is None:
+        scope[LAYER_HEADERS] = headers
+    else:
+        added.extend(headers)
+
+
 def current_trace_id() -> str:
     return _trace.get()[0]
 
@@ -69,6 +82,11 @@ def bind_request(scope: Scope) -> Token[Scope | None]:
 
 def unbind_request(token: Token[Scope | None]) -> None:
     _request.reset(token)
+
+
+def current_request() -> Scope | None:
+    """The scope of the request being served (bound by the audit layer), if any."""
+    return _request.get()
 
 
 def inbound_trace_id(traceparent: bytes) -> str | None:

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -190,6 +190,7 @@ class JwksKeys:
         self._task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Future[bool] | None = None
         self._last_kid_refetch = -math.inf
+        self.client_hook: Callable[[httpx.AsyncClient], None] | None = None  # set by the runtime
 
     def has_keys(self) -> bool:
         return bool(self._keys)
@@ -249,7 +250,10 @@ class JwksKeys:
 
     def _new_client(self) -> httpx.AsyncClient:
         # No redirects: the configured URL is the only place keys come from.
-        return httpx.AsyncClient(timeout=self.timeout_seconds, follow_redirects=False)
+        client = httpx.AsyncClient(timeout=self.timeout_seconds, follow_redirects=False)
+        if self.client_hook is not None:
+            self.client_hook(client)  # tracing (telemetry.py), when on
+        return client
 
     async def start(self) -> None:
         self._client = self._new_client()

@@ -35,7 +35,13 @@ def security_pipeline(runtime: Runtime) -> list[Middleware]:
         # ... and no WebSocket handshake beyond this point: the service has no WebSocket route.
         Middleware(RefuseWebSocket),
         # 2. Audit context: trace id and a log line for every request, refusals below included.
-        Middleware(AuditContext, trust_trace_context=settings.trace_context_trust),
+        Middleware(
+            AuditContext,
+            trust_trace_context=settings.trace_context_trust,
+            log_health_requests=settings.log_health_requests,
+        ),
+        # ... and, only when configured, the request's server span and metrics (under its trace).
+        *observers(runtime),
         # 1. Transport checks that can refuse a request.
         Middleware(TrustedHosts, allowed=settings.effective_trusted_hosts),
         Middleware(StrictCors, allowed_origins=settings.allowed_origins),
@@ -79,6 +85,21 @@ def lookahead(authenticators: Sequence[Authenticator]) -> Callable[[Scope], Prin
         return None
 
     return first
+
+
+def observers(runtime: Runtime) -> list[Middleware]:
+    """OpenTelemetry's server span (OTEL_*) and the request metrics (METRICS_PORT): not in the
+    pipeline at all when off, so they cost nothing then."""
+    layers = []
+    if runtime.tracing is not None:
+        from ..telemetry import ServerSpan
+
+        layers.append(Middleware(ServerSpan, tracing=runtime.tracing))
+    if runtime.metrics is not None:
+        from ..metrics import RequestMetrics
+
+        layers.append(Middleware(RequestMetrics, metrics=runtime.metrics))
+    return layers
 
 
 class SecuredApp(FastAPI):

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 from limits import RateLimitItem, parse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
 from .authn import API_PREFIX, app_path
 from .errors import ProblemResponse, problem, store_busy
-from .events import security_event
+from .events import add_response_headers, security_event
 from .lockout import LockedOut, locked_out
 from .store import Command, MemoryStore, RedisStore, Script, StoreBusy, StoreUnavailable
 from .transport import rate_limit_bucket
@@ -258,15 +258,9 @@ class RateLimit:
         if not result.allowed:
             await too_many_requests(result)(scope, receive, send)
             return
-        headers = result.headers()
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                # Prepended, so the fields read outermost policy first: ip, subject, route.
-                message["headers"] = [*headers, *message.get("headers", [])]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+        # Written before the answer's own, so the fields read outermost policy first: ip, subject, route.
+        add_response_headers(scope, result.headers())
+        await self.app(scope, receive, send)
 
     async def _decide(self, scope: Scope) -> Decision | None:
         if self.policy == "ip":

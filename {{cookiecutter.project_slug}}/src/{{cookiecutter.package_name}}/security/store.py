@@ -117,6 +117,10 @@ class RedisStore:
         finally:
             self._slots.release()
 
+    def pool_usage(self) -> tuple[int, int, int]:
+        """Connections (in use, open, at most), for the metrics listener (metrics.py)."""
+        return len(self._all) - len(self._idle), len(self._all), self.pool_size
+
     async def aclose(self) -> None:
         for connection in list(self._all):
             await connection.disconnect(nowait=True)
