@@ -48,7 +48,16 @@ OPTION_FILES: dict[str, dict[str, list[str]]] = {
         ],
     },
     "webhooks": {
-        "yes": [],
+        "yes": [
+            "src/{{ cookiecutter.package_name }}/options/webhooks.py",
+            "src/{{ cookiecutter.package_name }}/security/webhooks.py",
+            "src/{{ cookiecutter.package_name }}/api/webhooks.py",
+            "src/{{ cookiecutter.package_name }}/webhook_models.py",
+            "src/{{ cookiecutter.package_name }}/webhooks_out.py",
+            "src/{{ cookiecutter.package_name }}/migrations/versions/webhooks_0001_webhook_events.py",
+            "src/{{ cookiecutter.package_name }}/scan/webhooks.py",
+            "tests/test_webhooks.py",
+        ],
     },
     "mtls": {
         "yes": [],

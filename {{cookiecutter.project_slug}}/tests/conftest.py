@@ -256,12 +256,12 @@ ServiceFactory = Callable[..., ServiceProcess]
 
 @pytest.fixture
 def start_service(tmp_path: Path, migrated_database: str, redis_url: str, public_pem: str) -> Iterator[ServiceFactory]:
-    """Start the service in its own uvicorn process on the session's database and redis-server;
-    keyword arguments are settings (environment variables) on top of the test defaults. Every
-    process started is stopped after the test."""
+    """Start the service in its own uvicorn process on the session's database and redis-server
+    (`serve=True`: through the `serve` command); other keyword arguments are settings (environment
+    variables) on top of the test defaults. Every process started is stopped after the test."""
     started: list[ServiceProcess] = []
 
-    def start(**settings: str) -> ServiceProcess:
+    def start(*, serve: bool = False, **settings: str) -> ServiceProcess:
         env = {
             "ENVIRONMENT": "test",
             "DATABASE_URL": migrated_database,
@@ -271,7 +271,7 @@ def start_service(tmp_path: Path, migrated_database: str, redis_url: str, public
             "JWT_AUDIENCE": AUDIENCE,
             **settings,
         }
-        process = ServiceProcess(env, tmp_path / f"service-{len(started)}.log")
+        process = ServiceProcess(env, tmp_path / f"service-{len(started)}.log", serve=serve)
         started.append(process)
         return process
 

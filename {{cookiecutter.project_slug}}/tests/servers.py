@@ -10,16 +10,29 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
+import ipaddress
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+import redis
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT_SECONDS = 15.0
@@ -45,9 +58,10 @@ def log_tail(path: Path, lines: int = 20) -> str:
 # --- Redis -------------------------------------------------------------------------
 
 
-def redis_answers_ping(port: int) -> bool:
+def redis_answers_ping(port: int, tls: ssl.SSLContext | None = None) -> bool:
     try:
-        with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5) as plain:
+            sock = tls.wrap_socket(plain, server_hostname=LOOPBACK) if tls else plain
             sock.sendall(b"*1\r\n$4\r\nPING\r\n")
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
@@ -58,13 +72,27 @@ class RedisServer:
     """A redis-server child process on a fixed loopback port.
 
     ``kill`` simulates an outage; ``restart`` brings the server back on the same
-    port, so clients configured with ``url`` can prove they recover.
+    port, so clients configured with ``url`` can prove they recover. ``args`` are more
+    redis-server options (cluster, replica, TLS: then ``tls`` is how to reach it); ``config``,
+    a configuration file to start from (a sentinel's: `redis-server <file> --sentinel`).
     """
 
-    def __init__(self, executable: str, directory: Path, port: int) -> None:
+    def __init__(
+        self,
+        executable: str,
+        directory: Path,
+        port: int,
+        args: Sequence[str] = (),
+        *,
+        config: Path | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.executable = executable
         self.directory = directory
         self.port = port
+        self.args = list(args)
+        self.config = config
+        self.tls = tls
         self.log_path = directory / "redis.log"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -75,16 +103,18 @@ class RedisServer:
     def start(self) -> None:
         command = [
             self.executable,
+            *([str(self.config)] if self.config else []),
             "--bind", LOOPBACK,
-            "--port", str(self.port),
+            "--port", "0" if self.tls else str(self.port),
             "--save", "",
             "--appendonly", "no",
             "--dir", str(self.directory),
+            *self.args,
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while not redis_answers_ping(self.port):
+        while not redis_answers_ping(self.port, self.tls):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"redis-server did not start on port {self.port}:\n" + log_tail(self.log_path))
@@ -112,17 +142,241 @@ class RedisServer:
         self.start()
 
 
-def start_redis(tmp_path: Path) -> RedisServer:
+def redis_executable() -> str:
     executable = shutil.which("redis-server")
     if executable is None:
         raise RuntimeError(
             "redis-server not found: install it (Debian/Ubuntu: apt-get install -y redis-server) or set REDIS_URL"
         )
+    return executable
+
+
+def start_redis(
+    tmp_path: Path,
+    args: Sequence[str] = (),
+    *,
+    config: Path | None = None,
+    tls: ssl.SSLContext | None = None,
+    port: int | None = None,
+) -> RedisServer:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(executable, tmp_path, free_port())
+    server = RedisServer(redis_executable(), tmp_path, port or free_port(), args, config=config, tls=tls)
     server.start()
     atexit.register(server.stop)
     return server
+
+
+def redis_client(port: int) -> redis.Redis:
+    """A plain redis-py client to a loopback redis-server or sentinel (for the checks here)."""
+    return redis.Redis(host=LOOPBACK, port=port, socket_timeout=2, decode_responses=True)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class RedisCluster:
+    """Three primaries, no replicas: every slot has exactly one owner."""
+
+    servers: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"{LOOPBACK}:{server.port}" for server in self.servers[:2])
+
+    def flush(self) -> None:
+        for server in self.servers:
+            with redis_client(server.port) as client:
+                client.flushall()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def cluster_node_args() -> list[str]:
+    # The cluster bus listens on port + 10000 unless given a port: a free one of its own.
+    return [
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", "nodes.conf",
+        "--cluster-node-timeout", "1000",
+        "--cluster-port", str(free_port()),
+    ]  # fmt: skip
+
+
+def start_cluster(tmp_path: Path, primaries: int = 3) -> RedisCluster:
+    """`redis-cli --cluster create` over `primaries` fresh cluster-enabled redis-servers."""
+    servers = [start_redis(tmp_path / f"node-{index}", cluster_node_args()) for index in range(primaries)]
+    cluster = RedisCluster(servers)
+    redis_cli = shutil.which("redis-cli")
+    if redis_cli is None:
+        raise RuntimeError("redis-cli not found: install redis-tools (Debian/Ubuntu: apt-get install -y redis-tools)")
+    result = subprocess.run(
+        [redis_cli, "--cluster", "create", *(f"{LOOPBACK}:{s.port}" for s in servers), "--cluster-yes"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        cluster.stop()
+        raise RuntimeError(f"redis-cli --cluster create failed:\n{result.stdout}{result.stderr}")
+    for server in servers:
+        wait_for(partial(_cluster_ok, server.port), "cluster_state:ok")
+    return cluster
+
+
+def _cluster_ok(port: int) -> bool:
+    with redis_client(port) as client:
+        info: dict[str, Any] = client.cluster("info")
+    return bool(info["cluster_state"] == "ok")
+
+
+SENTINEL_SERVICE = "primary"
+SENTINEL_CONFIG = """port {port}
+bind 127.0.0.1
+dir {directory}
+sentinel monitor {service} 127.0.0.1 {primary} 2
+sentinel down-after-milliseconds {service} 1000
+sentinel failover-timeout {service} 3000
+sentinel parallel-syncs {service} 1
+"""
+
+
+@dataclass
+class SentinelGroup:
+    """One primary, one replica, three sentinels (quorum 2) watching them."""
+
+    primary: RedisServer
+    replica: RedisServer
+    sentinels: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        addresses = ",".join(f"{LOOPBACK}:{sentinel.port}" for sentinel in self.sentinels)
+        return f"redis+sentinel://{addresses}/{SENTINEL_SERVICE}"
+
+    def primary_port(self) -> int:
+        """The port the sentinels name as primary now."""
+        with redis_client(self.sentinels[0].port) as client:
+            _host, port = client.sentinel_get_master_addr_by_name(SENTINEL_SERVICE)
+        return int(port)
+
+    def stop(self) -> None:
+        for server in (*self.sentinels, self.replica, self.primary):
+            server.stop()
+
+
+def start_sentinel_group(tmp_path: Path) -> SentinelGroup:
+    primary = start_redis(tmp_path / "primary")
+    replica = start_redis(tmp_path / "replica", ["--replicaof", LOOPBACK, str(primary.port)])
+    sentinels = []
+    for index in range(3):
+        directory = tmp_path / f"sentinel-{index}"
+        directory.mkdir(parents=True)
+        port = free_port()
+        config = directory / "sentinel.conf"  # sentinels rewrite their file: one each, writable
+        config.write_text(
+            SENTINEL_CONFIG.format(port=port, directory=directory, service=SENTINEL_SERVICE, primary=primary.port)
+        )
+        sentinels.append(start_redis(directory, ["--sentinel"], config=config, port=port))
+    group = SentinelGroup(primary, replica, sentinels)
+    # Ready for a failover: the replica has synced, every sentinel sees it and the two others.
+    with redis_client(replica.port) as client:
+        wait_for(lambda: client.info("replication").get("master_link_status") == "up", "the replica to sync")
+    for sentinel in sentinels:
+        wait_for(partial(_sees_group, sentinel.port), "the sentinels to see the replica and each other")
+    return group
+
+
+def _sees_group(port: int) -> bool:
+    with redis_client(port) as client:
+        state: dict[str, Any] = client.sentinel_master(SENTINEL_SERVICE)
+    return int(state["num-slaves"]) == 1 and int(state["num-other-sentinels"]) == 2
+
+
+@dataclass
+class TlsFiles:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, all PEM."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return context
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def write_key(name: str, key: ec.EllipticCurvePrivateKey) -> Path:
+        path = directory / name
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path.write_bytes(pem)
+        return path
+
+    def issue(
+        name: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: ec.EllipticCurvePrivateKey, **kind: bool
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=kind.get("ca", False), path_length=None), critical=True)
+        )
+        if kind.get("server"):
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))]), critical=False
+            ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        if kind.get("client"):
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    def write_cert(name: str, cert: x509.Certificate) -> Path:
+        path = directory / name
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "throwaway test CA")])
+    ca = issue("throwaway test CA", ca_key, ca_name, ca_key, ca=True)
+    return TlsFiles(
+        ca=write_cert("ca.pem", ca),
+        server_cert=write_cert("server.pem", issue("redis", server_key, ca_name, ca_key, server=True)),
+        server_key=write_key("server-key.pem", server_key),
+        client_cert=write_cert("client.pem", issue("service", client_key, ca_name, ca_key, client=True)),
+        client_key=write_key("client-key.pem", client_key),
+    )
+
+
+def start_tls_redis(tmp_path: Path, files: TlsFiles, *, client_certificates: str = "yes") -> RedisServer:
+    """redis-server on TLS only (`--port 0`), trusting `files.ca` for client certificates."""
+    port = free_port()
+    args = [
+        "--tls-port", str(port),
+        "--tls-cert-file", str(files.server_cert),
+        "--tls-key-file", str(files.server_key),
+        "--tls-ca-cert-file", str(files.ca),
+        "--tls-auth-clients", client_certificates,
+    ]  # fmt: skip
+    return start_redis(tmp_path, args, tls=files.client_context(), port=port)
 
 
 # --- PostgreSQL --------------------------------------------------------------------
@@ -312,24 +566,31 @@ def start_postgres(tmp_path: Path) -> PostgresServer:
 
 
 class ServiceProcess:
-    """The service as production runs it: `uvicorn <package>.app:create_app --factory` in its own
-    process, with `env` as its settings (nothing inherited from a .env file)."""
+    """The service in its own process, with `env` as its settings (nothing inherited from a .env
+    file): `uvicorn <package>.app:create_app --factory`, or with `serve` the operators' command
+    `<service> serve` (its uvicorn settings and its drain on SIGTERM, shutdown.py)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, *, extra_args: tuple[str, ...] = (), serve: bool = False
+    ) -> None:
         self.port = free_port()
         self.log_path = log_path
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            f"{PACKAGE}.app:create_app",
-            "--factory",
-            f"--host={LOOPBACK}",
-            f"--port={self.port}",
-            "--no-access-log",
-            "--no-server-header",
-            *extra_args,
-        ]
+        self.env = env
+        if serve:
+            command = [sys.executable, "-m", f"{PACKAGE}.cli", "serve", f"--host={LOOPBACK}", f"--port={self.port}"]
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                f"{PACKAGE}.app:create_app",
+                "--factory",
+                f"--host={LOOPBACK}",
+                f"--port={self.port}",
+                "--no-access-log",
+                "--no-server-header",
+            ]
+        command += extra_args
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command,
@@ -361,3 +622,51 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+# --- nginx -----------------------------------------------------------------------------------------
+
+
+def nginx_executable() -> str:
+    found = shutil.which("nginx") or next(
+        (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(path, os.X_OK)), None
+    )
+    if found is None:
+        raise RuntimeError("nginx not found: install it (Debian/Ubuntu: apt-get install -y nginx)")
+    return found
+
+
+class NginxProxy:
+    """Debian's nginx in the foreground with the shipped nginx.conf itself (a symlink): only the
+    two per-environment includes beside it are written here, listen.conf (a loopback port) and
+    upstream.conf (the replicas' ports). Every path nginx writes is under a temporary prefix, so
+    it needs no privileges."""
+
+    def __init__(self, shipped_conf: Path, upstream_ports: list[int]) -> None:
+        self.port = free_port()
+        # nginx started as root runs its workers as `nobody`: they must reach the prefix.
+        self.prefix = Path(tempfile.mkdtemp(prefix="nginx-test-"))
+        self.prefix.chmod(0o755)
+        conf = self.prefix / "conf"
+        conf.mkdir(mode=0o755)
+        (conf / "nginx.conf").symlink_to(shipped_conf)
+        (conf / "listen.conf").write_text(f"listen {LOOPBACK}:{self.port};\n")
+        (conf / "upstream.conf").write_text("".join(f"server {LOOPBACK}:{port};\n" for port in upstream_ports))
+        self.log_path = self.prefix / "nginx.log"
+        command = [nginx_executable(), "-p", f"{self.prefix}/", "-c", str(conf / "nginx.conf"), "-g", "daemon off;"]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.prefix, ignore_errors=True)

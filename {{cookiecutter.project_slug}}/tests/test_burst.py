@@ -102,7 +102,10 @@ async def test_open_mode_never_serves_a_revoked_token_in_a_burst(
     argv = ["token", "revoke", "--sub", claims["sub"], "--jti", claims["jti"], "--exp", str(claims["exp"])]
     assert await asyncio.to_thread(main, argv) == 0
     statuses = await burst(process.base_url, [("GET", org, bearer(token), None)] * REQUESTS)
-    assert collections.Counter(statuses) == {401: REQUESTS}
+    # Refused, each one: 401 for the revoked token, or 503 where this process was too overloaded
+    # to read Redis's answer in time (store.Deadline) - never served without the check.
+    assert set(collections.Counter(statuses)) <= {401, 503}
+    assert collections.Counter(statuses)[401] > 0
 
 
 async def test_readiness_probes_in_a_burst_share_one_check(service: ServiceFactory, redis_url: str) -> None:

@@ -3,7 +3,8 @@ front of a real `{{ cookiecutter.project_slug }} serve` with TRUSTED_PROXIES=127
 
 Clients connect from other loopback addresses (127.0.0.2, 127.0.0.3), so the address nginx
 forwards is distinguishable from the proxy's own. nginx runs in the foreground with every path it
-writes under a temporary prefix, so the test needs no privileges, and stops with the module.
+writes under a temporary prefix (servers.NginxProxy), so the test needs no privileges, and stops
+with the module.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import pytest
 
 from {{ cookiecutter.package_name }}.config import Settings
 
-from .servers import LOOPBACK, free_port, log_tail
+from .servers import LOOPBACK, NginxProxy, free_port, log_tail
 
 PROJECT = Path(__file__).resolve().parent.parent
 NGINX_DIR = PROJECT / "deploy" / "nginx"
@@ -54,15 +53,6 @@ def nginx_size(value: str) -> int:
 def nginx_seconds(value: str) -> float:
     number, unit = re.fullmatch(r"(\d+)(ms|s|m)?", value).groups()  # type: ignore[union-attr]
     return int(number) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[unit]
-
-
-def nginx_executable() -> str:
-    found = shutil.which("nginx") or next(
-        (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(path, os.X_OK)), None
-    )
-    if found is None:
-        pytest.fail("nginx is not installed; install it with `apt-get install -y nginx` (Debian/Ubuntu)")
-    return found
 
 
 def wait_until_answering(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -116,19 +106,11 @@ class ProxiedService:
 
 
 @pytest.fixture(scope="module")
-def proxied_service(migrated_database: str, redis_url: str, public_pem: str) -> Iterator[ProxiedService]:
-    nginx = nginx_executable()
-    service_port, nginx_port = free_port(), free_port()
-    # nginx started as root runs its workers as `nobody`: they must reach the prefix.
-    prefix = Path(tempfile.mkdtemp(prefix="nginx-test-"))
-    prefix.chmod(0o755)
-    conf = prefix / "conf"
-    conf.mkdir(mode=0o755)
-    # The shipped file itself; only the two per-environment includes beside it are the test's.
-    (conf / "nginx.conf").symlink_to(NGINX_CONF)
-    (conf / "listen.conf").write_text(f"listen {LOOPBACK}:{nginx_port};\n")
-    (conf / "upstream.conf").write_text(f"server {LOOPBACK}:{service_port};\n")
-    service_log, nginx_log = prefix / "service.log", prefix / "nginx.log"
+def proxied_service(
+    migrated_database: str, redis_url: str, public_pem: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxiedService]:
+    service_port = free_port()
+    service_log = tmp_path_factory.mktemp("proxied") / "service.log"
     environment = {
         **os.environ,
         "ENVIRONMENT": "test",
@@ -156,21 +138,14 @@ def proxied_service(migrated_database: str, redis_url: str, public_pem: str) -> 
         )
     try:
         wait_until_answering(f"http://{LOOPBACK}:{service_port}/health/live", service, service_log)
-        with nginx_log.open("wb") as out:
-            proxy = subprocess.Popen(
-                [nginx, "-p", f"{prefix}/", "-c", str(conf / "nginx.conf"), "-g", "daemon off;"],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        proxy = NginxProxy(NGINX_CONF, [service_port])
         try:
-            wait_until_answering(f"http://{LOOPBACK}:{nginx_port}/health/live", proxy, nginx_log)
-            yield ProxiedService(f"http://{LOOPBACK}:{nginx_port}", service_log, nginx_port)
+            wait_until_answering(f"{proxy.url}/health/live", proxy.process, proxy.log_path)
+            yield ProxiedService(proxy.url, service_log, proxy.port)
         finally:
-            stop(proxy)
+            proxy.stop()
     finally:
         stop(service)
-        shutil.rmtree(prefix, ignore_errors=True)
 
 
 def test_nginx_body_limit_is_max_body_bytes() -> None:

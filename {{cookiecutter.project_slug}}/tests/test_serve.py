@@ -181,20 +181,45 @@ def test_a_websocket_handshake_is_answered_403_by_the_real_server(service: Servi
 def test_serve_passes_the_server_limits_from_the_settings(
     migrated_database: str, redis_url: str, public_pem: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import uvicorn
+    from {{ cookiecutter.package_name }}.shutdown import DrainingServer
 
     for name, value in service_env(migrated_database, redis_url, public_pem).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SERVER_LIMIT_CONCURRENCY", "300")
     monkeypatch.setenv("SERVER_BACKLOG", "512")
+    monkeypatch.setenv("SHUTDOWN_DRAIN_SECONDS", "7")
     monkeypatch.chdir(Path(__file__).parent)  # no .env here
+    servers: list[DrainingServer] = []
+
+    def run(self: DrainingServer, sockets: Any = None) -> None:
+        servers.append(self)
+        self.started = True
+
+    monkeypatch.setattr(DrainingServer, "run", run)
+    assert main(["serve"]) == 0
+    (server,) = servers
+    config = server.config
+    assert config.proxy_headers is False and config.server_header is False
+    assert config.timeout_keep_alive == 5
+    assert config.limit_concurrency == 300
+    assert config.backlog == 512
+    assert config.timeout_graceful_shutdown == 30
+    assert config.h11_max_incomplete_event_size == 16384
+    assert server.drain_seconds == 7
+
+
+def test_serve_with_workers_passes_the_same_limits_to_uvicorns_supervisor(
+    migrated_database: str, redis_url: str, public_pem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    for name, value in service_env(migrated_database, redis_url, public_pem).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SERVER_BACKLOG", "512")
+    monkeypatch.chdir(Path(__file__).parent)
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: calls.append(kwargs))
-    assert main(["serve"]) == 0
+    assert main(["serve", "--workers", "3"]) == 0
     (options,) = calls
-    assert options["proxy_headers"] is False and options["server_header"] is False
-    assert options["timeout_keep_alive"] == 5
-    assert options["limit_concurrency"] == 300
-    assert options["backlog"] == 512
-    assert options["timeout_graceful_shutdown"] == 30
-    assert options["h11_max_incomplete_event_size"] == 16384
+    assert options["workers"] == 3 and options["factory"] is True
+    assert options["proxy_headers"] is False and options["backlog"] == 512

@@ -4,13 +4,17 @@ driver errors come out, and (PostgreSQL) that a connection the server dropped is
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import literal, select
+from sqlalchemy.pool import QueuePool
 
+from {{ cookiecutter.package_name }}.config import Settings
 from {{ cookiecutter.package_name }}.db import Statements, create_engine
+from {{ cookiecutter.package_name }}.runtime import Runtime
 
 from .conftest import DATABASE, UNREACHABLE_DATABASE_URL
 from .servers import start_postgres
@@ -49,3 +53,13 @@ async def test_a_connection_the_server_dropped_is_replaced_for_a_read(tmp_path: 
         await statements.aclose()
     finally:
         server.stop()
+
+
+def test_the_engine_pool_follows_database_pool_size_and_max_overflow(settings_for: Callable[..., Settings]) -> None:
+    """The connections one replica may hold are the settings' (README: Scaling); SQLite keeps its
+    one writer connection whatever they say."""
+    engine = Runtime.create(settings_for(database_pool_size=3, database_max_overflow=2)).engine
+    pool = engine.pool
+    assert isinstance(pool, QueuePool)
+    expected = (3, 2) if DATABASE == "postgresql" else (1, 0)
+    assert (pool.size(), pool._max_overflow) == expected  # no public accessor for the overflow

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -142,7 +143,8 @@ def _revoke(action: Callable[[Revocations], Awaitable[str]]) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """Run the service with uvicorn configured for it: no proxy headers (TRUSTED_PROXIES decides
-    whom to believe), no Server banner, the service's JSON logging, and the server limits."""
+    whom to believe), no Server banner, the service's JSON logging, the server limits, and a drain
+    period on SIGTERM (shutdown.py)."""
     import uvicorn
 
     try:
@@ -157,12 +159,32 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    uvicorn.run(
-        f"{__package__}.app:create_app",
-        factory=True,
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        workers=args.workers,
+    host, port = args.host or settings.host, args.port or settings.port
+    if args.workers > 1:
+        # uvicorn's supervisor and its plain workers: SIGTERM stops them without the drain period
+        # (README: Scaling). One process per container is the Kubernetes way.
+        uvicorn.run(
+            f"{__package__}.app:create_app", factory=True, host=host, port=port, workers=args.workers,
+            **server_options(settings),
+        )  # fmt: skip
+        return 0
+
+    from .app import create_app
+    from .shutdown import DrainingServer
+
+    app = create_app(settings)
+    server = DrainingServer(
+        uvicorn.Config(app, host=host, port=port, **server_options(settings)),
+        app.state.runtime,
+        settings.shutdown_drain_seconds,
+    )
+    server.run()
+    return 0 if server.started else 3  # 3: uvicorn's status for a server that never started
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's settings for the service, from SERVER_*."""
+    return dict(
         proxy_headers=False,
         server_header=False,
         access_log=False,
@@ -178,7 +200,6 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.server_timeout_graceful_shutdown_seconds,
         h11_max_incomplete_event_size=settings.server_h11_max_incomplete_event_size,
     )
-    return 0
 
 
 def check_config(_args: argparse.Namespace) -> int:

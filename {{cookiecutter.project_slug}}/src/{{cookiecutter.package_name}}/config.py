@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .secret_files import values_from_files
+from .security.topology import Topology, parse_redis_url
 
 DEFAULT_DATABASE_URL = "{{ cookiecutter.__database_url }}"
 SERVICE_NAME = "{{ cookiecutter.project_slug }}"
@@ -46,7 +47,10 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "test", "production"] = "development"
     database_url: str = DEFAULT_DATABASE_URL
-    redis_url: str | None = None
+    redis_url: str | None = None  # its scheme picks the topology: one node, Sentinel or Cluster (topology.py)
+    redis_tls_ca_file: str | None = None
+    redis_tls_cert_file: str | None = None
+    redis_tls_key_file: str | None = None
     # `<NAME>_FILE`: a file holding the secret (secret_files.py); read instead of NAME, never with it.
     database_url_file: str | None = None
     redis_url_file: str | None = None
@@ -79,6 +83,8 @@ class Settings(BaseSettings):
     lockout_max_seconds: int = Field(3600, ge=1, le=604800)
     redis_timeout_seconds: float = Field(0.5, gt=0, le=10)
     database_read_pool_size: int = Field(4, ge=1, le=1000)
+    database_pool_size: int = Field(10, ge=1, le=1000)  # PostgreSQL: the engine's (db.create_engine)
+    database_max_overflow: int = Field(10, ge=0, le=1000)
     redis_pool_size: int = Field(50, ge=1, le=10_000)
     redis_pool_timeout_seconds: float = Field(5.0, gt=0, le=60)
 
@@ -97,6 +103,8 @@ class Settings(BaseSettings):
     server_limit_concurrency: int = Field(1000, ge=10)
     server_backlog: int = Field(2048, ge=16)
     server_timeout_graceful_shutdown_seconds: int = Field(30, ge=1, le=600)
+    # SIGTERM: not ready, still serving, for this long before the graceful shutdown (shutdown.py).
+    shutdown_drain_seconds: float = Field(5, ge=0, le=300)
     server_h11_max_incomplete_event_size: int = Field(16384, ge=4096, le=1_048_576)
     # Observability (README "Observability"); OpenTelemetry is configured by the standard OTEL_* variables.
     metrics_port: int | None = Field(None, ge=1, le=65535)
@@ -162,6 +170,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"{item!r} is not an IP address or CIDR") from None
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_topology(cls, value: str | None) -> str | None:
+        if value:
+            parse_redis_url(value)  # ValueError names what is wrong, never the URL (it may hold a password)
+        return value or None
+
     @field_validator("rate_limit_ip", "rate_limit_subject")
     @classmethod
     def _limit_notation(cls, value: str) -> str:
@@ -192,6 +207,25 @@ class Settings(BaseSettings):
         if self.metrics_port is not None and self.metrics_port == self.port:
             raise ValueError("METRICS_PORT must differ from PORT: metrics are never served on the public listener")
         return self
+
+    @model_validator(mode="after")
+    def _redis_tls(self) -> Settings:
+        tls_files = [
+            name for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file") if getattr(self, name)
+        ]
+        if tls_files and not (self.redis_url and self.redis_topology.tls):
+            raise ValueError(
+                f"{tls_files[0].upper()}: only with a TLS REDIS_URL (rediss://, rediss+sentinel://, rediss+cluster://)"
+            )
+        if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
+            raise ValueError("REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE: set both (a client certificate) or neither")
+        return self
+
+    @cached_property
+    def redis_topology(self) -> Topology:
+        """What REDIS_URL describes (validated above); only with REDIS_URL set."""
+        assert self.redis_url
+        return parse_redis_url(self.redis_url)
 
     @property
     def is_production(self) -> bool:

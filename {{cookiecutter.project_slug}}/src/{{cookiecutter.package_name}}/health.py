@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from .runtime import Runtime
 from .security.pipeline import SecuredApp, expected_layers, installed_layers
-from .security.store import RedisStore
+from .security.store import RemoteStore
 
 router = APIRouter(prefix="/health", tags=["health"])
 logger = logging.getLogger(__name__)
@@ -70,9 +70,16 @@ class Readiness:
             self.running = None
 
 
+# Shutting down (shutdown.py): out of the load balancer at once, whatever the cache holds.
+DRAINING = Ready(status="fail", checks={"shutdown": "fail"})
+
+
 @router.get("/ready", response_model=Ready, responses={503: {"model": Ready, "description": "Not ready"}})
 async def ready(request: Request) -> JSONResponse:
-    result = await readiness_of(request.app).get(request.app, request.app.state.runtime)
+    state = request.app.state
+    if state.runtime.draining:
+        return JSONResponse(DRAINING.model_dump(), status_code=503)
+    result = await readiness_of(request.app).get(request.app, state.runtime)
     return JSONResponse(result.model_dump(), status_code=200 if result.status == "ok" else 503)
 
 
@@ -123,9 +130,9 @@ async def _migrations(runtime: Runtime) -> CheckStatus:
 
 
 async def _redis(runtime: Runtime) -> CheckStatus:
-    if not isinstance(runtime.store, RedisStore):
+    if not isinstance(runtime.store, RemoteStore):
         return "not_configured"
-    await runtime.store.execute(b"PING")
+    await runtime.store.ping()  # one node; Sentinel: the current primary; Cluster: every primary
     return "ok"
 
 

@@ -1,4 +1,5 @@
-"""ASGI entry point: `uvicorn {{ cookiecutter.package_name }}.main:app` (prefer `{{ cookiecutter.project_slug }} serve`)."""
+"""ASGI entry point: `uvicorn {{ cookiecutter.package_name }}.main:app` (prefer `{{ cookiecutter.project_slug }} serve`: its
+uvicorn settings, and the drain on SIGTERM of shutdown.py)."""
 
 from __future__ import annotations
 

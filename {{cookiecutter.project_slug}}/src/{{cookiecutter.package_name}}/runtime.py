@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,12 +22,14 @@ from .secret_files import SecretFiles
 from .security.admission import Admission
 from .security.audit import AuditSink, Masker
 from .security.authn import TokenVerifier
+from .security.cluster import ClusterStore
 from .security.deprecation import utc_now
 from .security.keys import JwksKeys, KeySource, StaticKey, key_source
 from .security.lockout import Lockout
 from .security.ratelimit import RateLimiter, client_bucket
 from .security.revocation import Revocations
-from .security.store import MemoryStore, RedisStore
+from .security.sentinel import SentinelStore
+from .security.store import MemoryStore, RedisStore, RemoteStore
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from .telemetry import Tracing
 
 MIGRATIONS = f"{__package__}:migrations"
+logger = logging.getLogger(__name__)
 
 
 def migration_heads() -> frozenset[str]:
@@ -44,16 +48,29 @@ def migration_heads() -> frozenset[str]:
     return frozenset(ScriptDirectory.from_config(config).get_heads())
 
 
-def redis_store(settings: Settings) -> RedisStore:
-    """REDIS_URL behind a bounded pool that waits (REDIS_POOL_SIZE, REDIS_POOL_TIMEOUT_SECONDS);
-    REDIS_TIMEOUT_SECONDS bounds each round trip, so an unreachable Redis fails fast."""
+def redis_store(settings: Settings) -> RemoteStore:
+    """REDIS_URL (one node, Sentinel or Cluster, by its scheme) behind bounded pools that wait
+    (REDIS_POOL_SIZE per node, REDIS_POOL_TIMEOUT_SECONDS); REDIS_TIMEOUT_SECONDS bounds each round
+    trip, so an unreachable Redis fails fast. REDIS_TLS_* are the CA and client certificate files."""
     assert settings.redis_url
-    return RedisStore(
-        settings.redis_url,
+    options: dict[str, Any] = dict(
         timeout=settings.redis_timeout_seconds,
         pool_size=settings.redis_pool_size,
         pool_timeout=settings.redis_pool_timeout_seconds,
     )
+    for option, value in (
+        ("ssl_ca_certs", settings.redis_tls_ca_file),
+        ("ssl_certfile", settings.redis_tls_cert_file),
+        ("ssl_keyfile", settings.redis_tls_key_file),
+    ):
+        if value:
+            options[option] = value
+    topology = settings.redis_topology
+    if topology.kind == "sentinel":
+        return SentinelStore(topology, **options)
+    if topology.kind == "cluster":
+        return ClusterStore(topology, **options)
+    return RedisStore(settings.redis_url, **options)
 
 
 def watched_secret_files(settings: Settings, keys: KeySource) -> SecretFiles:
@@ -75,7 +92,7 @@ class Runtime:
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     statements: Statements  # the request path's reads (authorization checks, the read routes)
-    store: RedisStore | MemoryStore  # MemoryStore: no REDIS_URL (development only)
+    store: RemoteStore | MemoryStore  # MemoryStore: no REDIS_URL (development only)
     keys: KeySource
     verifier: TokenVerifier
     revocations: Revocations
@@ -89,11 +106,14 @@ class Runtime:
     clock: Callable[[], datetime] = utc_now  # read by deprecation sunsets; tests replace it
     tracing: Tracing | None = None  # OTEL_* (telemetry.py)
     metrics: Metrics | None = None  # METRICS_PORT (metrics.py)
+    draining: bool = False  # shutting down (shutdown.py): /health/ready answers 503
 
     @classmethod
     def create(cls, settings: Settings, *, span_exporter: SpanExporter | None = None) -> Runtime:
         """`span_exporter`: trace, and export there (tests), whatever OTEL_* say."""
-        engine = create_engine(settings.database_url)
+        engine = create_engine(
+            settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
+        )
         store = redis_store(settings) if settings.redis_url else MemoryStore()
         keys = key_source(settings)
         limiter = RateLimiter(settings, store)
@@ -173,9 +193,10 @@ class Runtime:
                 await self.audit_sink.stop()  # writes what is queued while the engine still works
             await self.secret_files.stop()
             await self.keys.stop()
-            if isinstance(self.store, RedisStore):
+            if isinstance(self.store, RemoteStore):
                 await self.store.aclose()
             await self.statements.aclose()
             await self.engine.dispose()
             if self.tracing is not None:
                 await self.tracing.shutdown()
+            logger.info("connection pools closed", extra={"event": "shutdown_pools_closed"})

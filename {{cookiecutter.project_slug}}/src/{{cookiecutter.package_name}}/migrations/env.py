@@ -13,7 +13,8 @@ from {{ cookiecutter.package_name }} import options
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL
 from {{ cookiecutter.package_name }}.models import Base
 
-options.chosen()  # the baked options' tables join Base.metadata as their modules are imported
+options.chosen()  # the baked credential options' modules, which import their own tables' models
+
 target_metadata = Base.metadata
 
 

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import jwt
 from fastapi import Depends, Request
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
-from .errors import ProblemResponse, problem, store_busy
+from .errors import ProblemDetail, ProblemResponse, problem, store_busy
 from .events import security_event
 from .keys import KeySource
 from .lockout import LockedOut, locked_out
@@ -72,6 +73,17 @@ class Authenticator(Protocol):
         Raises InvalidCredentials when one is present but not acceptable.
         """
         ...
+
+
+class BodyAuthenticator(Authenticator, Protocol):
+    """A credential that signs the request body (a webhook): `Authenticate` calls
+    `authenticate_body` instead of `authenticate`. It reads the raw body through `receive` (within
+    BodyLimit's cap, whose 413 and 408 it may raise) and returns the principal with the receive the
+    application must use from then on, one that replays the body it read. It reads nothing of a
+    request that is not of its type. Such a credential is valid on its own route only, so its
+    scheme is not advertised on every 401."""
+
+    async def authenticate_body(self, scope: Scope, receive: Receive) -> tuple[Principal | None, Receive]: ...
 
 
 def app_path(scope: Scope) -> str:
@@ -304,18 +316,23 @@ class Authenticate:
             raise ValueError("at least one authenticator is required")
         self.app = app
         self.authenticators = tuple(authenticators)
+        # Each authenticator with its body reader (BodyAuthenticator), looked up once here.
+        self._steps = tuple((a, getattr(a, "authenticate_body", None)) for a in self.authenticators)
         self.public_paths = public_paths
         self.on_failure = on_failure  # counts refused credentials towards a lockout (lockout.py)
-        self.challenges = ", ".join(a.challenge for a in self.authenticators)
+        self.challenges = ", ".join(a.challenge for a, reader in self._steps if reader is None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = app_path(scope)
         if scope["type"] not in ("http", "websocket") or not path.startswith(API_PREFIX) or path in self.public_paths:
             await self.app(scope, receive, send)
             return
-        for authenticator in self.authenticators:
+        for authenticator, reader in self._steps:
             try:
-                principal = await authenticator.authenticate(scope)
+                if reader is None:
+                    principal = await authenticator.authenticate(scope)
+                else:
+                    principal, receive = await reader(scope, receive)
             except InvalidCredentials as exc:
                 security_event("authentication_failed", reason=exc.reason, credential=authenticator.challenge)
                 if self.on_failure is not None:
@@ -337,6 +354,13 @@ class Authenticate:
                 return
             except StoreBusy:
                 await self._refuse(store_busy("authn"), scope, receive, send)
+                return
+            except HTTPException as exc:  # BodyLimit's 413 or 408, met by a body reader
+                detail = str(exc.detail) if isinstance(exc.detail, ProblemDetail) else "The request body was refused."
+                name = getattr(exc, "problem_name", None)
+                await self._refuse(
+                    problem(exc.status_code, detail, name=name, headers=exc.headers), scope, receive, send
+                )
                 return
             except RevocationStoreUnavailable:
                 security_event("dependency_unavailable", dependency="redis", layer="authn")

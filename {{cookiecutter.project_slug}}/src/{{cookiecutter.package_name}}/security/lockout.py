@@ -26,7 +26,7 @@ from ..config import Settings
 from .errors import ProblemResponse, problem
 from .events import security_event
 from .revocation import tag
-from .store import MemoryStore, RedisStore, Script, StoreBusy, StoreUnavailable
+from .store import MemoryStore, RemoteStore, Script, StoreBusy, StoreUnavailable
 
 KEY_PREFIX = "lockout"
 WARNING_INTERVAL_SECONDS = 60.0
@@ -64,7 +64,7 @@ class Lockout:
     """Reads and records the lockouts of client addresses (keyed by `key`, the rate-limit bucket)
     and of subjects."""
 
-    def __init__(self, settings: Settings, store: RedisStore | MemoryStore, key: Callable[[Scope], str]) -> None:
+    def __init__(self, settings: Settings, store: RemoteStore | MemoryStore, key: Callable[[Scope], str]) -> None:
         self.store = store
         self.key = key
         self.failures = settings.lockout_failures

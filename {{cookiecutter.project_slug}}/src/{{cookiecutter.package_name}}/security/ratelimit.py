@@ -26,7 +26,7 @@ from .authn import API_PREFIX, app_path
 from .errors import ProblemResponse, problem, store_busy
 from .events import add_response_headers, security_event
 from .lockout import LockedOut, locked_out
-from .store import Command, MemoryStore, RedisStore, Script, StoreBusy, StoreUnavailable
+from .store import Command, MemoryStore, RemoteStore, Script, StoreBusy, StoreUnavailable
 from .transport import rate_limit_bucket
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ class RateLimiter:
     store (and, for the address limit, before any token is verified).
     """
 
-    def __init__(self, settings: Settings, store: RedisStore | MemoryStore) -> None:
+    def __init__(self, settings: Settings, store: RemoteStore | MemoryStore) -> None:
         self.store = store
         self.fail_open = settings.rate_limit_failure_mode == "open"
         self._blocked: dict[str, tuple[float, Decision]] = {}  # key -> (monotonic end, decision)

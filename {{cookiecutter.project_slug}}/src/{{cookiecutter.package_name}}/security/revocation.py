@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..config import SERVICE_NAME, Settings
-from .store import MemoryStore, RedisStore
+from .store import MemoryStore, RemoteStore
 
 if TYPE_CHECKING:
     from .authn import Principal
@@ -42,7 +42,7 @@ def tag(subject: str) -> str:
 
 
 class Revocations:
-    def __init__(self, settings: Settings, store: RedisStore | MemoryStore) -> None:
+    def __init__(self, settings: Settings, store: RemoteStore | MemoryStore) -> None:
         self.store = store
         self.leeway = settings.jwt_leeway_seconds
         self.max_lifetime = settings.jwt_max_token_lifetime_seconds

@@ -7,11 +7,16 @@ when installed) and skips redis-py's command layer, whose pool checkout, retry w
 timers cost more CPU than the round trip itself (docs/decisions/redis-round-trip.md).
 
 Every command touches keys of one hash slot (one key, or keys sharing a `{...}` hash tag), so the
-same commands run unchanged on a Redis Cluster node.
+same commands run unchanged on a Redis Cluster node. REDIS_URL's scheme picks the topology
+(topology.py): `RedisStore` is one node, `SentinelStore` (sentinel.py) the primary a group of
+sentinels names, `ClusterStore` (cluster.py) a Redis Cluster; all answer as a `RemoteStore`.
 
 The pool is bounded and waits: a burst queues for a connection instead of failing. Waiting longer
 than REDIS_POOL_TIMEOUT_SECONDS is `StoreBusy` (this process is overloaded: 503 whatever the failure
 mode), never `StoreUnavailable` (Redis refused, timed out or failed: the declared failure mode).
+Likewise a round trip's timeout is judged when it fires (`Deadline`): an event loop too busy to
+read a reply that may well have arrived is this process's overload, not Redis's silence, so it
+never makes `open` mode serve a request unchecked (a flood must not switch revocation off).
 
 `MemoryStore` answers the same commands from process memory, for development without REDIS_URL.
 """
@@ -36,7 +41,53 @@ class StoreUnavailable(Exception):
 
 
 class StoreBusy(Exception):
-    """Every connection of this process's pool stayed in use for REDIS_POOL_TIMEOUT_SECONDS."""
+    """This process is overloaded: every connection of its pool stayed in use for
+    REDIS_POOL_TIMEOUT_SECONDS, or its event loop was too busy to read Redis's replies in time."""
+
+
+# A timer that fires this late found the event loop busy: the reply may be waiting unread.
+LATE_SECONDS = 0.02
+# How many more periods such a round trip waits before it counts as this process's overload.
+LATE_EXTENSIONS = 3
+
+
+class Deadline:
+    """`asyncio.timeout(seconds)`, except that expiry is judged when the timer fires. On a busy
+    event loop a timer and the reply it guards become ready in the same turn, and the timer runs
+    first: a plain timeout would cancel a round trip whose reply is already in. A timer that fires
+    more than LATE_SECONDS late therefore waits one more period (at most LATE_EXTENSIONS times),
+    then expires with `overloaded` set; one that fires on time expires as Redis's timeout."""
+
+    __slots__ = ("_due", "_extensions", "_handle", "_loop", "_timeout", "overloaded", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.overloaded = False
+
+    async def __aenter__(self) -> Deadline:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = asyncio.timeout(None)
+        await self._timeout.__aenter__()
+        self._extensions = 0
+        self._arm()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._handle.cancel()
+        await self._timeout.__aexit__(*exc_info)
+
+    def _arm(self) -> None:
+        self._due = self._loop.time() + self.seconds
+        self._handle = self._loop.call_at(self._due, self._fire)
+
+    def _fire(self) -> None:
+        if self._loop.time() - self._due > LATE_SECONDS:
+            if self._extensions < LATE_EXTENSIONS:
+                self._extensions += 1
+                self._arm()
+                return
+            self.overloaded = True
+        self._timeout.reschedule(self._loop.time())  # expires now: the round trip is cancelled
 
 
 class Script:
@@ -66,6 +117,19 @@ class Command:
         return pack(*head, str(len(self.keys)).encode(), *self.keys, *self.args)
 
 
+class Plain:
+    """One plain command (SET, PING), packed like a script call; its key, if any, is `parts[1]`."""
+
+    __slots__ = ("keys", "parts")
+
+    def __init__(self, parts: Sequence[bytes]) -> None:
+        self.parts = parts
+        self.keys = list(parts[1:2])
+
+    def packed(self, *, by_sha: bool = True) -> bytes:
+        return pack(*self.parts)
+
+
 def pack(*parts: bytes) -> bytes:
     """RESP encoding of one plain command."""
     out = [b"*%d\r\n" % len(parts)]
@@ -74,19 +138,45 @@ def pack(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
-class RedisStore:
+class RemoteStore:
+    """What the checks ask of Redis, whatever its topology."""
+
+    async def run(self, commands: Sequence[Command]) -> list[Any]:
+        """Run script calls (in one round trip per node); their replies in order. Raises
+        StoreUnavailable (Redis down, or an error reply) or StoreBusy (this process's pool)."""
+        raise NotImplementedError
+
+    async def execute(self, *parts: bytes) -> Any:
+        """One plain command on the node that holds its key (`parts[1]`): not on the request path."""
+        raise NotImplementedError
+
+    async def ping(self) -> None:
+        """PING every primary the service writes to (readiness); raises StoreUnavailable."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class RedisStore(RemoteStore):
     """Commands in one round trip over a bounded pool of connections that waits when all are busy."""
 
-    def __init__(self, url: str, *, timeout: float, pool_size: int, pool_timeout: float) -> None:
+    def __init__(self, url: str, *, timeout: float, pool_size: int, pool_timeout: float, **connection: Any) -> None:
         # redis-py parses the URL (redis://, rediss:// with its TLS options, unix://) and builds
-        # connections; reads have no per-read timer, the whole round trip has one (`timeout`).
-        self._factory = ConnectionPool.from_url(url, socket_connect_timeout=timeout, socket_timeout=None)
+        # connections; neither connecting nor reading has a timer of its own: the whole round trip,
+        # a first one's connect included, has one (`timeout`, judged by `Deadline`).
+        # `connection`: more connection options (the REDIS_TLS_* files).
         self.timeout = timeout
+        self._factory = self._connections(url, socket_connect_timeout=None, socket_timeout=None, **connection)
         self.pool_size = pool_size
         self.pool_timeout = pool_timeout
         self._idle: list[AbstractConnection] = []
         self._slots = asyncio.Semaphore(pool_size)
         self._all: set[AbstractConnection] = set()
+
+    def _connections(self, url: str, **options: Any) -> ConnectionPool:
+        """The factory of this store's connections (redis-py's pool, used only to make them)."""
+        return ConnectionPool.from_url(url, **options)
 
     # --- the pool ---------------------------------------------------------------------------
 
@@ -133,14 +223,21 @@ class RedisStore:
         """Run script calls in one round trip; their replies in order."""
         replies = await self._round_trip(b"".join(command.packed() for command in commands), len(commands))
         if any(isinstance(reply, NoScriptError) for reply in replies):
-            # Redis restarted or flushed its scripts: none of them ran (they all fail alike), so
-            # sending the source once more cannot count anything twice.
-            replies = await self._round_trip(
-                b"".join(command.packed(by_sha=False) for command in commands), len(commands)
-            )
+            replies = await self.resend_unknown_scripts(commands, replies)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise StoreUnavailable from reply
+        return replies
+
+    async def resend_unknown_scripts(self, commands: Sequence[Command | Plain], replies: list[Any]) -> list[Any]:
+        """Send once more, with their source, the calls answered NOSCRIPT (a restart or a
+        SCRIPT FLUSH, or a script it has not seen yet). Those did not run; the others did and are
+        not sent again, so nothing is counted twice."""
+        unknown = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        payload = b"".join(commands[index].packed(by_sha=False) for index in unknown)
+        replies = list(replies)
+        for index, reply in zip(unknown, await self._round_trip(payload, len(unknown)), strict=True):
+            replies[index] = reply
         return replies
 
     async def execute(self, *parts: bytes) -> Any:
@@ -150,17 +247,23 @@ class RedisStore:
             raise StoreUnavailable from reply
         return reply
 
+    async def ping(self) -> None:
+        await self.execute(b"PING")
+
     async def _round_trip(self, payload: bytes, count: int) -> list[Any]:
         connection = await self._acquire()
         retried = False
         while True:
             fresh = not connection.is_connected
+            deadline = Deadline(self.timeout)
             try:
-                async with asyncio.timeout(self.timeout):
+                async with deadline:
                     await connection.send_packed_command(payload, check_health=False)
                     replies = [await self._reply(connection) for _ in range(count)]
             except (RedisError, OSError, TimeoutError) as exc:
                 await self._discard(connection)
+                if deadline.overloaded:
+                    raise StoreBusy from exc
                 # A pooled connection that Redis closed (a restart, an idle timeout) fails on first
                 # use: one more try on a new connection. A new connection that fails is an outage.
                 if fresh or retried or isinstance(exc, TimeoutError):
