@@ -16,7 +16,7 @@ from ..api_keys.settings import ApiKeySettings, load_api_key_settings
 from ..config import SERVICE_NAME, ConfigError, load_settings
 from ..security.api_keys import ApiKeys, LastUsed, scanner_pattern
 from ..security.revocation import Revocations
-from ..security.store import MemoryStore, RedisStore, StoreBusy, StoreUnavailable
+from ..security.store import MemoryStore, RemoteStore, StoreBusy, StoreUnavailable
 from . import Extension
 
 if TYPE_CHECKING:
@@ -79,12 +79,12 @@ def _run(action: Action) -> int:
 
     async def run() -> tuple[int, str]:
         engine = create_engine(core.database_url)
-        redis: RedisStore | MemoryStore = redis_store(core) if core.redis_url else MemoryStore()
+        redis: RemoteStore | MemoryStore = redis_store(core) if core.redis_url else MemoryStore()
         try:
             async with create_sessionmaker(engine)() as session:
                 return await action(session, settings, Revocations(core, redis))
         finally:
-            if isinstance(redis, RedisStore):
+            if isinstance(redis, RemoteStore):
                 await redis.aclose()
             await engine.dispose()
 

@@ -45,7 +45,7 @@ from ..db import Statements
 from .admission import Admission
 from .authn import InvalidCredentials, Principal
 from .lockout import LockedOut
-from .store import RedisStore
+from .store import RemoteStore
 
 SUBJECT_PREFIX = "apikey:"
 SCHEME = "ApiKey"
@@ -196,7 +196,7 @@ class ApiKeys:
         self.admission = admission
         self.last_used = last_used
         # Reusing a looked-up key is safe only while revocation reaches every replica through Redis.
-        self.reuse_seconds = settings.cache_seconds if isinstance(admission.store, RedisStore) else 0
+        self.reuse_seconds = settings.cache_seconds if isinstance(admission.store, RemoteStore) else 0
         self.known_keys = KnownKeys()
         self.query = statements.query("api_key", lookup_query)
 
