@@ -37,7 +37,15 @@ OPTION_FILES: dict[str, dict[str, list[str]]] = {
     # The credential options (the seed's decision matrix): each one's files exist only when it
     # is chosen. Its wiring is the module in src/<package>/options/ (see that package).
     "api_keys": {
-        "yes": [],
+        "yes": [
+            "src/{{ cookiecutter.package_name }}/options/api_keys.py",
+            "src/{{ cookiecutter.package_name }}/api_keys",
+            "src/{{ cookiecutter.package_name }}/security/api_keys.py",
+            "src/{{ cookiecutter.package_name }}/api/api_keys.py",
+            "src/{{ cookiecutter.package_name }}/scan/api_keys.py",
+            "src/{{ cookiecutter.package_name }}/migrations/versions/api_keys_0001_table.py",
+            "tests/test_api_keys.py",
+        ],
     },
     "webhooks": {
         "yes": [

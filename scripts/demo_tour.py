@@ -175,7 +175,7 @@ class Service:
         database = {"DATABASE_URL": f"sqlite+aiosqlite:///{self.workdir / 'tour.db'}"}
         self.env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
         # Migrations read only DATABASE_URL; alembic.ini sits in the project.
-        migrate = Job("alembic upgrade head", [self.python, "-m", "alembic", "upgrade", "heads"], self.project)
+        migrate = Job("alembic upgrade heads", [self.python, "-m", "alembic", "upgrade", "heads"], self.project)
         run(self.cli("keys", "generate", "--out", str(keys)), replace(migrate, env={**self.env, **database}))
         self.env = {
             **self.env,

@@ -61,6 +61,13 @@ def pytest_pycollect_makeitem(collector: pytest.Module | pytest.Class, name: str
         pytest.mark.anyio(obj)
 
 
+@pytest.fixture(autouse=True)
+def option_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The secrets a baked credential option requires in production, which its own settings read
+    from the environment (unused by a service baked without the option)."""
+    monkeypatch.setenv("API_KEY_PEPPER", "tests-api-key-pepper-0123456789abcdef")
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"

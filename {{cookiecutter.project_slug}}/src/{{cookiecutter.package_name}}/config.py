@@ -317,7 +317,7 @@ def load_settings() -> Settings:
         raise ConfigError("; ".join(lines)) from None
     from . import options  # imported here: options import the security layers, which import this module
 
-    problems = settings.production_problems() + options.production_problems(settings)
+    problems = settings.production_problems() + options.settings_problems(settings)
     if problems:
         raise ConfigError("; ".join(problems))
     return settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -179,7 +179,11 @@ class Runtime:
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, *thresholds[1:])
         try:
-            yield
+            async with AsyncExitStack() as options_running:
+                for extension in self.extensions:
+                    if extension.lifespan is not None:
+                        await options_running.enter_async_context(extension.lifespan())
+                yield
         finally:
             gc.set_threshold(*thresholds)
             gc.unfreeze()

@@ -7,8 +7,9 @@ hook removes them). Nothing outside this package names an option. An option modu
 - `extension(runtime) -> Extension`: what it adds to the running service;
 - `add_commands(commands)`, optionally: its operators' commands, given the CLI's subparsers;
 - `server_options(settings) -> dict`, optionally: uvicorn settings `serve` adds (e.g. TLS);
-- `production_problems(settings) -> list[str]`, optionally: its refusals in production, each
-  naming its variable, added to the core's by `config.load_settings`.
+- `settings_problems(settings) -> list[str]`, optionally: its invalid settings, and its unsafe
+  ones in production, each naming its variable, added to the core's by `config.load_settings`
+  (so the service, `check-config` and every command refuse alike).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -43,6 +45,8 @@ class Extension:
     authenticators: Sequence[Authenticator] = ()
     # Routes, included after the core API's.
     routers: Sequence[APIRouter] = ()
+    # Entered for the life of the service (background work, e.g. batched writes), exited at shutdown.
+    lifespan: Callable[[], AbstractAsyncContextManager[None]] | None = None
 
 
 def chosen() -> list[ModuleType]:
@@ -72,11 +76,11 @@ def server_options(settings: Settings) -> dict[str, Any]:
     return merged
 
 
-def production_problems(settings: Settings) -> list[str]:
-    """The chosen options' production refusals (config.load_settings adds them to its own)."""
+def settings_problems(settings: Settings) -> list[str]:
+    """The chosen options' invalid and unsafe settings (config.load_settings adds them to its own)."""
     problems: list[str] = []
     for module in chosen():
-        checker = getattr(module, "production_problems", None)
+        checker = getattr(module, "settings_problems", None)
         if checker is not None:
             problems.extend(checker(settings))
     return problems

@@ -110,11 +110,15 @@ def load_mtls_settings() -> MtlsSettings:
         raise ConfigError("; ".join(lines)) from None
 
 
-def production_problems(settings: Settings) -> list[str]:
-    """Added to the core's by load_settings: each unsafe setting, named by its variable."""
+def settings_problems(settings: Settings) -> list[str]:
+    """Added to the core's by load_settings: each invalid setting, and each unsafe one in
+    production, named by its variable."""
+    try:
+        mtls = load_mtls_settings()
+    except ConfigError as exc:
+        return [str(exc)]
     if not settings.is_production:
         return []
-    mtls = load_mtls_settings()
     problems = []
     if not mtls.identities:
         problems.append("MTLS_IDENTITIES: required in production (the workloads allowed to call, with their scopes)")
@@ -128,7 +132,7 @@ def production_problems(settings: Settings) -> list[str]:
 
 def extension(runtime: Runtime) -> Extension:
     mtls = load_mtls_settings()
-    if not mtls.identities:  # never in production: load_settings refuses it there (production_problems)
+    if not mtls.identities:  # never in production: load_settings refuses it there (settings_problems)
         logger.warning(
             "mtls inactive: MTLS_IDENTITIES is empty, so no client certificate is required",
             extra={"event": "mtls_inactive"},

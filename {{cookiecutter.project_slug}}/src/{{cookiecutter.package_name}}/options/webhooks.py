@@ -26,7 +26,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..api import webhooks as routes
-from ..config import SERVICE_NAME, ConfigError
+from ..config import SERVICE_NAME, ConfigError, Settings
 from ..secret_files import read_secret_file
 from ..security.webhooks import PartnerSecrets, ReplayGuard, WebhookSignature, parse_secrets
 from ..webhooks_out import generate_secret
@@ -112,6 +112,15 @@ def generate(_args: argparse.Namespace) -> int:
 def fingerprint(key: bytes) -> str:
     """Names a secret in output and logs: the start of its SHA-256, which reveals nothing of it."""
     return hashlib.sha256(key).hexdigest()[:12]
+
+
+def settings_problems(core: Settings) -> list[str]:
+    """Added to the core's by load_settings: the WEBHOOK_* variables that are invalid or unsafe."""
+    try:
+        load_webhook_settings(core.environment)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
 
 
 def list_secrets(_args: argparse.Namespace) -> int:

@@ -89,7 +89,10 @@ def check(scan: Scan) -> CheckResult:
             problems.append(f"{name}: answered {response.status_code}, not 401")
         elif not is_problem(response, 401):
             problems.append(f"{name}: the 401 is not a problem document")
-        elif not response.headers.get("www-authenticate", "").lower().startswith("bearer"):
+        elif not any(
+            challenge.strip().startswith("bearer")
+            for challenge in response.headers.get("www-authenticate", "").lower().split(",")
+        ):  # a baked credential option's challenge (e.g. ApiKey) may come first
             problems.append(f"{name}: the 401 has no WWW-Authenticate: Bearer")
 
     baseline = scan.probe.request("GET", path, token=scan.token)

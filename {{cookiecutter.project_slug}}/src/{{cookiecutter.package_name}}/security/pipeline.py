@@ -8,15 +8,16 @@ that runs before routing, so an anonymous caller is refused before its body is e
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware import Middleware
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Scope
 
 from ..runtime import Runtime
 from .audit import AuditContext
-from .authn import Authenticate, BearerToken
+from .authn import Authenticate, Authenticator, BearerToken, Principal
 from .ratelimit import RateLimit, client_bucket
 from .transport import BodyLimit, ClientAddress, RefuseWebSocket, SecurityHeaders, StrictCors, TrustedHosts
 
@@ -24,6 +25,8 @@ from .transport import BodyLimit, ClientAddress, RefuseWebSocket, SecurityHeader
 def security_pipeline(runtime: Runtime) -> list[Middleware]:
     settings = runtime.settings
     bearer = BearerToken(runtime.verifier, runtime.admission)
+    # The baked credential options' authenticators come first (options/).
+    authenticators = [*(a for extension in runtime.extensions for a in extension.authenticators), bearer]
     return [
         # 1. Transport: headers on every response, even a 500 (see SecuredApp below) ...
         Middleware(SecurityHeaders, hsts=settings.is_production, docs_enabled=settings.effective_docs_enabled),
@@ -51,20 +54,37 @@ def security_pipeline(runtime: Runtime) -> list[Middleware]:
             admission=runtime.admission,
             policy="ip",
             key=client_bucket(settings.rate_limit_ipv6_prefix),
-            lookahead=bearer.known,
+            lookahead=lookahead(authenticators),
         ),
-        # 4. Authentication on /api/, deny by default. Another credential type is one more entry:
-        # the baked credential options' come first (options/). A refused credential counts towards
-        # its address's lockout (read by layer 3).
+        # 4. Authentication on /api/, deny by default. Another credential type is one more entry.
+        # A refused credential counts towards its address's lockout (read by layer 3).
         Middleware(
             Authenticate,
-            authenticators=[*(a for extension in runtime.extensions for a in extension.authenticators), bearer],
+            authenticators=authenticators,
             on_failure=runtime.lockout.failed,
         ),
         # 5. Per-subject limit (per-route limits are declared on routes with `ratelimit.limit`).
         Middleware(RateLimit, admission=runtime.admission, policy="subject"),
         # 6. Input validation and 7. authorization: dependencies on each route, see api/.
     ]
+
+
+def lookahead(authenticators: Sequence[Authenticator]) -> Callable[[Scope], Principal | None]:
+    """Layer 3's lookahead: the caller as the first authenticator with a `known` (no I/O) knows it."""
+    known: list[Callable[[Scope], Principal | None]] = [
+        know for a in authenticators if callable(know := getattr(a, "known", None))
+    ]
+    if len(known) == 1:
+        return known[0]  # the bearer token alone: no indirection on the hot path
+
+    def first(scope: Scope) -> Principal | None:
+        for know in known:
+            principal = know(scope)
+            if principal is not None:
+                return principal
+        return None
+
+    return first
 
 
 def observers(runtime: Runtime) -> list[Middleware]:

@@ -1,0 +1,205 @@
+"""The owner-only API for API keys: a token's subject issues, lists, rotates and revokes its own keys.
+
+An API key cannot call these routes, whatever its scopes (it never carries `api-keys:*` anyway): a
+leaked key must not be able to mint its own successor or rotate its holder out. Another owner's key
+is answered 403, exactly as a key that does not exist (no existence oracle).
+"""
+
+# No `from __future__ import annotations`: the dependencies below close over local policies,
+# which FastAPI must see as objects, not strings.
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
+from pydantic import BaseModel, Field, StringConstraints
+
+from ..api_keys import store
+from ..api_keys.settings import ApiKeySettings
+from ..db import SessionDep
+from ..models import Relation
+from ..security import authz
+from ..security.api_keys import SUBJECT_PREFIX, ApiKeys
+from ..security.authn import Principal
+from ..security.authz import ObjectRule, no_object_policy, require_scopes
+from ..security.errors import PROBLEM_RESPONSES, ProblemDetail
+from ..security.events import security_event
+from ..security.ratelimit import limit
+from ..security.revocation import Revocations
+from .schemas import Strict, Text
+
+KEY = "api_key"
+READ, WRITE = "api-keys:read", "api-keys:write"
+KeyId = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$")]
+Scope = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9:._-]+$")]
+Network = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[0-9A-Fa-f:./]+$")]
+
+
+def _refuse_api_keys(principal: Principal) -> None:
+    if principal.subject.startswith(SUBJECT_PREFIX):
+        security_event("scope_denied", subject=principal.subject, reason="api_key_cannot_manage_keys")
+        raise HTTPException(403, ProblemDetail("API keys are managed with a token, not with an API key."))
+
+
+def key_manager(*, scopes: list[str]) -> Any:
+    """`no_object_policy(scopes)`, for a token only."""
+    policy = no_object_policy(scopes=scopes)
+
+    async def token_only(principal: Annotated[Principal, policy]) -> Principal:
+        _refuse_api_keys(principal)
+        return principal
+
+    return Depends(token_only)
+
+
+def owned_key(*, scopes: list[str]) -> Any:
+    """The key in the path, when the caller's token carries `scopes` and its subject owns the key;
+    403 otherwise, whether the key exists or not."""
+    scoped = require_scopes(*scopes)
+
+    async def check_key_owner(
+        key_id: KeyId, principal: Annotated[Principal, scoped], session: SessionDep
+    ) -> store.KeyInfo:
+        _refuse_api_keys(principal)
+        key = await store.get_key(session, key_id, owner=principal.subject)
+        if key is None:
+            security_event(
+                "object_denied", subject=principal.subject, resource_type=KEY, resource_id=key_id, required="owner"
+            )
+            raise HTTPException(403)
+        return key
+
+    return Depends(authz._declare(check_key_owner, ObjectRule(KEY, Relation.owner)))
+
+
+CanIssueKeys = Annotated[Principal, key_manager(scopes=[WRITE])]
+CanListKeys = Annotated[Principal, key_manager(scopes=[READ])]
+ReadableKey = Annotated[store.KeyInfo, owned_key(scopes=[READ])]
+WritableKey = Annotated[store.KeyInfo, owned_key(scopes=[WRITE])]
+
+
+class KeyCreate(Strict):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, max_length=100), Text] = ""
+    scopes: list[Scope] = Field(min_length=1, max_length=store.MAX_SCOPES)
+    allowed_networks: list[Network] = Field(default_factory=list, max_length=store.MAX_NETWORKS)
+    expires_in_seconds: int | None = Field(None, ge=60)
+
+
+class KeyRotate(Strict):
+    overlap_seconds: int = Field(0, ge=0, le=store.MAX_OVERLAP_SECONDS)
+
+
+class KeyOut(BaseModel):
+    id: str
+    subject: str
+    name: str
+    scopes: list[str]
+    allowed_networks: list[str]
+    created_at: datetime
+    expires_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+    previous_secret_expires_at: datetime | None
+
+    @classmethod
+    def of(cls, key: store.KeyInfo) -> "KeyOut":
+        return cls(
+            id=key.id,
+            subject=key.subject,
+            name=key.name,
+            scopes=key.scopes,
+            allowed_networks=key.networks,
+            created_at=key.created_at,
+            expires_at=key.expires_at,
+            last_used_at=key.last_used_at,
+            revoked_at=key.revoked_at,
+            previous_secret_expires_at=key.previous_secret_expires_at,
+        )
+
+
+class IssuedKeyOut(KeyOut):
+    key: str = Field(description="The whole key. Shown once: it is not stored and cannot be shown again.")
+
+
+router = APIRouter(prefix="/api/v1/api-keys", tags=["api-keys"], responses=PROBLEM_RESPONSES)
+
+
+def _settings(request: Request) -> ApiKeySettings:
+    """The settings the running authenticator was built with (options/api_keys.py)."""
+    for extension in request.app.state.runtime.extensions:
+        for authenticator in extension.authenticators:
+            if isinstance(authenticator, ApiKeys):
+                return authenticator.settings
+    raise RuntimeError("the api_keys option is not wired")
+
+
+def _revocations(request: Request) -> Revocations:
+    revocations: Revocations = request.app.state.runtime.revocations
+    return revocations
+
+
+def _issued(issued: store.IssuedKey) -> IssuedKeyOut:
+    return IssuedKeyOut(**KeyOut.of(issued.info).model_dump(), key=issued.key)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, dependencies=[limit("10/minute", name="api_key_writes")])
+async def issue_key(body: KeyCreate, principal: CanIssueKeys, session: SessionDep, request: Request) -> IssuedKeyOut:
+    """Issue a key owned by the caller, with some of the caller's own scopes."""
+    beyond = set(body.scopes) - principal.scopes
+    if beyond:
+        security_event("scope_denied", subject=principal.subject, missing=sorted(beyond), reason="api_key_scopes")
+        raise HTTPException(403, ProblemDetail("A key can only carry scopes the caller's token carries."))
+    try:
+        issued = await store.issue(
+            session,
+            _settings(request),
+            owner=principal.subject,
+            name=body.name,
+            scopes=body.scopes,
+            networks=body.allowed_networks,
+            lifetime_seconds=body.expires_in_seconds,
+            created_by=principal.subject,
+        )
+    except store.KeyRefused as refused:
+        raise HTTPException(400, ProblemDetail(str(refused))) from None
+    await session.commit()
+    security_event("api_key_issued", subject=principal.subject, key_id=issued.info.id, scopes=issued.info.scopes)
+    return _issued(issued)
+
+
+@router.get("")
+async def list_keys(principal: CanListKeys, session: SessionDep) -> list[KeyOut]:
+    """The caller's keys, revoked and expired ones included."""
+    return [KeyOut.of(key) for key in await store.list_keys(session, owner=principal.subject)]
+
+
+@router.get("/{key_id}")
+async def get_key(key: ReadableKey) -> KeyOut:
+    return KeyOut.of(key)
+
+
+@router.post("/{key_id}/rotate", dependencies=[limit("10/minute", name="api_key_writes")])
+async def rotate_key(key: WritableKey, body: KeyRotate, session: SessionDep, request: Request) -> IssuedKeyOut:
+    """A new secret; the current one keeps working for `overlap_seconds`. 409 for a revoked or
+    expired key."""
+    try:
+        issued = await store.rotate(
+            session,
+            _settings(request),
+            _revocations(request),
+            key.id,
+            overlap_seconds=body.overlap_seconds,
+            owner=key.owner,
+        )
+    except store.KeyRefused as refused:
+        raise HTTPException(400, ProblemDetail(str(refused))) from None
+    if issued is None:
+        raise HTTPException(409, ProblemDetail("The key is revoked or expired."))
+    security_event("api_key_rotated", subject=key.owner, key_id=key.id, overlap_seconds=body.overlap_seconds)
+    return _issued(issued)
+
+
+@router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def revoke_key(key: WritableKey, session: SessionDep, request: Request) -> None:
+    """Revoke the key; refused from its next request on every replica. Revoking twice is a no-op."""
+    if await store.revoke(session, _revocations(request), key.id, owner=key.owner):
+        security_event("api_key_revoked", subject=key.owner, key_id=key.id)

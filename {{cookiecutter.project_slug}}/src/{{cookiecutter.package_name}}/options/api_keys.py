@@ -1,0 +1,210 @@
+"""Scoped API keys (the seed's partner-API row): the layer-4 authenticator, the owner-only routes,
+and the operators' `api-key` commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ..api.api_keys import router
+from ..api_keys import store
+from ..api_keys.settings import ApiKeySettings, load_api_key_settings
+from ..config import SERVICE_NAME, ConfigError, Settings, load_settings
+from ..security.api_keys import ApiKeys, LastUsed, scanner_pattern
+from ..security.revocation import Revocations
+from ..security.store import MemoryStore, RemoteStore, StoreBusy, StoreUnavailable
+from . import Extension
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from ..runtime import Runtime
+
+
+def extension(runtime: Runtime) -> Extension:
+    settings = load_api_key_settings(runtime.settings)
+    last_used = LastUsed(runtime.engine)
+    authenticator = ApiKeys(settings, runtime.statements, runtime.admission, last_used)
+    return Extension(
+        name="api_keys",
+        authenticators=[authenticator],
+        routers=[router],
+        lifespan=last_used.running,
+    )
+
+
+# --- Operators' commands ----------------------------------------------------------------------
+
+DURATION = re.compile(r"^(\d+)([smhd]?)$")
+UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> int:
+    """Seconds from `90d`, `12h`, `30m`, `45s` or a plain number of seconds."""
+    match = DURATION.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError("use a number with an optional unit s, m, h or d, e.g. 90d")
+    return int(match.group(1)) * UNITS[match.group(2)]
+
+
+def key_id(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{16}", text):
+        raise argparse.ArgumentTypeError("a key id is 16 lowercase hex characters (the key's middle part)")
+    return text
+
+
+def settings_problems(core: Settings) -> list[str]:
+    """Added to the core's by load_settings: the API_KEY_* variables that are invalid or unsafe."""
+    try:
+        load_api_key_settings(core)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
+
+
+Action = Callable[["AsyncSession", ApiKeySettings, Revocations], Awaitable[tuple[int, str]]]
+
+
+def _run(action: Action) -> int:
+    try:
+        core = load_settings()
+        settings = load_api_key_settings(core)
+    except ConfigError as exc:
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
+        return 1
+    if not core.redis_url:
+        print(
+            "note: REDIS_URL is not set; replicas that reuse a looked-up key (API_KEY_CACHE_SECONDS) learn of "
+            "a revocation or rotation only from Redis",
+            file=sys.stderr,
+        )
+
+    from ..db import create_engine, create_sessionmaker
+    from ..runtime import redis_store
+
+    async def run() -> tuple[int, str]:
+        engine = create_engine(core.database_url)
+        redis: RemoteStore | MemoryStore = redis_store(core) if core.redis_url else MemoryStore()
+        try:
+            async with create_sessionmaker(engine)() as session:
+                return await action(session, settings, Revocations(core, redis))
+        finally:
+            if isinstance(redis, RemoteStore):
+                await redis.aclose()
+            await engine.dispose()
+
+    try:
+        status, message = asyncio.run(run())
+    except store.KeyRefused as refused:
+        print(f"{SERVICE_NAME}: {refused}", file=sys.stderr)
+        return 2
+    except (StoreUnavailable, StoreBusy) as exc:
+        error = type(exc.__cause__ or exc).__name__
+        print(
+            f"{SERVICE_NAME}: Redis is unavailable ({error}); the database is changed, but replicas may accept "
+            "the old secret for up to API_KEY_CACHE_SECONDS",
+            file=sys.stderr,
+        )
+        return 1
+    print(message, file=sys.stdout if status == 0 else sys.stderr)
+    return status
+
+
+def _shown(key: store.KeyInfo) -> str:
+    networks = ",".join(key.networks) or "any"
+    state = "revoked" if key.revoked_at else f"expires {key.expires_at.isoformat(timespec='seconds')}"
+    used = key.last_used_at.isoformat(timespec="seconds") if key.last_used_at else "never"
+    return (
+        f"{key.id}  owner={key.owner}  subject={key.subject}  scopes={' '.join(key.scopes)}  "
+        f"networks={networks}  {state}  last-used={used}  name={key.name!r}"
+    )
+
+
+def issue_key(args: argparse.Namespace) -> int:
+    """Issue a key; the whole key is printed once, on stdout, and never again."""
+
+    async def action(session: AsyncSession, settings: ApiKeySettings, _revocations: Revocations) -> tuple[int, str]:
+        issued = await store.issue(
+            session,
+            settings,
+            owner=args.owner,
+            name=args.name,
+            scopes=[scope for given in args.scope for scope in given.split()],
+            networks=args.allow_network,
+            lifetime_seconds=args.expires_in,
+            created_by=f"cli:{SERVICE_NAME}",
+        )
+        await session.commit()
+        print(_shown(issued.info), file=sys.stderr)
+        return 0, issued.key
+
+    return _run(action)
+
+
+def list_keys(args: argparse.Namespace) -> int:
+    async def action(session: AsyncSession, _settings: ApiKeySettings, _revocations: Revocations) -> tuple[int, str]:
+        keys = await store.list_keys(session, owner=args.owner)
+        return 0, "\n".join(_shown(key) for key in keys) or "no keys"
+
+    return _run(action)
+
+
+def rotate_key(args: argparse.Namespace) -> int:
+    """A new secret, printed once; the current one keeps working for --overlap."""
+
+    async def action(session: AsyncSession, settings: ApiKeySettings, revocations: Revocations) -> tuple[int, str]:
+        issued = await store.rotate(session, settings, revocations, args.id, overlap_seconds=args.overlap)
+        if issued is None:
+            return 1, f"no live key {args.id} (unknown, revoked or expired)"
+        print(_shown(issued.info), file=sys.stderr)
+        return 0, issued.key
+
+    return _run(action)
+
+
+def revoke_key(args: argparse.Namespace) -> int:
+    async def action(session: AsyncSession, _settings: ApiKeySettings, revocations: Revocations) -> tuple[int, str]:
+        if await store.revoke(session, revocations, args.id):
+            return 0, f"key {args.id} revoked; refused from its next request"
+        return 1, f"no key {args.id} that is not revoked already"
+
+    return _run(action)
+
+
+def scanner_rule(_args: argparse.Namespace) -> int:
+    """The regular expression that finds leaked keys of this service, for gitleaks or detect-secrets."""
+    try:
+        settings = ApiKeySettings()
+    except ValueError as exc:
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
+        return 1
+    print(scanner_pattern(settings.prefix))
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
+    keys = commands.add_parser("api-key", help="scoped API keys for partner callers").add_subparsers(
+        dest="action", required=True
+    )
+    issue = keys.add_parser("issue", help="issue a key (printed once)")
+    issue.add_argument("--owner", required=True, help="the token subject that owns the key")
+    issue.add_argument("--scope", action="append", required=True, help="a scope (repeat, or space-separated)")
+    issue.add_argument("--name", default="", help="a label, e.g. the partner's name")
+    issue.add_argument("--expires-in", type=duration, help="e.g. 90d; default API_KEY_DEFAULT_LIFETIME_DAYS")
+    issue.add_argument("--allow-network", action="append", default=[], help="a CIDR the key may be used from (repeat)")
+    issue.set_defaults(handler=issue_key)
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--owner", help="only this owner's keys")
+    listing.set_defaults(handler=list_keys)
+    rotate = keys.add_parser("rotate", help="give a key a new secret (printed once)")
+    rotate.add_argument("id", type=key_id)
+    rotate.add_argument("--overlap", type=duration, default=0, help="how long the current secret keeps working")
+    rotate.set_defaults(handler=rotate_key)
+    revoke = keys.add_parser("revoke", help="revoke a key for good")
+    revoke.add_argument("id", type=key_id)
+    revoke.set_defaults(handler=revoke_key)
+    keys.add_parser("scanner-rule", help="the regex that finds leaked keys").set_defaults(handler=scanner_rule)
