@@ -124,6 +124,8 @@ def load_module(name: str, path: Path) -> ModuleType:
     if spec is None or spec.loader is None:
         raise TourError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: its dataclasses look their module up in sys.modules.
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -190,6 +192,9 @@ class Service:
             "RATE_LIMIT_IP": f"{IP_LIMIT}/minute",
             "MAX_BODY_BYTES": str(MAX_BODY_BYTES),
             "LOG_LEVEL": "INFO",
+            # Probes are left out of the request log by default; the tour finds its own server by
+            # its probe's line.
+            "LOG_HEALTH_REQUESTS": "true",
             **({"REDIS_URL": redis_url} if redis_url else {}),
         }
 

@@ -58,6 +58,18 @@ def log_tail(path: Path, lines: int = 20) -> str:
 # --- Redis -------------------------------------------------------------------------
 
 
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; waits for the exit either way."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def redis_answers_ping(port: int, tls: ssl.SSLContext | None = None) -> bool:
     try:
         with socket.create_connection((LOOPBACK, port), timeout=0.5) as plain:
@@ -122,14 +134,8 @@ class RedisServer:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process, timeout=5)
 
     def kill(self) -> None:
         process, self._process = self._process, None
@@ -662,11 +668,5 @@ class NginxProxy:
         return f"http://{LOOPBACK}:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         shutil.rmtree(self.prefix, ignore_errors=True)

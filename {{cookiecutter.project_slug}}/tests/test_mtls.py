@@ -39,7 +39,7 @@ from {{ cookiecutter.package_name }}.scan.report import Status
 
 from .certificates import Issued, client_certificate, make_ca, server_certificate
 from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, pseudonym, running
-from .servers import LOOPBACK, free_port, log_tail
+from .servers import LOOPBACK, free_port, log_tail, stop_process
 
 PACKAGE = "{{ cookiecutter.package_name }}"
 LISTED = "spiffe://example.org/ns/billing/sa/invoicer"
@@ -139,12 +139,7 @@ def serving(directory: Path, env: dict[str, str]) -> Iterator[Served]:
             time.sleep(0.05)
         yield Served(process, port, log_path, "https" if "MTLS_SERVER_CERT" in env else "http")
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -422,12 +417,7 @@ def nginx_mtls(pki: Pki, behind_proxy: Served) -> Iterator[str]:
             time.sleep(0.05)
         yield f"https://{LOOPBACK}:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         shutil.rmtree(prefix, ignore_errors=True)
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from {{ cookiecutter.package_name }}.config import Settings
 
-from .servers import LOOPBACK, NginxProxy, free_port, log_tail
+from .servers import LOOPBACK, NginxProxy, free_port, log_tail, stop_process
 
 PROJECT = Path(__file__).resolve().parent.parent
 NGINX_DIR = PROJECT / "deploy" / "nginx"
@@ -65,16 +65,6 @@ def wait_until_answering(url: str, process: subprocess.Popen[bytes], log: Path) 
                 return
         time.sleep(0.1)
     pytest.fail(f"{url} did not answer in {STARTUP_TIMEOUT_SECONDS}s:\n{log_tail(log)}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass
@@ -145,7 +135,7 @@ def proxied_service(
         finally:
             proxy.stop()
     finally:
-        stop(service)
+        stop_process(service)
 
 
 def test_nginx_body_limit_is_max_body_bytes() -> None:

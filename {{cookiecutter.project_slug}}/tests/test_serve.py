@@ -19,7 +19,7 @@ import pytest
 from {{ cookiecutter.package_name }}.cli import main
 
 from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory
-from .servers import LOOPBACK, free_port, log_tail
+from .servers import LOOPBACK, free_port, log_tail, stop_process
 
 KEEP_ALIVE_SECONDS = 1
 BODY_READ_SECONDS = 1
@@ -71,12 +71,7 @@ def service(
             time.sleep(0.1)
         yield Service(port, log_path)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=15)
 
 
 def _answers(port: int) -> bool:
