@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from bake import FULLY_TESTED, report, run
+from bake import FULLY_TESTED, VARIANTS, report, run
 from conftest import BakedProject
 
 BIN = Path(sys.executable).parent
@@ -234,6 +234,13 @@ def test_compose_runs_two_replicas_behind_the_shipped_nginx(baked: BakedProject,
             assert "healthcheck" in service, service_name
     # Secrets come from the environment only.
     assert app["environment"]["JWT_PUBLIC_KEY"].startswith("${")
+    # What production requires of a baked option is asked for, not left to a refusal at start.
+    chosen = VARIANTS[name].chosen
+    for option, variable in (("api_keys", "API_KEY_PEPPER"), ("mtls", "MTLS_IDENTITIES")):
+        if chosen[option] == "yes":
+            assert app["environment"][variable].startswith(f"${{{variable}:?"), variable
+        else:
+            assert variable not in app["environment"], variable
     assert nginx["networks"]["default"]["ipv4_address"] == app["environment"]["TRUSTED_PROXIES"]
 
 
