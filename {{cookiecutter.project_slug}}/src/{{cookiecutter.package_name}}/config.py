@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
 from typing import Annotated, Literal
 
@@ -303,18 +303,22 @@ def _too_wide(network: IPNetwork) -> bool:
 _ENV_NAMES = {name: name.upper() for name in Settings.model_fields}
 
 
+def config_error(exc: ValidationError, variable: Callable[[str], str]) -> ConfigError:
+    """One line per invalid setting, named by its environment `variable` (given the field name)."""
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = "required" if error["type"] == "missing" else error["msg"].removeprefix("Value error, ")
+        lines.append(f"{variable(field)}: {message}" if field else message)
+    return ConfigError("; ".join(lines))
+
+
 def load_settings() -> Settings:
     """Read the environment, or raise ConfigError with one line per unsafe or invalid variable."""
     try:
         settings = Settings()  # required fields come from the environment
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
-            name = _ENV_NAMES.get(field, "configuration")
-            message = "required" if error["type"] == "missing" else error["msg"].removeprefix("Value error, ")
-            lines.append(f"{name}: {message}" if field else message)
-        raise ConfigError("; ".join(lines)) from None
+        raise config_error(exc, lambda field: _ENV_NAMES.get(field, "configuration")) from None
     from . import options  # imported here: options import the security layers, which import this module
 
     problems = settings.production_problems() + options.settings_problems(settings)

@@ -86,6 +86,39 @@ def watched_secret_files(settings: Settings, keys: KeySource) -> SecretFiles:
 GC_YOUNG_THRESHOLD = 10_000
 
 
+class _ServiceGc:
+    """The garbage collector tuned while a service runs in this process, undone when the last
+    one stops (a process that builds many apps, like the tests, may run several at once).
+
+    What exists at start (modules, the app, settings, pools) lives as long as the service. Frozen,
+    it is out of the collector's way: the full collections that steady traffic triggers no longer
+    walk all of it (they cost 180 ms each, the p99's worst spikes). The first generation is
+    collected after 10,000 net new objects instead of 700: a request in flight holds a few
+    hundred, so at 700 the collector ran every 20 requests or so to find nothing, about 20 µs a
+    request (docs/benchmarks.md). Undone, the old apps of a test process can be collected again.
+    """
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.thresholds = gc.get_threshold()
+
+    def enter(self) -> None:
+        if self.running == 0:
+            self.thresholds = gc.get_threshold()
+            gc.freeze()
+            gc.set_threshold(GC_YOUNG_THRESHOLD, *self.thresholds[1:])
+        self.running += 1
+
+    def exit(self) -> None:
+        self.running -= 1
+        if self.running == 0:
+            gc.set_threshold(*self.thresholds)
+            gc.unfreeze()
+
+
+_service_gc = _ServiceGc()
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -168,16 +201,7 @@ class Runtime:
         if self.metrics is not None:
             assert self.settings.metrics_port is not None
             await self.metrics.start(_app, self.settings.metrics_host, self.settings.metrics_port)
-        # What exists now (modules, the app, settings, pools) lives as long as the service. Frozen,
-        # it is out of the collector's way: the full collections that steady traffic triggers no
-        # longer walk all of it (they cost 180 ms each, the p99's worst spikes). The first
-        # generation is collected after 10,000 net new objects instead of 700: a request in flight
-        # holds a few hundred, so at 700 the collector ran every 20 requests or so to find
-        # nothing, about 20 µs a request (docs/benchmarks.md). Both undone at shutdown, so a
-        # process that builds many apps (tests) still collects the old ones.
-        thresholds = gc.get_threshold()
-        gc.freeze()
-        gc.set_threshold(GC_YOUNG_THRESHOLD, *thresholds[1:])
+        _service_gc.enter()  # the collector tuned for a long-lived service (see _ServiceGc)
         try:
             async with AsyncExitStack() as options_running:
                 for extension in self.extensions:
@@ -185,8 +209,7 @@ class Runtime:
                         await options_running.enter_async_context(extension.lifespan())
                 yield
         finally:
-            gc.set_threshold(*thresholds)
-            gc.unfreeze()
+            _service_gc.exit()
             if self.metrics is not None:
                 await self.metrics.stop()
             if self.audit_sink is not None:

@@ -7,7 +7,7 @@ import re
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ..config import SERVICE_NAME, ConfigError, Settings
+from ..config import SERVICE_NAME, ConfigError, Settings, config_error
 from ..secret_files import read_secret_file
 
 # Lowercase letters and digits: the key's parts are separated by "_", and a secret scanner's
@@ -70,12 +70,7 @@ def load_api_key_settings(core: Settings) -> ApiKeySettings:
                 raise ConfigError("API_KEY_PEPPER_FILE: the pepper must be at least 32 characters")
             settings = settings.model_copy(update={"pepper": SecretStr(value)})
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
-            message = error["msg"].removeprefix("Value error, ")
-            lines.append(f"API_KEY_{field.upper()}: {message}" if field else message)
-        raise ConfigError("; ".join(lines)) from None
+        raise config_error(exc, lambda field: f"API_KEY_{field.upper()}") from None
     if core.is_production:
         pepper = settings.pepper.get_secret_value() if settings.pepper else ""
         if len(pepper) < 32:

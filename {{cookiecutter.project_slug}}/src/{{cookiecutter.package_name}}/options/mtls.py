@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ..config import ConfigError, Settings
+from ..config import ConfigError, Settings, config_error
 from ..security.authn import BearerToken
 from ..security.mtls import ENVOY_HEADER, NGINX_HEADER, ClientCertificate, Mode
 from . import Extension
@@ -102,12 +102,7 @@ def load_mtls_settings() -> MtlsSettings:
     try:
         return MtlsSettings()
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
-            message = error["msg"].removeprefix("Value error, ")
-            lines.append(f"MTLS_{field.upper()}: {message}" if field else message)
-        raise ConfigError("; ".join(lines)) from None
+        raise config_error(exc, lambda field: f"MTLS_{field.upper()}") from None
 
 
 def settings_problems(settings: Settings) -> list[str]:

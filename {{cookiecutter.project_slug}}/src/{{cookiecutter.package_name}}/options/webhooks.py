@@ -26,7 +26,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..api import webhooks as routes
-from ..config import SERVICE_NAME, ConfigError, Settings
+from ..config import SERVICE_NAME, ConfigError, Settings, config_error
 from ..secret_files import read_secret_file
 from ..security.webhooks import PartnerSecrets, ReplayGuard, WebhookSignature, parse_secrets
 from ..webhooks_out import generate_secret
@@ -75,12 +75,8 @@ def load_webhook_settings(environment: str) -> WebhookSettings:
     try:
         settings = WebhookSettings(environment=environment)
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            message = error["msg"].removeprefix("Value error, ")
-            # A field's error names its variable; the file's errors name WEBHOOK_SECRETS_FILE themselves.
-            lines.append(f"{str(error['loc'][0]).upper()}: {message}" if error["loc"] else message)
-        raise ConfigError("; ".join(lines)) from None
+        # A field's error names its variable; the file's errors name WEBHOOK_SECRETS_FILE themselves.
+        raise config_error(exc, str.upper) from None
     return settings
 
 
