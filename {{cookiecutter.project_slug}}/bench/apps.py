@@ -30,8 +30,8 @@ from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.models import Org
 from {{ cookiecutter.package_name }}.runtime import Runtime
 from {{ cookiecutter.package_name }}.security import authz
-from {{ cookiecutter.package_name }}.security.authn import API_PREFIX
 from {{ cookiecutter.package_name }}.security.pipeline import SecuredApp
+from {{ cookiecutter.package_name }}.security.principal import API_PREFIX
 from {{ cookiecutter.package_name }}.security.ratelimit import client_address, subject
 
 BARE_PATH = "/bare"

@@ -29,7 +29,7 @@ from sqlalchemy import text
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, Settings
 from {{ cookiecutter.package_name }}.runtime import MIGRATIONS, Runtime
-from {{ cookiecutter.package_name }}.security.store import RedisStore
+from {{ cookiecutter.package_name }}.store.core import RedisStore
 
 from .servers import RedisServer, ServiceProcess, start_postgres, start_redis
 

@@ -30,7 +30,7 @@ from {{ cookiecutter.package_name }}.scan import authn as scan_authn
 from {{ cookiecutter.package_name }}.scan.probe import Probe, Scan
 from {{ cookiecutter.package_name }}.scan.report import Status
 from {{ cookiecutter.package_name }}.security.api_keys import ApiKeys, KnownKey, LastUsed, scanner_pattern
-from {{ cookiecutter.package_name }}.security.authn import Principal
+from {{ cookiecutter.package_name }}.security.principal import Principal
 
 from .conftest import TokenFactory, bearer, running
 

@@ -25,7 +25,8 @@ from starlette.types import Message
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import Settings
-from {{ cookiecutter.package_name }}.security.authn import MAX_TOKEN_BYTES, Principal, VerifiedTokens
+from {{ cookiecutter.package_name }}.security.authn import MAX_TOKEN_BYTES, VerifiedTokens
+from {{ cookiecutter.package_name }}.security.principal import Principal
 
 from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, running
 from .jwks_server import JwksServer, public_jwk

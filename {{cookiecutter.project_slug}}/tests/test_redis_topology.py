@@ -25,13 +25,13 @@ from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import ConfigError, Settings, load_settings
 from {{ cookiecutter.package_name }}.runtime import redis_store
 from {{ cookiecutter.package_name }}.security.admission import ADDRESS_CHECK, SUBJECT_CHECK, Admission
-from {{ cookiecutter.package_name }}.security.authn import Principal
-from {{ cookiecutter.package_name }}.security.cluster import SLOTS, ClusterStore
 from {{ cookiecutter.package_name }}.security.lockout import Lockout
+from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.ratelimit import WINDOW, Policy, RateLimiter, client_bucket, window
 from {{ cookiecutter.package_name }}.security.revocation import Revocations, tag
-from {{ cookiecutter.package_name }}.security.store import Command, Plain, RedisStore, RemoteStore, Script, pack
-from {{ cookiecutter.package_name }}.security.topology import Topology, parse_redis_url
+from {{ cookiecutter.package_name }}.store.cluster import SLOTS, ClusterStore
+from {{ cookiecutter.package_name }}.store.core import Command, Plain, RedisStore, RemoteStore, Script, pack
+from {{ cookiecutter.package_name }}.store.topology import Topology, parse_redis_url
 
 from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, running
 from .servers import (

@@ -26,7 +26,7 @@ from {{ cookiecutter.package_name }}.security.keys import key_source
 from {{ cookiecutter.package_name }}.security.lockout import Lockout
 from {{ cookiecutter.package_name }}.security.ratelimit import RateLimiter, client_address
 from {{ cookiecutter.package_name }}.security.revocation import Revocations, tag
-from {{ cookiecutter.package_name }}.security.store import RedisStore
+from {{ cookiecutter.package_name }}.store.core import RedisStore
 
 from .conftest import TokenFactory, bearer, running
 

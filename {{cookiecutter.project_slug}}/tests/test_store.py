@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from {{ cookiecutter.package_name }}.security.store import RedisStore, StoreBusy, StoreUnavailable
+from {{ cookiecutter.package_name }}.store.core import RedisStore, StoreBusy, StoreUnavailable
 
 TIMEOUT = 0.2
 

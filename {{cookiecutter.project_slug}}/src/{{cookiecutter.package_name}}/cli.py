@@ -21,7 +21,7 @@ from . import options
 from .config import SERVICE_NAME, ConfigError, Settings, load_settings, tracing_requested
 from .models import Relation
 from .security.revocation import MAX_ID_LENGTH, Revocations
-from .security.store import StoreBusy, StoreUnavailable
+from .store.core import StoreBusy, StoreUnavailable
 
 Command = Callable[[argparse.Namespace], int]
 

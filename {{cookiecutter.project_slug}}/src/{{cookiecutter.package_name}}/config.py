@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .secret_files import values_from_files
-from .security.topology import Topology, parse_redis_url
+from .store.topology import Topology, parse_redis_url
 
 DEFAULT_DATABASE_URL = "{{ cookiecutter.__database_url }}"
 SERVICE_NAME = "{{ cookiecutter.project_slug }}"

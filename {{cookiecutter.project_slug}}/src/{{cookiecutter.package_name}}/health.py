@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from .runtime import Runtime
 from .security.pipeline import SecuredApp, expected_layers, installed_layers
-from .security.store import RemoteStore
+from .store.core import RemoteStore
 
 router = APIRouter(prefix="/health", tags=["health"])
 logger = logging.getLogger(__name__)

@@ -22,14 +22,14 @@ from .secret_files import SecretFiles
 from .security.admission import Admission
 from .security.audit import AuditSink, Masker
 from .security.authn import TokenVerifier
-from .security.cluster import ClusterStore
 from .security.deprecation import utc_now
 from .security.keys import JwksKeys, KeySource, StaticKey, key_source
 from .security.lockout import Lockout
 from .security.ratelimit import RateLimiter, client_bucket
 from .security.revocation import Revocations
-from .security.sentinel import SentinelStore
-from .security.store import MemoryStore, RedisStore, RemoteStore
+from .store.cluster import ClusterStore
+from .store.core import MemoryStore, RedisStore, RemoteStore
+from .store.sentinel import SentinelStore
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter

@@ -19,10 +19,10 @@ from ..db import SessionDep
 from ..models import Relation
 from ..security import authz
 from ..security.api_keys import SUBJECT_PREFIX, ApiKeys
-from ..security.authn import Principal
 from ..security.authz import ObjectRule, no_object_policy, require_scopes
 from ..security.errors import PROBLEM_RESPONSES, ProblemDetail
 from ..security.events import security_event
+from ..security.principal import Principal
 from ..security.ratelimit import limit
 from ..security.revocation import Revocations
 from .schemas import Strict, Text

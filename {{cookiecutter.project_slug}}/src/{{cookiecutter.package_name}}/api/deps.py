@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from ..models import Relation
-from ..security.authn import Principal
 from ..security.authz import OrgRow, no_object_policy, read_org, require_org_relation
+from ..security.principal import Principal
 
 CanCreateOrg = Annotated[Principal, no_object_policy(scopes=["orgs:write"])]
 # The org itself, read with the permission check in one statement.

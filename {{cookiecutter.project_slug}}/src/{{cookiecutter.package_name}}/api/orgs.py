@@ -9,9 +9,9 @@ from fastapi import APIRouter, HTTPException, Path, Response, status
 from ..db import SessionDep
 from ..models import Org, Permission, Relation
 from ..security import authz
-from ..security.authn import CurrentPrincipal
 from ..security.errors import ProblemDetail
 from ..security.events import security_event
+from ..security.principal import CurrentPrincipal
 from ..security.ratelimit import limit
 from .deps import CanCreateOrg, CanManageGrants, ReadableOrg, as_utc
 from .schemas import GrantOut, GrantPut, OrgCreate, OrgOut

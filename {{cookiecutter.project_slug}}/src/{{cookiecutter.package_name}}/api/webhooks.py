@@ -18,12 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
 from ..db import SessionDep
-from ..security.authn import Principal
 from ..security.authz import no_object_policy
 from ..security.errors import PROBLEM_RESPONSES, ProblemDetail
 from ..security.events import security_event
-from ..security.store import StoreBusy, StoreUnavailable
+from ..security.principal import Principal
 from ..security.webhooks import PARTNER_PATTERN, STATE_KEY, WEBHOOK_PATH, WEBHOOK_SCOPE, VerifiedWebhook
+from ..store.core import StoreBusy, StoreUnavailable
 from ..webhook_models import WebhookEvent
 
 router = APIRouter(prefix=WEBHOOK_PATH.rstrip("/"), tags=["webhooks"], responses=PROBLEM_RESPONSES)

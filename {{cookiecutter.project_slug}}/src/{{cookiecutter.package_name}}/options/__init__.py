@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 
-from ..security.authn import Authenticator
+from ..security.principal import Authenticator
 
 if TYPE_CHECKING:
     from ..config import Settings

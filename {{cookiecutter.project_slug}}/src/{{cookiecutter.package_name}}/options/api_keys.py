@@ -16,7 +16,7 @@ from ..api_keys.settings import ApiKeySettings, load_api_key_settings
 from ..config import SERVICE_NAME, ConfigError, Settings, load_settings
 from ..security.api_keys import ApiKeys, LastUsed, scanner_pattern
 from ..security.revocation import Revocations
-from ..security.store import MemoryStore, RemoteStore, StoreBusy, StoreUnavailable
+from ..store.core import MemoryStore, RemoteStore, StoreBusy, StoreUnavailable
 from . import Extension
 
 if TYPE_CHECKING:

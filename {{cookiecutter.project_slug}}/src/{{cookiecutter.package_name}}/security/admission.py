@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import Scope
 
 from ..config import Settings
+from ..store.core import MemoryStore, Script, StoreUnavailable
 from .events import security_event
 from .lockout import Lockout
 from .ratelimit import Decision, Policy, RateLimiter, count_in_window, decision
 from .revocation import Revocations, RevocationStoreUnavailable, tag
-from .store import MemoryStore, Script, StoreUnavailable
 
 if TYPE_CHECKING:
-    from .authn import Principal
+    from .principal import Principal
 
 STATE_KEY = "admission"
 WARNING_INTERVAL_SECONDS = 60.0

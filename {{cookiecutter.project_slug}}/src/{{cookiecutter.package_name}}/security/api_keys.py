@@ -42,10 +42,10 @@ from ..api_keys.models import ApiKey
 from ..api_keys.settings import ApiKeySettings
 from ..config import IPNetwork
 from ..db import Statements
+from ..store.core import RemoteStore
 from .admission import Admission
-from .authn import InvalidCredentials, Principal
 from .lockout import LockedOut
-from .store import RemoteStore
+from .principal import InvalidCredentials, Principal
 
 SUBJECT_PREFIX = "apikey:"
 SCHEME = "ApiKey"

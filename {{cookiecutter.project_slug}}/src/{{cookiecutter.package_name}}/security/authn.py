@@ -4,8 +4,8 @@ It runs as middleware in front of routing (the seed's `app.use('/api/', validate
 anonymous request is answered 401 before its body is read or validated.
 
 Each credential type is an `Authenticator`; `BearerToken` (JWT in `Authorization: Bearer`) is
-the one the service ships. API keys or client certificates would be one more module with one
-more class, listed next to it in pipeline.py.
+the one the service ships; the baked credential options (`options/`) add theirs, tried before
+it (`pipeline.py`).
 """
 
 from __future__ import annotations
@@ -14,85 +14,30 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import jwt
-from fastapi import Depends, Request
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
+from ..store.core import StoreBusy
 from .errors import ProblemDetail, ProblemResponse, problem, store_busy
 from .events import security_event
 from .keys import KeySource
 from .lockout import LockedOut, locked_out
+from .principal import API_PREFIX, Authenticator, InvalidCredentials, Principal, app_path
 from .revocation import MAX_ID_LENGTH, RevocationStoreUnavailable
-from .store import StoreBusy
 
 if TYPE_CHECKING:
     from .admission import Admission
 
-API_PREFIX = "/api/"
 MAX_TOKEN_BYTES = 8192
 MAX_KID_LENGTH = 256
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "exp", "iat"]
 VERIFIED_CACHE_SIZE = 10_000
 # RFC 7515 §4.1.9: "application/" may be omitted from `typ`; RFC 9068 names at+jwt.
 ACCEPTED_TYPES = frozenset({"jwt", "at+jwt", "application/jwt", "application/at+jwt"})
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling, as proven by the credential."""
-
-    subject: str
-    scopes: frozenset[str]
-    token_id: str | None
-    issued_at: int
-    expires_at: int
-
-
-class InvalidCredentials(Exception):
-    """A credential was presented and is not acceptable. `reason` is for the audit log only."""
-
-    def __init__(self, reason: str, *, subject: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.subject = subject  # set when the credential verified but is refused (counts for its lockout)
-
-
-class Authenticator(Protocol):
-    """One credential type. `challenge` is its WWW-Authenticate scheme."""
-
-    challenge: str
-
-    async def authenticate(self, scope: Scope) -> Principal | None:
-        """The principal, or None when the request carries no credential of this type.
-
-        Raises InvalidCredentials when one is present but not acceptable.
-        """
-        ...
-
-
-class BodyAuthenticator(Authenticator, Protocol):
-    """A credential that signs the request body (a webhook): `Authenticate` calls
-    `authenticate_body` instead of `authenticate`. It reads the raw body through `receive` (within
-    BodyLimit's cap, whose 413 and 408 it may raise) and returns the principal with the receive the
-    application must use from then on, one that replays the body it read. It reads nothing of a
-    request that is not of its type. Such a credential is valid on its own route only, so its
-    scheme is not advertised on every 401."""
-
-    async def authenticate_body(self, scope: Scope, receive: Receive) -> tuple[Principal | None, Receive]: ...
-
-
-def app_path(scope: Scope) -> str:
-    """The path the application routes on: the request path without the server's `--root-path`
-    (uvicorn puts both in `path`). Every prefix check uses it, so a service mounted under a
-    prefix is authenticated and limited exactly as one that is not."""
-    path: str = scope.get("path", "")
-    root = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
 
 
 # --- JWT verification -----------------------------------------------------------------------
@@ -400,15 +345,3 @@ class Authenticate:
             await send({"type": "websocket.close", "code": 1008})
             return
         await response(scope, receive, send)
-
-
-async def current_principal(request: Request) -> Principal:
-    # async, like every dependency and handler here: FastAPI runs sync ones in a thread pool.
-    principal = request.scope.get("state", {}).get("principal")
-    if not isinstance(principal, Principal):
-        # Only reachable if a route outside /api/ asks for a principal: fail closed.
-        raise RuntimeError("route requires authentication but is outside the authenticated prefix")
-    return principal
-
-
-CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

@@ -46,8 +46,8 @@ from starlette.routing import BaseRoute
 
 from ..db import Statements
 from ..models import Org, Permission, Relation
-from .authn import API_PREFIX, Principal, current_principal
 from .events import security_event
+from .principal import API_PREFIX, Principal, current_principal
 
 ORG = "org"
 # Subjects that may be named in a grant (path parameter and CLI): what identity providers put in `sub`.

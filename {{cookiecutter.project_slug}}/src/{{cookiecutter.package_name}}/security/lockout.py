@@ -23,10 +23,10 @@ from typing import Any
 from starlette.types import Scope
 
 from ..config import Settings
+from ..store.core import MemoryStore, RemoteStore, Script, StoreBusy, StoreUnavailable
 from .errors import ProblemResponse, problem
 from .events import security_event
 from .revocation import tag
-from .store import MemoryStore, RemoteStore, Script, StoreBusy, StoreUnavailable
 
 KEY_PREFIX = "lockout"
 WARNING_INTERVAL_SECONDS = 60.0

@@ -31,9 +31,10 @@ from urllib.parse import unquote
 from cryptography import x509
 from starlette.types import Scope
 
-from .authn import BearerToken, InvalidCredentials, Principal
+from .authn import BearerToken
 from .events import security_event
 from .lockout import LockedOut
+from .principal import InvalidCredentials, Principal
 
 if TYPE_CHECKING:
     from .admission import Admission

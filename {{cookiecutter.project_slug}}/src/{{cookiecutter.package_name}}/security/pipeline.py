@@ -17,7 +17,8 @@ from starlette.types import ASGIApp, Scope
 
 from ..runtime import Runtime
 from .audit import AuditContext
-from .authn import Authenticate, Authenticator, BearerToken, Principal
+from .authn import Authenticate, BearerToken
+from .principal import Authenticator, Principal
 from .ratelimit import RateLimit, client_bucket
 from .transport import BodyLimit, ClientAddress, RefuseWebSocket, SecurityHeaders, StrictCors, TrustedHosts
 

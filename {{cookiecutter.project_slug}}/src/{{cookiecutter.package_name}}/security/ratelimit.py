@@ -22,16 +22,16 @@ from limits import RateLimitItem, parse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
-from .authn import API_PREFIX, app_path
+from ..store.core import Command, MemoryStore, RemoteStore, Script, StoreBusy, StoreUnavailable
 from .errors import ProblemResponse, problem, store_busy
 from .events import add_response_headers, security_event
 from .lockout import LockedOut, locked_out
-from .store import Command, MemoryStore, RemoteStore, Script, StoreBusy, StoreUnavailable
+from .principal import API_PREFIX, app_path
 from .transport import rate_limit_bucket
 
 if TYPE_CHECKING:
     from .admission import Admission
-    from .authn import Principal
+    from .principal import Principal
 
 KEY_PREFIX = "ratelimit"
 WARNING_INTERVAL_SECONDS = 60.0

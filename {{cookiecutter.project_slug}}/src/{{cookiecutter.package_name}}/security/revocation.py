@@ -20,10 +20,10 @@ import time
 from typing import TYPE_CHECKING
 
 from ..config import SERVICE_NAME, Settings
-from .store import MemoryStore, RemoteStore
+from ..store.core import MemoryStore, RemoteStore
 
 if TYPE_CHECKING:
-    from .authn import Principal
+    from .principal import Principal
 
 _PREFIX = f"{SERVICE_NAME}:revoked:"
 MAX_ID_LENGTH = 255  # longest `sub` or `jti` accepted

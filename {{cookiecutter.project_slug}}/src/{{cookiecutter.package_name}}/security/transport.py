@@ -15,9 +15,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import IPNetwork
-from .authn import app_path
 from .errors import ProblemDetail, problem
 from .events import bind_request, bind_trace, new_trace, security_event, unbind_request, unbind_trace
+from .principal import app_path
 
 # A JSON API loads nothing, is framed by nobody and is the target of no form: `'none'` everywhere.
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"

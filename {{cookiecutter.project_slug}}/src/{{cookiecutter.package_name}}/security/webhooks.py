@@ -39,10 +39,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope
 
 from ..config import SERVICE_NAME
-from .authn import InvalidCredentials, Principal, app_path
+from ..store.core import MemoryStore, RemoteStore, StoreUnavailable
 from .events import security_event
+from .principal import InvalidCredentials, Principal, app_path
 from .revocation import RevocationStoreUnavailable, tag
-from .store import MemoryStore, RemoteStore, StoreUnavailable
 from .transport import BodyTooLarge
 
 WEBHOOK_PATH = "/api/v1/webhooks/"

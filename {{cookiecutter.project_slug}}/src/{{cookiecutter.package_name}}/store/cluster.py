@@ -25,7 +25,7 @@ from typing import Any
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, NoScriptError
 
-from .store import Command, Plain, RedisStore, RemoteStore, StoreBusy, StoreUnavailable, pack
+from .core import Command, Plain, RedisStore, RemoteStore, StoreBusy, StoreUnavailable, pack
 from .topology import Address, Topology
 
 SLOTS = 16384

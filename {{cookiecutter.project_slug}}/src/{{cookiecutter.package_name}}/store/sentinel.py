@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio.connection import ConnectionPool, SSLConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
-from .store import RedisStore
+from .core import RedisStore
 from .topology import Topology
 
 

@@ -1,0 +1,80 @@
+"""Who is calling, and the contract every credential type meets: the types the layers share.
+
+Transport, rate limits, authentication and authorization all read the caller from here, below
+each of them, so no layer imports another for a type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Protocol
+
+from fastapi import Depends, Request
+from starlette.types import Receive, Scope
+
+API_PREFIX = "/api/"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, as proven by the credential."""
+
+    subject: str
+    scopes: frozenset[str]
+    token_id: str | None
+    issued_at: int
+    expires_at: int
+
+
+class InvalidCredentials(Exception):
+    """A credential was presented and is not acceptable. `reason` is for the audit log only."""
+
+    def __init__(self, reason: str, *, subject: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.subject = subject  # set when the credential verified but is refused (counts for its lockout)
+
+
+class Authenticator(Protocol):
+    """One credential type. `challenge` is its WWW-Authenticate scheme."""
+
+    challenge: str
+
+    async def authenticate(self, scope: Scope) -> Principal | None:
+        """The principal, or None when the request carries no credential of this type.
+
+        Raises InvalidCredentials when one is present but not acceptable.
+        """
+        ...
+
+
+class BodyAuthenticator(Authenticator, Protocol):
+    """A credential that signs the request body (a webhook): `Authenticate` calls
+    `authenticate_body` instead of `authenticate`. It reads the raw body through `receive` (within
+    BodyLimit's cap, whose 413 and 408 it may raise) and returns the principal with the receive the
+    application must use from then on, one that replays the body it read. It reads nothing of a
+    request that is not of its type. Such a credential is valid on its own route only, so its
+    scheme is not advertised on every 401."""
+
+    async def authenticate_body(self, scope: Scope, receive: Receive) -> tuple[Principal | None, Receive]: ...
+
+
+def app_path(scope: Scope) -> str:
+    """The path the application routes on: the request path without the server's `--root-path`
+    (uvicorn puts both in `path`). Every prefix check uses it, so a service mounted under a
+    prefix is authenticated and limited exactly as one that is not."""
+    path: str = scope.get("path", "")
+    root = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+async def current_principal(request: Request) -> Principal:
+    # async, like every dependency and handler here: FastAPI runs sync ones in a thread pool.
+    principal = request.scope.get("state", {}).get("principal")
+    if not isinstance(principal, Principal):
+        # Only reachable if a route outside /api/ asks for a principal: fail closed.
+        raise RuntimeError("route requires authentication but is outside the authenticated prefix")
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
