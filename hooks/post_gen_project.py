@@ -34,40 +34,11 @@ OPTION_FILES: dict[str, dict[str, list[str]]] = {
             "deploy/kubernetes/horizontalpodautoscaler.yaml",
         ],
     },
-    # The credential options (the seed's decision matrix): each one's files exist only when it
-    # is chosen. Its wiring is the module in src/<package>/options/ (see that package).
-    "api_keys": {
-        "yes": [
-            "src/{{ cookiecutter.package_name }}/options/api_keys.py",
-            "src/{{ cookiecutter.package_name }}/api_keys",
-            "src/{{ cookiecutter.package_name }}/security/api_keys.py",
-            "src/{{ cookiecutter.package_name }}/api/api_keys.py",
-            "src/{{ cookiecutter.package_name }}/scan/api_keys.py",
-            "src/{{ cookiecutter.package_name }}/migrations/versions/api_keys_0001_table.py",
-            "tests/test_api_keys.py",
-        ],
-    },
-    "webhooks": {
-        "yes": [
-            "src/{{ cookiecutter.package_name }}/options/webhooks.py",
-            "src/{{ cookiecutter.package_name }}/security/webhooks.py",
-            "src/{{ cookiecutter.package_name }}/api/webhooks.py",
-            "src/{{ cookiecutter.package_name }}/webhook_models.py",
-            "src/{{ cookiecutter.package_name }}/webhooks_out.py",
-            "src/{{ cookiecutter.package_name }}/migrations/versions/webhooks_0001_webhook_events.py",
-            "src/{{ cookiecutter.package_name }}/scan/webhooks.py",
-            "tests/test_webhooks.py",
-        ],
-    },
-    "mtls": {
-        "yes": [
-            "src/{{ cookiecutter.package_name }}/options/mtls.py",
-            "src/{{ cookiecutter.package_name }}/security/mtls.py",
-            "src/{{ cookiecutter.package_name }}/security/tls_peer.py",
-            "src/{{ cookiecutter.package_name }}/scan/mtls.py",
-            "tests/test_mtls.py",
-        ],
-    },
+    # The credential options (the seed's decision matrix): each one is one package,
+    # src/<package>/options/<option>/ (see extensions.py), and one test module.
+    "api_keys": {"yes": ["src/{{ cookiecutter.package_name }}/options/api_keys", "tests/test_api_keys.py"]},
+    "webhooks": {"yes": ["src/{{ cookiecutter.package_name }}/options/webhooks", "tests/test_webhooks.py"]},
+    "mtls": {"yes": ["src/{{ cookiecutter.package_name }}/options/mtls", "tests/test_mtls.py"]},
 }
 
 # The locked dependency sets differ by database driver; the template keeps one per value and

@@ -30,9 +30,9 @@ from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.models import Org
 from {{ cookiecutter.package_name }}.runtime import Runtime
 from {{ cookiecutter.package_name }}.security import authz
-from {{ cookiecutter.package_name }}.security.pipeline import SecuredApp
 from {{ cookiecutter.package_name }}.security.principal import API_PREFIX
 from {{ cookiecutter.package_name }}.security.ratelimit import client_address, subject
+from {{ cookiecutter.package_name }}.security.stack import SecuredApp
 
 BARE_PATH = "/bare"
 AUTHZ_OBJECT = "authz-object"

@@ -19,7 +19,6 @@ import httpx
 import jwt
 import pytest
 from alembic import command
-from alembic.config import Config
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
@@ -28,7 +27,8 @@ from sqlalchemy import text
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, Settings
-from {{ cookiecutter.package_name }}.runtime import MIGRATIONS, Runtime
+from {{ cookiecutter.package_name }}.migrations import alembic_config
+from {{ cookiecutter.package_name }}.runtime import Runtime
 from {{ cookiecutter.package_name }}.store.core import RedisStore
 
 from .servers import RedisServer, ServiceProcess, start_postgres, start_redis
@@ -99,13 +99,6 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
     else:
         yield f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
-
-
-def alembic_config(database_url: str) -> Config:
-    config = Config()
-    config.set_main_option("script_location", MIGRATIONS)
-    config.set_main_option("sqlalchemy.url", database_url)
-    return config
 
 
 @pytest.fixture(scope="session")

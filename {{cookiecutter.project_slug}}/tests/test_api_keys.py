@@ -19,17 +19,17 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy import text, update
 
-from {{ cookiecutter.package_name }}.api_keys import store
-from {{ cookiecutter.package_name }}.api_keys.models import ApiKey
-from {{ cookiecutter.package_name }}.api_keys.settings import DEFAULT_PREFIX
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import ConfigError, Settings
-from {{ cookiecutter.package_name }}.scan import api_keys as scan_check
+from {{ cookiecutter.package_name }}.options.api_keys import scan as scan_check
+from {{ cookiecutter.package_name }}.options.api_keys import store
+from {{ cookiecutter.package_name }}.options.api_keys.authenticator import ApiKeys, KnownKey, LastUsed, scanner_pattern
+from {{ cookiecutter.package_name }}.options.api_keys.models import ApiKey
+from {{ cookiecutter.package_name }}.options.api_keys.settings import DEFAULT_PREFIX
 from {{ cookiecutter.package_name }}.scan import authn as scan_authn
 from {{ cookiecutter.package_name }}.scan.probe import Probe, Scan
 from {{ cookiecutter.package_name }}.scan.report import Status
-from {{ cookiecutter.package_name }}.security.api_keys import ApiKeys, KnownKey, LastUsed, scanner_pattern
 from {{ cookiecutter.package_name }}.security.principal import Principal
 
 from .conftest import TokenFactory, bearer, running

@@ -15,7 +15,7 @@ from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import Settings
 from {{ cookiecutter.package_name }}.metrics import MAX_LABEL_VALUES, BoundedLabel
-from {{ cookiecutter.package_name }}.security.pipeline import installed_layers
+from {{ cookiecutter.package_name }}.security.stack import installed_layers
 
 from .conftest import TokenFactory, bearer, running
 from .servers import LOOPBACK, free_port

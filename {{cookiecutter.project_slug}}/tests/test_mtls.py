@@ -33,7 +33,7 @@ import pytest
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
-from {{ cookiecutter.package_name }}.scan import mtls as mtls_scan
+from {{ cookiecutter.package_name }}.options.mtls import scan as mtls_scan
 from {{ cookiecutter.package_name }}.scan.probe import Probe, Scan
 from {{ cookiecutter.package_name }}.scan.report import Status
 
@@ -456,7 +456,7 @@ async def test_without_identities_the_option_is_inactive_and_says_so(
 ) -> None:
     # Development and tests only: production refuses to start without MTLS_IDENTITIES (below).
     monkeypatch.delenv("MTLS_IDENTITIES", raising=False)
-    with caplog_of("{{ cookiecutter.package_name }}.options.mtls") as records:
+    with caplog_of("{{ cookiecutter.package_name }}.options.mtls.extension") as records:
         app = create_app(settings_for())
     assert [getattr(record, "event", None) for record in records] == ["mtls_inactive"]
     async with running(app) as http:

@@ -1,16 +1,16 @@
 """The credential options baked into this service are exactly the ones chosen, and each one is
-wired into the pipeline, the routes and the CLI through `options/` alone."""
+wired into the pipeline, the routes and the CLI through its own package, `options/<option>/`."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
-from {{ cookiecutter.package_name }} import options
+from {{ cookiecutter.package_name }} import extensions
 from {{ cookiecutter.package_name }}.cli import build_parser
 from {{ cookiecutter.package_name }}.runtime import Runtime
 from {{ cookiecutter.package_name }}.security.authn import Authenticate, BearerToken
 from {{ cookiecutter.package_name }}.security.authz import _flat_routes
-from {{ cookiecutter.package_name }}.security.pipeline import SecuredApp
+from {{ cookiecutter.package_name }}.security.stack import SecuredApp
 
 # The answers this service was baked with.
 BAKED = {
@@ -21,16 +21,17 @@ BAKED = {
 
 
 def test_the_option_modules_are_exactly_the_chosen_ones() -> None:
-    assert set(BAKED) == set(options.KNOWN)
-    present = [module.__name__.rsplit(".", 1)[1] for module in options.chosen()]
-    assert present == [name for name in options.KNOWN if BAKED[name] == "yes"]
+    assert set(BAKED) == set(extensions.KNOWN)
+    chosen = [name for name in extensions.KNOWN if BAKED[name] == "yes"]
+    assert extensions.present() == chosen
+    assert [module.__name__.split(".")[-2] for module in extensions.chosen()] == chosen
 
 
 def test_each_options_authenticators_come_before_the_bearer_token(app: FastAPI) -> None:
     assert isinstance(app, SecuredApp)
     runtime: Runtime = app.state.runtime
     assert [extension.name for extension in runtime.extensions] == [
-        name for name in options.KNOWN if BAKED[name] == "yes"
+        name for name in extensions.KNOWN if BAKED[name] == "yes"
     ]
     app.middleware_stack = app.build_middleware_stack()
     layer = app.middleware_stack

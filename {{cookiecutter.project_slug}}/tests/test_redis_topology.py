@@ -22,13 +22,14 @@ from redis.crc import key_slot
 
 import {{ cookiecutter.package_name }}.security
 from {{ cookiecutter.package_name }}.app import create_app
-from {{ cookiecutter.package_name }}.config import ConfigError, Settings, load_settings
-from {{ cookiecutter.package_name }}.runtime import redis_store
+from {{ cookiecutter.package_name }}.config import ConfigError, Settings
 from {{ cookiecutter.package_name }}.security.admission import ADDRESS_CHECK, SUBJECT_CHECK, Admission
 from {{ cookiecutter.package_name }}.security.lockout import Lockout
 from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.ratelimit import WINDOW, Policy, RateLimiter, client_bucket, window
 from {{ cookiecutter.package_name }}.security.revocation import Revocations, tag
+from {{ cookiecutter.package_name }}.settings import load_settings
+from {{ cookiecutter.package_name }}.store import redis_store
 from {{ cookiecutter.package_name }}.store.cluster import SLOTS, ClusterStore
 from {{ cookiecutter.package_name }}.store.core import Command, Plain, RedisStore, RemoteStore, Script, pack
 from {{ cookiecutter.package_name }}.store.topology import Topology, parse_redis_url

@@ -24,7 +24,7 @@ from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import ConfigError, Settings, tracing_requested
 from {{ cookiecutter.package_name }}.db import Statements, create_engine
-from {{ cookiecutter.package_name }}.security.pipeline import installed_layers
+from {{ cookiecutter.package_name }}.security.stack import installed_layers
 from {{ cookiecutter.package_name }}.store.core import RedisStore
 from {{ cookiecutter.package_name }}.telemetry import Tracing
 

@@ -26,13 +26,13 @@ from sqlalchemy import delete, select
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.cli import main as cli_main
 from {{ cookiecutter.package_name }}.config import ConfigError, Settings
+from {{ cookiecutter.package_name }}.options.webhooks import scan as scan_webhooks
+from {{ cookiecutter.package_name }}.options.webhooks.authenticator import ReplayGuard, WebhookSignature, expected_signature
+from {{ cookiecutter.package_name }}.options.webhooks.models import WebhookEvent
+from {{ cookiecutter.package_name }}.options.webhooks.outbound import generate_secret, new_message_id, sign
 from {{ cookiecutter.package_name }}.runtime import Runtime
-from {{ cookiecutter.package_name }}.scan import webhooks as scan_webhooks
 from {{ cookiecutter.package_name }}.scan.probe import Probe, Scan
 from {{ cookiecutter.package_name }}.scan.report import Status
-from {{ cookiecutter.package_name }}.security.webhooks import ReplayGuard, WebhookSignature, expected_signature
-from {{ cookiecutter.package_name }}.webhook_models import WebhookEvent
-from {{ cookiecutter.package_name }}.webhooks_out import generate_secret, new_message_id, sign
 
 from .conftest import bearer, running
 from .servers import RedisServer, free_port, start_redis

@@ -7,14 +7,19 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from . import api, health
+from . import extensions as options
 from .api import legacy
-from .config import SERVICE_NAME, Settings, load_settings
+from .config import SERVICE_NAME, Settings, tracing_requested
 from .openapi import problem_openapi
+from .pipeline import security_pipeline
 from .runtime import Runtime
 from .security.audit import configure_logging
 from .security.errors import install_error_handlers
-from .security.pipeline import SecuredApp, security_pipeline
+from .security.keys import JwksKeys
 from .security.ratelimit import RouteLimitExceeded, route_limit_exceeded
+from .security.stack import SecuredApp
+from .settings import load_settings
+from .store import RedisStore
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -28,7 +33,7 @@ def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter 
         masked_fields=settings.audit_masked_fields,
         pseudonym_key=settings.audit_pseudonym_key_bytes,
     )
-    runtime = Runtime.create(settings, span_exporter=span_exporter)
+    runtime = build_runtime(settings, span_exporter=span_exporter)
     docs = settings.effective_docs_enabled
     app = SecuredApp(
         title=SERVICE_NAME,
@@ -52,3 +57,27 @@ def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter 
             app.include_router(router)
     problem_openapi(app)
     return app
+
+
+def build_runtime(settings: Settings, *, span_exporter: SpanExporter | None = None) -> Runtime:
+    """The process's resources, the baked options' extensions, and tracing and metrics, each only
+    when configured: when off, nothing of them is imported or wrapped."""
+    runtime = Runtime.create(settings)
+    runtime.extensions = options.extensions(runtime)
+    if span_exporter is not None or tracing_requested():
+        from .telemetry import Tracing
+
+        tracing = runtime.tracing = Tracing.create(
+            exporter=span_exporter, log_health_requests=settings.log_health_requests
+        )
+        tracing.instrument_engine(runtime.engine)
+        tracing.trace_statements(runtime.statements)
+        if isinstance(runtime.store, RedisStore):
+            tracing.trace_store(runtime.store)
+        if isinstance(runtime.keys, JwksKeys):
+            runtime.keys.client_hook = tracing.instrument_client
+    if settings.metrics_port is not None:
+        from .metrics import Metrics
+
+        runtime.metrics = Metrics(runtime)
+    return runtime

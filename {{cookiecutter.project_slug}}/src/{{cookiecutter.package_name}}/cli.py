@@ -17,10 +17,11 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from . import options
-from .config import SERVICE_NAME, ConfigError, Settings, load_settings, tracing_requested
+from . import extensions
+from .config import SERVICE_NAME, ConfigError, Settings, tracing_requested
 from .models import Relation
 from .security.revocation import MAX_ID_LENGTH, Revocations
+from .settings import load_settings
 from .store.core import StoreBusy, StoreUnavailable
 
 Command = Callable[[argparse.Namespace], int]
@@ -123,7 +124,7 @@ def _revoke(action: Callable[[Revocations], Awaitable[str]]) -> int:
         print("REDIS_URL is required: the running service reads revocations from Redis", file=sys.stderr)
         return 2
 
-    from .runtime import redis_store
+    from .store import redis_store
 
     async def run() -> str:
         store = redis_store(settings)
@@ -149,7 +150,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings()
-        option_server_options = options.server_options(settings)  # e.g. TLS, from the baked options
+        option_server_options = extensions.server_options(settings)  # e.g. TLS, from the baked options
     except ConfigError as exc:
         print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
         return 1
@@ -351,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     take.add_argument("--org", required=True, type=uuid.UUID, help="the org id")
     take.set_defaults(handler=revoke_grant)
 
-    options.add_commands(commands)  # the baked credential options' commands
+    extensions.add_commands(commands)  # the baked credential options' commands
     return parser
 
 

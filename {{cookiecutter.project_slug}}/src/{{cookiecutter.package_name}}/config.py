@@ -313,18 +313,14 @@ def config_error(exc: ValidationError, variable: Callable[[str], str]) -> Config
     return ConfigError("; ".join(lines))
 
 
-def load_settings() -> Settings:
-    """Read the environment, or raise ConfigError with one line per unsafe or invalid variable."""
+def read_settings() -> Settings:
+    """The core's settings from the environment, or ConfigError with one line per invalid variable.
+    Its unsafe ones are `production_problems()`; `settings.load_settings` refuses them together with
+    the baked options'."""
     try:
-        settings = Settings()  # required fields come from the environment
+        return Settings()  # required fields come from the environment
     except ValidationError as exc:
         raise config_error(exc, lambda field: _ENV_NAMES.get(field, "configuration")) from None
-    from . import options  # imported here: options import the security layers, which import this module
-
-    problems = settings.production_problems() + options.settings_problems(settings)
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return settings
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from .runtime import Runtime
-from .security.pipeline import SecuredApp, expected_layers, installed_layers
+from .security.stack import SecuredApp, expected_layers, installed_layers
 from .store.core import RemoteStore
 
 router = APIRouter(prefix="/health", tags=["health"])

@@ -10,67 +10,34 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from . import options
-from .config import Settings, tracing_requested
+from .config import Settings
 from .db import Statements, create_engine, create_sessionmaker
-from .options import Extension
+from .migrations import alembic_config
 from .secret_files import SecretFiles
 from .security.admission import Admission
 from .security.audit import AuditSink, Masker
 from .security.authn import TokenVerifier
 from .security.deprecation import utc_now
-from .security.keys import JwksKeys, KeySource, StaticKey, key_source
+from .security.keys import KeySource, StaticKey, key_source
 from .security.lockout import Lockout
 from .security.ratelimit import RateLimiter, client_bucket
 from .security.revocation import Revocations
-from .store.cluster import ClusterStore
-from .store.core import MemoryStore, RedisStore, RemoteStore
-from .store.sentinel import SentinelStore
+from .store import MemoryStore, RemoteStore, redis_store
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace.export import SpanExporter
-
+    from .extensions import Extension
     from .metrics import Metrics
     from .telemetry import Tracing
 
-MIGRATIONS = f"{__package__}:migrations"
 logger = logging.getLogger(__name__)
 
 
 def migration_heads() -> frozenset[str]:
     """The revisions `alembic upgrade heads` leads to, read once from the packaged migrations."""
-    config = Config()
-    config.set_main_option("script_location", MIGRATIONS)
-    return frozenset(ScriptDirectory.from_config(config).get_heads())
-
-
-def redis_store(settings: Settings) -> RemoteStore:
-    """REDIS_URL (one node, Sentinel or Cluster, by its scheme) behind bounded pools that wait
-    (REDIS_POOL_SIZE per node, REDIS_POOL_TIMEOUT_SECONDS); REDIS_TIMEOUT_SECONDS bounds each round
-    trip, so an unreachable Redis fails fast. REDIS_TLS_* are the CA and client certificate files."""
-    assert settings.redis_url
-    options: dict[str, Any] = dict(
-        timeout=settings.redis_timeout_seconds,
-        pool_size=settings.redis_pool_size,
-        pool_timeout=settings.redis_pool_timeout_seconds,
-    )
-    for option, value in (
-        ("ssl_ca_certs", settings.redis_tls_ca_file),
-        ("ssl_certfile", settings.redis_tls_cert_file),
-        ("ssl_keyfile", settings.redis_tls_key_file),
-    ):
-        if value:
-            options[option] = value
-    topology = settings.redis_topology
-    if topology.kind == "sentinel":
-        return SentinelStore(topology, **options)
-    if topology.kind == "cluster":
-        return ClusterStore(topology, **options)
-    return RedisStore(settings.redis_url, **options)
+    return frozenset(ScriptDirectory.from_config(alembic_config()).get_heads())
 
 
 def watched_secret_files(settings: Settings, keys: KeySource) -> SecretFiles:
@@ -142,8 +109,8 @@ class Runtime:
     draining: bool = False  # shutting down (shutdown.py): /health/ready answers 503
 
     @classmethod
-    def create(cls, settings: Settings, *, span_exporter: SpanExporter | None = None) -> Runtime:
-        """`span_exporter`: trace, and export there (tests), whatever OTEL_* say."""
+    def create(cls, settings: Settings) -> Runtime:
+        """The core's resources; `app.build_runtime` adds the options' extensions, tracing and metrics."""
         engine = create_engine(
             settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
         )
@@ -169,28 +136,7 @@ class Runtime:
             secret_files=watched_secret_files(settings, keys),
             audit_sink=AuditSink(engine, Masker(settings.audit_masked_fields)) if settings.audit_db_enabled else None,
         )
-        runtime.extensions = options.extensions(runtime)
-        runtime.observe(span_exporter)
         return runtime
-
-    def observe(self, span_exporter: SpanExporter | None) -> None:
-        """Tracing and metrics, each only when configured: when off, nothing is imported or wrapped."""
-        if span_exporter is not None or tracing_requested():
-            from .telemetry import Tracing
-
-            tracing = self.tracing = Tracing.create(
-                exporter=span_exporter, log_health_requests=self.settings.log_health_requests
-            )
-            tracing.instrument_engine(self.engine)
-            tracing.trace_statements(self.statements)
-            if isinstance(self.store, RedisStore):
-                tracing.trace_store(self.store)
-            if isinstance(self.keys, JwksKeys):
-                self.keys.client_hook = tracing.instrument_client
-        if self.settings.metrics_port is not None:
-            from .metrics import Metrics
-
-            self.metrics = Metrics(self)
 
     @asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:

@@ -9,11 +9,11 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from {{ cookiecutter.package_name }} import options
+from {{ cookiecutter.package_name }} import extensions
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL
 from {{ cookiecutter.package_name }}.models import Base
 
-options.chosen()  # the baked credential options' modules, which import their own tables' models
+extensions.chosen()  # the baked credential options' modules, which import their own tables' models
 
 target_metadata = Base.metadata
 

@@ -6,16 +6,14 @@ Exit status: 0 when no check fails, 1 when one does, 2 when the command line is 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
-import pkgutil
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import httpx
 
-from .. import options
+from .. import extensions
 from . import authn, bola, cors, errors, headers, health, ratelimit
 from .probe import BudgetExhausted, Probe, Scan, target_url
 from .report import CheckResult, Status, failed, render_json, render_text
@@ -24,10 +22,9 @@ Check = Callable[[Scan], CheckResult]
 
 
 def option_modules() -> list[ModuleType]:
-    """The checks of the baked credential options: `scan/<option>.py`, which exists only in a
-    service baked with that option. Each has NAME, check and optionally add_arguments(parser)."""
-    present = {module.name for module in pkgutil.iter_modules([os.path.dirname(__file__)])}
-    return [importlib.import_module(f"{__package__}.{name}") for name in options.KNOWN if name in present]
+    """The checks of the baked credential options: `options/<option>/scan.py`. Each has NAME,
+    check and optionally add_arguments(parser)."""
+    return extensions.parts("scan")
 
 
 def option_checks() -> tuple[tuple[str, Check], ...]:

@@ -7,8 +7,8 @@ import re
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ..config import SERVICE_NAME, ConfigError, Settings, config_error
-from ..secret_files import read_secret_file
+from ...config import SERVICE_NAME, ConfigError, Settings, config_error
+from ...secret_files import read_secret_file
 
 # Lowercase letters and digits: the key's parts are separated by "_", and a secret scanner's
 # pattern stays a plain literal.

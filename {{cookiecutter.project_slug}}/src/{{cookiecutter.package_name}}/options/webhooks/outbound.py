@@ -7,7 +7,7 @@
 `webhook-signature` header then carries one `v1,` signature per secret, and a receiver that knows
 either accepts it. A retry of the same message keeps its id and is signed again with a new
 timestamp. Standard library only, so it can be copied into any sender; the inbound verifier
-(security/webhooks.py) is a separate implementation, tested against this one and the
+(options/webhooks/authenticator.py) is a separate implementation, tested against this one and the
 specification's test vector.
 """
 

@@ -1,5 +1,4 @@
-"""Scoped API keys (the seed's partner-API row): the layer-4 authenticator, the owner-only routes,
-and the operators' `api-key` commands."""
+"""The operators' `api-key` commands: issue, list, rotate and revoke keys; the scanner rule."""
 
 from __future__ import annotations
 
@@ -10,36 +9,21 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ..api.api_keys import router
-from ..api_keys import store
-from ..api_keys.settings import ApiKeySettings, load_api_key_settings
-from ..config import SERVICE_NAME, ConfigError, Settings, load_settings
-from ..security.api_keys import ApiKeys, LastUsed, scanner_pattern
-from ..security.revocation import Revocations
-from ..store.core import MemoryStore, RemoteStore, StoreBusy, StoreUnavailable
-from . import Extension
+from ...config import SERVICE_NAME, ConfigError
+from ...security.revocation import Revocations
+from ...settings import load_settings
+from ...store.core import MemoryStore, RemoteStore, StoreBusy, StoreUnavailable
+from . import store
+from .authenticator import scanner_pattern
+from .settings import ApiKeySettings, load_api_key_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from ..runtime import Runtime
-
-
-def extension(runtime: Runtime) -> Extension:
-    settings = load_api_key_settings(runtime.settings)
-    last_used = LastUsed(runtime.engine)
-    authenticator = ApiKeys(settings, runtime.statements, runtime.admission, last_used)
-    return Extension(
-        name="api_keys",
-        authenticators=[authenticator],
-        routers=[router],
-        lifespan=last_used.running,
-    )
-
-
-# --- Operators' commands ----------------------------------------------------------------------
 
 DURATION = re.compile(r"^(\d+)([smhd]?)$")
+
+
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -55,15 +39,6 @@ def key_id(text: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{16}", text):
         raise argparse.ArgumentTypeError("a key id is 16 lowercase hex characters (the key's middle part)")
     return text
-
-
-def settings_problems(core: Settings) -> list[str]:
-    """Added to the core's by load_settings: the API_KEY_* variables that are invalid or unsafe."""
-    try:
-        load_api_key_settings(core)
-    except ConfigError as exc:
-        return [str(exc)]
-    return []
 
 
 Action = Callable[["AsyncSession", ApiKeySettings, Revocations], Awaitable[tuple[int, str]]]
@@ -83,8 +58,8 @@ def _run(action: Action) -> int:
             file=sys.stderr,
         )
 
-    from ..db import create_engine, create_sessionmaker
-    from ..runtime import redis_store
+    from ...db import create_engine, create_sessionmaker
+    from ...store import redis_store
 
     async def run() -> tuple[int, str]:
         engine = create_engine(core.database_url)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from sqlalchemy import DateTime, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
-from ..models import Base
+from ...models import Base
 
 KEY_ID_LENGTH = 16  # hex characters of the public id
 HASH_LENGTH = 64  # hex characters of an HMAC-SHA256
@@ -38,6 +38,6 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), default=_now)
     created_by: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    # Updated at most once a minute per key and replica, off the request path (security/api_keys.py).
+    # Updated at most once a minute per key and replica, off the request path (options/api_keys/authenticator.py).
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -13,19 +13,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from pydantic import BaseModel, Field, StringConstraints
 
-from ..api_keys import store
-from ..api_keys.settings import ApiKeySettings
-from ..db import SessionDep
-from ..models import Relation
-from ..security import authz
-from ..security.api_keys import SUBJECT_PREFIX, ApiKeys
-from ..security.authz import ObjectRule, no_object_policy, require_scopes
-from ..security.errors import PROBLEM_RESPONSES, ProblemDetail
-from ..security.events import security_event
-from ..security.principal import Principal
-from ..security.ratelimit import limit
-from ..security.revocation import Revocations
-from .schemas import Strict, Text
+from ...api.schemas import Strict, Text
+from ...db import SessionDep
+from ...models import Relation
+from ...security import authz
+from ...security.authz import ObjectRule, no_object_policy, require_scopes
+from ...security.errors import PROBLEM_RESPONSES, ProblemDetail
+from ...security.events import security_event
+from ...security.principal import Principal
+from ...security.ratelimit import limit
+from ...security.revocation import Revocations
+from . import store
+from .authenticator import SUBJECT_PREFIX, ApiKeys
+from .settings import ApiKeySettings
 
 KEY = "api_key"
 READ, WRITE = "api-keys:read", "api-keys:write"
@@ -124,7 +124,7 @@ router = APIRouter(prefix="/api/v1/api-keys", tags=["api-keys"], responses=PROBL
 
 
 def _settings(request: Request) -> ApiKeySettings:
-    """The settings the running authenticator was built with (options/api_keys.py)."""
+    """The settings the running authenticator was built with (options/api_keys/extension.py)."""
     for extension in request.app.state.runtime.extensions:
         for authenticator in extension.authenticators:
             if isinstance(authenticator, ApiKeys):

@@ -17,10 +17,10 @@ import time
 
 import httpx
 
-from ..webhooks_out import generate_secret, new_message_id, sign
-from .authn import is_problem
-from .probe import Scan
-from .report import CheckResult, Status, verdict
+from ...scan.authn import is_problem
+from ...scan.probe import Scan
+from ...scan.report import CheckResult, Status, verdict
+from .outbound import generate_secret, new_message_id, sign
 
 NAME = "webhooks"
 DEFAULT_PATH = "/api/v1/webhooks"

@@ -8,11 +8,11 @@ import argparse
 import os
 import secrets
 
-from ..api_keys.settings import DEFAULT_PREFIX
-from . import paths
-from .authn import is_problem
-from .probe import Scan
-from .report import CheckResult, verdict
+from ...scan import paths
+from ...scan.authn import is_problem
+from ...scan.probe import Scan
+from ...scan.report import CheckResult, verdict
+from .settings import DEFAULT_PREFIX
 
 NAME = "api_keys"
 

@@ -1,7 +1,7 @@
 """Issuing, listing, rotating and revoking API keys: the writes, shared by the API and the CLI.
 
 The whole key is returned once, by `issue` and `rotate`, and is never stored or logged; the
-database keeps the keyed hash of its secret (security/api_keys.py). Revoking, and rotating without
+database keeps the keyed hash of its secret (options/api_keys/authenticator.py). Revoking, and rotating without
 an overlap, also write to Redis, so replicas that reuse a looked-up key refuse it on its next
 request (the admission script reads the subject's revocation mark and the secret's denylist entry).
 """
@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..security.api_keys import SUBJECT_PREFIX, as_utc, new_key, new_secret, secret_hash, secret_id
-from ..security.revocation import Revocations
+from ...security.revocation import Revocations
+from .authenticator import SUBJECT_PREFIX, as_utc, new_key, new_secret, secret_hash, secret_id
 from .models import ApiKey
 from .settings import ApiKeySettings
 

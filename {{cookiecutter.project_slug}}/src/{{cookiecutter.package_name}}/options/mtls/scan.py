@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from . import paths
-from .probe import Scan
-from .report import CheckResult, verdict
+from ...scan import paths
+from ...scan.probe import Scan
+from ...scan.report import CheckResult, verdict
 
 NAME = "mtls"
 DEFAULT_IDENTITY = "spiffe://scan.invalid/forged"

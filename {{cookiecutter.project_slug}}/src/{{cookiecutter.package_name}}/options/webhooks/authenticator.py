@@ -38,12 +38,12 @@ from typing import NoReturn
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope
 
-from ..config import SERVICE_NAME
-from ..store.core import MemoryStore, RemoteStore, StoreUnavailable
-from .events import security_event
-from .principal import InvalidCredentials, Principal, app_path
-from .revocation import RevocationStoreUnavailable, tag
-from .transport import BodyTooLarge
+from ...config import SERVICE_NAME
+from ...security.events import security_event
+from ...security.principal import InvalidCredentials, Principal, app_path
+from ...security.revocation import RevocationStoreUnavailable, tag
+from ...security.transport import BodyTooLarge
+from ...store.core import MemoryStore, RemoteStore, StoreUnavailable
 
 WEBHOOK_PATH = "/api/v1/webhooks/"
 WEBHOOK_SCOPE = "webhooks:receive"

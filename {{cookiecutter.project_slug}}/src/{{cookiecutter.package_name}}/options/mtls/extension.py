@@ -1,6 +1,6 @@
 """The `mtls` option: internal callers are known by their client certificate (the seed's
-"Internal microservices: mTLS + JWT + RBAC"). See security/mtls.py for what is accepted and
-security/tls_peer.py for how the certificate reaches the pipeline when the service terminates TLS.
+"Internal microservices: mTLS + JWT + RBAC"). See options/mtls/authenticator.py for what is accepted and
+options/mtls/tls_peer.py for how the certificate reaches the pipeline when the service terminates TLS.
 
 Settings (environment variables, validated at start; production refuses unsafe ones by name):
 
@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ..config import ConfigError, Settings, config_error
-from ..security.authn import BearerToken
-from ..security.mtls import ENVOY_HEADER, NGINX_HEADER, ClientCertificate, Mode
-from . import Extension
+from ...config import ConfigError, Settings, config_error
+from ...extensions import Extension
+from ...security.authn import BearerToken
+from .authenticator import ENVOY_HEADER, NGINX_HEADER, ClientCertificate, Mode
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from ...runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def server_options(_settings: Settings) -> dict[str, Any]:
     mtls = load_mtls_settings()
     if not mtls.terminates_tls:
         return {}
-    from ..security.tls_peer import PROTOCOL
+    from .tls_peer import PROTOCOL
 
     return {
         "ssl_certfile": mtls.server_cert,

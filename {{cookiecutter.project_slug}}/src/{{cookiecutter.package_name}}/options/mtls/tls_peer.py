@@ -6,7 +6,7 @@ uvicorn verifies a client certificate at the handshake (`ssl_cert_reqs=CERT_REQU
 extension. These are uvicorn's own HTTP protocol classes, selected with `Config(http=...)`, with one
 addition: on a TLS connection, each request's scope carries `extensions["tls"]` (the ASGI TLS
 extension) with the peer certificate as PEM, read once when the connection is made. The security
-pipeline reads it in security/mtls.py. Nothing else about uvicorn changes.
+pipeline reads it in options/mtls/authenticator.py. Nothing else about uvicorn changes.
 """
 
 from __future__ import annotations

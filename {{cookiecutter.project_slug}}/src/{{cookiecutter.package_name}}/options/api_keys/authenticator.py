@@ -38,14 +38,14 @@ from sqlalchemy import Select, String, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Scope
 
-from ..api_keys.models import ApiKey
-from ..api_keys.settings import ApiKeySettings
-from ..config import IPNetwork
-from ..db import Statements
-from ..store.core import RemoteStore
-from .admission import Admission
-from .lockout import LockedOut
-from .principal import InvalidCredentials, Principal
+from ...config import IPNetwork
+from ...db import Statements
+from ...security.admission import Admission
+from ...security.lockout import LockedOut
+from ...security.principal import InvalidCredentials, Principal
+from ...store.core import RemoteStore
+from .models import ApiKey
+from .settings import ApiKeySettings
 
 SUBJECT_PREFIX = "apikey:"
 SCHEME = "ApiKey"

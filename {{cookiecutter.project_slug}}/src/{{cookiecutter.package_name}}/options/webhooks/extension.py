@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ..api import webhooks as routes
-from ..config import SERVICE_NAME, ConfigError, Settings, config_error
-from ..secret_files import read_secret_file
-from ..security.webhooks import PartnerSecrets, ReplayGuard, WebhookSignature, parse_secrets
-from ..webhooks_out import generate_secret
-from . import Extension
+from ...config import SERVICE_NAME, ConfigError, Settings, config_error
+from ...extensions import Extension
+from ...secret_files import read_secret_file
+from . import routes as routes
+from .authenticator import PartnerSecrets, ReplayGuard, WebhookSignature, parse_secrets
+from .outbound import generate_secret
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from ...runtime import Runtime
 
 
 class WebhookSettings(BaseSettings):

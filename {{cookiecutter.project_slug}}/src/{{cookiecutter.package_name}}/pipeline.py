@@ -9,18 +9,16 @@ that runs before routing, so an anonymous caller is refused before its body is e
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from fastapi import FastAPI
 from starlette.middleware import Middleware
-from starlette.types import ASGIApp, Scope
+from starlette.types import Scope
 
-from ..runtime import Runtime
-from .audit import AuditContext
-from .authn import Authenticate, BearerToken
-from .principal import Authenticator, Principal
-from .ratelimit import RateLimit, client_bucket
-from .transport import BodyLimit, ClientAddress, RefuseWebSocket, SecurityHeaders, StrictCors, TrustedHosts
+from .runtime import Runtime
+from .security.audit import AuditContext
+from .security.authn import Authenticate, BearerToken
+from .security.principal import Authenticator, Principal
+from .security.ratelimit import RateLimit, client_bucket
+from .security.transport import BodyLimit, ClientAddress, RefuseWebSocket, SecurityHeaders, StrictCors, TrustedHosts
 
 
 def security_pipeline(runtime: Runtime) -> list[Middleware]:
@@ -93,46 +91,11 @@ def observers(runtime: Runtime) -> list[Middleware]:
     pipeline at all when off, so they cost nothing then."""
     layers = []
     if runtime.tracing is not None:
-        from ..telemetry import ServerSpan
+        from .telemetry import ServerSpan
 
         layers.append(Middleware(ServerSpan, tracing=runtime.tracing))
     if runtime.metrics is not None:
-        from ..metrics import RequestMetrics
+        from .metrics import RequestMetrics
 
         layers.append(Middleware(RequestMetrics, metrics=runtime.metrics))
     return layers
-
-
-class SecuredApp(FastAPI):
-    """FastAPI with the pipeline wrapped around Starlette's whole stack.
-
-    Starlette puts ServerErrorMiddleware outside all user middleware, so a 500 it sends would
-    skip a headers middleware added with `add_middleware`. Here the pipeline wraps the finished
-    stack instead, and the audit layer catches what escapes it.
-    """
-
-    pipeline: list[Middleware]
-
-    def __init__(self, *, pipeline: list[Middleware], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.pipeline = pipeline
-
-    def build_middleware_stack(self) -> ASGIApp:
-        app = super().build_middleware_stack()
-        for cls, args, kwargs in reversed(self.pipeline):
-            app = cls(app, *args, **kwargs)
-        return app
-
-
-def installed_layers(app: SecuredApp) -> list[str]:
-    """Names of the layers actually built around the app, outermost first."""
-    names: list[str] = []
-    layer: Any = app.middleware_stack
-    while layer is not None and len(names) < 64:
-        names.append(type(layer).__name__)
-        layer = getattr(layer, "app", None)
-    return names
-
-
-def expected_layers(app: SecuredApp) -> list[str]:
-    return [middleware.cls.__name__ for middleware in app.pipeline]  # type: ignore[attr-defined]

@@ -1,6 +1,6 @@
 """The inbound webhook route: what a verified partner message does (an example to replace).
 
-Layer 4 (security/webhooks.py) has verified the signature, the timestamp and that the id is new
+Layer 4 (options/webhooks/authenticator.py) has verified the signature, the timestamp and that the id is new
 before this runs; the body it read is replayed here and parsed only now. The example records the
 message (partner, id, type) once and answers 204: a retry of a message already recorded (after the
 replay window) finds its row and is answered 204 again. If recording fails, the id is forgotten so
@@ -17,14 +17,14 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
-from ..db import SessionDep
-from ..security.authz import no_object_policy
-from ..security.errors import PROBLEM_RESPONSES, ProblemDetail
-from ..security.events import security_event
-from ..security.principal import Principal
-from ..security.webhooks import PARTNER_PATTERN, STATE_KEY, WEBHOOK_PATH, WEBHOOK_SCOPE, VerifiedWebhook
-from ..store.core import StoreBusy, StoreUnavailable
-from ..webhook_models import WebhookEvent
+from ...db import SessionDep
+from ...security.authz import no_object_policy
+from ...security.errors import PROBLEM_RESPONSES, ProblemDetail
+from ...security.events import security_event
+from ...security.principal import Principal
+from ...store.core import StoreBusy, StoreUnavailable
+from .authenticator import PARTNER_PATTERN, STATE_KEY, WEBHOOK_PATH, WEBHOOK_SCOPE, VerifiedWebhook
+from .models import WebhookEvent
 
 router = APIRouter(prefix=WEBHOOK_PATH.rstrip("/"), tags=["webhooks"], responses=PROBLEM_RESPONSES)
 

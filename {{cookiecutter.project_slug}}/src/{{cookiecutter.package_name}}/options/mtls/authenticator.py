@@ -4,7 +4,7 @@ The certificate comes from one of two places:
 
 - the TLS connection itself, when the service terminates TLS and verified the certificate at the
   handshake (`serve` with MTLS_SERVER_CERT, MTLS_SERVER_KEY and MTLS_CLIENT_CA): it is in the ASGI
-  TLS extension, `scope["extensions"]["tls"]["client_cert_chain"]` (security/tls_peer.py);
+  TLS extension, `scope["extensions"]["tls"]["client_cert_chain"]` (options/mtls/tls_peer.py);
 - a header written by a trusted proxy that terminated TLS and verified it (MTLS_PROXY_HEADER:
   nginx's `$ssl_client_escaped_cert` in `X-Client-Cert`, or Envoy's `X-Forwarded-Client-Cert`),
   believed only when the immediate peer is in TRUSTED_PROXIES (security/transport.py decides that).
@@ -31,13 +31,13 @@ from urllib.parse import unquote
 from cryptography import x509
 from starlette.types import Scope
 
-from .authn import BearerToken
-from .events import security_event
-from .lockout import LockedOut
-from .principal import InvalidCredentials, Principal
+from ...security.authn import BearerToken
+from ...security.events import security_event
+from ...security.lockout import LockedOut
+from ...security.principal import InvalidCredentials, Principal
 
 if TYPE_CHECKING:
-    from .admission import Admission
+    from ...security.admission import Admission
 
 Mode = Literal["mtls", "mtls+jwt"]
 NGINX_HEADER = "X-Client-Cert"

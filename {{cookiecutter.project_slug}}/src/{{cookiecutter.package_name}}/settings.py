@@ -1,0 +1,16 @@
+"""The settings every entry point reads (the service, `check-config`, every command): the core's
+(`config.Settings`) and the baked options', refused together, one line per variable."""
+
+from __future__ import annotations
+
+from . import extensions
+from .config import ConfigError, Settings, read_settings
+
+
+def load_settings() -> Settings:
+    """Read the environment, or raise ConfigError with one line per unsafe or invalid variable."""
+    settings = read_settings()
+    problems = settings.production_problems() + extensions.settings_problems(settings)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return settings
