@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 from bake import VARIANTS, report, run
 
+# Each is run as `python <arguments>`, with this venv's tools.
+LINT_IMPORTS = ["-c", "from importlinter.cli import lint_imports_command; lint_imports_command()"]
 CHECKS = {
-    "ruff-check": ["ruff", "check", "."],
-    "ruff-format": ["ruff", "format", "--check", "."],
-    "mypy": ["mypy"],
-    "pytest": ["pytest", "-q", "-p", "no:cacheprovider"],
+    "ruff-check": ["-m", "ruff", "check", "."],
+    "ruff-format": ["-m", "ruff", "format", "--check", "."],
+    "mypy": ["-m", "mypy"],
+    "import-contracts": LINT_IMPORTS,
+    "pytest": ["-m", "pytest", "-q", "-p", "no:cacheprovider"],
 }
 
 
@@ -20,10 +23,10 @@ CHECKS = {
 def test_baked_service_passes(
     installed_project: Path, check: str, request: pytest.FixtureRequest
 ) -> None:
-    # python -m: the tools of this venv, where the baked service is installed.
+    # The tools of this venv, where the baked service is installed.
     command = CHECKS[check]
     if check == "pytest":
         variant = VARIANTS[request.node.callspec.params["installed_project"]]
         command = [*command, *variant.suite]
-    result = run([sys.executable, "-m", *command], cwd=installed_project)
+    result = run([sys.executable, *command], cwd=installed_project)
     assert result.returncode == 0, report(result)

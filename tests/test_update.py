@@ -4,7 +4,9 @@ changed by its owner, then updated to the newest commit with `cruft update`.
 The template's history is made here, in a temporary git repository (no network): commit OLD is
 this working tree with a few changes undone (a security setting of the reverse proxy, a
 Kubernetes manifest the template later added, lines in template-owned files), commit NEW is the
-working tree as it is. The service owner's change is a new route and a changed settings default.
+working tree as it is. The service owner's change is a resource of its own (table, migration, policies, routes, router,
+test) made by the README's steps in owner files only; the template's change touches a security
+module (`security/transport.py`), a settings module, deploy files and the README.
 The update must apply without a conflict or a rejected hunk, bring every template change, keep
 the owner's change, and leave a service whose lint, type check and tests pass.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,24 +39,118 @@ GIT_ENV = {
 }
 OLD_HEADER_TIMEOUT = "client_header_timeout 60s;"
 OLD_TEMPLATE_LINE = "# (an older revision of the template)\n"
-OWNER_ROUTE = '''"""A route of this service's own, added after baking; template updates leave it alone."""
+# The service owner's week (README "Layout", "Your own resource"): a `projects` resource under an
+# org, in owner files only: its table, migration, policies, routes, router and test.
+OWNER_MODEL = '''
 
-from typing import Annotated
+class Project(Base):
+    """A project of an org: the owner's own resource."""
 
-from fastapi import APIRouter
+    __tablename__ = "projects"
 
-from ..security.authn import Principal
-from ..security.authz import no_object_policy
-
-router = APIRouter(prefix="/ping", tags=["ping"])
-
-CanPing = Annotated[Principal, no_object_policy(scopes=["orgs:read"])]
-
-
-@router.get("")
-async def ping(principal: CanPing) -> dict[str, str]:
-    return {"pong": principal.subject}
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
 '''
+OWNER_MIGRATION = '''"""projects: the owner's own table."""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0100"
+down_revision: str | None = "0002"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "projects",
+        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("org_id", sa.Uuid(), nullable=False),
+        sa.Column("name", sa.String(length=100), nullable=False),
+        sa.ForeignKeyConstraint(["org_id"], ["orgs.id"], name=op.f("fk_projects_org_id_orgs"), ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_projects")),
+    )
+    op.create_index(op.f("ix_projects_org_id"), "projects", ["org_id"], unique=False)
+
+
+def downgrade() -> None:
+    op.drop_index(op.f("ix_projects_org_id"), table_name="projects")
+    op.drop_table("projects")
+'''
+OWNER_POLICIES = '''
+
+CanReadProjects = Annotated[uuid.UUID, org_relation(Relation.viewer, scopes=["orgs:read"])]
+CanWriteProjects = Annotated[uuid.UUID, org_relation(Relation.editor, scopes=["orgs:write"])]
+'''
+OWNER_ROUTES = '''"""The projects of an org: the service's own resource, added after baking."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, HTTPException, status
+
+from ..db import SessionDep
+from ..models import Project
+from ..security.validation import Strict
+from .deps import CanReadProjects, CanWriteProjects
+from .schemas import Name
+
+router = APIRouter(prefix="/orgs/{org_id}/projects", tags=["projects"])
+
+
+class ProjectIn(Strict):
+    name: Name
+
+
+class ProjectOut(Strict):
+    id: uuid.UUID
+    org_id: uuid.UUID
+    name: str
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def create_project(org_id: CanWriteProjects, body: ProjectIn, session: SessionDep) -> ProjectOut:
+    project = Project(org_id=org_id, name=body.name)
+    session.add(project)
+    await session.commit()
+    return ProjectOut(id=project.id, org_id=org_id, name=project.name)
+
+
+@router.get("/{project_id}")
+async def get_project(org_id: CanReadProjects, project_id: uuid.UUID, session: SessionDep) -> ProjectOut:
+    project = await session.get(Project, project_id)
+    if project is None or project.org_id != org_id:
+        raise HTTPException(404)
+    return ProjectOut(id=project.id, org_id=org_id, name=project.name)
+'''
+OWNER_TEST = '''"""The projects resource: created by an org's editor, read by its viewers, refused to others."""
+
+from __future__ import annotations
+
+import httpx
+
+from .conftest import TokenFactory, bearer
+
+
+async def test_an_orgs_viewer_reads_its_project_and_a_stranger_is_refused(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    alice, mallory = bearer(make_token("alice")), bearer(make_token("mallory"))
+    org = (await client.post("/api/v1/orgs", json={"name": "Acme"}, headers=alice)).json()["id"]
+    created = await client.post(f"/api/v1/orgs/{org}/projects", json={"name": "Apollo"}, headers=alice)
+    assert created.status_code == 201, created.text
+    project = created.json()["id"]
+    read = await client.get(f"/api/v1/orgs/{org}/projects/{project}", headers=alice)
+    assert read.status_code == 200 and read.json()["name"] == "Apollo"
+    assert (await client.get(f"/api/v1/orgs/{org}/projects/{project}", headers=mallory)).status_code == 403
+    refused = await client.post(f"/api/v1/orgs/{org}/projects", json={"name": "Mine"}, headers=mallory)
+    assert refused.status_code == 403
+'''
+# Each owner file and what the owner writes there.
+OWNER_FILES = ("models.py", "api/deps.py", "api/projects.py", "api/__init__.py", "migrations/versions/0100_projects.py")
 
 
 def git(*args: str, cwd: Path) -> str:
@@ -111,17 +206,18 @@ def make_template_history(template: Path) -> tuple[str, str]:
 
 
 def change_the_service(project: Path) -> None:
-    """What a service owner does: a route of their own and a different settings default."""
+    """What a service owner does: a resource of their own, by the README's steps, in owner files."""
     package = project / "src" / PACKAGE
-    (package / "api" / "ping.py").write_text(OWNER_ROUTE)
+    models = package / "models.py"
+    models.write_text(models.read_text() + OWNER_MODEL)
+    (package / "migrations" / "versions" / "0100_projects.py").write_text(OWNER_MIGRATION)
+    deps = package / "api" / "deps.py"
+    deps.write_text(deps.read_text() + OWNER_POLICIES)
+    (package / "api" / "projects.py").write_text(OWNER_ROUTES)
     api = package / "api" / "__init__.py"
-    edit(api, "from . import orgs, users", "from . import orgs, ping, users")
-    api.write_text(api.read_text() + "router.include_router(ping.router)\n")
-    config = package / "config.py"
-    text = config.read_text()
-    changed = re.sub(r"(jwt_jwks_refresh_seconds: int = Field\()300\b", r"\g<1>600", text, count=1)
-    assert changed != text, f"{config}: the jwt_jwks_refresh_seconds default moved; update {__file__}"
-    config.write_text(changed)
+    edit(api, "from . import orgs, users", "from . import orgs, projects, users")
+    api.write_text(api.read_text() + "router.include_router(projects.router)\n")
+    (project / "tests" / "test_projects.py").write_text(OWNER_TEST)
 
 
 def overlay_python(tmp_path: Path, project: Path) -> Path:
@@ -160,9 +256,10 @@ def updated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, s
     git("commit", "-q", "-m", "baked from the template", cwd=project)
     change_the_service(project)
     git("add", "-A", cwd=project)
-    git("commit", "-q", "-m", "our route and settings", cwd=project)
+    git("commit", "-q", "-m", "our projects resource", cwd=project)
+    # `make update-template`, with this venv's cruft.
     update = subprocess.run(
-        [sys.executable, "-m", "cruft", "update", "--skip-apply-ask"],
+        ["make", "--no-print-directory", "update-template", f"VENV={Path(sys.executable).parent.parent}"],
         cwd=project,
         env=GIT_ENV,
         stdin=subprocess.DEVNULL,
@@ -216,18 +313,29 @@ def test_the_update_brings_every_template_change(updated: tuple[Path, str, str, 
     }
 
 
-def test_the_owners_change_survives_the_update(updated: tuple[Path, str, str, subprocess.CompletedProcess[str]]) -> None:
+def test_the_owners_resource_survives_the_update(updated: tuple[Path, str, str, subprocess.CompletedProcess[str]]) -> None:
     project, *_ = updated
     package = project / "src" / PACKAGE
-    assert (package / "api" / "ping.py").read_text() == OWNER_ROUTE
-    assert "router.include_router(ping.router)" in (package / "api" / "__init__.py").read_text()
-    assert "jwt_jwks_refresh_seconds: int = Field(600" in (package / "config.py").read_text()
+    assert (package / "api" / "projects.py").read_text() == OWNER_ROUTES
+    assert (package / "migrations" / "versions" / "0100_projects.py").read_text() == OWNER_MIGRATION
+    assert (project / "tests" / "test_projects.py").read_text() == OWNER_TEST
+    assert (package / "models.py").read_text().endswith(OWNER_MODEL)
+    assert (package / "api" / "deps.py").read_text().endswith(OWNER_POLICIES)
+    assert "router.include_router(projects.router)" in (package / "api" / "__init__.py").read_text()
+    # The owner touched no template file: the update's commit range and theirs do not meet.
+    owned = set(git("diff", "--name-only", "HEAD~1", "HEAD", cwd=project).split())
+    assert owned == {f"src/{PACKAGE}/{path}" for path in OWNER_FILES} | {"tests/test_projects.py"}
 
 
 CHECKS: dict[str, Callable[[Path], list[str]]] = {
     "ruff-check": lambda python: [str(python), "-m", "ruff", "check", "."],
     "ruff-format": lambda python: [str(python), "-m", "ruff", "format", "--check", "."],
     "mypy": lambda python: [str(python), "-m", "mypy"],
+    "import-contracts": lambda python: [
+        str(python),
+        "-c",
+        "from importlinter.cli import lint_imports_command; lint_imports_command()",
+    ],
     "pytest": lambda python: [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"],
 }
 

@@ -27,9 +27,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from {{ cookiecutter.package_name }} import health
 from {{ cookiecutter.package_name }}.app import create_app
-from {{ cookiecutter.package_name }}.models import Org
 from {{ cookiecutter.package_name }}.runtime import Runtime
-from {{ cookiecutter.package_name }}.security import authz
+from {{ cookiecutter.package_name }}.security import policy
 from {{ cookiecutter.package_name }}.security.principal import API_PREFIX
 from {{ cookiecutter.package_name }}.security.ratelimit import client_address, subject
 from {{ cookiecutter.package_name }}.security.stack import SecuredApp
@@ -125,21 +124,21 @@ class AuthenticatedOnce:
 
 def skip_object_checks(app: FastAPI) -> None:
     """The permission lookup switched off: every object check's statement no longer asks the
-    permissions table. `read_org` still reads the org (by its id alone), the plain checks select a
+    permissions table. `read_with_relation` still reads the object (by its id alone), the plain checks select a
     constant; the dependencies, their scope checks and the round trip to the database stay, so
     what this variant saves is the lookup itself. (A `dependency_overrides` entry would cost more
     than it saves: FastAPI analyses an override's signature on every request.)"""
-    if not hasattr(authz, "_org_read_query") or not hasattr(authz, "_holds_query"):
-        raise SystemExit("security.authz has no _org_read_query/_holds_query; bench/apps.py needs updating")
+    if not hasattr(policy, "_read_query") or not hasattr(policy, "_holds_query"):
+        raise SystemExit("security.policy has no _read_query/_holds_query; bench/apps.py needs updating")
 
-    def org_by_id(_relation: Any) -> Any:
-        return select(Org.id, Org.name, Org.created_at).where(Org.id == bindparam("org_id", None, type_=Org.id.type))
+    def by_id(_resource_type: Any, _relation: Any, columns: Any) -> Any:
+        return select(*columns).where(columns[0] == bindparam("object_id", None, type_=columns[0].type))
 
     def anything(_resource_type: Any, _relation: Any) -> Any:
         return select(literal(1))
 
-    authz._org_read_query = org_by_id  # type: ignore[assignment]
-    authz._holds_query = anything  # type: ignore[assignment]
+    policy._read_query = by_id  # type: ignore[assignment]
+    policy._holds_query = anything  # type: ignore[assignment]
 
 
 def use_slowapi(app: SecuredApp, runtime: Runtime, *, swallow_errors: bool) -> None:

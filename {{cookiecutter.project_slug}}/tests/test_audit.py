@@ -25,7 +25,8 @@ from sqlalchemy.exc import DBAPIError
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
 from {{ cookiecutter.package_name }}.db import create_engine
-from {{ cookiecutter.package_name }}.security.audit import Masker, service_log_handler
+from {{ cookiecutter.package_name }}.security.logs import service_log_handler
+from {{ cookiecutter.package_name }}.security.masking import Masker
 
 from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, pseudonym, running
 

@@ -16,8 +16,8 @@ import pytest
 from fastapi import FastAPI
 
 from {{ cookiecutter.package_name }}.api.legacy import GET_ORG_V0
-from {{ cookiecutter.package_name }}.security.audit import service_log_handler
 from {{ cookiecutter.package_name }}.security.deprecation import Deprecation
+from {{ cookiecutter.package_name }}.security.logs import service_log_handler
 
 from .conftest import TokenFactory, bearer, pseudonym
 

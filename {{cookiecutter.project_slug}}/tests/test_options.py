@@ -9,7 +9,7 @@ from {{ cookiecutter.package_name }} import extensions
 from {{ cookiecutter.package_name }}.cli import build_parser
 from {{ cookiecutter.package_name }}.runtime import Runtime
 from {{ cookiecutter.package_name }}.security.authn import Authenticate, BearerToken
-from {{ cookiecutter.package_name }}.security.authz import _flat_routes
+from {{ cookiecutter.package_name }}.security.route_policy import _flat_routes
 from {{ cookiecutter.package_name }}.security.stack import SecuredApp
 
 # The answers this service was baked with.

@@ -13,8 +13,9 @@ import pytest
 from fastapi import FastAPI
 
 from {{ cookiecutter.package_name }}.api.users import MAX_PAGE_SIZE
-from {{ cookiecutter.package_name }}.models import Permission, Relation
-from {{ cookiecutter.package_name }}.security import authz
+from {{ cookiecutter.package_name }}.domain import ORG
+from {{ cookiecutter.package_name }}.security import grants
+from {{ cookiecutter.package_name }}.tables import Permission, Relation
 
 from .conftest import TokenFactory, bearer
 from .test_errors import assert_problem
@@ -153,8 +154,8 @@ def demoted_after_the_check(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Ca
             if rows and values.get("subject") == subject:
                 monkeypatch.setattr(reads, "fetch", real_fetch)  # once
                 async with app.state.runtime.sessionmaker() as session:
-                    await authz.set_relation(
-                        session, authz.ORG, org, subject, Relation.viewer, granted_by="alice", acting_owner="alice"
+                    await grants.set_relation(
+                        session, ORG, org, subject, Relation.viewer, granted_by="alice", acting_owner="alice"
                     )
                     await session.commit()
             return rows

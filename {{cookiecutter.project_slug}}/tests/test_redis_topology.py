@@ -24,9 +24,10 @@ import {{ cookiecutter.package_name }}.security
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import ConfigError, Settings
 from {{ cookiecutter.package_name }}.security.admission import ADDRESS_CHECK, SUBJECT_CHECK, Admission
+from {{ cookiecutter.package_name }}.security.limiter import WINDOW, Policy, RateLimiter, window
 from {{ cookiecutter.package_name }}.security.lockout import Lockout
 from {{ cookiecutter.package_name }}.security.principal import Principal
-from {{ cookiecutter.package_name }}.security.ratelimit import WINDOW, Policy, RateLimiter, client_bucket, window
+from {{ cookiecutter.package_name }}.security.ratelimit import client_bucket
 from {{ cookiecutter.package_name }}.security.revocation import Revocations, tag
 from {{ cookiecutter.package_name }}.settings import load_settings
 from {{ cookiecutter.package_name }}.store import redis_store

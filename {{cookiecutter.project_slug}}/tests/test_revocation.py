@@ -23,8 +23,9 @@ from {{ cookiecutter.package_name }}.config import SERVICE_NAME, Settings
 from {{ cookiecutter.package_name }}.security.admission import Admission
 from {{ cookiecutter.package_name }}.security.authn import Authenticate, BearerToken, TokenVerifier
 from {{ cookiecutter.package_name }}.security.keys import key_source
+from {{ cookiecutter.package_name }}.security.limiter import RateLimiter
 from {{ cookiecutter.package_name }}.security.lockout import Lockout
-from {{ cookiecutter.package_name }}.security.ratelimit import RateLimiter, client_address
+from {{ cookiecutter.package_name }}.security.ratelimit import client_address
 from {{ cookiecutter.package_name }}.security.revocation import Revocations, tag
 from {{ cookiecutter.package_name }}.store.core import RedisStore
 

@@ -1,6 +1,6 @@
 """Every /api/ route declares its scopes and its object policy. A route added without one fails
 this module: the walk inspects each route's dependency tree for the marks `require_scopes`,
-`require_org_relation` and `no_object_policy` leave."""
+`require_relation`, `read_with_relation` and `no_object_policy` leave."""
 
 from __future__ import annotations
 
@@ -10,14 +10,9 @@ from starlette.routing import Mount
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
-from {{ cookiecutter.package_name }}.models import Relation
-from {{ cookiecutter.package_name }}.security.authz import (
-    _RULE,
-    ObjectRule,
-    no_object_policy,
-    require_scopes,
-    route_policies,
-)
+from {{ cookiecutter.package_name }}.security.policy import RULE_ATTRIBUTE, ObjectRule, no_object_policy, require_scopes
+from {{ cookiecutter.package_name }}.security.route_policy import route_policies
+from {{ cookiecutter.package_name }}.tables import Relation
 
 NO_OBJECT = ObjectRule(None, None)
 
@@ -58,7 +53,7 @@ def test_a_route_added_without_a_policy_fails_the_walk(settings: Settings) -> No
 
     assert unguarded(app) == [
         "GET /api/v1/reports/{org_id}: declares no scopes (require_scopes); "
-        "declares no object policy (require_org_relation or no_object_policy)"
+        "declares no object policy (require_relation, read_with_relation or no_object_policy)"
     ]
 
 
@@ -73,7 +68,7 @@ def test_a_route_without_a_policy_in_an_included_router_fails_the_walk(settings:
     app.include_router(router)
     assert unguarded(app) == [
         "DELETE /api/v2/orgs/{org_id}: declares no scopes (require_scopes); "
-        "declares no object policy (require_org_relation or no_object_policy)"
+        "declares no object policy (require_relation, read_with_relation or no_object_policy)"
     ]
 
 
@@ -81,7 +76,7 @@ def test_a_route_with_scopes_but_no_object_policy_fails_the_walk(settings: Setti
     app = create_app(settings)
     app.get("/api/v1/reports", dependencies=[require_scopes("orgs:read")])(lambda: {})
     assert unguarded(app) == [
-        "GET /api/v1/reports: declares no object policy (require_org_relation or no_object_policy)"
+        "GET /api/v1/reports: declares no object policy (require_relation, read_with_relation or no_object_policy)"
     ]
 
 
@@ -92,7 +87,7 @@ def test_an_object_check_not_chained_after_the_scope_check_fails_the_walk(settin
     async def org_check(org_id: str) -> str:
         return org_id
 
-    setattr(org_check, _RULE, ObjectRule("org", Relation.viewer))  # an object check, but not chained
+    setattr(org_check, RULE_ATTRIBUTE, ObjectRule("org", Relation.viewer))  # an object check, but not chained
     app.get("/api/v1/reports/{org_id}", dependencies=[require_scopes("orgs:read"), Depends(org_check)])(lambda: {})
     assert unguarded(app) == ["GET /api/v1/reports/{org_id}: object check does not depend on a scope check"]
 

@@ -12,10 +12,11 @@ from .api import legacy
 from .config import SERVICE_NAME, Settings, tracing_requested
 from .openapi import problem_openapi
 from .pipeline import security_pipeline
+from .resources import attach
 from .runtime import Runtime
-from .security.audit import configure_logging
 from .security.errors import install_error_handlers
 from .security.keys import JwksKeys
+from .security.logs import configure_logging
 from .security.ratelimit import RouteLimitExceeded, route_limit_exceeded
 from .security.stack import SecuredApp
 from .settings import load_settings
@@ -46,7 +47,7 @@ def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter 
         # audit layer has decided the trace id; telemetry.py makes it inside, with that trace id.
         telemetry=dict(tracing=False, metrics=False, logs=False, auto_configure=False),
     )
-    app.state.runtime = runtime
+    attach(app, runtime)
     install_error_handlers(app)
     app.add_exception_handler(RouteLimitExceeded, route_limit_exceeded)
     app.include_router(health.router)

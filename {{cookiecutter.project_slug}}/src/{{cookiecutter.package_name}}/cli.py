@@ -19,10 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import extensions
 from .config import SERVICE_NAME, ConfigError, Settings, tracing_requested
-from .models import Relation
+from .domain import GRANT_TARGET
+from .resources import app_runtime
 from .security.revocation import MAX_ID_LENGTH, Revocations
 from .settings import load_settings
 from .store.core import StoreBusy, StoreUnavailable
+from .tables import Relation
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -115,11 +117,7 @@ def revoke_subject(args: argparse.Namespace) -> int:
 
 
 def _revoke(action: Callable[[Revocations], Awaitable[str]]) -> int:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
-        return 1
+    settings = load_settings()
     if not settings.redis_url:
         print("REDIS_URL is required: the running service reads revocations from Redis", file=sys.stderr)
         return 2
@@ -177,7 +175,7 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     server = DrainingServer(
         uvicorn.Config(app, host=host, port=port, **server_options(settings, option_server_options)),
-        app.state.runtime,
+        app_runtime(app),
         settings.shutdown_drain_seconds,
     )
     server.run()
@@ -222,11 +220,7 @@ def audit_pseudonym(args: argparse.Namespace) -> int:
     """Print the pseudonym under which the audit log names a subject, to search the log for it."""
     from .security.pseudonyms import Pseudonyms
 
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
-        return 1
+    settings = load_settings()
     key = settings.audit_pseudonym_key_bytes
     if key is None:
         print("AUDIT_PSEUDONYM_KEY is not set: the service used a key of its own process", file=sys.stderr)
@@ -236,58 +230,60 @@ def audit_pseudonym(args: argparse.Namespace) -> int:
 
 
 def grant(args: argparse.Namespace) -> int:
-    """Give a subject a relation on an org, e.g. its first owner. Takes effect on the next request."""
+    """Give a subject a relation on an object (domain.GRANT_TARGET: an org in the example), e.g. its
+    first owner. Takes effect on the next request."""
     return _change_grant(args, args.relation)
 
 
 def revoke_grant(args: argparse.Namespace) -> int:
-    """Remove a subject's grant on an org. Takes effect on the next request; the last owner stays."""
+    """Remove a subject's grant on an object. Takes effect on the next request; the last owner stays."""
     return _change_grant(args, None)
 
 
 def _change_grant(args: argparse.Namespace, relation: str | None) -> int:
-    from .security.authz import SUBJECT_PATTERN
+    from .security.grants import SUBJECT_PATTERN
 
     if not re.fullmatch(SUBJECT_PATTERN, args.sub):
         print(f"--sub must match {SUBJECT_PATTERN}", file=sys.stderr)
         return 2
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
-        return 1
-    ok, message = asyncio.run(_apply_grant(settings.database_url, args.org, args.sub, relation))
+    settings = load_settings()
+    object_id = getattr(args, GRANT_TARGET.noun)
+    ok, message = asyncio.run(_apply_grant(settings.database_url, object_id, args.sub, relation))
     print(message, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
 
-async def _apply_grant(database_url: str, org_id: uuid.UUID, subject: str, relation: str | None) -> tuple[bool, str]:
+async def _apply_grant(database_url: str, object_id: object, subject: str, relation: str | None) -> tuple[bool, str]:
+    from . import models
     from .db import create_engine, create_sessionmaker
-    from .models import Org
-    from .security import authz
+    from .security import grants
 
+    target = GRANT_TARGET
+    named = f"{target.noun} {object_id}"
     engine = create_engine(database_url)
     try:
         async with create_sessionmaker(engine)() as session:
-            if await session.get(Org, org_id) is None:
-                return False, f"no org {org_id}"
+            if await session.get(getattr(models, target.table), object_id) is None:
+                return False, f"no {named}"
             try:
                 if relation is None:
-                    if not await authz.revoke(session, authz.ORG, str(org_id), subject, acting_owner=None):
-                        return False, f"{subject} holds no grant on org {org_id}"
-                    message = f"revoked the grant of {subject} on org {org_id}"
+                    if not await grants.revoke(
+                        session, target.resource_type, str(object_id), subject, acting_owner=None
+                    ):
+                        return False, f"{subject} holds no grant on {named}"
+                    message = f"revoked the grant of {subject} on {named}"
                 else:
-                    await authz.set_relation(
+                    await grants.set_relation(
                         session,
-                        authz.ORG,
-                        str(org_id),
+                        target.resource_type,
+                        str(object_id),
                         subject,
                         Relation(relation),
                         granted_by=f"cli:{SERVICE_NAME}",
                         acting_owner=None,  # an operator with database access, not a caller of the API
                     )
-                    message = f"{subject} is now {relation} of org {org_id}"
-            except authz.GrantRefused as refused:
+                    message = f"{subject} is now {relation} of {named}"
+            except grants.GrantRefused as refused:
                 return False, str(refused)
             await session.commit()
             return True, message
@@ -342,14 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     pseudonym.set_defaults(handler=audit_pseudonym)
 
     relations = [relation.value for relation in Relation]
-    give = commands.add_parser("grant", help="give a subject a relation on an org (e.g. its first owner)")
+    noun = GRANT_TARGET.noun
+    give = commands.add_parser("grant", help=f"give a subject a relation on an {noun} (e.g. its first owner)")
     give.add_argument("--sub", required=True, help="the token subject (`sub` claim)")
-    give.add_argument("--org", required=True, type=uuid.UUID, help="the org id")
+    give.add_argument(f"--{noun}", required=True, type=GRANT_TARGET.parse_id, help=f"the {noun} id")
     give.add_argument("--relation", required=True, choices=relations)
     give.set_defaults(handler=grant)
-    take = commands.add_parser("revoke-grant", help="remove a subject's grant on an org")
+    take = commands.add_parser("revoke-grant", help=f"remove a subject's grant on an {noun}")
     take.add_argument("--sub", required=True, help="the token subject (`sub` claim)")
-    take.add_argument("--org", required=True, type=uuid.UUID, help="the org id")
+    take.add_argument(f"--{noun}", required=True, type=GRANT_TARGET.parse_id, help=f"the {noun} id")
     take.set_defaults(handler=revoke_grant)
 
     extensions.add_commands(commands)  # the baked credential options' commands
@@ -359,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Command = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except ConfigError as exc:  # every command refuses an invalid or unsafe setting alike, by name
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

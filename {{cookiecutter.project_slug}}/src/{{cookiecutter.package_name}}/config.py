@@ -6,7 +6,7 @@ import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from functools import cached_property
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from limits import RateLimitItem, parse
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -40,6 +40,16 @@ def _split_commas(value: object) -> object:
 
 class ConfigError(Exception):
     """The environment describes a service that must not start. The message names the variable."""
+
+
+def _none_if_empty(cls: type, value: object) -> object:
+    return None if value == "" else value
+
+
+def empty_is_unset(*fields: str) -> Any:
+    """A validator for a settings class: an empty variable (`NAME=`, as compose and Kubernetes
+    write an unset one) counts as unset for `fields`."""
+    return field_validator(*fields, mode="before")(_none_if_empty)
 
 
 class Settings(BaseSettings):
@@ -134,15 +144,7 @@ class Settings(BaseSettings):
             return {"x-forwarded-for": "X-Forwarded-For", "forwarded": "Forwarded"}.get(value.strip().lower(), value)
         return value
 
-    @field_validator("metrics_port", mode="before")
-    @classmethod
-    def _empty_port_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
-
-    @field_validator("audit_pseudonym_key", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
+    _empty_is_unset = empty_is_unset("metrics_port", "audit_pseudonym_key")
 
     @field_validator("jwt_public_key")
     @classmethod

@@ -16,6 +16,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.sql.dml import ReturningInsert
 
+from .resources import runtime_of
+
 AnyStatement: TypeAlias = Select[*tuple[Any, ...]] | ReturningInsert[*tuple[Any, ...]]
 
 
@@ -50,7 +52,7 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with request.app.state.runtime.sessionmaker() as session:
+    async with runtime_of(request).sessionmaker() as session:
         yield session
 
 

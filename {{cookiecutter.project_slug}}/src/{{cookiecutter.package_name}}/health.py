@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from .resources import runtime_of
 from .runtime import Runtime
 from .security.stack import SecuredApp, expected_layers, installed_layers
 from .store.core import RemoteStore
@@ -76,10 +77,10 @@ DRAINING = Ready(status="fail", checks={"shutdown": "fail"})
 
 @router.get("/ready", response_model=Ready, responses={503: {"model": Ready, "description": "Not ready"}})
 async def ready(request: Request) -> JSONResponse:
-    state = request.app.state
-    if state.runtime.draining:
+    runtime = runtime_of(request)
+    if runtime.draining:
         return JSONResponse(DRAINING.model_dump(), status_code=503)
-    result = await readiness_of(request.app).get(request.app, state.runtime)
+    result = await readiness_of(request.app).get(request.app, runtime)
     return JSONResponse(result.model_dump(), status_code=200 if result.status == "ok" else 503)
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -18,12 +18,14 @@ from .db import Statements, create_engine, create_sessionmaker
 from .migrations import alembic_config
 from .secret_files import SecretFiles
 from .security.admission import Admission
-from .security.audit import AuditSink, Masker
+from .security.audit_sink import AuditSink
 from .security.authn import TokenVerifier
 from .security.deprecation import utc_now
 from .security.keys import KeySource, StaticKey, key_source
+from .security.limiter import RateLimiter
 from .security.lockout import Lockout
-from .security.ratelimit import RateLimiter, client_bucket
+from .security.masking import Masker
+from .security.ratelimit import client_bucket
 from .security.revocation import Revocations
 from .store import MemoryStore, RemoteStore, redis_store
 
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from .telemetry import Tracing
 
 logger = logging.getLogger(__name__)
+E = TypeVar("E", bound="Extension")
 
 
 def migration_heads() -> frozenset[str]:
@@ -62,7 +65,7 @@ class _ServiceGc:
     walk all of it (they cost 180 ms each, the p99's worst spikes). The first generation is
     collected after 10,000 net new objects instead of 700: a request in flight holds a few
     hundred, so at 700 the collector ran every 20 requests or so to find nothing, about 20 µs a
-    request (docs/benchmarks.md). Undone, the old apps of a test process can be collected again.
+    request (measured with `python -m bench`). Undone, the old apps of a test process can be collected again.
     """
 
     def __init__(self) -> None:
@@ -137,6 +140,13 @@ class Runtime:
             audit_sink=AuditSink(engine, Masker(settings.audit_masked_fields)) if settings.audit_db_enabled else None,
         )
         return runtime
+
+    def extension(self, kind: type[E]) -> E:
+        """The running extension of one baked option, by its type (e.g. `ApiKeysExtension`)."""
+        for extension in self.extensions:
+            if isinstance(extension, kind):
+                return extension
+        raise LookupError(f"{kind.__name__} is not running in this service")
 
     @asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:

@@ -1,21 +1,48 @@
 """The authorization policy of each route of the example API, one alias per row of the SPEC
 table: the scopes the token must carry, then the relation the caller must hold on the org in
-the path. A route states its policy by naming one of these in its signature."""
+the path (the template's policy API, `security/policy.py`). A route states its policy by naming
+one of these in its signature."""
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
-from ..models import Relation
-from ..security.authz import OrgRow, no_object_policy, read_org, require_org_relation
+from ..domain import ORG
+from ..models import Org
+from ..security.policy import no_object_policy, read_with_relation, require_relation
 from ..security.principal import Principal
+from ..tables import Relation
+
+
+@dataclass(frozen=True, slots=True)
+class OrgRow:
+    id: uuid.UUID
+    name: str
+    created_at: datetime
+
+
+def org_relation(relation: Relation, *, scopes: list[str]) -> object:
+    """The caller holds `relation` (or higher) on the org in the path (`org_id`)."""
+    return require_relation(ORG, relation, param="org_id", scopes=scopes)
+
 
 CanCreateOrg = Annotated[Principal, no_object_policy(scopes=["orgs:write"])]
 # The org itself, read with the permission check in one statement.
-ReadableOrg = Annotated[OrgRow, read_org(Relation.viewer, scopes=["orgs:read"])]
-CanManageGrants = Annotated[uuid.UUID, require_org_relation(Relation.owner, scopes=["orgs:write"])]
-CanReadUsers = Annotated[uuid.UUID, require_org_relation(Relation.viewer, scopes=["users:read"])]
-CanWriteUsers = Annotated[uuid.UUID, require_org_relation(Relation.admin, scopes=["users:write"])]
+ReadableOrg = Annotated[
+    OrgRow,
+    read_with_relation(
+        ORG,
+        Relation.viewer,
+        param="org_id",
+        scopes=["orgs:read"],
+        columns=(Org.id, Org.name, Org.created_at),
+        into=OrgRow,
+    ),
+]
+CanManageGrants = Annotated[uuid.UUID, org_relation(Relation.owner, scopes=["orgs:write"])]
+CanReadUsers = Annotated[uuid.UUID, org_relation(Relation.viewer, scopes=["users:read"])]
+CanWriteUsers = Annotated[uuid.UUID, org_relation(Relation.admin, scopes=["users:write"])]
 
 
 def as_utc(moment: datetime) -> datetime:

@@ -7,18 +7,21 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Response, status
 
 from ..db import SessionDep
-from ..models import Org, Permission, Relation
-from ..security import authz
+from ..domain import ORG
+from ..models import Org
+from ..security import grants
 from ..security.errors import ProblemDetail
 from ..security.events import security_event
 from ..security.principal import CurrentPrincipal
 from ..security.ratelimit import limit
+from ..tables import Permission, Relation
 from .deps import CanCreateOrg, CanManageGrants, ReadableOrg, as_utc
 from .schemas import GrantOut, GrantPut, OrgCreate, OrgOut
 
 router = APIRouter(prefix="/orgs", tags=["orgs"])
 
-Subject = Annotated[str, Path(pattern=authz.SUBJECT_PATTERN)]
+LAST_OWNER = "An org must keep at least one owner."
+Subject = Annotated[str, Path(pattern=grants.SUBJECT_PATTERN)]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -30,7 +33,7 @@ async def create_org(body: OrgCreate, principal: CanCreateOrg, session: SessionD
     session.add(
         Permission(
             subject=principal.subject,
-            resource_type=authz.ORG,
+            resource_type=ORG,
             resource_id=str(org.id),
             relation=Relation.owner,
             created_by=principal.subject,
@@ -63,18 +66,20 @@ async def put_grant(
     while the request ran (the owner check is repeated inside the write)."""
     await _org(session, org_id)
     try:
-        created = await authz.set_relation(
+        created = await grants.set_relation(
             session,
-            authz.ORG,
+            ORG,
             str(org_id),
             subject,
             body.relation,
             granted_by=principal.subject,
             acting_owner=principal.subject,
         )
-    except authz.GrantRefused as refused:
+    except grants.LastOwner:
+        raise HTTPException(409, ProblemDetail(LAST_OWNER)) from None
+    except grants.GrantRefused as refused:
         raise HTTPException(409, ProblemDetail(str(refused))) from None
-    except authz.NoLongerOwner:
+    except grants.NoLongerOwner:
         raise _demoted_meanwhile(principal.subject, org_id) from None
     await session.commit()
     if created:
@@ -90,10 +95,12 @@ async def delete_grant(
     owner; 403 when the caller was demoted while the request ran."""
     await _org(session, org_id)
     try:
-        revoked = await authz.revoke(session, authz.ORG, str(org_id), subject, acting_owner=principal.subject)
-    except authz.GrantRefused as refused:
+        revoked = await grants.revoke(session, ORG, str(org_id), subject, acting_owner=principal.subject)
+    except grants.LastOwner:
+        raise HTTPException(409, ProblemDetail(LAST_OWNER)) from None
+    except grants.GrantRefused as refused:
         raise HTTPException(409, ProblemDetail(str(refused))) from None
-    except authz.NoLongerOwner:
+    except grants.NoLongerOwner:
         raise _demoted_meanwhile(principal.subject, org_id) from None
     if not revoked:
         raise HTTPException(404)
@@ -104,7 +111,7 @@ def _demoted_meanwhile(subject: str, org_id: object) -> HTTPException:
     security_event(
         "object_denied",
         subject=subject,
-        resource_type=authz.ORG,
+        resource_type=ORG,
         resource_id=str(org_id),
         required="owner",
         reason="demoted_during_request",

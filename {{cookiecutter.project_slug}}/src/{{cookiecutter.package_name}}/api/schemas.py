@@ -1,62 +1,32 @@
-"""Request and response bodies. Unknown fields are rejected (no mass assignment), every string
-and collection is bounded, and every free-text field is `Text`: normalized to NFC and refusing
-invisible and control characters (a NUL byte is an error in PostgreSQL text, newlines in names end
-up in logs and CSV exports, and bidirectional overrides or zero-width characters make one name look
-like another)."""
+"""Request and response bodies of the example API, on the template's input-validation rules
+(`security/validation.py`: `Strict` models reject unknown fields, free text is `Text`); every
+string and collection is bounded."""
 
 from __future__ import annotations
 
-import unicodedata
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Generic, TypeVar
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     EmailStr,
     Field,
     StringConstraints,
-    ValidatorFunctionWrapHandler,
-    WrapValidator,
 )
-from pydantic_core import PydanticCustomError
 
-from ..models import Relation
+from ..security.validation import Strict, Text
+from ..tables import Relation
 
 # Unicode general categories refused in free text: Cc controls (C0, DEL and C1 such as U+0085 NEL
 # or U+009B CSI), Cf format characters (U+200B zero-width space, U+202E right-to-left override,
 # U+FEFF byte order mark), Zl and Zp (U+2028, U+2029 line and paragraph separators), and Cs, lone
 # surrogates, which JSON can carry but UTF-8 cannot store.
-REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
-
-
-def _plain_text(value: Any, handler: ValidatorFunctionWrapHandler) -> str:
-    """NFC first, so the length limits count the stored characters; then the field's own
-    constraints (the handler); then the categories."""
-    if isinstance(value, str) and not value.isascii():
-        value = unicodedata.normalize("NFC", value)
-    text: str = handler(value)
-    # Printable ASCII, the common case, is NFC already and in no refused category.
-    if text.isascii() and text.isprintable():
-        return text
-    if any(unicodedata.category(character) in REFUSED_CATEGORIES for character in text):
-        # A fixed message without context: the value is never part of the error.
-        raise PydanticCustomError("invisible_characters", "String should not contain control or invisible characters")
-    return text
-
-
-# The one free-text type: put it after a field's StringConstraints, `Annotated[str, StringConstraints(...), Text]`.
-Text = WrapValidator(_plain_text)
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), Text]
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 MetadataValue = Annotated[str, StringConstraints(max_length=256), Text]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=20)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=1024)
 
 
 class Role(StrEnum):

@@ -11,8 +11,9 @@ from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.dml import ReturningInsert
 
-from ..db import SessionDep, Statements
+from ..db import SessionDep
 from ..models import OrgUser
+from ..resources import runtime_of
 from ..security.errors import ProblemDetail
 from .deps import CanReadUsers, CanWriteUsers, as_utc
 from .schemas import Page, Role, UserCreate, UserOut
@@ -47,7 +48,7 @@ _INSERTED = ("id", "org_id", "email", "role", "metadata", "created_at")
 async def create_user(org_id: CanWriteUsers, body: UserCreate, request: Request) -> UserOut:
     """One INSERT ... RETURNING that commits by itself (no session: a single statement needs no
     transaction of ours)."""
-    statements: Statements = request.app.state.runtime.statements
+    statements = runtime_of(request).statements
     user = {
         "id": uuid.uuid4(),
         "org_id": org_id,

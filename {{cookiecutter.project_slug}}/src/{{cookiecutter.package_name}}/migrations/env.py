@@ -9,11 +9,14 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from {{ cookiecutter.package_name }} import extensions
+from {{ cookiecutter.package_name }} import (
+    extensions,
+    models,  # noqa: F401 (the service's own tables)
+)
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL
-from {{ cookiecutter.package_name }}.models import Base
+from {{ cookiecutter.package_name }}.tables import Base
 
-extensions.chosen()  # the baked credential options' modules, which import their own tables' models
+extensions.chosen()  # the baked options' tables (their extensions import their models)
 
 target_metadata = Base.metadata
 

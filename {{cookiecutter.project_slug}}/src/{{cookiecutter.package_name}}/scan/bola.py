@@ -3,18 +3,19 @@ second on every route that takes an object id.
 
 The routes come from the OpenAPI document: the running service's, or `--openapi FILE` when docs are
 off (production), or else the example routes below. `SEEDS` says how the first token creates the
-objects whose ids fill the path parameters; a team that replaces the example domain edits it.
+objects whose ids fill the path parameters; it is the service's own `domain.py`.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import domain
 from . import paths
 from .authn import split_token
 from .probe import Scan
@@ -27,31 +28,10 @@ REFUSED = (403, 404)
 OTHER_SUBJECT = "scan-probe"
 
 
-@dataclass(frozen=True)
-class Seed:
-    """One object the first token creates; its id fills the path parameter `parameter`."""
-
-    parameter: str
-    path: str
-    body: Callable[[], dict[str, Any]]
-
-
-SEEDS = (
-    Seed("org_id", paths.ORGS, lambda: {"name": f"security-scan {uuid.uuid4().hex[:8]}"}),
-    Seed("user_id", paths.USERS, lambda: {"email": f"scan-{uuid.uuid4().hex[:8]}@example.com"}),
-)
-# Undone with the first token once the check is over (the org stays: the example API cannot delete one).
-CLEANUP = (("DELETE", paths.USER),)
-# The example domain's routes that take an object id, used when no OpenAPI document is available.
-EXAMPLE_OPERATIONS: tuple[tuple[str, str, dict[str, Any] | None], ...] = (
-    ("GET", paths.ORG, None),
-    ("PUT", paths.GRANT, {"relation": "owner"}),
-    ("DELETE", paths.GRANT, None),
-    ("GET", paths.USERS, None),
-    ("POST", paths.USERS, {"email": "scan-probe@example.com", "role": "admin"}),
-    ("GET", paths.USER, None),
-    ("DELETE", paths.USER, None),
-)
+# The example domain's objects, cleanup and routes: owner code (domain.py).
+SEEDS = domain.SCAN_SEEDS
+CLEANUP = domain.SCAN_CLEANUP
+EXAMPLE_OPERATIONS = domain.SCAN_OPERATIONS
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,20 @@
 """The service's HTTP contract as the scan knows it (SPEC §3): where to probe, without importing the app.
 
-A team that replaces the example domain edits this module and `bola.SEEDS`.
+The example domain's routes are the service's own (`domain.py`); the rest is the template's.
 """
 
 from __future__ import annotations
 
 import uuid
 
+from .. import domain
+
 LIVE = "/health/live"
 READY = "/health/ready"
 OPENAPI = "/openapi.json"
-API = "/api/v1"
-ORGS = f"{API}/orgs"
-# Route templates of the example domain, in OpenAPI notation.
-ORG = ORGS + "/{org_id}"
-GRANT = ORG + "/grants/{subject}"
-USERS = ORG + "/users"
-USER = USERS + "/{user_id}"
+API = domain.API
+# Where a token with write scopes may create an object.
+ORGS = domain.CREATE_PATH
 DEPENDENCIES = ("database", "migrations", "redis", "pipeline", "keys")
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 

@@ -24,19 +24,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import Scope
 
 from ..config import Settings
 from ..store.core import MemoryStore, Script, StoreUnavailable
 from .events import security_event
-from .lockout import Lockout
-from .ratelimit import Decision, Policy, RateLimiter, count_in_window, decision
+from .limiter import Decision, Policy, RateLimiter, count_in_window, decision
+from .lockout import LockedOut, Lockout
+from .principal import InvalidCredentials, Principal
 from .revocation import Revocations, RevocationStoreUnavailable, tag
-
-if TYPE_CHECKING:
-    from .principal import Principal
 
 STATE_KEY = "admission"
 WARNING_INTERVAL_SECONDS = 60.0
@@ -134,6 +132,16 @@ class Admission:
         except StoreUnavailable as exc:
             return self._keep(scope, self._unavailable(principal, exc))
         return self._keep(scope, self._subject_answer(principal, reply))
+
+    async def admit(self, scope: Scope, principal: Principal) -> Principal:
+        """Layer 4, once a credential has verified: the principal, unless its subject is locked out
+        (LockedOut, 429) or revoked (InvalidCredentials, 401). Every credential type ends here."""
+        answer = await self.subject(scope, principal)
+        if answer.locked_seconds:
+            raise LockedOut(answer.locked_seconds)
+        if answer.revoked:
+            raise InvalidCredentials("revoked", subject=principal.subject)
+        return principal
 
     @staticmethod
     def kept(scope: Scope) -> SubjectAnswer | None:

@@ -234,13 +234,7 @@ class BearerToken:
             return None
         if not token:
             raise InvalidCredentials("malformed")
-        principal = await self.verifier.verify(token)
-        answer = await self.admission.subject(scope, principal)
-        if answer.locked_seconds:
-            raise LockedOut(answer.locked_seconds)
-        if answer.revoked:
-            raise InvalidCredentials("revoked", subject=principal.subject)
-        return principal
+        return await self.admission.admit(scope, await self.verifier.verify(token))
 
 
 # --- The layer ------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from urllib.parse import quote
 from fastapi import Depends, HTTPException, Request
 from starlette.types import Scope
 
+from ..resources import runtime_of
 from .errors import Problem, ProblemDetail
 from .events import security_event
 
@@ -77,7 +78,7 @@ class Deprecation:
     async def check(self, request: Request) -> None:
         successor = self.successor_for(request.path_params)
         request.scope[SCOPE_KEY] = [*self.headers, (b"link", f'<{successor}>; rel="successor-version"'.encode())]
-        now = request.app.state.runtime.clock()
+        now = runtime_of(request).clock()
         retired = now >= self.sunset
         security_event("deprecated_use", level=logging.INFO, successor=successor, sunset_passed=retired)
         if retired:

@@ -41,7 +41,6 @@ from starlette.types import Scope
 from ...config import IPNetwork
 from ...db import Statements
 from ...security.admission import Admission
-from ...security.lockout import LockedOut
 from ...security.principal import InvalidCredentials, Principal
 from ...store.core import RemoteStore
 from .models import ApiKey
@@ -226,12 +225,7 @@ class ApiKeys:
                 self.known_keys.put(digest, entry)
         if entry.networks and not _allowed(scope, entry.networks):
             raise InvalidCredentials("api_key_network_not_allowed")
-        principal = entry.principal
-        answer = await self.admission.subject(scope, principal)
-        if answer.locked_seconds:
-            raise LockedOut(answer.locked_seconds)
-        if answer.revoked:
-            raise InvalidCredentials("revoked", subject=principal.subject)
+        principal = await self.admission.admit(scope, entry.principal)
         self.last_used.note(key_id)
         return principal
 

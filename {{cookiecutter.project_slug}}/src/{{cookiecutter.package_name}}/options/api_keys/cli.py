@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ...config import SERVICE_NAME, ConfigError
+from ...config import SERVICE_NAME
 from ...security.revocation import Revocations
 from ...settings import load_settings
 from ...store.core import MemoryStore, RemoteStore, StoreBusy, StoreUnavailable
@@ -45,12 +45,8 @@ Action = Callable[["AsyncSession", ApiKeySettings, Revocations], Awaitable[tuple
 
 
 def _run(action: Action) -> int:
-    try:
-        core = load_settings()
-        settings = load_api_key_settings(core)
-    except ConfigError as exc:
-        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
-        return 1
+    core = load_settings()
+    settings = load_api_key_settings(core)
     if not core.redis_url:
         print(
             "note: REDIS_URL is not set; replicas that reuse a looked-up key (API_KEY_CACHE_SECONDS) learn of "

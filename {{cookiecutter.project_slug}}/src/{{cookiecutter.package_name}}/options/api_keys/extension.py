@@ -5,26 +5,26 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...config import ConfigError, Settings
-from ...extensions import Extension
 from .authenticator import ApiKeys, LastUsed
 from .routes import router
+from .running import ApiKeysExtension
 from .settings import load_api_key_settings
 
 if TYPE_CHECKING:
     from ...runtime import Runtime
-
 
 from .cli import add_commands
 
 __all__ = ["add_commands", "extension", "settings_problems"]
 
 
-def extension(runtime: Runtime) -> Extension:
+def extension(runtime: Runtime) -> ApiKeysExtension:
     settings = load_api_key_settings(runtime.settings)
     last_used = LastUsed(runtime.engine)
     authenticator = ApiKeys(settings, runtime.statements, runtime.admission, last_used)
-    return Extension(
+    return ApiKeysExtension(
         name="api_keys",
+        settings=settings,
         authenticators=[authenticator],
         routers=[router],
         lifespan=last_used.running,

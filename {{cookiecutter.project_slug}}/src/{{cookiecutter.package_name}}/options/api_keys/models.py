@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from sqlalchemy import DateTime, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
-from ...models import Base
+from ...tables import Base
 
 KEY_ID_LENGTH = 16  # hex characters of the public id
 HASH_LENGTH = 64  # hex characters of an HMAC-SHA256

@@ -13,18 +13,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from pydantic import BaseModel, Field, StringConstraints
 
-from ...api.schemas import Strict, Text
 from ...db import SessionDep
-from ...models import Relation
-from ...security import authz
-from ...security.authz import ObjectRule, no_object_policy, require_scopes
+from ...resources import runtime_of
 from ...security.errors import PROBLEM_RESPONSES, ProblemDetail
 from ...security.events import security_event
+from ...security.policy import ObjectRule, declare, no_object_policy, require_scopes
 from ...security.principal import Principal
 from ...security.ratelimit import limit
 from ...security.revocation import Revocations
+from ...security.validation import Strict, Text
+from ...tables import Relation
 from . import store
-from .authenticator import SUBJECT_PREFIX, ApiKeys
+from .authenticator import SUBJECT_PREFIX
+from .running import ApiKeysExtension
 from .settings import ApiKeySettings
 
 KEY = "api_key"
@@ -68,7 +69,7 @@ def owned_key(*, scopes: list[str]) -> Any:
             raise HTTPException(403)
         return key
 
-    return Depends(authz._declare(check_key_owner, ObjectRule(KEY, Relation.owner)))
+    return Depends(declare(check_key_owner, ObjectRule(KEY, Relation.owner)))
 
 
 CanIssueKeys = Annotated[Principal, key_manager(scopes=[WRITE])]
@@ -124,17 +125,12 @@ router = APIRouter(prefix="/api/v1/api-keys", tags=["api-keys"], responses=PROBL
 
 
 def _settings(request: Request) -> ApiKeySettings:
-    """The settings the running authenticator was built with (options/api_keys/extension.py)."""
-    for extension in request.app.state.runtime.extensions:
-        for authenticator in extension.authenticators:
-            if isinstance(authenticator, ApiKeys):
-                return authenticator.settings
-    raise RuntimeError("the api_keys option is not wired")
+    """The settings the running authenticator was built with (extension.py)."""
+    return runtime_of(request).extension(ApiKeysExtension).settings
 
 
 def _revocations(request: Request) -> Revocations:
-    revocations: Revocations = request.app.state.runtime.revocations
-    return revocations
+    return runtime_of(request).revocations
 
 
 def _issued(issued: store.IssuedKey) -> IssuedKeyOut:

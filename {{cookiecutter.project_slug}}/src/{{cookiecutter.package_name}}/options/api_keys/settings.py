@@ -7,7 +7,7 @@ import re
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ...config import SERVICE_NAME, ConfigError, Settings, config_error
+from ...config import SERVICE_NAME, ConfigError, Settings, config_error, empty_is_unset
 from ...secret_files import read_secret_file
 
 # Lowercase letters and digits: the key's parts are separated by "_", and a secret scanner's
@@ -33,10 +33,7 @@ class ApiKeySettings(BaseSettings):
     default_lifetime_days: int = Field(90, ge=1, le=3650)
     max_lifetime_days: int = Field(365, ge=1, le=3650)
 
-    @field_validator("pepper", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
+    _empty_is_unset = empty_is_unset("pepper")
 
     @field_validator("prefix")
     @classmethod

@@ -23,7 +23,7 @@ from .models import ApiKey
 from .settings import ApiKeySettings
 
 SCOPE_PATTERN = r"^[A-Za-z0-9:._-]{1,64}$"
-OWNER_PATTERN = r"^[A-Za-z0-9_.:@|-]{1,255}$"  # the subjects a grant may name (authz.SUBJECT_PATTERN)
+OWNER_PATTERN = r"^[A-Za-z0-9_.:@|-]{1,255}$"  # the subjects a grant may name (grants.SUBJECT_PATTERN)
 MAX_SCOPES = 32
 MAX_NETWORKS = 32
 MAX_OVERLAP_SECONDS = 7 * 86400

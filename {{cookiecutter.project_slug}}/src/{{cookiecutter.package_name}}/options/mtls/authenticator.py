@@ -33,7 +33,6 @@ from starlette.types import Scope
 
 from ...security.authn import BearerToken
 from ...security.events import security_event
-from ...security.lockout import LockedOut
 from ...security.principal import InvalidCredentials, Principal
 
 if TYPE_CHECKING:
@@ -162,12 +161,7 @@ class ClientCertificate:
             self._refuse("identity_not_allowed", workload)
         if self.bearer is None:
             principal = Principal(workload.identity, scopes, None, workload.not_before, workload.not_after)
-            answer = await self.admission.subject(scope, principal)
-            if answer.locked_seconds:
-                raise LockedOut(answer.locked_seconds)
-            if answer.revoked:
-                raise InvalidCredentials("revoked", subject=principal.subject)
-            return principal
+            return await self.admission.admit(scope, principal)
         # mtls+jwt: the token names the caller, the certificate the workload it may call through.
         token_principal = await self.bearer.authenticate(scope)
         if token_principal is None:

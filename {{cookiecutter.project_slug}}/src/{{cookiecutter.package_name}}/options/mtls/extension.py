@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ...config import ConfigError, Settings, config_error
+from ...config import ConfigError, Settings, config_error, empty_is_unset
 from ...extensions import Extension
 from ...security.authn import BearerToken
 from .authenticator import ENVOY_HEADER, NGINX_HEADER, ClientCertificate, Mode
@@ -73,10 +73,7 @@ class MtlsSettings(BaseSettings):
                 raise ValueError(f"the scopes of {identity!r} must be names without spaces")
         return value
 
-    @field_validator("server_cert", "server_key", "client_ca", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
+    _empty_is_unset = empty_is_unset("server_cert", "server_key", "client_ca")
 
     @model_validator(mode="after")
     def _all_or_no_tls_files(self) -> MtlsSettings:

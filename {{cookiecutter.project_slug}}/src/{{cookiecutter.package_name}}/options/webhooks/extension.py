@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import sys
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ...config import SERVICE_NAME, ConfigError, Settings, config_error
+from ...config import ConfigError, Settings, config_error
 from ...extensions import Extension
 from ...secret_files import read_secret_file
 from . import routes as routes
@@ -121,11 +120,7 @@ def settings_problems(core: Settings) -> list[str]:
 
 def list_secrets(_args: argparse.Namespace) -> int:
     """Each partner of WEBHOOK_SECRETS(_FILE) with its secrets' fingerprints, to check a rotation."""
-    try:
-        settings = load_webhook_settings(os.environ.get("ENVIRONMENT", "development"))
-    except ConfigError as exc:
-        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
-        return 1
+    settings = load_webhook_settings(os.environ.get("ENVIRONMENT", "development"))
     partners = settings.partners.partners
     if not partners:
         print("no partners: WEBHOOK_SECRETS is not set, so every webhook is refused")

@@ -1,0 +1,225 @@
+"""Layer 7, authorization: the token's scopes, then the caller's relation to the object, asked of
+the permissions table. Deny by default; ownership is never inferred from a path parameter.
+
+Each route declares its policy in one line of its signature: a dependency made by
+`require_relation` (or `no_object_policy` for a route that acts on no existing object),
+which itself depends on the `require_scopes` check. The chain fixes the order: scopes first,
+then the object. `route_policy.route_policies` walks every /api/ route and reports one that
+declares no policy; the test suite fails on such a route.
+
+This is the public policy API: the service's own routes (`api/deps.py`) and the options'
+routes declare their policies with it, and a new kind of check is one more function that
+marks itself with `declare` so the route-policy walk sees it.
+
+What a refused caller learns, in order of the checks:
+1. Authentication is middleware in front of routing, so only a verified token reaches a route.
+2. FastAPI reads the body and answers 400 for bytes that are not JSON at all. This happens
+   before any dependency and tells the caller only that its own bytes are not JSON.
+3. The scope check, then the object check. A caller refused here gets the same 403 whatever the
+   body, query or object id: the permissions table is asked, never the object's table, so the
+   answer does not depend on whether the object exists (no existence oracle).
+4. Only then are the body, query and remaining path parameters validated against the route's
+   models (400 with field errors), and a missing object the caller may see answered 404.
+Validating after authorizing is the safer order: a caller without permission cannot use the
+service to learn its validation rules (field names, lengths, allowed values), and a body is
+never parsed into a model for a caller who may not act. The org id is the one input checked
+before the object check, because the check needs it; a malformed id is 400 for everyone and
+names no object.
+
+Revocation takes effect on the next request: nothing is cached, each check is one statement on the
+unique (resource_type, resource_id, subject) index, run on the database driver without an ORM
+session (`db.Statements`); a route that reads the object itself gets the check and the read in that one
+statement (`read_with_relation`). A cache added here must be invalidated on every write, across replicas
+(Redis), before it may be used.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the dependencies' annotations, which
+# name the scope check made in each factory.
+import inspect
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy import Select, String, bindparam, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
+
+from ..resources import runtime_of
+from ..tables import Permission, Relation
+from .events import security_event
+from .principal import Principal, current_principal
+
+RULE_ATTRIBUTE = "__authz_rule__"
+F = TypeVar("F")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeRule:
+    """Left on the scope check: the scopes a token must carry."""
+
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRule:
+    """Left on the object check: the relation required on the object. `resource_type` None
+    declares that the route acts on no existing object (creating one, for example)."""
+
+    resource_type: str | None
+    relation: Relation | None
+
+
+def declare(check: F, rule: ScopeRule | ObjectRule) -> F:
+    """Mark `check` (a dependency) as declaring `rule`, for the route-policy walk."""
+    setattr(check, RULE_ATTRIBUTE, rule)
+    return check
+
+
+def require_scopes(*scopes: str) -> Any:
+    """Refuse with 403 unless the token carries every one of `scopes`."""
+    if not scopes:
+        raise ValueError("require_scopes needs at least one scope")
+    needed = frozenset(scopes)
+
+    async def check_scopes(request: Request) -> Principal:
+        # The principal straight from the request (as `current_principal` reads it): one
+        # dependency fewer for FastAPI to resolve on every request.
+        principal = await current_principal(request)
+        missing = needed - principal.scopes
+        if missing:
+            security_event("scope_denied", subject=principal.subject, missing=sorted(missing))
+            raise HTTPException(403)
+        return principal
+
+    return Depends(declare(check_scopes, ScopeRule(needed)))
+
+
+def _holds_query(resource_type: str, relation: Relation) -> Select[Any]:
+    """The subject holds `relation` or higher on one object."""
+    return select(Permission.id).where(*_grant(resource_type, relation))
+
+
+def _grant(resource_type: str, relation: Relation) -> tuple[Any, ...]:
+    return (
+        Permission.subject == bindparam("subject", None, type_=String),
+        Permission.resource_type == resource_type,
+        Permission.resource_id == bindparam("resource_id", None, type_=String),
+        Permission.relation.in_([held.value for held in relation.at_least()]),
+    )
+
+
+async def holds(session: AsyncSession, subject: str, resource_type: str, resource_id: str, relation: Relation) -> bool:
+    """The permission check through an ORM session (one query on the unique index), for code that
+    holds a session anyway; the routes' checks ask `Statements` instead (no session, one round trip)."""
+    query = _holds_query(resource_type, relation)
+    return await session.scalar(query, {"subject": subject, "resource_id": resource_id}) is not None
+
+
+def _read_query(resource_type: str, relation: Relation, columns: Sequence[InstrumentedAttribute[Any]]) -> Select[Any]:
+    """The caller's grant joined to the object it names (`columns[0]` is its id): no row, no grant
+    (403); a row of NULLs, a grant that outlived its object (404); else the object."""
+    id_column = columns[0]
+    return (
+        select(*columns)
+        .select_from(Permission)
+        .outerjoin(id_column.class_, id_column == bindparam("object_id", None, type_=id_column.type))
+        .where(*_grant(resource_type, relation))
+    )
+
+
+def deny(principal: Principal, resource_type: str, resource_id: object, relation: Relation) -> HTTPException:
+    """The 403 of an object check, logged as `object_denied`."""
+    security_event(
+        "object_denied",
+        subject=principal.subject,
+        resource_type=resource_type,
+        resource_id=str(resource_id),
+        required=relation.value,
+    )
+    return HTTPException(403)
+
+
+def _with_path_parameter(check: Callable[..., Any], param: str, id_type: type, scoped: Any) -> None:
+    """Give `check` the signature FastAPI reads: the object's id as the path parameter `param`,
+    the principal after the scope check, and the request."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    check.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(param, keyword, annotation=id_type),
+            inspect.Parameter("principal", keyword, annotation=Annotated[Principal, scoped]),
+            inspect.Parameter("request", keyword, annotation=Request),
+        ]
+    )
+
+
+def require_relation(
+    resource_type: str, relation: Relation, *, param: str, scopes: Sequence[str], id_type: type = uuid.UUID
+) -> Any:
+    """Refuse with 403 unless the token carries `scopes` and the caller holds `relation` (or
+    higher) on the object of `resource_type` whose id is the path parameter `param`. The same 403
+    whether the object exists or not. Gives the route the object's id."""
+    scoped = require_scopes(*scopes)
+    key = ("holds", resource_type, relation)
+
+    def query() -> Select[Any]:
+        return _holds_query(resource_type, relation)
+
+    async def check_relation(principal: Principal, request: Request, **path: Any) -> Any:
+        object_id = path[param]
+        reads = runtime_of(request).statements
+        if not await reads.fetch(reads.query(key, query), subject=principal.subject, resource_id=str(object_id)):
+            raise deny(principal, resource_type, object_id, relation)
+        return object_id
+
+    _with_path_parameter(check_relation, param, id_type, scoped)
+    return Depends(declare(check_relation, ObjectRule(resource_type, relation)))
+
+
+def read_with_relation(
+    resource_type: str,
+    relation: Relation,
+    *,
+    param: str,
+    scopes: Sequence[str],
+    columns: Sequence[InstrumentedAttribute[Any]],
+    into: Callable[..., T],
+) -> Any:
+    """`require_relation`, and the object itself read in the same statement: one round trip for
+    the check and the read. `columns` are the object's columns to read, its id first (the column
+    the path parameter names); the route gets `into(*columns' values)`. 403 without the relation
+    (whether the object exists or not), 404 for a grant that outlived its object."""
+    scoped = require_scopes(*scopes)
+    id_column = columns[0]
+    key = ("read", resource_type, relation)
+
+    def query() -> Select[Any]:
+        return _read_query(resource_type, relation, columns)
+
+    async def check_and_read(principal: Principal, request: Request, **path: Any) -> T:
+        object_id = path[param]
+        reads = runtime_of(request).statements
+        rows = await reads.fetch(
+            reads.query(key, query), subject=principal.subject, resource_id=str(object_id), object_id=object_id
+        )
+        if not rows:
+            raise deny(principal, resource_type, object_id, relation)
+        if rows[0][0] is None:
+            raise HTTPException(404)
+        return into(*rows[0])
+
+    _with_path_parameter(check_and_read, param, id_column.type.python_type, scoped)
+    return Depends(declare(check_and_read, ObjectRule(resource_type, relation)))
+
+
+def no_object_policy(*, scopes: Sequence[str]) -> Any:
+    """Declares a route that acts on no existing object (e.g. creating one): only `scopes` are
+    required. Gives the route the caller's principal."""
+    scoped = require_scopes(*scopes)
+
+    async def no_object(principal: Annotated[Principal, scoped]) -> Principal:
+        return principal
+
+    return Depends(declare(no_object, ObjectRule(None, None)))

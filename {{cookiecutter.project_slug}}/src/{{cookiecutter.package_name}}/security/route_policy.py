@@ -1,0 +1,92 @@
+"""The route-policy walk: every /api/ route declares scopes and an object policy (`policy.py`);
+the test suite fails on a route that does not."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import fastapi.routing
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
+
+from .policy import RULE_ATTRIBUTE, ObjectRule, ScopeRule
+from .principal import API_PREFIX
+
+# Recent FastAPI keeps included routers nested in app.routes and walks them with this; older
+# versions flatten app.routes themselves.
+_iter_route_contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    route: str
+    scopes: frozenset[str]
+    object_rule: ObjectRule | None
+    problems: tuple[str, ...]
+
+
+def _tree(dependant: Dependant) -> Iterator[Dependant]:
+    yield dependant
+    for sub in dependant.dependencies:
+        yield from _tree(sub)
+
+
+def _rules(dependant: Dependant) -> Iterator[tuple[Dependant, ScopeRule | ObjectRule]]:
+    for node in _tree(dependant):
+        rule = getattr(node.call, RULE_ATTRIBUTE, None)
+        if isinstance(rule, ScopeRule | ObjectRule):
+            yield node, rule
+
+
+def route_policy(name: str, dependant: Dependant) -> RoutePolicy:
+    """The policy a route declares in its dependency tree, with what is wrong with it."""
+    rules = list(_rules(dependant))
+    scopes: set[str] = set()
+    for _, rule in rules:
+        if isinstance(rule, ScopeRule):
+            scopes |= rule.scopes
+    objects = [(node, rule) for node, rule in rules if isinstance(rule, ObjectRule)]
+    problems = []
+    if not scopes:
+        problems.append("declares no scopes (require_scopes)")
+    if not objects:
+        problems.append("declares no object policy (require_relation, read_with_relation or no_object_policy)")
+    elif len({rule for _, rule in objects}) > 1:
+        problems.append("declares more than one object policy")
+    for node, _ in objects:
+        if not any(isinstance(rule, ScopeRule) for _, rule in _rules(node)):
+            problems.append("object check does not depend on a scope check")
+    return RoutePolicy(name, frozenset(scopes), objects[0][1] if objects else None, tuple(problems))
+
+
+def route_policies(routes: Sequence[BaseRoute]) -> list[RoutePolicy]:
+    """The policy of every route under /api/, included routers flattened (with the dependencies
+    they add). A route under /api/ that cannot declare one (a mount, a plain route) is a problem."""
+    policies = []
+    for path, methods, route, dependant in _flat_routes(routes):
+        if not (path + "/").startswith(API_PREFIX):
+            continue
+        if isinstance(route, APIRoute) and dependant is not None:
+            policies.append(route_policy(f"{','.join(sorted(methods))} {path}", dependant))
+        else:
+            problem = f"{type(route).__name__} cannot declare a policy"
+            policies.append(RoutePolicy(path, frozenset(), None, (problem,)))
+    return policies
+
+
+def _flat_routes(routes: Sequence[BaseRoute]) -> Iterator[tuple[str, set[str], BaseRoute, Dependant | None]]:
+    if _iter_route_contexts is None:
+        for route in routes:
+            yield (
+                getattr(route, "path", ""),
+                getattr(route, "methods", None) or set(),
+                route,
+                getattr(route, "dependant", None),
+            )
+        return
+    for context in _iter_route_contexts(routes):
+        original = context.original_route
+        dependant = context.dependant if isinstance(original, APIRoute) else None
+        yield context.path or "", context.methods or set(), original, dependant
