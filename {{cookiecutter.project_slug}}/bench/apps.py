@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from {{ cookiecutter.package_name }} import health
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.runtime import Runtime
-from {{ cookiecutter.package_name }}.security import policy
+from {{ cookiecutter.package_name }}.security import authz
 from {{ cookiecutter.package_name }}.security.principal import API_PREFIX
 from {{ cookiecutter.package_name }}.security.ratelimit import client_address, subject
 from {{ cookiecutter.package_name }}.security.stack import SecuredApp
@@ -128,8 +128,8 @@ def skip_object_checks(app: FastAPI) -> None:
     constant; the dependencies, their scope checks and the round trip to the database stay, so
     what this variant saves is the lookup itself. (A `dependency_overrides` entry would cost more
     than it saves: FastAPI analyses an override's signature on every request.)"""
-    if not hasattr(policy, "_read_query") or not hasattr(policy, "_holds_query"):
-        raise SystemExit("security.policy has no _read_query/_holds_query; bench/apps.py needs updating")
+    if not hasattr(authz, "_read_query") or not hasattr(authz, "_holds_query"):
+        raise SystemExit("security.authz has no _read_query/_holds_query; bench/apps.py needs updating")
 
     def by_id(_resource_type: Any, _relation: Any, columns: Any) -> Any:
         return select(*columns).where(columns[0] == bindparam("object_id", None, type_=columns[0].type))
@@ -137,8 +137,8 @@ def skip_object_checks(app: FastAPI) -> None:
     def anything(_resource_type: Any, _relation: Any) -> Any:
         return select(literal(1))
 
-    policy._read_query = by_id  # type: ignore[assignment]
-    policy._holds_query = anything  # type: ignore[assignment]
+    authz._read_query = by_id  # type: ignore[assignment]
+    authz._holds_query = anything  # type: ignore[assignment]
 
 
 def use_slowapi(app: SecuredApp, runtime: Runtime, *, swallow_errors: bool) -> None:

@@ -1,4 +1,4 @@
-"""Permission-lookup micro-benchmark: `security.policy.holds`, the query every object-level check
+"""Permission-lookup micro-benchmark: `security.authz.holds`, the query every object-level check
 makes, timed through the service's own engine and session at 1,000 and 1,000,000 grants."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sqlalchemy import text
 
 from {{ cookiecutter.package_name }}.db import create_engine, create_sessionmaker
 from {{ cookiecutter.package_name }}.runtime import MIGRATIONS
-from {{ cookiecutter.package_name }}.security.policy import holds
+from {{ cookiecutter.package_name }}.security.authz import holds
 from {{ cookiecutter.package_name }}.tables import Relation
 
 SIZES = (1_000, 1_000_000)

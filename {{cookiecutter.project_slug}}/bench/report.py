@@ -194,7 +194,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *_slowapi(results),
         "",
-        "### Permission lookup (`security.policy.holds`, one session per call)",
+        "### Permission lookup (`security.authz.holds`, one session per call)",
         "",
         *_lookups(results),
         "",

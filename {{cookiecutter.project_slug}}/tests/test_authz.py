@@ -17,8 +17,8 @@ from {{ cookiecutter.package_name }} import cli
 from {{ cookiecutter.package_name }}.domain import ORG
 from {{ cookiecutter.package_name }}.models import Org, OrgUser
 from {{ cookiecutter.package_name }}.runtime import Runtime
+from {{ cookiecutter.package_name }}.security.authz import _holds_query
 from {{ cookiecutter.package_name }}.security.grants import set_relation
-from {{ cookiecutter.package_name }}.security.policy import _holds_query
 from {{ cookiecutter.package_name }}.tables import Permission, Relation
 
 from .conftest import ALL_SCOPES, AUDIENCE, DATABASE, ISSUER, TokenFactory, bearer

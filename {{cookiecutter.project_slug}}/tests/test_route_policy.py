@@ -10,7 +10,7 @@ from starlette.routing import Mount
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
-from {{ cookiecutter.package_name }}.security.policy import RULE_ATTRIBUTE, ObjectRule, no_object_policy, require_scopes
+from {{ cookiecutter.package_name }}.security.authz import RULE_ATTRIBUTE, ObjectRule, no_object_policy, require_scopes
 from {{ cookiecutter.package_name }}.security.route_policy import route_policies
 from {{ cookiecutter.package_name }}.tables import Relation
 

@@ -1,6 +1,6 @@
 """The authorization policy of each route of the example API, one alias per row of the SPEC
 table: the scopes the token must carry, then the relation the caller must hold on the org in
-the path (the template's policy API, `security/policy.py`). A route states its policy by naming
+the path (the template's policy API, `security/authz.py`). A route states its policy by naming
 one of these in its signature."""
 
 import uuid
@@ -10,7 +10,7 @@ from typing import Annotated
 
 from ..domain import ORG
 from ..models import Org
-from ..security.policy import no_object_policy, read_with_relation, require_relation
+from ..security.authz import no_object_policy, read_with_relation, require_relation
 from ..security.principal import Principal
 from ..tables import Relation
 

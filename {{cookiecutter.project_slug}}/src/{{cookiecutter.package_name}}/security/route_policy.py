@@ -1,4 +1,4 @@
-"""The route-policy walk: every /api/ route declares scopes and an object policy (`policy.py`);
+"""The route-policy walk: every /api/ route declares scopes and an object policy (`authz.py`);
 the test suite fails on a route that does not."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
-from .policy import RULE_ATTRIBUTE, ObjectRule, ScopeRule
+from .authz import RULE_ATTRIBUTE, ObjectRule, ScopeRule
 from .principal import API_PREFIX
 
 # Recent FastAPI keeps included routers nested in app.routes and walks them with this; older

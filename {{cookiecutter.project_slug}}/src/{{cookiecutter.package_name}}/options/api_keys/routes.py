@@ -15,9 +15,9 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from ...db import SessionDep
 from ...resources import runtime_of
+from ...security.authz import ObjectRule, declare, no_object_policy, require_scopes
 from ...security.errors import PROBLEM_RESPONSES, ProblemDetail
 from ...security.events import security_event
-from ...security.policy import ObjectRule, declare, no_object_policy, require_scopes
 from ...security.principal import Principal
 from ...security.ratelimit import limit
 from ...security.revocation import Revocations

@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
 from ...db import SessionDep
+from ...security.authz import no_object_policy
 from ...security.errors import PROBLEM_RESPONSES, ProblemDetail
 from ...security.events import security_event
-from ...security.policy import no_object_policy
 from ...security.principal import Principal
 from ...store.core import StoreBusy, StoreUnavailable
 from .authenticator import PARTNER_PATTERN, STATE_KEY, WEBHOOK_PATH, WEBHOOK_SCOPE, VerifiedWebhook

@@ -22,9 +22,9 @@ What a refused caller learns, in order of the checks:
    models (400 with field errors), and a missing object the caller may see answered 404.
 Validating after authorizing is the safer order: a caller without permission cannot use the
 service to learn its validation rules (field names, lengths, allowed values), and a body is
-never parsed into a model for a caller who may not act. The org id is the one input checked
-before the object check, because the check needs it; a malformed id is 400 for everyone and
-names no object.
+never parsed into a model for a caller who may not act. The object's id (the path parameter the
+check names) is the one input checked before the object check, because the check needs it; a
+malformed id is 400 for everyone and names no object.
 
 Revocation takes effect on the next request: nothing is cached, each check is one statement on the
 unique (resource_type, resource_id, subject) index, run on the database driver without an ORM
