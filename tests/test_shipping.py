@@ -27,7 +27,7 @@ SCHEMAS = {
     ".github/dependabot.yml": "vendor.dependabot",
 }
 # Made by running the checks in the bake, and git-ignored there.
-GENERATED_DIRS = {"__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".venv", "build"}
+GENERATED_DIRS = {"__pycache__", ".mypy_cache", ".ruff_cache", ".import_linter_cache", ".pytest_cache", ".venv", "build"}
 PINNED_ACTION = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?@[0-9a-f]{40}$")
 
 variants = pytest.mark.parametrize("name", FULLY_TESTED)
