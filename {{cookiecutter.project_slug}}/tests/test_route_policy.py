@@ -1,6 +1,7 @@
-"""Every /api/ route declares its scopes and its object policy. A route added without one fails
-this module: the walk inspects each route's dependency tree for the marks `require_scopes`,
-`require_relation`, `read_with_relation` and `no_object_policy` leave."""
+"""Deny by default: every route declares its scopes and its object policy, or is on the public
+list (health, docs). A route added without one fails this module, wherever it is: the walk
+inspects each route's dependency tree for the marks `require_scopes`, `require_relation`,
+`read_with_relation` and `no_object_policy` leave, and refuses any route outside /api/."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from starlette.routing import Mount
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
 from {{ cookiecutter.package_name }}.security.authz import RULE_ATTRIBUTE, ObjectRule, no_object_policy, require_scopes
-from {{ cookiecutter.package_name }}.security.route_policy import route_policies
+from {{ cookiecutter.package_name }}.security.route_policy import OUTSIDE_API, PUBLIC_ROUTES, _flat_routes, route_policies
 from {{ cookiecutter.package_name }}.tables import Relation
 
 NO_OBJECT = ObjectRule(None, None)
@@ -30,7 +31,7 @@ SPEC_TABLE = {
 
 
 def unguarded(app: FastAPI) -> list[str]:
-    """One line per /api/ route whose policy is missing or incomplete."""
+    """One line per route whose policy is missing or incomplete."""
     return [f"{policy.route}: {'; '.join(policy.problems)}" for policy in route_policies(app.routes) if policy.problems]
 
 
@@ -104,6 +105,31 @@ def test_a_mounted_app_under_api_cannot_declare_a_policy_and_fails_the_walk(sett
     app = create_app(settings)
     app.router.routes.append(Mount("/api/v2", app=FastAPI()))
     assert unguarded(app) == ["/api/v2: Mount cannot declare a policy"]
+
+
+def test_a_route_outside_api_fails_the_walk_even_with_a_policy(settings: Settings) -> None:
+    """Layer 4 authenticates /api/ only: a route elsewhere would be served to anyone (its policy
+    could never find a principal)."""
+    app = create_app(settings)
+    app.get("/internal/projects")(lambda: [])
+    app.get("/internal/reports", dependencies=[no_object_policy(scopes=["orgs:read"])])(lambda: [])
+    assert unguarded(app) == [f"GET /internal/projects: {OUTSIDE_API}", f"GET /internal/reports: {OUTSIDE_API}"]
+
+
+def test_only_the_health_probes_and_the_docs_are_public(app: FastAPI) -> None:
+    served = {path for path, _methods, _route, _dependant in _flat_routes(app.routes)}
+    assert served & PUBLIC_ROUTES == {"/health/live", "/health/ready"} | (
+        {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"} if app.docs_url else set()
+    )
+    assert {
+        "/health/live",
+        "/health/ready",
+        "/openapi.json",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+    } == PUBLIC_ROUTES
+    assert all(policy.route.split(" ")[-1] not in PUBLIC_ROUTES for policy in route_policies(app.routes))
 
 
 def test_a_scope_check_needs_at_least_one_scope() -> None:

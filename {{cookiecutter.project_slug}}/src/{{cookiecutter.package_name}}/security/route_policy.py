@@ -1,5 +1,8 @@
-"""The route-policy walk: every /api/ route declares scopes and an object policy (`authz.py`);
-the test suite fails on a route that does not."""
+"""The route-policy walk, deny by default: every route declares scopes and an object policy
+(`authz.py`), or is on the public list below; the test suite fails on a route that is neither.
+
+A route must also be under /api/: layer 4 authenticates every request there and nowhere else, so
+a route elsewhere would serve anyone whatever it declares."""
 
 from __future__ import annotations
 
@@ -17,6 +20,15 @@ from .principal import API_PREFIX
 # Recent FastAPI keeps included routers nested in app.routes and walks them with this; older
 # versions flatten app.routes themselves.
 _iter_route_contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+
+# The routes anyone may call: the health probes (a load balancer and Kubernetes ask them without a
+# credential) and the API documentation (DOCS_ENABLED; off in production). Nothing else: a route
+# of your own that must be public belongs here, with the reason, in your copy (README
+# "Authorization"). The credential options' routes are under /api/ and declare policies too.
+PUBLIC_ROUTES = frozenset(
+    {"/health/live", "/health/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
+OUTSIDE_API = "is outside /api/, where no caller is authenticated, and not on the public list (PUBLIC_ROUTES)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,15 +73,19 @@ def route_policy(name: str, dependant: Dependant) -> RoutePolicy:
     return RoutePolicy(name, frozenset(scopes), objects[0][1] if objects else None, tuple(problems))
 
 
-def route_policies(routes: Sequence[BaseRoute]) -> list[RoutePolicy]:
-    """The policy of every route under /api/, included routers flattened (with the dependencies
-    they add). A route under /api/ that cannot declare one (a mount, a plain route) is a problem."""
+def route_policies(routes: Sequence[BaseRoute], *, public: frozenset[str] = PUBLIC_ROUTES) -> list[RoutePolicy]:
+    """The policy of every route but the public ones, included routers flattened (with the
+    dependencies they add). A route outside /api/, or one under it that cannot declare a policy
+    (a mount, a plain route), is a problem."""
     policies = []
     for path, methods, route, dependant in _flat_routes(routes):
-        if not (path + "/").startswith(API_PREFIX):
+        if path in public:
             continue
-        if isinstance(route, APIRoute) and dependant is not None:
-            policies.append(route_policy(f"{','.join(sorted(methods))} {path}", dependant))
+        name = f"{','.join(sorted(methods))} {path}" if methods else path
+        if not (path + "/").startswith(API_PREFIX):
+            policies.append(RoutePolicy(name, frozenset(), None, (OUTSIDE_API,)))
+        elif isinstance(route, APIRoute) and dependant is not None:
+            policies.append(route_policy(name, dependant))
         else:
             problem = f"{type(route).__name__} cannot declare a policy"
             policies.append(RoutePolicy(path, frozenset(), None, (problem,)))
