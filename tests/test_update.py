@@ -5,8 +5,9 @@ The template's history is made here, in a temporary git repository (no network):
 this working tree with a few changes undone (a security setting of the reverse proxy, a
 Kubernetes manifest the template later added, lines in template-owned files), commit NEW is the
 working tree as it is. The service owner's change is a resource of its own (table, migration, policies, routes, router,
-test) made by the README's steps in owner files only; the template's change touches a security
-module (`security/transport.py`), a settings module, deploy files and the README.
+test) made by the README's steps, a setting, a dependency and a documentation section of its own,
+all in owner files; the template's change touches a security module (`security/transport.py`),
+the settings module, the dependencies, deploy files and the README. No conflict is allowed.
 The update must apply without a conflict or a rejected hunk, bring every template change, keep
 the owner's change, and leave a service whose lint, type check and tests pass.
 """
@@ -39,6 +40,7 @@ GIT_ENV = {
 }
 OLD_HEADER_TIMEOUT = "client_header_timeout 60s;"
 OLD_TEMPLATE_LINE = "# (an older revision of the template)\n"
+OLD_DEPENDENCY = '    "python-json-logger>=2.0",\n'
 # The service owner's week (README "Layout", "Your own resource"): a `projects` resource under an
 # org, in owner files only: its table, migration, policies, routes, router and test.
 OWNER_MODEL = '''
@@ -130,6 +132,9 @@ OWNER_TEST = '''"""The projects resource: created by an org's editor, read by it
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import httpx
 
 from .conftest import TokenFactory, bearer
@@ -148,9 +153,31 @@ async def test_an_orgs_viewer_reads_its_project_and_a_stranger_is_refused(
     assert (await client.get(f"/api/v1/orgs/{org}/projects/{project}", headers=mallory)).status_code == 403
     refused = await client.post(f"/api/v1/orgs/{org}/projects", json={"name": "Mine"}, headers=mallory)
     assert refused.status_code == 403
+
+
+def test_the_services_own_setting_is_read_with_the_templates(settings_for: Callable[..., Any]) -> None:
+    assert settings_for().projects_per_org == 100
+    assert settings_for(projects_per_org=7).projects_per_org == 7
 '''
-# Each owner file and what the owner writes there.
-OWNER_FILES = ("models.py", "api/deps.py", "api/projects.py", "api/__init__.py", "migrations/versions/0100_projects.py")
+OWNER_SETTING = """
+    projects_per_org: int = Field(100, ge=1, le=10_000)  # PROJECTS_PER_ORG
+"""
+OWNER_DEPENDENCY = "python-slugify>=8\n"
+OWNER_DOCS = """
+## Projects
+
+Each org has projects (`/api/v1/orgs/{org_id}/projects`); `PROJECTS_PER_ORG` caps them.
+"""
+# The owner files the owner changes (package-relative, then project-relative).
+OWNER_FILES = (
+    "models.py",
+    "settings.py",
+    "api/deps.py",
+    "api/projects.py",
+    "api/__init__.py",
+    "migrations/versions/0100_projects.py",
+)
+OWNER_PROJECT_FILES = ("tests/test_projects.py", "requirements/service.in", "SERVICE.md")
 
 
 def git(*args: str, cwd: Path) -> str:
@@ -189,6 +216,8 @@ def undo_template_changes(template: Path) -> None:
         path.write_text(path.read_text() + OLD_TEMPLATE_LINE)
     readme = template / TEMPLATE_PROJECT / "README.md"
     readme.write_text(readme.read_text() + "\n" + OLD_TEMPLATE_LINE)
+    # A dependency the older template had and the newer one dropped (as python-json-logger was).
+    edit(template / TEMPLATE_PROJECT / "pyproject.toml", '    "httpx>=0.27",\n', '    "httpx>=0.27",\n' + OLD_DEPENDENCY)
 
 
 def make_template_history(template: Path) -> tuple[str, str]:
@@ -218,6 +247,13 @@ def change_the_service(project: Path) -> None:
     edit(api, "from . import orgs, users", "from . import orgs, projects, users")
     api.write_text(api.read_text() + "router.include_router(projects.router)\n")
     (project / "tests" / "test_projects.py").write_text(OWNER_TEST)
+    settings = package / "settings.py"
+    edit(settings, "from .config import Settings\n", "from pydantic import Field\n\nfrom .config import Settings\n")
+    settings.write_text(settings.read_text() + OWNER_SETTING)
+    dependencies = project / "requirements" / "service.in"
+    dependencies.write_text(dependencies.read_text() + OWNER_DEPENDENCY)
+    docs = project / "SERVICE.md"
+    docs.write_text(docs.read_text() + OWNER_DOCS)
 
 
 def overlay_python(tmp_path: Path, project: Path) -> Path:
@@ -308,6 +344,7 @@ def test_the_update_brings_every_template_change(updated: tuple[Path, str, str, 
         "deploy/kubernetes/kustomization.yaml",
         "deploy/kubernetes/networkpolicy.yaml",
         "deploy/nginx/nginx.conf",
+        "pyproject.toml",
         f"src/{PACKAGE}/config.py",
         f"src/{PACKAGE}/security/transport.py",
     }
@@ -324,7 +361,11 @@ def test_the_owners_resource_survives_the_update(updated: tuple[Path, str, str, 
     assert "router.include_router(projects.router)" in (package / "api" / "__init__.py").read_text()
     # The owner touched no template file: the update's commit range and theirs do not meet.
     owned = set(git("diff", "--name-only", "HEAD~1", "HEAD", cwd=project).split())
-    assert owned == {f"src/{PACKAGE}/{path}" for path in OWNER_FILES} | {"tests/test_projects.py"}
+    assert owned == {f"src/{PACKAGE}/{path}" for path in OWNER_FILES} | set(OWNER_PROJECT_FILES)
+    assert (package / "settings.py").read_text().endswith(OWNER_SETTING)
+    assert (project / "requirements" / "service.in").read_text().endswith(OWNER_DEPENDENCY)
+    assert (project / "SERVICE.md").read_text().endswith(OWNER_DOCS)
+    assert OLD_DEPENDENCY not in (project / "pyproject.toml").read_text()
 
 
 CHECKS: dict[str, Callable[[Path], list[str]]] = {

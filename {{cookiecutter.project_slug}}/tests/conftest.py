@@ -29,6 +29,7 @@ from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, Settings
 from {{ cookiecutter.package_name }}.migrations import alembic_config
 from {{ cookiecutter.package_name }}.runtime import Runtime
+from {{ cookiecutter.package_name }}.settings import ServiceSettings
 from {{ cookiecutter.package_name }}.store.core import RedisStore
 
 from .servers import RedisServer, ServiceProcess, start_postgres, start_redis
@@ -153,7 +154,8 @@ def make_token(private_key: rsa.RSAPrivateKey) -> TokenFactory:
 
 @pytest.fixture
 def settings_for(migrated_database: str, redis_url: str, public_pem: str) -> Callable[..., Settings]:
-    """Settings for a test app; keyword arguments override any field."""
+    """Settings for a test app (the service's own, `ServiceSettings`, as the service reads them);
+    keyword arguments override any field."""
 
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -169,7 +171,7 @@ def settings_for(migrated_database: str, redis_url: str, public_pem: str) -> Cal
             "audit_pseudonym_key": PSEUDONYM_KEY,
         }
         values.update(overrides)
-        return Settings(_env_file=None, **values)
+        return ServiceSettings(_env_file=None, **values)
 
     return build
 

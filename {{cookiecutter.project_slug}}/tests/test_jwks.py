@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import ConfigError, Settings
 from {{ cookiecutter.package_name }}.security.keys import JwksError, JwksKeys, parse_jwks
-from {{ cookiecutter.package_name }}.settings import load_settings
+from {{ cookiecutter.package_name }}.startup import load_settings
 
 from .conftest import TokenFactory, bearer, running
 from .jwks_server import JwksServer, public_jwk

@@ -29,7 +29,7 @@ from {{ cookiecutter.package_name }}.security.lockout import Lockout
 from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.ratelimit import client_bucket
 from {{ cookiecutter.package_name }}.security.revocation import Revocations, tag
-from {{ cookiecutter.package_name }}.settings import load_settings
+from {{ cookiecutter.package_name }}.startup import load_settings
 from {{ cookiecutter.package_name }}.store import redis_store
 from {{ cookiecutter.package_name }}.store.cluster import SLOTS, ClusterStore
 from {{ cookiecutter.package_name }}.store.core import Command, Plain, RedisStore, RemoteStore, Script, pack

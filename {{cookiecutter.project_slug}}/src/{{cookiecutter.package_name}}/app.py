@@ -19,7 +19,7 @@ from .security.keys import JwksKeys
 from .security.logs import configure_logging
 from .security.ratelimit import RouteLimitExceeded, route_limit_exceeded
 from .security.stack import SecuredApp
-from .settings import load_settings
+from .startup import load_settings
 from .store import RedisStore
 
 if TYPE_CHECKING:

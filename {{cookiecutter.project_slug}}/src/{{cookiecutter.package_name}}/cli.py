@@ -22,7 +22,7 @@ from .config import SERVICE_NAME, ConfigError, Settings, tracing_requested
 from .domain import GRANT_TARGET
 from .resources import app_runtime
 from .security.revocation import MAX_ID_LENGTH, Revocations
-from .settings import load_settings
+from .startup import load_settings
 from .store.core import StoreBusy, StoreUnavailable
 from .tables import Relation
 
@@ -333,6 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("check-config", help="validate the environment").set_defaults(handler=check_config)
 
+    scaffold = commands.add_parser(
+        "scaffold", help="write a resource of your own: table, migration, policies, routes, router, BOLA test"
+    )
+    scaffold.add_argument("kind", choices=["resource"])
+    scaffold.add_argument("name", help="singular, snake case: e.g. project")
+    scaffold.add_argument("--plural", help="the collection's name (default: NAME + s)")
+    scaffold.add_argument("--under", help="the object it belongs to, e.g. org (default: a top-level object type)")
+    scaffold.set_defaults(handler=scaffold_resource)
+
     pseudonym = commands.add_parser("audit-pseudonym", help="the pseudonym the audit log uses for a subject")
     pseudonym.add_argument("--sub", required=True, type=_claim_text, help="the token subject (`sub` claim)")
     pseudonym.set_defaults(handler=audit_pseudonym)
@@ -351,6 +360,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     extensions.add_commands(commands)  # the baked credential options' commands
     return parser
+
+
+def scaffold_resource(args: argparse.Namespace) -> int:
+    """Write a resource of the service's own in owner files (scaffold.py); then `make lint test`."""
+    from .scaffold import Resource, ScaffoldRefused, scaffold, tidy
+
+    resource = Resource(args.name, args.plural or f"{args.name}s", args.under)
+    try:
+        written = scaffold(resource)
+    except ScaffoldRefused as refused:
+        print(f"{SERVICE_NAME}: scaffold refused: {refused}", file=sys.stderr)
+        return 2
+    if not tidy(written):
+        print("note: ruff did not run cleanly on the written files; run `make lint`", file=sys.stderr)
+    for path in written:
+        print(f"wrote {path}")
+    print("next: alembic upgrade heads; make lint test")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from limits import RateLimitItem, parse
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -302,7 +302,7 @@ def _too_wide(network: IPNetwork) -> bool:
     return network.prefixlen < MIN_TRUSTED_PROXY_PREFIX[network.version]
 
 
-_ENV_NAMES = {name: name.upper() for name in Settings.model_fields}
+S = TypeVar("S", bound=Settings)
 
 
 def config_error(exc: ValidationError, variable: Callable[[str], str]) -> ConfigError:
@@ -315,14 +315,14 @@ def config_error(exc: ValidationError, variable: Callable[[str], str]) -> Config
     return ConfigError("; ".join(lines))
 
 
-def read_settings() -> Settings:
+def read_settings(kind: type[S]) -> S:
     """The core's settings from the environment, or ConfigError with one line per invalid variable.
-    Its unsafe ones are `production_problems()`; `settings.load_settings` refuses them together with
+    Its unsafe ones are `production_problems()`; `startup.load_settings` refuses them together with
     the baked options'."""
     try:
-        return Settings()  # required fields come from the environment
+        return kind()  # required fields come from the environment
     except ValidationError as exc:
-        raise config_error(exc, lambda field: _ENV_NAMES.get(field, "configuration")) from None
+        raise config_error(exc, lambda field: field.upper() if field else "configuration") from None
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:

@@ -12,7 +12,7 @@ package names an option: `present()` finds them, here and nowhere else. An optio
 - `add_commands(commands)`, optionally: its operators' commands, given the CLI's subparsers;
 - `server_options(settings) -> dict`, optionally: uvicorn settings `serve` adds (e.g. TLS);
 - `settings_problems(settings) -> list[str]`, optionally: its invalid settings, and its unsafe
-  ones in production, each naming its variable, added to the core's by `settings.load_settings`
+  ones in production, each naming its variable, added to the core's by `startup.load_settings`
   (so the service, `check-config` and every command refuse alike).
 """
 
@@ -104,7 +104,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
 
 def settings_problems(settings: Settings) -> list[str]:
-    """The chosen options' invalid and unsafe settings (settings.load_settings adds them to its own)."""
+    """The chosen options' invalid and unsafe settings (startup.load_settings adds them to its own)."""
     problems: list[str] = []
     for module in chosen():
         checker = getattr(module, "settings_problems", None)

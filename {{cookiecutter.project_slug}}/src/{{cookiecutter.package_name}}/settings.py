@@ -1,16 +1,16 @@
-"""The settings every entry point reads (the service, `check-config`, every command): the core's
-(`config.Settings`) and the baked options', refused together, one line per variable."""
+"""Your service's own settings (owner code): the template's `Settings` (`config.py`), extended.
+
+Add a field below; it is read from its environment variable (the field name in upper case) and
+validated at start like every setting, and `runtime.settings` carries it. The template never edits
+this file, so a template update cannot meet your settings. For example:
+
+    projects_per_org: int = Field(100, ge=1, le=10_000)  # PROJECTS_PER_ORG
+"""
 
 from __future__ import annotations
 
-from . import extensions
-from .config import ConfigError, Settings, read_settings
+from .config import Settings
 
 
-def load_settings() -> Settings:
-    """Read the environment, or raise ConfigError with one line per unsafe or invalid variable."""
-    settings = read_settings()
-    problems = settings.production_problems() + extensions.settings_problems(settings)
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return settings
+class ServiceSettings(Settings):
+    """The template's settings and yours; what `startup.load_settings` reads."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...config import SERVICE_NAME
 from ...security.revocation import Revocations
-from ...settings import load_settings
+from ...startup import load_settings
 from ...store.core import MemoryStore, RemoteStore, StoreBusy, StoreUnavailable
 from . import store
 from .authenticator import scanner_pattern

@@ -1,0 +1,469 @@
+"""`scaffold resource NAME`: a resource of the service's own, in one command, in owner files only.
+
+It writes what the README's "Your own resource" steps do by hand: the table (`models.py`), its
+migration (`migrations/versions/`, lint-clean, for SQLite and PostgreSQL alike), its policies
+(`api/deps.py`), its routes (`api/<plural>.py`) and their router's registration
+(`api/__init__.py`), and a BOLA test of its own (`tests/test_<plural>.py`). A resource `--under`
+an object (`org`: `/api/v1/orgs/{org_id}/<plural>`) is guarded by the caller's relation to that
+object; a top-level one is an object type of its own, whose creator becomes its owner.
+
+It runs in a source checkout (an editable install), refuses to overwrite anything, and changes
+no template file.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from alembic.script import ScriptDirectory
+
+from .migrations import alembic_config
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{1,30}$")
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The objects a resource can be scaffolded under: the path parameter, the table and the collection
+# path of each (the example domain's org; add yours here in your copy).
+PARENTS = {"org": ("org_id", "orgs", "/orgs")}
+
+
+class ScaffoldRefused(Exception):
+    """The resource cannot be written as asked; the message says why and changes nothing."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str  # singular, snake case: `project`
+    plural: str
+    parent: str | None  # a key of PARENTS, or None for a top-level resource
+
+    @property
+    def cls(self) -> str:
+        return "".join(part.capitalize() for part in self.name.split("_"))
+
+    @property
+    def label(self) -> str:
+        return (
+            self.cls + "s"
+            if self.plural == self.name + "s"
+            else "".join(p.capitalize() for p in self.plural.split("_"))
+        )
+
+
+def check_name(resource: Resource, package: Path) -> None:
+    for name in (resource.name, resource.plural):
+        if not NAME_PATTERN.fullmatch(name) or keyword.iskeyword(name):
+            raise ScaffoldRefused(f"{name!r}: use a lowercase identifier of 2-31 letters, digits and underscores")
+    if resource.parent is not None and resource.parent not in PARENTS:
+        raise ScaffoldRefused(f"--under {resource.parent}: not one of {', '.join(sorted(PARENTS))}")
+    if resource.name == resource.plural:
+        raise ScaffoldRefused("the plural must differ from the name (--plural)")
+    routes = package / "api" / f"{resource.plural}.py"
+    if routes.exists():
+        raise ScaffoldRefused(f"{routes} exists already")
+    models = (package / "models.py").read_text()
+    if re.search(rf"^class {resource.cls}\b", models, re.MULTILINE) or f'"{resource.plural}"' in models:
+        raise ScaffoldRefused(f"models.py has a {resource.cls} or a {resource.plural} table already")
+
+
+def migration_head(package: Path) -> str:
+    """The newest revision of `migrations/versions/` (the core's and the service's own)."""
+    config = alembic_config()
+    config.set_main_option("version_locations", str(package / "migrations" / "versions"))
+    heads = ScriptDirectory.from_config(config).get_heads()
+    if len(heads) != 1:
+        raise ScaffoldRefused(f"migrations/versions/ has {len(heads)} heads ({', '.join(heads)}); merge them first")
+    return heads[0]
+
+
+def next_revision(head: str, versions: Path) -> str:
+    """A revision id after `head`, in the folder's numbering (0002 -> 0003), unused."""
+    number = int(head) + 1 if head.isdigit() else 100
+    while list(versions.glob(f"{number:04d}_*.py")):
+        number += 1
+    return f"{number:04d}"
+
+
+def scaffold(resource: Resource, *, package: Path = PACKAGE_DIR, project: Path | None = None) -> list[Path]:
+    """Write the resource's files; the paths written or extended."""
+    project = project or package.parent.parent
+    if not (project / "pyproject.toml").is_file() or not (project / "tests").is_dir():
+        raise ScaffoldRefused(f"{project} is not the service's source checkout (scaffold runs in one, not in an image)")
+    check_name(resource, package)
+    versions = package / "migrations" / "versions"
+    revision = next_revision(migration_head(package), versions)
+    values = _values(resource, migration_head(package), revision)
+    migration = versions / f"{revision}_{resource.plural}.py"
+    test = project / "tests" / f"test_{resource.plural}.py"
+    for path in (migration, test):
+        if path.exists():
+            raise ScaffoldRefused(f"{path} exists already")
+    kind = "child" if resource.parent else "top"
+    writes = {
+        package / "models.py": _fill(MODEL[kind], values),
+        package / "api" / "deps.py": _fill(POLICIES[kind], values),
+    }
+    api = package / "api" / "__init__.py"
+    registry = api.read_text()
+    imports = re.search(r"^from \. import (.+)$", registry, re.MULTILINE)
+    if imports is None:
+        raise ScaffoldRefused(f"{api}: no `from . import ...` line to add the router to")
+    modules = sorted({*imports.group(1).split(", "), resource.plural})
+    registry = registry.replace(imports.group(0), f"from . import {', '.join(modules)}")
+    registry += f"router.include_router({resource.plural}.router)\n"
+    for path, addition in writes.items():
+        path.write_text(path.read_text().rstrip("\n") + "\n" + addition)
+    api.write_text(registry)
+    (package / "api" / f"{resource.plural}.py").write_text(_fill(ROUTES[kind], values))
+    migration.write_text(_fill(MIGRATION[kind], values))
+    test.write_text(_fill(TEST[kind], values))
+    return [
+        package / "models.py",
+        package / "api" / "deps.py",
+        api,
+        package / "api" / f"{resource.plural}.py",
+        migration,
+        test,
+    ]
+
+
+def tidy(paths: list[Path]) -> bool:
+    """ruff's format and safe fixes on what was written, when ruff is installed (the dev extra)."""
+    import subprocess
+    import sys
+
+    files = [str(path) for path in paths]
+    for command in (["format", "--quiet"], ["check", "--fix", "--quiet"]):
+        result = subprocess.run([sys.executable, "-m", "ruff", *command, *files], check=False)  # noqa: S603
+        if result.returncode != 0:
+            return False
+    return True
+
+
+def _values(resource: Resource, head: str, revision: str) -> dict[str, str]:
+    values = {
+        "name": resource.name,
+        "plural": resource.plural,
+        "cls": resource.cls,
+        "label": resource.label,
+        "type": resource.name.upper(),
+        "down": head,
+        "revision": revision,
+    }
+    if resource.parent is not None:
+        param, table, collection = PARENTS[resource.parent]
+        values |= {"parent": resource.parent, "param": param, "parent_table": table, "parents": collection}
+    return values
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    return Template(template).substitute(values)
+
+
+# --- What is written (string.Template: $name) ------------------------------------------------
+
+MODEL = {
+    "child": '''
+
+class $cls(Base):
+    """A $name of an $parent (scaffolded)."""
+
+    __tablename__ = "$plural"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    $param: Mapped[uuid.UUID] = mapped_column(ForeignKey("$parent_table.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), default=utc_now)
+''',
+    "top": '''
+
+class $cls(Base):
+    """A $name (scaffolded): an object type of its own, whose creator becomes its owner."""
+
+    __tablename__ = "$plural"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), default=utc_now)
+    created_by: Mapped[str] = mapped_column(String(255))
+''',
+}
+
+POLICIES = {
+    "child": """
+
+# $label (scaffolded): the caller's relation to the $parent in the path.
+CanRead$label = Annotated[uuid.UUID, require_relation(ORG, Relation.viewer, param="$param", scopes=["$plural:read"])]
+CanWrite$label = Annotated[uuid.UUID, require_relation(ORG, Relation.editor, param="$param", scopes=["$plural:write"])]
+""",
+    "top": """
+
+# $label (scaffolded): an object type of its own in the permissions table.
+$type = "$name"
+CanCreate$label = Annotated[Principal, no_object_policy(scopes=["$plural:write"])]
+CanRead$cls = Annotated[
+    uuid.UUID, require_relation($type, Relation.viewer, param="${name}_id", scopes=["$plural:read"])
+]
+CanDelete$cls = Annotated[
+    uuid.UUID, require_relation($type, Relation.owner, param="${name}_id", scopes=["$plural:write"])
+]
+""",
+}
+
+ROUTES = {
+    "child": '''"""The ${plural} of an $parent (scaffolded): create, read, delete."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from fastapi import APIRouter, HTTPException, status
+
+from ..db import SessionDep
+from ..models import $cls
+from ..security.validation import Strict
+from .deps import CanRead$label, CanWrite$label, as_utc
+from .schemas import Name
+
+router = APIRouter(prefix="$parents/{$param}/$plural", tags=["$plural"])
+
+
+class ${cls}In(Strict):
+    name: Name
+
+
+class ${cls}Out(Strict):
+    id: uuid.UUID
+    $param: uuid.UUID
+    name: str
+    created_at: datetime
+
+
+def _out(row: $cls) -> ${cls}Out:
+    return ${cls}Out(id=row.id, $param=row.$param, name=row.name, created_at=as_utc(row.created_at))
+
+
+async def _in_parent(session: SessionDep, $param: uuid.UUID, ${name}_id: uuid.UUID) -> $cls:
+    """The $name, when it belongs to the $parent in the path; 404 otherwise (another ${parent}'s
+    $name is not found through this one)."""
+    row = await session.get($cls, ${name}_id)
+    if row is None or row.$param != $param:
+        raise HTTPException(404)
+    return row
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def create_$name($param: CanWrite$label, body: ${cls}In, session: SessionDep) -> ${cls}Out:
+    row = $cls($param=$param, name=body.name)
+    session.add(row)
+    await session.commit()
+    return _out(row)
+
+
+@router.get("/{${name}_id}")
+async def get_$name($param: CanRead$label, ${name}_id: uuid.UUID, session: SessionDep) -> ${cls}Out:
+    return _out(await _in_parent(session, $param, ${name}_id))
+
+
+@router.delete("/{${name}_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_$name($param: CanWrite$label, ${name}_id: uuid.UUID, session: SessionDep) -> None:
+    await session.delete(await _in_parent(session, $param, ${name}_id))
+    await session.commit()
+''',
+    "top": '''"""$label (scaffolded): create (the caller becomes the owner), read, delete."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from fastapi import APIRouter, HTTPException, status
+from sqlalchemy import delete
+
+from ..db import SessionDep
+from ..models import $cls
+from ..security.validation import Strict
+from ..tables import Permission, Relation
+from .deps import $type, CanCreate$label, CanDelete$cls, CanRead$cls, as_utc
+from .schemas import Name
+
+router = APIRouter(prefix="/$plural", tags=["$plural"])
+
+
+class ${cls}In(Strict):
+    name: Name
+
+
+class ${cls}Out(Strict):
+    id: uuid.UUID
+    name: str
+    created_at: datetime
+
+
+def _out(row: $cls) -> ${cls}Out:
+    return ${cls}Out(id=row.id, name=row.name, created_at=as_utc(row.created_at))
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def create_$name(principal: CanCreate$label, body: ${cls}In, session: SessionDep) -> ${cls}Out:
+    row = $cls(name=body.name, created_by=principal.subject)
+    session.add(row)
+    await session.flush()
+    session.add(
+        Permission(
+            subject=principal.subject,
+            resource_type=$type,
+            resource_id=str(row.id),
+            relation=Relation.owner,
+            created_by=principal.subject,
+        )
+    )
+    await session.commit()
+    return _out(row)
+
+
+@router.get("/{${name}_id}")
+async def get_$name(${name}_id: CanRead$cls, session: SessionDep) -> ${cls}Out:
+    row = await session.get($cls, ${name}_id)
+    if row is None:  # a grant that outlived its $name
+        raise HTTPException(404)
+    return _out(row)
+
+
+@router.delete("/{${name}_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_$name(${name}_id: CanDelete$cls, session: SessionDep) -> None:
+    row = await session.get($cls, ${name}_id)
+    if row is None:
+        raise HTTPException(404)
+    await session.delete(row)
+    # Its grants go with it: a later object cannot inherit them.
+    grants = delete(Permission).where(Permission.resource_type == $type, Permission.resource_id == str(${name}_id))
+    await session.execute(grants)
+    await session.commit()
+''',
+}
+
+_COLUMNS = """        sa.Column("id", sa.Uuid(), nullable=False),
+"""
+MIGRATION = {
+    "child": '''"""$plural: the ${plural} of an $parent (scaffolded)."""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "$revision"
+down_revision: str | None = "$down"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "$plural",
+'''
+    + _COLUMNS
+    + """        sa.Column("$param", sa.Uuid(), nullable=False),
+        sa.Column("name", sa.String(length=100), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["$param"], ["$parent_table.id"], name=op.f("fk_${plural}_${param}_$parent_table"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_$plural")),
+    )
+    op.create_index(op.f("ix_${plural}_$param"), "$plural", ["$param"], unique=False)
+
+
+def downgrade() -> None:
+    op.drop_index(op.f("ix_${plural}_$param"), table_name="$plural")
+    op.drop_table("$plural")
+""",
+    "top": '''"""$plural: an object type of the service's own (scaffolded)."""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "$revision"
+down_revision: str | None = "$down"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "$plural",
+'''
+    + _COLUMNS
+    + """        sa.Column("name", sa.String(length=100), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+        sa.Column("created_by", sa.String(length=255), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_$plural")),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("$plural")
+""",
+}
+
+TEST = {
+    "child": '''"""The $plural of an $parent (scaffolded): reached through their $parent only (no BOLA)."""
+
+from __future__ import annotations
+
+import httpx
+
+from .conftest import TokenFactory, bearer
+
+SCOPES = "orgs:read orgs:write $plural:read $plural:write"
+PARENTS = "/api/v1$parents"
+
+
+async def test_a_${name}_is_reached_through_its_${parent}_only(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    alice, mallory = bearer(make_token("alice", SCOPES)), bearer(make_token("mallory", SCOPES))
+    parent = (await client.post(PARENTS, json={"name": "Acme"}, headers=alice)).json()["id"]
+    other = (await client.post(PARENTS, json={"name": "Other"}, headers=mallory)).json()["id"]
+    created = await client.post(f"{PARENTS}/{parent}/$plural", json={"name": "First"}, headers=alice)
+    assert created.status_code == 201, created.text
+    ${name}_id = created.json()["id"]
+    path = f"{PARENTS}/{parent}/$plural/{${name}_id}"
+    assert (await client.get(path, headers=alice)).json()["name"] == "First"
+    # Another caller: refused, and nothing written.
+    assert (await client.get(path, headers=mallory)).status_code == 403
+    assert (await client.delete(path, headers=mallory)).status_code == 403
+    written = await client.post(f"{PARENTS}/{parent}/$plural", json={"name": "x"}, headers=mallory)
+    assert written.status_code == 403
+    # Through an $parent the caller does hold, another ${parent}'s $name is not found.
+    assert (await client.get(f"{PARENTS}/{other}/$plural/{${name}_id}", headers=mallory)).status_code == 404
+    assert (await client.delete(path, headers=alice)).status_code == 204
+    assert (await client.get(path, headers=alice)).status_code == 404
+''',
+    "top": '''"""$label (scaffolded): reached by their owner only (no BOLA)."""
+
+from __future__ import annotations
+
+import httpx
+
+from .conftest import TokenFactory, bearer
+
+SCOPES = "$plural:read $plural:write"
+
+
+async def test_a_${name}_is_reached_by_its_owner_only(client: httpx.AsyncClient, make_token: TokenFactory) -> None:
+    alice, mallory = bearer(make_token("alice", SCOPES)), bearer(make_token("mallory", SCOPES))
+    created = await client.post("/api/v1/$plural", json={"name": "First"}, headers=alice)
+    assert created.status_code == 201, created.text
+    path = f"/api/v1/$plural/{created.json()['id']}"
+    assert (await client.get(path, headers=alice)).json()["name"] == "First"
+    assert (await client.get(path, headers=mallory)).status_code == 403
+    assert (await client.delete(path, headers=mallory)).status_code == 403
+    assert (await client.delete(path, headers=alice)).status_code == 204
+    # Its grants went with it: its owner is refused like anyone else.
+    assert (await client.get(path, headers=alice)).status_code == 403
+''',
+}

@@ -1,0 +1,98 @@
+"""`scaffold resource`: a resource of the service's own in one command, lint-clean, migrated on this
+service's database, guarded, with a BOLA test of its own that passes.
+
+Each test scaffolds into a copy of this project (the real one is never touched) and runs the
+copy's own checks in a child process: ruff, mypy, the import contracts, and pytest on the
+scaffolded test with the migration and route-policy modules."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+PACKAGE = "{{ cookiecutter.package_name }}"
+COPIED = ("src", "tests", "pyproject.toml", "alembic.ini")
+
+
+def copy_project(tmp_path: Path) -> Path:
+    copy = tmp_path / "service"
+    copy.mkdir()
+    for name in COPIED:
+        source = PROJECT / name
+        if source.is_dir():
+            ignored = shutil.ignore_patterns("__pycache__", "*.db", ".pytest_cache", ".mypy_cache", "*.egg-info")
+            shutil.copytree(source, copy / name, ignore=ignored)
+        else:
+            shutil.copy2(source, copy / name)
+    return copy
+
+
+def in_copy(copy: Path, *command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(copy / "src")}
+    return subprocess.run(
+        [sys.executable, *command], cwd=copy, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def shown(result: subprocess.CompletedProcess[str]) -> str:
+    return (
+        f"{' '.join(map(str, result.args))} exited {result.returncode}:\n{result.stdout[-6000:]}{result.stderr[-6000:]}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "module"),
+    [(("project", "--under", "org"), "projects"), (("widget",), "widgets")],
+    ids=["under-an-org", "top-level"],
+)
+def test_a_scaffolded_resource_is_lint_clean_migrated_guarded_and_tested(
+    tmp_path: Path, arguments: tuple[str, ...], module: str
+) -> None:
+    copy = copy_project(tmp_path)
+    before = {path.relative_to(copy) for path in copy.rglob("*") if path.is_file()}
+    made = in_copy(copy, "-m", f"{PACKAGE}.cli", "scaffold", "resource", *arguments)
+    assert made.returncode == 0, shown(made)
+    written = {path.relative_to(copy) for path in copy.rglob("*") if path.is_file()} - before
+    assert {path.name for path in written} >= {f"{module}.py", f"test_{module}.py"}
+    assert any(path.parts[-2] == "versions" for path in written), written
+    # Only owner files changed: the new ones, and the three it extends.
+    package = Path("src") / PACKAGE
+    for path in (package / "models.py", package / "api" / "deps.py", package / "api" / "__init__.py"):
+        assert (copy / path).read_text() != (PROJECT / path).read_text(), path
+    checks = {
+        "ruff check": ("-m", "ruff", "check", "."),
+        "ruff format": ("-m", "ruff", "format", "--check", "."),
+        "mypy": ("-m", "mypy"),
+        "import contracts": ("-c", "from importlinter.cli import lint_imports_command; lint_imports_command()"),
+        "its tests": (
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"tests/test_{module}.py",
+            "tests/test_migrations.py",
+            "tests/test_route_policy.py",
+        ),
+    }
+    failures = [
+        f"{name}: {shown(result)}" for name, args in checks.items() if (result := in_copy(copy, *args)).returncode
+    ]
+    assert not failures, "\n\n".join(failures)
+
+
+def test_scaffold_refuses_a_resource_that_exists_and_writes_nothing(tmp_path: Path) -> None:
+    copy = copy_project(tmp_path)
+    models = (copy / "src" / PACKAGE / "models.py").read_text()
+    refused = in_copy(copy, "-m", f"{PACKAGE}.cli", "scaffold", "resource", "org")
+    assert refused.returncode == 2, shown(refused)
+    assert "scaffold refused" in refused.stderr and "orgs.py exists already" in refused.stderr
+    assert (copy / "src" / PACKAGE / "models.py").read_text() == models
+    unknown = in_copy(copy, "-m", f"{PACKAGE}.cli", "scaffold", "resource", "task", "--under", "nothing")
+    assert unknown.returncode == 2 and "--under nothing" in unknown.stderr, shown(unknown)
