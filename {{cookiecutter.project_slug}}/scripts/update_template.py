@@ -192,21 +192,22 @@ def check(paths: Sequence[str]) -> int:
 
 
 def behind() -> int:
-    """Exit 1 when the template has a newer commit than .cruft.json's, saying which; 2 when the
-    template cannot be asked."""
+    """Exit 1 when the template's default branch is at another commit than .cruft.json's, saying
+    which; 2 when the template cannot be asked. (The branch `cruft update` and `cruft check` take
+    unless given `--checkout`, whatever .cruft.json's "checkout" says.)"""
     state = json.loads(CRUFT_FILE.read_text())
     template, commit = state["template"], state["commit"]
-    ref = state.get("checkout") or "HEAD"
+    ref = "HEAD"
     answer = git("ls-remote", template, ref)
     latest = answer.stdout.split()[0] if answer.returncode == 0 and answer.stdout.strip() else None
     if latest is None:
         print(f"cannot ask the template {template} for {ref}:\n{answer.stderr.strip()}", file=sys.stderr)
         return 2
     if latest == commit:
-        print(f"current: this service is at the template's {ref} ({short(commit)}, {template})")
+        print(f"current: this service is at the template's latest commit ({short(commit)}, {template})")
         return 0
     message = (
-        f"BEHIND: the template ({template}) is at {short(latest)} on {ref}, this service at {short(commit)}. "
+        f"BEHIND: the template ({template}) is at {short(latest)}, this service at {short(commit)}. "
         "Run `make update-template` (or merge the template-update workflow's pull request)."
     )
     print(message, file=sys.stderr)
