@@ -143,6 +143,7 @@ def test_a_conflicted_update_fails_names_each_file_and_keeps_cruft_json(
     assert update.returncode != 0, report(update)
     assert "TEMPLATE UPDATE FAILED" in output(update), report(update)
     assert "Good work!" not in output(update), "cruft's success message must not survive a conflict"
+    assert "Next steps" not in output(update), "the hook's first-bake text, printed by an update"
     for relative, *_ in CONFLICTS:
         assert f"  {relative}: conflict markers on line" in update.stderr, report(update)
         assert any(line.startswith(MARKERS) for line in (project / relative).read_text().splitlines()), relative
@@ -179,6 +180,26 @@ def test_an_update_without_conflict_records_the_new_commit(template: tuple[Path,
     assert json.loads((project / ".cruft.json").read_text())["commit"] == new
     for relative, _at_old, at_new, _owner in CONFLICTS:
         assert at_new in (project / relative).read_text(), relative
+
+
+def test_the_next_steps_are_printed_on_a_first_bake_only(template: tuple[Path, str, str], tmp_path: Path) -> None:
+    """cruft update and cruft diff run the post-generation hook for each render they compare."""
+    repo, old, new = template
+    (tmp_path / "cookiecutter").mkdir()
+    baked = bake(tmp_path / "cookiecutter", {})
+    assert baked.returncode == 0 and output(baked).count("Next steps") == 1, report(baked)
+    project = bake_service(repo, old, tmp_path / "cruft")
+    command = [sys.executable, "-m", "cruft", "create", "--no-input", "--checkout", old, str(repo)]
+    created = run([*command, "--output-dir", str(tmp_path / "again")], cwd=tmp_path)
+    assert created.returncode == 0 and output(created).count("Next steps") == 1, report(created)
+
+    diffed = run([sys.executable, "-m", "cruft", "diff"], cwd=project, env=GIT_ENV)
+    assert diffed.returncode == 0 and "Next steps" not in output(diffed), report(diffed)
+    # The console script this time (make update-template runs `python -m cruft`).
+    updated = run([str(Path(sys.executable).parent / "cruft"), "update", "--skip-apply-ask"], cwd=project, env=GIT_ENV)
+    assert updated.returncode == 0, report(updated)
+    assert json.loads((project / ".cruft.json").read_text())["commit"] == new, "the update did not run"
+    assert "Next steps" not in output(updated), report(updated)
 
 
 def shipped_local_hooks(project: Path, destination: Path) -> Path:
