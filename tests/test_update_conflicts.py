@@ -101,13 +101,15 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     return repo, old, git("rev-parse", "HEAD", cwd=repo).strip()
 
 
-def bake_service(template: Path, commit: str, out: Path) -> Path:
+def bake_service(template: Path, commit: str, out: Path, *, repository: bool = True) -> Path:
     """`cruft create` at `commit`, committed to a repository of the service's own."""
     out.mkdir()
     command = [sys.executable, "-m", "cruft", "create", "--no-input", "--checkout", commit]
     result = run([*command, "--output-dir", str(out), str(template)], cwd=out, timeout=120)
     assert result.returncode == 0, report(result)
     project = out / SLUG
+    if not repository:
+        return project
     git("init", "-q", "-b", "main", cwd=project)
     git("add", "-A", cwd=project)
     git("commit", "-q", "-m", "baked from the template", cwd=project)
@@ -170,6 +172,31 @@ def test_a_conflicted_update_fails_names_each_file_and_keeps_cruft_json(
         assert at_new in (project / relative).read_text(), relative
     assert make("check-conflicts", project).returncode == 0
     assert make("template-behind", project).returncode == 0
+
+
+def test_rejected_hunks_fail_the_update_too(template: tuple[Path, str, str], tmp_path: Path) -> None:
+    """Outside a git repository cruft applies with `git apply --reject`: what does not apply lands
+    in `*.rej` files, and the files themselves keep the owner's lines."""
+    repo, old, new = template
+    project = bake_service(repo, old, tmp_path / "service", repository=False)
+    for relative, at_old, _at_new, owner in CONFLICTS:
+        replace_line(project / relative, at_old, owner)
+    before = (project / ".cruft.json").read_bytes()
+
+    update = make("update-template", project)
+
+    assert update.returncode != 0, report(update)
+    for relative, *_ in CONFLICTS:
+        assert f"  {relative}.rej: a rejected hunk" in update.stderr, report(update)
+    assert (project / ".cruft.json").read_bytes() == before
+
+    # Applied by hand, the .rej files deleted: the same command records NEW.
+    for relative, _at_old, at_new, owner in CONFLICTS:
+        replace_line(project / relative, owner, at_new)
+        (project / f"{relative}.rej").unlink()
+    finished = make("update-template", project)
+    assert finished.returncode == 0, report(finished)
+    assert json.loads((project / ".cruft.json").read_text())["commit"] == new
 
 
 def test_an_update_without_conflict_records_the_new_commit(template: tuple[Path, str, str], tmp_path: Path) -> None:
