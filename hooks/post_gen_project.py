@@ -1,4 +1,6 @@
-"""Remove the files of the options that were not chosen, then say what to do next.
+"""Remove the files of the options that were not chosen, then say what to do next (on a first
+bake only: `cruft update` and `cruft diff` run this hook too, twice, rendering the old and the new
+template to compare them).
 
 Options are included or excluded as whole files, never as Jinja branches inside
 Python modules. A file that only one option value needs is listed here under that
@@ -52,6 +54,9 @@ TEST_SERVERS = {
     "postgresql": "redis-server, nginx and initdb"
     " (apt-get install -y redis-server nginx postgresql)",
 }
+# The cruft commands that render the template again for a service that exists (into temporary
+# directories, the old and the new commit, to diff them).
+CRUFT_RERENDERS = {"update", "diff"}
 # Cookiecutter's abbreviations, which git (and so cruft) does not know.
 ABBREVIATIONS = {
     "gh:": "https://github.com/",
@@ -149,6 +154,31 @@ def write_cruft_state() -> None:
     Path(".cruft.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
+def parent_command() -> list[str]:
+    """The command line of the process running this hook: cookiecutter runs it as a child of its
+    own process, which is cruft's under cruft."""
+    parent = os.getppid()
+    try:
+        return Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # no /proc (macOS): ps
+        try:
+            listed = subprocess.run(["ps", "-o", "args=", "-p", str(parent)], capture_output=True, text=True, check=False)
+        except OSError:
+            return []
+        return listed.stdout.split()
+
+
+def rendered_for_a_cruft_diff() -> bool:
+    """True under `cruft update` and `cruft diff`, whose renders are compared, never kept."""
+    if "_commit" not in CONTEXT:  # plain cookiecutter
+        return False
+    command = parent_command()
+    for index, part in enumerate(command[:-1]):
+        if Path(part).name == "cruft":  # the console script, or `python -m cruft`
+            return command[index + 1] in CRUFT_RERENDERS
+    return False
+
+
 def print_next_steps() -> None:
     print(
         f"\nBaked {PROJECT_SLUG} (database: {CHOSEN['database']}). Next steps:\n"
@@ -164,7 +194,8 @@ def main() -> None:
     remove_unselected_option_files()
     place_locked_requirements()
     write_cruft_state()
-    print_next_steps()
+    if not rendered_for_a_cruft_diff():
+        print_next_steps()
 
 
 if __name__ == "__main__":

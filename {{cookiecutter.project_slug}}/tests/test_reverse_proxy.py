@@ -5,6 +5,13 @@ Clients connect from other loopback addresses (127.0.0.2, 127.0.0.3), so the add
 forwards is distinguishable from the proxy's own. nginx runs in the foreground with every path it
 writes under a temporary prefix (servers.NginxProxy), so the test needs no privileges, and stops
 with the module.
+
+Which requests reached the service is read from its request log by trace id: every request a test
+sends carries a traceparent of its own, which the service honours from nginx (TRUSTED_PROXIES,
+TRACE_CONTEXT_TRUST=proxies) and logs as the line's trace_id. Counting all the lines instead is a
+race: the service writes a request's line after answering it, so the line of a request already
+answered (the fixture's readiness probe, the previous test's last request) can land after a
+count was taken.
 """
 
 from __future__ import annotations
@@ -13,11 +20,12 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +43,8 @@ SPOOFING_CLIENT = "127.0.0.2"
 OTHER_CLIENT = "127.0.0.3"
 IP_LIMIT = 5
 STARTUP_TIMEOUT_SECONDS = 20.0
+# How long a request's line may take to appear after its answer before the test fails.
+LOG_LINE_TIMEOUT_SECONDS = 10.0
 UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -86,13 +96,26 @@ class ProxiedService:
                     lines.append(record)
         return lines
 
-    def audit_count_reaching(self, expected: int) -> int:
-        """The number of request lines once `expected` are written (the service logs a request
-        after answering it), or what there is after a few seconds."""
-        deadline = time.monotonic() + 5
-        while len(self.audit_lines()) < expected and time.monotonic() < deadline:
+    def lines_of(self, answered: Collection[str]) -> dict[str, list[dict[str, object]]]:
+        """The request lines of the `answered` trace ids (requests the service answered), once each
+        has its line: the service writes a line after sending the answer, so it can come later."""
+        deadline = time.monotonic() + LOG_LINE_TIMEOUT_SECONDS
+        while True:
+            lines: dict[str, list[dict[str, object]]] = {}
+            for record in self.audit_lines():
+                lines.setdefault(str(record.get("trace_id")), []).append(record)
+            missing = [trace_id for trace_id in answered if trace_id not in lines]
+            if not missing:
+                return lines
+            if time.monotonic() > deadline:
+                pytest.fail(f"no request line for traces {missing} after {LOG_LINE_TIMEOUT_SECONDS}s")
             time.sleep(0.05)
-        return len(self.audit_lines())
+
+
+def traced() -> tuple[str, dict[str, str]]:
+    """A new trace id and the traceparent header that puts a request into it."""
+    trace_id = secrets.token_hex(16)
+    return trace_id, {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +136,9 @@ def proxied_service(
         "TRUSTED_PROXIES": LOOPBACK,
         "TRUSTED_HOSTS": "localhost",
         "RATE_LIMIT_IP": f"{IP_LIMIT}/minute",
-        # The tests count the request lines of the probes they send through nginx too.
+        # The tests look for the request lines of the probes they send through nginx too.
         "LOG_HEALTH_REQUESTS": "true",
+        "TRACE_CONTEXT_TRUST": "proxies",
         "HOST": LOOPBACK,
         "PORT": str(service_port),
     }
@@ -148,27 +172,37 @@ def test_nginx_sets_header_and_body_timeouts() -> None:
 
 
 def test_a_client_cannot_choose_its_address_with_forwarding_headers(proxied_service: ProxiedService) -> None:
-    before = len(proxied_service.audit_lines())
     spoofs = [
         {"X-Forwarded-For": "203.0.113.9"},
         {"X-Forwarded-For": "203.0.113.9, 127.0.0.1"},
         {"Forwarded": "for=198.51.100.4"},
         {"X-Real-IP": "198.51.100.5", "X-Forwarded-For": "127.0.0.1"},
         {"X-Forwarded-For": "203.0.113.10", "Forwarded": 'for="[2001:db8::1]"'},
+        {"X-Forwarded-For": "203.0.113.11"},  # over the limit
     ]
+    sent: dict[str, str] = {}  # trace id -> the address the service must have logged
+    statuses = []
     with proxied_service.client(SPOOFING_CLIENT) as http:
-        statuses = [http.get("/api/v1/orgs/spoof", headers=headers).status_code for headers in spoofs]
-        over_limit = http.get("/api/v1/orgs/spoof", headers={"X-Forwarded-For": "203.0.113.11"})
-    assert statuses == [401] * IP_LIMIT
+        for headers in spoofs:
+            trace_id, traceparent = traced()
+            response = http.get("/api/v1/orgs/spoof", headers={**headers, **traceparent})
+            assert response.headers["x-trace-id"] == trace_id
+            statuses.append(response.status_code)
+            sent[trace_id] = SPOOFING_CLIENT
     # Every spoofed request counted against the one bucket of the real address ...
-    assert over_limit.status_code == 429
+    assert statuses == [401] * IP_LIMIT + [429]
     # ... which another client does not share.
     with proxied_service.client(OTHER_CLIENT) as http:
-        assert http.get("/api/v1/orgs/spoof").status_code == 401
-    assert proxied_service.audit_count_reaching(before + IP_LIMIT + 2) == before + IP_LIMIT + 2
-    # The service logged only real addresses (127.0.0.1: the test's own readiness probes).
+        trace_id, traceparent = traced()
+        assert http.get("/api/v1/orgs/spoof", headers=traceparent).status_code == 401
+        sent[trace_id] = OTHER_CLIENT
+    # Each request has one line, under the address nginx saw.
+    lines = proxied_service.lines_of(sent)
+    assert {trace_id: [line["client"] for line in lines[trace_id]] for trace_id in sent} == {
+        trace_id: [client] for trace_id, client in sent.items()
+    }
+    # No line of the whole log names an address a client chose (127.0.0.1: the readiness probes).
     clients = {line["client"] for line in proxied_service.audit_lines()}
-    assert SPOOFING_CLIENT in clients
     assert clients <= {SPOOFING_CLIENT, OTHER_CLIENT, LOOPBACK}
 
 
@@ -182,35 +216,47 @@ def test_the_host_header_reaches_the_service_for_its_check(proxied_service: Prox
 
 def test_a_body_over_the_limit_is_refused_by_nginx_with_413(proxied_service: ProxiedService) -> None:
     limit = Settings.model_fields["max_body_bytes"].default
-    before = len(proxied_service.audit_lines())
+    (too_large_id, too_large_trace), (chunked_id, chunked_trace), (at_limit_id, at_limit_trace) = (
+        traced() for _ in range(3)
+    )
     headers = {"Content-Type": "application/json"}
     with proxied_service.client(OTHER_CLIENT) as http:
-        too_large = http.post("/api/v1/orgs", content=b" " * (limit + 1), headers=headers)
-        chunked = http.post("/api/v1/orgs", content=iter([b" " * limit, b" "]), headers=headers)
-        at_limit = http.post("/api/v1/orgs", content=b" " * limit, headers=headers)
+        too_large = http.post("/api/v1/orgs", content=b" " * (limit + 1), headers={**headers, **too_large_trace})
+        chunked = http.post("/api/v1/orgs", content=iter([b" " * limit, b" "]), headers={**headers, **chunked_trace})
+        at_limit = http.post("/api/v1/orgs", content=b" " * limit, headers={**headers, **at_limit_trace})
     for response in (too_large, chunked):
         assert response.status_code == 413
         assert response.headers["content-type"] == "application/problem+json"
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.json()["status"] == 413
-    # Only the request at the limit reached the service (which refuses it without a token).
+    # Only the request at the limit reached the service (which refuses it without a token); it
+    # was sent after nginx had answered the two others.
     assert at_limit.status_code == 401
-    assert proxied_service.audit_count_reaching(before + 1) == before + 1
+    lines = proxied_service.lines_of([at_limit_id])
+    assert [line["status"] for line in lines[at_limit_id]] == [401]
+    assert too_large_id not in lines and chunked_id not in lines
 
 
 def test_a_malformed_request_is_answered_by_nginx(proxied_service: ProxiedService) -> None:
-    before = len(proxied_service.audit_lines())
+    malformed_id, malformed_trace = traced()
     with socket.create_connection((LOOPBACK, proxied_service.nginx_port), timeout=5) as sock:
-        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\nBroken header line\r\n\r\n")
+        sock.sendall(
+            b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n"
+            + f"traceparent: {malformed_trace['traceparent']}\r\n".encode()
+            + b"Broken header line\r\n\r\n"
+        )
         answer = sock.recv(65536)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
     assert b"application/problem+json" in head
     assert json.loads(body)["status"] == 400
-    # A request after it is the only one the service logs.
+    # A request after it reaches the service; the malformed one did not.
+    after_id, after_trace = traced()
     with proxied_service.client(OTHER_CLIENT) as http:
-        assert http.get("/health/live").status_code == 200
-    assert proxied_service.audit_count_reaching(before + 1) == before + 1
+        assert http.get("/health/live", headers=after_trace).status_code == 200
+    lines = proxied_service.lines_of([after_id])
+    assert [line["status"] for line in lines[after_id]] == [200]
+    assert malformed_id not in lines
 
 
 def test_a_slow_header_sender_is_cut_off(proxied_service: ProxiedService) -> None:
