@@ -7,8 +7,11 @@ the sentinels' `+switch-master` announcement. Cluster: slots migrating under tra
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,15 +20,29 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import Settings
+from {{ cookiecutter.package_name }}.security.admission import ADDRESS_CHECK
+from {{ cookiecutter.package_name }}.security.revocation import tag
 from {{ cookiecutter.package_name }}.store import redis_store
+from {{ cookiecutter.package_name }}.store.cluster import ClusterStore
+from {{ cookiecutter.package_name }}.store.core import Script, StoreUnavailable, pack
 from {{ cookiecutter.package_name }}.store.sentinel import SentinelStore
 
 from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, running
-from .servers import LOOPBACK, SENTINEL_SERVICE, SentinelGroup, redis_client, start_sentinel_group, wait_for
+from .servers import (
+    LOOPBACK,
+    SENTINEL_SERVICE,
+    RedisCluster,
+    SentinelGroup,
+    redis_client,
+    start_cluster,
+    start_sentinel_group,
+    wait_for,
+)
 
 PROBE = "/api/v1/orgs/00000000-0000-0000-0000-000000000000"  # with a token: 403 once admitted (not a member)
 # Nothing refused but what the test is about: no limit reached, no lockout from the revoked tokens.
@@ -240,3 +257,202 @@ async def test_a_killed_primary_gives_the_failure_mode_until_the_announcement_on
         assert {status for sent, _, status in replica if killed < sent < announced} <= {403, in_between}
         late = [(round(sent - announced, 2), status) for sent, _, status in replica if sent > announced + BOUND_SECONDS]
         assert late and {status for _, status in late} == {403}, late
+
+
+# --- Cluster: a slot migrating ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.stop()
+
+
+def node_id(port: int) -> str:
+    with redis_client(port) as client:
+        return str(client.execute_command("CLUSTER", "MYID"))
+
+
+def owner_port(cluster: RedisCluster, slot: int) -> int:
+    with redis_client(cluster.servers[0].port) as client:
+        ranges = client.execute_command("CLUSTER", "SLOTS")
+    return next(int(primary[1]) for start, end, primary, *_ in ranges if start <= slot <= end)
+
+
+class Migration:
+    """One slot between its source and another primary, as `redis-cli --cluster reshard` moves
+    it: IMPORTING on the target, MIGRATING on the source, MIGRATE of its keys, then SETSLOT NODE."""
+
+    def __init__(self, cluster: RedisCluster, slot: int) -> None:
+        self.cluster = cluster
+        self.slot = slot
+        self.source = owner_port(cluster, slot)
+        self.target = next(server.port for server in cluster.servers if server.port != self.source)
+
+    def start(self) -> None:
+        self._setslot(self.target, "IMPORTING", node_id(self.source))
+        self._setslot(self.source, "MIGRATING", node_id(self.target))
+
+    def move(self, *keys: str) -> None:
+        with redis_client(self.source) as client:
+            client.execute_command("MIGRATE", LOOPBACK, self.target, "", 0, 5000, "KEYS", *keys)
+
+    def finish(self) -> None:
+        for port in (self.target, self.source):
+            self._setslot(port, "NODE", node_id(self.target))
+
+    def abandon(self) -> None:
+        """Back to no migration (the keys stay where they are)."""
+        for server in self.cluster.servers:
+            self._setslot(server.port, "STABLE")
+
+    def _setslot(self, port: int, *args: str) -> None:
+        with redis_client(port) as client:
+            client.execute_command("CLUSTER", "SETSLOT", self.slot, *args)
+
+
+def address_check(address: str) -> Any:
+    """The address window and lock in one script, as layer 3 sends it (two keys, one slot)."""
+    return ADDRESS_CHECK.call([f"test:window:{tag(address)}", f"test:lock:{tag(address)}"], [60_000])
+
+
+async def test_a_call_answered_tryagain_while_its_slot_migrates_runs_once_the_slot_has_moved(
+    cluster: RedisCluster, settings_for: Callable[..., Settings]
+) -> None:
+    cluster.flush()
+    store = redis_store(settings_for(redis_url=cluster.url, redis_timeout_seconds=5))
+    address = "198.51.100.77"
+    migration = Migration(cluster, key_slot(tag(address).encode()))
+    try:
+        [(count, _, _)] = await store.run([address_check(address)])
+        assert count == 1  # the window exists on the source; the lock does not
+        migration.start()
+        # The source holds one of the two keys: TRYAGAIN, and again after each pause.
+        pending = asyncio.ensure_future(store.run([address_check(address)]))
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        migration.move(f"test:window:{tag(address)}")
+        migration.finish()
+        [(count, _, _)] = await asyncio.wait_for(pending, 10)
+        assert count == 2  # counted once: a call answered TRYAGAIN did not run
+    finally:
+        migration.abandon()
+        await store.aclose()
+
+
+async def test_a_slot_that_stays_migrating_is_the_failure_mode_after_the_round_trips_deadline(
+    cluster: RedisCluster, settings_for: Callable[..., Settings]
+) -> None:
+    cluster.flush()
+    store = redis_store(settings_for(redis_url=cluster.url, redis_timeout_seconds=0.3))
+    address = "198.51.100.78"
+    migration = Migration(cluster, key_slot(tag(address).encode()))
+    try:
+        await store.run([address_check(address)])
+        migration.start()
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.run([address_check(address)]), 10)
+    finally:
+        migration.abandon()
+        await store.aclose()
+
+
+async def test_a_script_the_importing_node_does_not_know_is_resent_after_asking(
+    cluster: RedisCluster, settings_for: Callable[..., Settings]
+) -> None:
+    cluster.flush()
+    store = redis_store(settings_for(redis_url=cluster.url, redis_timeout_seconds=5))
+    assert isinstance(store, ClusterStore)
+    unseen = Script(f"return redis.call('INCR', KEYS[1]) -- {uuid.uuid4()}")  # no node has it cached
+    key = "test:{asked}"
+    migration = Migration(cluster, key_slot(key.encode()))
+    try:
+        await store.ping()
+        migration.start()
+        # The source has no such key: ASK; the importing node answers NOSCRIPT, then runs the source.
+        assert await store.run([unseen.call([key], [])]) == [1]
+        assert await store.run([unseen.call([key], [])]) == [2]
+        target = next(node for node in store.primaries if node is not store._slots[migration.slot])
+        assert await target._round_trip(pack(b"ASKING") + pack(b"GET", key.encode()), 2) == [b"OK", b"2"]
+    finally:
+        migration.abandon()
+        await store.aclose()
+
+
+# --- Cluster: redis-cli --cluster reshard under traffic -----------------------------------------
+
+RESHARDED_SLOTS = 300  # redis-cli takes them from the start of the source's range: slots 0-299
+FILLER_KEYS = 1000  # per live slot: each slot's migration lasts long enough to meet the traffic
+
+
+def in_resharded_slots(names: Iterator[str], count: int) -> list[str]:
+    return [name for name in names if key_slot(tag(name).encode()) < RESHARDED_SLOTS][:count]
+
+
+async def test_resharding_under_traffic_from_two_replicas_keeps_counts_exact_and_revocations(
+    tmp_path: Path, settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    cluster = start_cluster(tmp_path)  # its own: resharding changes it for good
+    source, target = cluster.servers[0], cluster.servers[1]  # redis-cli gives the first primary slots 0-5460
+    addresses = in_resharded_slots((f"10.0.{n // 256}.{n % 256}" for n in range(65536)), 2)
+    subjects = in_resharded_slots((f"user-{n}" for n in range(100_000)), 3)
+    kept, revoked = subjects[:2], subjects[2]
+    with redis_client(source.port) as client:
+        for name in addresses + subjects:
+            with client.pipeline(transaction=False) as pipeline:
+                for index in range(FILLER_KEYS):
+                    pipeline.set(f"filler:{tag(name)}:{index}", "x")
+                pipeline.execute()
+    settings = settings_for(redis_url=cluster.url, redis_timeout_seconds=2, **UNLIMITED)
+    try:
+        async with AsyncExitStack() as stack:
+            apps = [create_app(settings) for _ in range(2)]
+            clients = {
+                (replica, address): await stack.enter_async_context(running(app, client=(address, 4711), reset=False))
+                for replica, app in enumerate(apps)
+                for address in addresses
+            }
+            runtime = apps[0].state.runtime
+            await runtime.revocations.revoke_subject(revoked)
+            await asyncio.sleep(0.01)  # tokens issued after the mark's second
+            tokens = {subject: make_token(subject, iat=int(time.time()) - 5) for subject in subjects}
+            stop = asyncio.Event()
+            traffic = {
+                where: asyncio.ensure_future(steady_traffic(client, tokens, stop)) for where, client in clients.items()
+            }
+            await asyncio.sleep(0.3)
+            redis_cli = shutil.which("redis-cli")
+            assert redis_cli is not None
+            command = [
+                redis_cli, "--cluster", "reshard", f"{LOOPBACK}:{source.port}",
+                "--cluster-from", node_id(source.port), "--cluster-to", node_id(target.port),
+                "--cluster-slots", str(RESHARDED_SLOTS), "--cluster-yes",
+            ]  # fmt: skip
+            resharded = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120)
+            await asyncio.sleep(0.5)
+            stop.set()
+            answers = {where: await task for where, task in traffic.items()}
+            moved = {owner_port(cluster, key_slot(tag(name).encode())) for name in addresses + subjects}
+            policies = runtime.admission
+            with redis_client(target.port) as client:
+                counted = {
+                    name: int(client.get(prefix + tag(name)) or 0)
+                    for prefix, names in ((policies.address_policy.key_prefix, addresses),
+                                          (policies.subject_policy.key_prefix, kept))
+                    for name in names
+                }  # fmt: skip
+    finally:
+        cluster.stop()
+    assert resharded.returncode == 0, resharded.stdout + resharded.stderr
+    assert moved == {target.port}
+    statuses = [status for replica in answers.values() for _, _, status in replica]
+    assert {status for status in statuses if status >= 500} == set(), statuses.count(503)
+    for replica in answers.values():
+        assert {status for _, name, status in replica if name == revoked} == {401}
+        assert {status for _, name, status in replica if name in kept} == {403}
+    # Each request counted exactly once: in its address's window, and (admitted) in its subject's.
+    for address in addresses:
+        assert counted[address] == sum(len(replica) for (_, at), replica in answers.items() if at == address)
+    for subject in kept:
+        assert counted[subject] == sum(1 for replica in answers.values() for _, name, _ in replica if name == subject)
