@@ -248,9 +248,13 @@ async def test_a_killed_primary_gives_the_failure_mode_until_the_announcement_on
             await asyncio.sleep(BOUND_SECONDS + 0.5)
             stop.set()
             answers = await asyncio.gather(*traffic)
-        assert group.primary_port() == group.replica.port
+            counted = [(await client.get(PROBE, headers=bearer(tokens["kept"]))).headers for client in clients]
+            ready = [(await client.get("/health/ready")).json()["checks"]["redis"] for client in clients]
+        assert group.primary_port() == group.replica.port  # the sentinels promoted the replica
     finally:
         group.stop()
+    assert all("ratelimit" in headers for headers in counted)  # counted in Redis again, not served open
+    assert ready == ["ok", "ok"]
     for replica in answers:
         assert {status for sent, _, status in replica if sent < killed} == {403}
         # Between the kill and the announcement: the declared failure mode, never a 500.
