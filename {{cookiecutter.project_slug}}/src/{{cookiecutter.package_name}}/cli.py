@@ -140,6 +140,43 @@ def _revoke(action: Callable[[Revocations], Awaitable[str]]) -> int:
     return 0
 
 
+def lift_lockout(args: argparse.Namespace) -> int:
+    """Lift the lockout of a client address (an IPv6 one: its whole RATE_LIMIT_IPV6_PREFIX network)
+    or of a subject, on every replica within a second; its failures are forgotten too."""
+    from .security.lockout import Lockout
+    from .security.ratelimit import client_bucket
+    from .security.transport import rate_limit_bucket
+    from .store import redis_store
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
+        return 1
+    if not settings.redis_url:
+        print("REDIS_URL is required: the running service reads lockouts from Redis", file=sys.stderr)
+        return 2
+    kind, name = ("subject", args.sub) if args.sub else ("address", args.address)
+    if kind == "address":
+        name = rate_limit_bucket(name, settings.rate_limit_ipv6_prefix)
+
+    async def lift() -> bool:
+        store = redis_store(settings)
+        try:
+            return await Lockout(settings, store, client_bucket(settings.rate_limit_ipv6_prefix)).lift(name, kind)
+        finally:
+            await store.aclose()
+
+    try:
+        locked = asyncio.run(lift())
+    except (StoreUnavailable, StoreBusy) as exc:
+        error = type(exc.__cause__ or exc).__name__
+        print(f"{SERVICE_NAME}: Redis is unavailable ({error}); nothing was lifted", file=sys.stderr)
+        return 1
+    print(f"{kind} {name}: lockout lifted" if locked else f"{kind} {name} was not locked out; its failures are reset")
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the service with uvicorn configured for it: no proxy headers (TRUSTED_PROXIES decides
     whom to believe), no Server banner, the service's JSON logging, the server limits, and a drain
@@ -324,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke_sub = token.add_parser("revoke-subject", help="revoke every token of a subject issued before now")
     revoke_sub.add_argument("--sub", required=True, type=_claim_text, help="the tokens' `sub` claim")
     revoke_sub.set_defaults(handler=revoke_subject)
+
+    lockout = commands.add_parser("lockout", help="lockouts").add_subparsers(dest="action", required=True)
+    lift = lockout.add_parser("lift", help="lift the lockout of an address or a subject on every replica")
+    lifted = lift.add_mutually_exclusive_group(required=True)
+    lifted.add_argument("--address", help="a client address, as the service sees it (TRUSTED_PROXIES)")
+    lifted.add_argument("--sub", type=_claim_text, help="a token subject (`sub` claim)")
+    lift.set_defaults(handler=lift_lockout)
 
     run = commands.add_parser("serve", help="run the service")
     run.add_argument("--host")

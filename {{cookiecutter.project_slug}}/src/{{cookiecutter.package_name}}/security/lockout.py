@@ -11,10 +11,17 @@ window script, a subject's inside its revocation script (admission.py); a
 failure is recorded (one more round trip) only when layer 4 refuses a credential, which already
 cost a signature check. The keys of one address or subject share its hash tag, so each script
 touches one Redis Cluster slot; the counts are shared by replicas.
+
+A locked address is refused from this process's memory, without a round trip, until its lock
+ends. Every RECHECK_SECONDS while it keeps knocking, one read of its lock (in the background,
+not on the request's path) asks Redis whether the lock is still there, so an operator who lifts it
+(`lockout lift`, `lift()`) lets it in on every replica within RECHECK_SECONDS and a round trip.
+A subject's lock is read from Redis on every request (its revocation script).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -30,6 +37,7 @@ from .revocation import tag
 
 KEY_PREFIX = "lockout"
 WARNING_INTERVAL_SECONDS = 60.0
+RECHECK_SECONDS = 0.25  # how long a remembered lock is believed before Redis is asked again
 
 # KEYS: failures, lock, repeats. ARGV: window ms, failures allowed, first lock ms, longest lock ms.
 # Returns the lock just started, in ms, or 0.
@@ -71,7 +79,8 @@ class Lockout:
         self.window_ms = settings.lockout_window_seconds * 1000
         self.first_ms = settings.lockout_seconds * 1000
         self.longest_ms = settings.lockout_max_seconds * 1000
-        self._locked: dict[str, float] = {}  # address -> monotonic end, what the store said
+        self._locked: dict[str, tuple[float, float]] = {}  # address -> monotonic end, when to ask again
+        self._rechecks: dict[str, asyncio.Task[None]] = {}
         self._warned_at = -math.inf
 
     @staticmethod
@@ -96,29 +105,68 @@ class Lockout:
         return cls._keys(address)[1]
 
     def raise_if_locked(self, address: str, reply: Any = None) -> None:
-        """LockedOut when the store's reply (or, without one, this process's memory) says so."""
+        """LockedOut when the store's reply (the lock's ms left) or, without one, this process's
+        memory says so. The store's reply is the truth: a lock it no longer has is forgotten."""
         now = time.monotonic()
-        if reply is not None and int(reply) > 0:
-            self._remember(address, now + int(reply) / 1000)
         if isinstance(self.store, MemoryStore):
-            left_ms = self._memory_left_ms(self._keys(address)[1])
-            if left_ms > 0:
-                self._remember(address, now + left_ms / 1000)
-        ends = self._locked.get(address)
-        if ends is None:
+            reply = self._memory_left_ms(self._keys(address)[1])
+        if reply is not None:
+            self._note(address, int(reply), now)
+        remembered = self._locked.get(address)
+        if remembered is None:
             return
+        ends, recheck_at = remembered
         if ends <= now:
             del self._locked[address]
             return
+        if now >= recheck_at and address not in self._rechecks:
+            self._rechecks[address] = asyncio.ensure_future(self._recheck(address))
         raise LockedOut(math.ceil(ends - now))
+
+    def _note(self, address: str, left_ms: int, now: float) -> None:
+        if left_ms > 0:
+            self._remember(address, now + left_ms / 1000)
+        else:
+            self._locked.pop(address, None)  # expired, or lifted
+
+    async def _recheck(self, address: str) -> None:
+        """Ask Redis whether the address is still locked (an operator may have lifted it)."""
+        assert not isinstance(self.store, MemoryStore)
+        try:
+            left_ms = await self.store.execute(b"PTTL", self.lock_key(address).encode())
+        except (StoreUnavailable, StoreBusy):  # believe the memory a while longer
+            if address in self._locked:
+                self._locked[address] = (self._locked[address][0], time.monotonic() + RECHECK_SECONDS)
+        else:
+            self._note(address, int(left_ms), time.monotonic())
+        finally:
+            del self._rechecks[address]
 
     def _remember(self, address: str, ends: float) -> None:
         if len(self._locked) >= 10_000:
             now = time.monotonic()
-            self._locked = {key: end for key, end in self._locked.items() if end > now}
+            self._locked = {key: entry for key, entry in self._locked.items() if entry[0] > now}
             while len(self._locked) >= 10_000:  # bounded, like the rate limiter's blocked keys
                 del self._locked[next(iter(self._locked))]
-        self._locked[address] = ends
+        self._locked[address] = (ends, time.monotonic() + RECHECK_SECONDS)
+
+    # --- operators: lift a lock ---------------------------------------------------------------
+
+    async def lift(self, name: str, kind: str = "address") -> bool:
+        """Lift the lock of an address (its rate-limit bucket) or a subject (`kind="subject"`), and
+        forget its failures and repeats: the next lock starts from LOCKOUT_SECONDS again. Every
+        replica lets it in within RECHECK_SECONDS and a round trip. Whether it was locked."""
+        failures, lock, repeats = self._keys(name, kind)
+        if kind == "address":
+            self._locked.pop(name, None)
+        if isinstance(self.store, MemoryStore):
+            locked = self._memory_left_ms(lock) > 0
+            for key in (failures, lock, repeats):
+                self.store.values.pop(key, None)
+            return locked
+        locked = int(await self.store.execute(b"DEL", lock.encode())) > 0
+        await self.store.execute(b"DEL", failures.encode(), repeats.encode())  # one hash tag: one slot
+        return locked
 
     # --- layer 4: record a refused credential ---------------------------------------------------
 

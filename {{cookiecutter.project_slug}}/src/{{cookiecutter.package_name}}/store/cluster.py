@@ -9,9 +9,18 @@ asked at the same time, the replies put back in order. Each primary has its own 
 The slot map comes from CLUSTER SLOTS, asked of the known primaries and then the seed nodes in
 REDIS_URL. A MOVED reply (a failover, a resharding) points the slot at the node it names, resends
 the command there and refreshes the whole map before the next batch; an ASK reply resends the
-command once to the importing node after ASKING. A node that fails (connection refused, timeout)
-is StoreUnavailable for that request (the declared failure mode) and marks the map stale, so later
-requests find the promoted replica without a restart.
+command once to the importing node after ASKING (and, if that node does not know the script yet,
+sends its source after ASKING too: without ASKING it would answer MOVED, back to the source).
+
+While a slot migrates (`redis-cli --cluster reshard`), a command on several keys of that slot
+(the address window and its lock; the subject's revocation, window and lock) is answered TRYAGAIN
+unless one node holds all its keys: on the source once one of them has moved, on the importing
+node until all have. TRYAGAIN means nothing ran, so those calls are sent again after a short
+pause (TRYAGAIN_FIRST_SECONDS, doubling up to TRYAGAIN_LONGEST_SECONDS) until the slot is done;
+if it is not done within REDIS_TIMEOUT_SECONDS of the first TRYAGAIN, the request gets the
+declared failure mode. A node that fails (connection refused, timeout) is StoreUnavailable for
+that request and marks the map stale, so later requests find the promoted replica without a
+restart.
 """
 
 from __future__ import annotations
@@ -23,13 +32,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, NoScriptError
+from redis.exceptions import AskError, MovedError, NoScriptError, TryAgainError
 
 from .core import Command, Plain, RedisStore, RemoteStore, StoreBusy, StoreUnavailable, pack
 from .topology import Address, Topology
 
 SLOTS = 16384
-MAX_REDIRECTS = 3
+MAX_REDIRECTS = 3  # MOVED and ASK replies followed for one call between two TRYAGAIN pauses
+TRYAGAIN_FIRST_SECONDS = 0.005
+TRYAGAIN_LONGEST_SECONDS = 0.1
 REFRESH_INTERVAL_SECONDS = 0.25  # the least time between two refreshes after failures
 ASKING = pack(b"ASKING")
 
@@ -50,6 +61,7 @@ class ClusterStore(RemoteStore):
             password=topology.password,
             **connection,
         )
+        self.timeout = timeout
         self._nodes: dict[Address, RedisStore] = {}
         self._slots: list[RedisStore | None] = [None] * SLOTS
         self.primaries: list[RedisStore] = []
@@ -135,12 +147,13 @@ class ClusterStore(RemoteStore):
 
     async def _dispatch(self, calls: Sequence[Call]) -> list[Any]:
         """Each call to the node of its slot, one round trip per node, the nodes at once; MOVED
-        and ASK replies resent where they point."""
+        and ASK replies resent where they point, TRYAGAIN replies after a pause."""
         if self._stale:
             await self._refresh()
         replies: list[Any] = [None] * len(calls)
         pending: dict[int, RedisStore | None] = dict.fromkeys(range(len(calls)))  # index -> ASK target
-        for _ in range(MAX_REDIRECTS + 1):
+        redirects, pause, give_up_at = 0, TRYAGAIN_FIRST_SECONDS, math.inf
+        while True:
             batches: dict[RedisStore, list[tuple[int, bool]]] = {}
             for index, asking in pending.items():
                 batches.setdefault(asking or self._owner(calls[index]), []).append((index, asking is not None))
@@ -153,7 +166,7 @@ class ClusterStore(RemoteStore):
             except StoreUnavailable:
                 self._stale = True  # a node failed: perhaps a failover; look again next time
                 raise
-            pending = {}
+            pending, again = {}, False
             for items, answer in zip(batches.values(), answers, strict=True):
                 for (index, _), reply in zip(items, answer, strict=True):
                     if isinstance(reply, MovedError):  # the slot has moved for good
@@ -162,25 +175,46 @@ class ClusterStore(RemoteStore):
                         pending[index] = None
                     elif isinstance(reply, AskError):  # this once, ask the importing node
                         pending[index] = self._node(reply.node_addr)
+                    elif isinstance(reply, TryAgainError):  # the slot is migrating; nothing ran
+                        pending[index] = None
+                        again = True
                     else:
                         replies[index] = reply
             if not pending:
                 return replies
-        raise StoreUnavailable("too many Redis Cluster redirections")
+            if again:
+                now = time.monotonic()
+                give_up_at = min(give_up_at, now + self.timeout)
+                if now + pause > give_up_at:
+                    raise StoreUnavailable("a Redis Cluster slot stayed migrating for REDIS_TIMEOUT_SECONDS")
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, TRYAGAIN_LONGEST_SECONDS)
+                redirects = 0
+            else:
+                redirects += 1
+                if redirects > MAX_REDIRECTS:
+                    raise StoreUnavailable("too many Redis Cluster redirections")
 
     @staticmethod
     async def _send(node: RedisStore, calls: Sequence[Call], items: list[tuple[int, bool]]) -> list[Any]:
-        """One round trip to `node`: the calls at `items` (ASKING before those redirected by ASK)."""
-        batch = [calls[index] for index, _ in items]
-        payload = b"".join(
-            (ASKING if asking else b"") + call.packed() for call, (_, asking) in zip(batch, items, strict=True)
-        )
-        raw = await node._round_trip(payload, len(items) + sum(asking for _, asking in items))
+        """One round trip to `node`: the calls at `items` (ASKING before those redirected by ASK).
+        Calls answered NOSCRIPT go once more with their source, after ASKING where they had it."""
+        batch = [(calls[index], asking) for index, asking in items]
+        replies = await ClusterStore._exchange(node, batch)
+        unknown = [position for position, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if unknown:
+            resent = await ClusterStore._exchange(node, [batch[position] for position in unknown], by_sha=False)
+            for position, reply in zip(unknown, resent, strict=True):
+                replies[position] = reply
+        return replies
+
+    @staticmethod
+    async def _exchange(node: RedisStore, batch: list[tuple[Call, bool]], *, by_sha: bool = True) -> list[Any]:
+        payload = b"".join((ASKING if asking else b"") + call.packed(by_sha=by_sha) for call, asking in batch)
+        raw = await node._round_trip(payload, len(batch) + sum(asking for _, asking in batch))
         replies, position = [], 0
-        for _, asking in items:
+        for _, asking in batch:
             position += asking  # skip ASKING's +OK
             replies.append(raw[position])
             position += 1
-        if any(isinstance(reply, NoScriptError) for reply in replies):
-            replies = await node.resend_unknown_scripts(batch, replies)
         return replies

@@ -264,9 +264,7 @@ class RedisStore(RemoteStore):
                 await self._discard(connection)
                 if deadline.overloaded:
                     raise StoreBusy from exc
-                # A pooled connection that Redis closed (a restart, an idle timeout) fails on first
-                # use: one more try on a new connection. A new connection that fails is an outage.
-                if fresh or retried or isinstance(exc, TimeoutError):
+                if retried or not await self._worth_retrying(exc, fresh):
                     raise StoreUnavailable from exc
                 retried = True
                 connection = await self._acquire()
@@ -276,6 +274,12 @@ class RedisStore(RemoteStore):
                 raise
             self._release(connection)
             return replies
+
+    async def _worth_retrying(self, exc: Exception, fresh: bool) -> bool:
+        """Whether a round trip that failed with `exc` is tried once more. A pooled connection that
+        Redis closed (a restart, an idle timeout) fails on first use: one more try on a new
+        connection. A new connection that fails, or a reply not back in time, is an outage."""
+        return not fresh and not isinstance(exc, TimeoutError)
 
     @staticmethod
     async def _reply(connection: AbstractConnection) -> Any:
