@@ -148,11 +148,7 @@ def lift_lockout(args: argparse.Namespace) -> int:
     from .security.transport import rate_limit_bucket
     from .store import redis_store
 
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
-        return 1
+    settings = load_settings()  # a settings error is printed by main()
     if not settings.redis_url:
         print("REDIS_URL is required: the running service reads lockouts from Redis", file=sys.stderr)
         return 2
