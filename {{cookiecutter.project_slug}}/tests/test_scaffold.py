@@ -48,7 +48,8 @@ def shown(result: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.mark.parametrize(
     ("arguments", "module"),
-    [(("project", "--under", "org"), "projects"), (("widget",), "widgets")],
+    # Names no service of the template's is likely to have already (the copy holds the owner's own).
+    [(("scaffolded_note", "--under", "org"), "scaffolded_notes"), (("scaffolded_tag",), "scaffolded_tags")],
     ids=["under-an-org", "top-level"],
 )
 def test_a_scaffolded_resource_is_lint_clean_migrated_guarded_and_tested(
