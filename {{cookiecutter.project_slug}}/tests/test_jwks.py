@@ -1,5 +1,6 @@
 """JWT_JWKS_URL: keys fetched from a real local HTTP endpoint, rotated without restart, refetched
-on an unknown `kid` at most once per cooldown, and kept when the endpoint fails."""
+on an unknown `kid` at most once per cooldown per kid (and once a second for all of them), and kept
+when the endpoint fails."""
 
 from __future__ import annotations
 
@@ -131,17 +132,40 @@ async def test_burst_of_unknown_kids_causes_at_most_one_fetch_per_cooldown(
     assert jwks.fetches == 2
 
 
-async def test_unknown_kid_may_refetch_again_once_the_cooldown_has_passed(
+async def test_the_same_unknown_kid_refetches_again_only_once_its_cooldown_has_passed(
     jwks: JwksServer, jwks_app: Callable[..., FastAPI], make_token: TokenFactory, key_a: dict[str, Any]
 ) -> None:
     jwks.serve_keys(key_a)
     async with running(jwks_app(jwt_jwks_min_refetch_seconds=1)) as http:
         assert await status_of(http, make_token(headers={"kid": "unknown-1"})) == 401
-        assert await status_of(http, make_token(headers={"kid": "unknown-2"})) == 401
-        assert jwks.fetches == 2
+        assert await status_of(http, make_token(headers={"kid": "unknown-1"})) == 401
+        assert jwks.fetches == 2  # at start, then once for unknown-1
         await asyncio.sleep(1.1)
-        assert await status_of(http, make_token(headers={"kid": "unknown-3"})) == 401
+        assert await status_of(http, make_token(headers={"kid": "unknown-1"})) == 401
         assert jwks.fetches == 3
+
+
+async def test_invented_kids_cannot_starve_the_refetch_a_real_rotation_needs(
+    jwks: JwksServer,
+    jwks_app: Callable[..., FastAPI],
+    make_token: TokenFactory,
+    key_a: dict[str, Any],
+    key_b: dict[str, Any],
+    new_key: rsa.RSAPrivateKey,
+) -> None:
+    jwks.serve_keys(key_a)
+    async with running(jwks_app(jwt_jwks_min_refetch_seconds=60, lockout_failures=1000)) as http:
+        # Just before the issuer rotates, someone sends invented kids: each costs a fetch (at most
+        # one a second, all of them together) ...
+        assert await status_of(http, make_token(headers={"kid": "invented-1"})) == 401
+        assert await status_of(http, make_token(headers={"kid": "invented-2"})) == 401
+        jwks.serve_keys(key_a, key_b)  # ... and the issuer publishes its new key and signs with it
+        started = time.monotonic()
+        # Its first token is verified now, not JWT_JWKS_MIN_REFETCH_SECONDS later.
+        assert await status_of(http, make_token(key=new_key, headers={"kid": "b"})) == 201
+        assert time.monotonic() - started < 2
+        assert await status_of(http, make_token(headers={"kid": "invented-1"})) == 401  # remembered: no fetch
+    assert jwks.fetches == 4  # at start, invented-1, invented-2, b
 
 
 async def test_jwks_endpoint_down_keeps_the_last_good_keys(

@@ -244,15 +244,23 @@ def test_mtls_plus_jwt_needs_both_an_allowed_certificate_and_a_token(
         assert created.status_code == 201, created.text
         # The principal is the token's: alice owns the org, and reads it through the workload.
         assert http.get(f"{ORGS}/{created.json()['id']}", headers=bearer(token)).status_code == 200
-        assert create_org(http).status_code == 401  # the certificate alone is not enough
-        assert create_org(http, bearer(token + "x")).status_code == 401
+        alone = create_org(http)
+        assert alone.status_code == 401  # the certificate alone is not enough
+        # What is missing is the caller's credential: its challenge, not the certificate's.
+        assert alone.headers["www-authenticate"].endswith("Bearer") and "mTLS" not in alone.headers["www-authenticate"]
+        refused = create_org(http, bearer(token + "x"))
+        assert refused.status_code == 401
+        # A refused token is the token's problem: the Bearer challenge, so the client refreshes it.
+        assert refused.headers["www-authenticate"] == 'Bearer error="invalid_token"'
     with tls_client(tls_jwt_service, pki, "reader") as http:
         # The token's scopes, narrowed to the workload's: orgs:read only.
         assert create_org(http, bearer(token)).status_code == 403
     with tls_client(tls_jwt_service, pki, "unlisted") as http:
         assert create_org(http, bearer(token)).status_code == 401  # a token alone is not enough
     reasons = [event["reason"] for event in tls_jwt_service.events("client_certificate_refused")]
-    assert "token_required" in reasons and "identity_not_allowed" in reasons
+    assert "identity_not_allowed" in reasons
+    failures = [(event["reason"], event.get("credential")) for event in tls_jwt_service.events("authentication_failed")]
+    assert ("token_required", "mTLS") in failures
 
 
 def test_the_scan_check_passes_when_the_handshake_refuses_the_scanner(
