@@ -15,7 +15,7 @@ Settings (environment variables, validated at start; production refuses unsafe o
 - MTLS_PROXY_HEADER: the header a trusted proxy (TRUSTED_PROXIES) forwards the verified certificate
   in: `X-Client-Cert` (nginx `$ssl_client_escaped_cert`, the default) or `X-Forwarded-Client-Cert` (Envoy).
 - MTLS_PROXY_CLIENT_CA: a file, the CA bundle a forwarded certificate must be issued by, checked
-  again here (defence in depth); unset, the proxy's verification is believed (a warning in production).
+  again here (defence in depth); unset, the proxy's verification is believed.
 """
 
 from __future__ import annotations
@@ -147,12 +147,6 @@ def extension(runtime: Runtime) -> Extension:
             extra={"event": "mtls_inactive"},
         )
         return Extension(name="mtls")
-    if runtime.settings.is_production and runtime.settings.trusted_proxies and not mtls.proxy_client_ca:
-        logger.warning(
-            "mtls: certificates forwarded by TRUSTED_PROXIES are believed without a CA check;"
-            " set MTLS_PROXY_CLIENT_CA to check them against the workload CA too",
-            extra={"event": "mtls_forwarded_certificates_unchecked"},
-        )
     certificate = ClientCertificate(
         identities=mtls.identities,
         mode=mtls.mode,
