@@ -43,6 +43,12 @@ OPTION_FILES: dict[str, dict[str, list[str]]] = {
     "mtls": {"yes": ["src/{{ cookiecutter.package_name }}/options/mtls", "tests/test_mtls.py"]},
 }
 
+# Files that only a combination of options needs: kept only when every option listed is "yes".
+# The composition of the three credential options (README, Decision matrix) has its own tests.
+COMBINED_FILES: dict[str, list[str]] = {
+    "tests/test_credentials.py": ["api_keys", "webhooks", "mtls"],
+}
+
 # The locked dependency sets differ by database driver; the template keeps one per value and
 # the chosen one becomes requirements/main.txt and requirements/dev.txt.
 LOCKED_REQUIREMENTS = "requirements"
@@ -80,6 +86,12 @@ def remove_unselected_option_files() -> None:
                 continue
             for relative_path in paths:
                 remove_path(relative_path)
+
+
+def remove_unselected_combination_files() -> None:
+    for relative_path, options in COMBINED_FILES.items():
+        if not all(CHOSEN[option] == "yes" for option in options):
+            remove_path(relative_path)
 
 
 def place_locked_requirements() -> None:
@@ -192,6 +204,7 @@ def print_next_steps() -> None:
 
 def main() -> None:
     remove_unselected_option_files()
+    remove_unselected_combination_files()
     place_locked_requirements()
     write_cruft_state()
     if not rendered_for_a_cruft_diff():

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent
 POST_GEN_HOOK = TEMPLATE_DIR / "hooks" / "post_gen_project.py"
@@ -44,6 +45,8 @@ OPTION_TESTS: dict[str, tuple[str, ...]] = {
     "webhooks": ("tests/test_webhooks.py",),
     "mtls": ("tests/test_mtls.py",),
 }
+# ... the tests of the three together: the composition model (README, Decision matrix), in production ...
+COMPOSITION_TESTS = ("tests/test_credentials.py",)
 # ... and the ones that check how options are wired into the pipeline, routes, CLI and schema.
 WIRING_TESTS = (
     "tests/test_options.py",
@@ -57,13 +60,23 @@ VARIANTS = {
     variant.name: variant
     for variant in (
         Variant("default", {}, "secure-api", "secure_api", "sqlite"),
-        # Every credential option on, with the other database.
+        # Every credential option on, with the other database (its whole suite, the composition
+        # tests included) ...
         Variant(
             "postgresql",
             {"database": "postgresql", **dict.fromkeys(CREDENTIAL_OPTIONS, "yes")},
             "secure-api",
             "secure_api",
             "postgresql",
+        ),
+        # ... and on SQLite: the composition tests only (each option's own run below, alone).
+        Variant(
+            "all-options",
+            dict.fromkeys(CREDENTIAL_OPTIONS, "yes"),
+            "secure-api",
+            "secure_api",
+            "sqlite",
+            suite=COMPOSITION_TESTS,
         ),
         # Each credential option alone: its own tests and those of the shared wiring.
         *(
@@ -90,7 +103,7 @@ VARIANTS = {
 # and locks are checked; ...
 FULLY_TESTED = ("default", "postgresql")
 # ... variants that run ruff, mypy and their `suite`; the others are only rendered and compiled.
-SUITE_TESTED = tuple(option.replace("_", "-") for option in CREDENTIAL_OPTIONS)
+SUITE_TESTED = (*(option.replace("_", "-") for option in CREDENTIAL_OPTIONS), "all-options")
 
 
 def run(
@@ -148,13 +161,23 @@ def template_choices() -> dict[str, list[str]]:
 
 def option_files() -> dict[str, dict[str, list[str]]]:
     """OPTION_FILES of the post-gen hook, read without rendering or running it."""
+    value: dict[str, dict[str, list[str]]] = hook_constant("OPTION_FILES")
+    return value
+
+
+def combined_files() -> dict[str, list[str]]:
+    """COMBINED_FILES of the post-gen hook: a file and the options that must all be "yes"."""
+    value: dict[str, list[str]] = hook_constant("COMBINED_FILES")
+    return value
+
+
+def hook_constant(name: str) -> Any:
     # The hook is a Jinja template, but its rendered parts are still valid syntax.
     tree = ast.parse(POST_GEN_HOOK.read_text())
     for node in tree.body:
         if isinstance(node, ast.AnnAssign | ast.Assign):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names = [target.id for target in targets if isinstance(target, ast.Name)]
-            if "OPTION_FILES" in names and node.value is not None:
-                value: dict[str, dict[str, list[str]]] = ast.literal_eval(node.value)
-                return value
-    raise AssertionError(f"no OPTION_FILES in {POST_GEN_HOOK}")
+            if name in names and node.value is not None:
+                return ast.literal_eval(node.value)
+    raise AssertionError(f"no {name} in {POST_GEN_HOOK}")

@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from bake import FULLY_TESTED, VARIANTS, option_files, report, run, template_choices
+from bake import (
+    FULLY_TESTED,
+    VARIANTS,
+    combined_files,
+    option_files,
+    report,
+    run,
+    template_choices,
+)
 from conftest import BakedProject
 
 # `${{ ... }}` is a GitHub Actions expression, meant to be left as it is.
@@ -82,6 +90,17 @@ def test_only_the_chosen_option_files_remain(baked: BakedProject, name: str) -> 
                     assert not exists, (
                         f"{relative_path} ({option}={value}) was not removed"
                     )
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_combination_file_remains_only_with_all_its_options(
+    baked: BakedProject, name: str
+) -> None:
+    project = baked(name)
+    chosen = VARIANTS[name].chosen
+    for path, options in combined_files().items():
+        wanted = all(chosen[option] == "yes" for option in options)
+        assert (project / path).exists() == wanted, f"{path} ({', '.join(options)})"
 
 
 @pytest.mark.parametrize("name", VARIANTS)

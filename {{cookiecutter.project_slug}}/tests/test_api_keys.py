@@ -24,7 +24,7 @@ from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import ConfigError, Settings
 from {{ cookiecutter.package_name }}.options.api_keys import scan as scan_check
 from {{ cookiecutter.package_name }}.options.api_keys import store
-from {{ cookiecutter.package_name }}.options.api_keys.authenticator import ApiKeys, KnownKey, LastUsed, scanner_pattern
+from {{ cookiecutter.package_name }}.options.api_keys.authenticator import ApiKeys, KnownKey, KnownKeys, LastUsed, scanner_pattern
 from {{ cookiecutter.package_name }}.options.api_keys.models import ApiKey
 from {{ cookiecutter.package_name }}.options.api_keys.settings import DEFAULT_PREFIX
 from {{ cookiecutter.package_name }}.scan import authn as scan_authn
@@ -33,6 +33,7 @@ from {{ cookiecutter.package_name }}.scan.report import Status
 from {{ cookiecutter.package_name }}.security.principal import Principal
 
 from .conftest import TokenFactory, bearer, running
+from .servers import free_port
 
 ORGS = "/api/v1/orgs"
 KEYS = "/api/v1/api-keys"
@@ -627,3 +628,42 @@ async def test_the_scan_check_fails_on_an_instance_that_ignores_unknown_keys(
     result = await scan_result(key_app, make_token("alice", MANAGER_SCOPES))
     assert result.status is Status.FAIL
     assert "forged key next to a valid token" in result.reason
+
+
+# --- The noticed items of issue 23 ------------------------------------------------------------
+
+
+def test_the_key_cache_keeps_the_keys_in_use_and_drops_the_least_recently_used() -> None:
+    cache = KnownKeys(size=2)
+
+    def entry(name: str) -> KnownKey:
+        return KnownKey(Principal(f"apikey:{name}", frozenset(), None, 0, 2**31), (), 2**31)
+
+    cache.put(b"a", entry("a"))
+    cache.put(b"b", entry("b"))
+    assert cache.get(b"a") is not None  # a is in use ...
+    cache.put(b"c", entry("c"))
+    assert cache.get(b"a") is not None  # ... so b, not a, made room for c
+    assert cache.get(b"b") is None
+    assert cache.get(b"c") is not None
+
+
+async def test_a_revocation_redis_cannot_take_is_a_503_and_changes_nothing(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    # Open mode, so the request itself is served while Redis is unreachable: only the revocation needs it.
+    dead = create_app(settings_for(redis_url=f"redis://127.0.0.1:{free_port()}/0", rate_limit_failure_mode="open"))
+    async with running(dead, reset=False) as http:
+        await clear_keys(dead)
+        issued = await issue(dead, owner="alice")
+        owner = bearer(make_token("alice", MANAGER_SCOPES))
+        refused = await http.delete(f"{KEYS}/{issued.info.id}", headers=owner)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert "not revoked" in refused.json()["detail"]
+        rotated = await http.post(f"{KEYS}/{issued.info.id}/rotate", json={}, headers=owner)
+        assert rotated.status_code == 503 and "not rotated" in rotated.json()["detail"]
+        # Nothing changed: the key is neither revoked nor given a new secret, and it still works.
+        shown = await http.get(f"{KEYS}/{issued.info.id}", headers=owner)
+        assert shown.json()["revoked_at"] is None and shown.json()["previous_secret_expires_at"] is None
+        assert (await http.get(KEYS, headers=api_key(issued.key))).status_code == 403  # authenticated, not allowed

@@ -1,5 +1,6 @@
 """JWT_JWKS_URL: keys fetched from a real local HTTP endpoint, rotated without restart, refetched
-on an unknown `kid` at most once per cooldown, and kept when the endpoint fails."""
+on an unknown `kid` at most once per cooldown per kid (and once a second for all of them), and kept
+when the endpoint fails."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from fastapi import FastAPI
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import ConfigError, Settings
-from {{ cookiecutter.package_name }}.security.keys import JwksError, JwksKeys, parse_jwks
+from {{ cookiecutter.package_name }}.security.keys import UNKNOWN_KID_FETCH_INTERVAL_SECONDS, JwksError, JwksKeys, parse_jwks
 from {{ cookiecutter.package_name }}.startup import load_settings
 
 from .conftest import TokenFactory, bearer, running
@@ -115,7 +116,7 @@ async def test_key_dropped_from_the_jwks_stops_verifying_even_cached_tokens(
         assert await status_of(http, old_token) == 401
 
 
-async def test_burst_of_unknown_kids_causes_at_most_one_fetch_per_cooldown(
+async def test_burst_of_unknown_kids_causes_at_most_one_fetch_a_second_and_none_when_repeated(
     jwks: JwksServer, jwks_app: Callable[..., FastAPI], make_token: TokenFactory, key_a: dict[str, Any]
 ) -> None:
     jwks.serve_keys(key_a)
@@ -123,25 +124,53 @@ async def test_burst_of_unknown_kids_causes_at_most_one_fetch_per_cooldown(
     async with running(jwks_app(jwt_jwks_min_refetch_seconds=60, lockout_failures=1000)) as http:
         assert jwks.fetches == 1  # at start
         tokens = [make_token(headers={"kid": uuid.uuid4().hex}) for _ in range(50)]
+        started = time.monotonic()
         statuses = await asyncio.gather(*(status_of(http, token) for token in tokens))
+        elapsed = time.monotonic() - started
         assert statuses == [401] * 50
-        for token in tokens[:10]:  # and again, one after the other
+        # The waiting requests share one fetch; at most one a second starts (UNKNOWN_KID_FETCH_INTERVAL_SECONDS).
+        burst = jwks.fetches - 1
+        assert 1 <= burst <= 1 + elapsed / UNKNOWN_KID_FETCH_INTERVAL_SECONDS
+        for token in tokens[:10]:  # and again, one after the other: each kid was looked for already
             assert await status_of(http, token) == 401
         assert await status_of(http, make_token(headers={"kid": "a"})) == 201
-    assert jwks.fetches == 2
+    assert jwks.fetches == 1 + burst
 
 
-async def test_unknown_kid_may_refetch_again_once_the_cooldown_has_passed(
+async def test_the_same_unknown_kid_refetches_again_only_once_its_cooldown_has_passed(
     jwks: JwksServer, jwks_app: Callable[..., FastAPI], make_token: TokenFactory, key_a: dict[str, Any]
 ) -> None:
     jwks.serve_keys(key_a)
     async with running(jwks_app(jwt_jwks_min_refetch_seconds=1)) as http:
         assert await status_of(http, make_token(headers={"kid": "unknown-1"})) == 401
-        assert await status_of(http, make_token(headers={"kid": "unknown-2"})) == 401
-        assert jwks.fetches == 2
+        assert await status_of(http, make_token(headers={"kid": "unknown-1"})) == 401
+        assert jwks.fetches == 2  # at start, then once for unknown-1
         await asyncio.sleep(1.1)
-        assert await status_of(http, make_token(headers={"kid": "unknown-3"})) == 401
+        assert await status_of(http, make_token(headers={"kid": "unknown-1"})) == 401
         assert jwks.fetches == 3
+
+
+async def test_invented_kids_cannot_starve_the_refetch_a_real_rotation_needs(
+    jwks: JwksServer,
+    jwks_app: Callable[..., FastAPI],
+    make_token: TokenFactory,
+    key_a: dict[str, Any],
+    key_b: dict[str, Any],
+    new_key: rsa.RSAPrivateKey,
+) -> None:
+    jwks.serve_keys(key_a)
+    async with running(jwks_app(jwt_jwks_min_refetch_seconds=60, lockout_failures=1000)) as http:
+        # Just before the issuer rotates, someone sends invented kids: each costs a fetch (at most
+        # one a second, all of them together) ...
+        assert await status_of(http, make_token(headers={"kid": "invented-1"})) == 401
+        assert await status_of(http, make_token(headers={"kid": "invented-2"})) == 401
+        jwks.serve_keys(key_a, key_b)  # ... and the issuer publishes its new key and signs with it
+        started = time.monotonic()
+        # Its first token is verified now, not JWT_JWKS_MIN_REFETCH_SECONDS later.
+        assert await status_of(http, make_token(key=new_key, headers={"kid": "b"})) == 201
+        assert time.monotonic() - started < 2
+        assert await status_of(http, make_token(headers={"kid": "invented-1"})) == 401  # remembered: no fetch
+    assert jwks.fetches == 4  # at start, invented-1, invented-2, b
 
 
 async def test_jwks_endpoint_down_keeps_the_last_good_keys(

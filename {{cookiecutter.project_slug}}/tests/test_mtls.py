@@ -244,15 +244,23 @@ def test_mtls_plus_jwt_needs_both_an_allowed_certificate_and_a_token(
         assert created.status_code == 201, created.text
         # The principal is the token's: alice owns the org, and reads it through the workload.
         assert http.get(f"{ORGS}/{created.json()['id']}", headers=bearer(token)).status_code == 200
-        assert create_org(http).status_code == 401  # the certificate alone is not enough
-        assert create_org(http, bearer(token + "x")).status_code == 401
+        alone = create_org(http)
+        assert alone.status_code == 401  # the certificate alone is not enough
+        # What is missing is the caller's credential: its challenge, not the certificate's.
+        assert alone.headers["www-authenticate"].endswith("Bearer") and "mTLS" not in alone.headers["www-authenticate"]
+        refused = create_org(http, bearer(token + "x"))
+        assert refused.status_code == 401
+        # A refused token is the token's problem: the Bearer challenge, so the client refreshes it.
+        assert refused.headers["www-authenticate"] == 'Bearer error="invalid_token"'
     with tls_client(tls_jwt_service, pki, "reader") as http:
         # The token's scopes, narrowed to the workload's: orgs:read only.
         assert create_org(http, bearer(token)).status_code == 403
     with tls_client(tls_jwt_service, pki, "unlisted") as http:
         assert create_org(http, bearer(token)).status_code == 401  # a token alone is not enough
     reasons = [event["reason"] for event in tls_jwt_service.events("client_certificate_refused")]
-    assert "token_required" in reasons and "identity_not_allowed" in reasons
+    assert "identity_not_allowed" in reasons
+    failures = [(event["reason"], event.get("credential")) for event in tls_jwt_service.events("authentication_failed")]
+    assert ("token_required", "mTLS") in failures
 
 
 def test_the_scan_check_passes_when_the_handshake_refuses_the_scanner(
@@ -374,10 +382,11 @@ DROPPED = 'proxy_set_header X-Client-Cert "";'
 FORWARDED = "proxy_set_header X-Client-Cert $ssl_client_escaped_cert;"
 
 
-@pytest.fixture(scope="module")
-def nginx_mtls(pki: Pki, behind_proxy: Served) -> Iterator[str]:
-    """The shipped nginx.conf with the README's two changes: a TLS listener with
-    `ssl_verify_client on`, and X-Client-Cert set to the verified certificate instead of dropped."""
+@contextlib.contextmanager
+def nginx_verifying_clients(pki: Pki, upstream_port: int) -> Iterator[str]:
+    """The shipped nginx.conf with the README's two changes, in front of the service on
+    `upstream_port`: a TLS listener with `ssl_verify_client on`, and X-Client-Cert set to the
+    verified certificate instead of dropped. Yields nginx's https:// URL."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.access(nginx, os.X_OK):
         pytest.fail("nginx is not installed; install it with `apt-get install -y nginx` (Debian/Ubuntu)")
@@ -398,7 +407,7 @@ def nginx_mtls(pki: Pki, behind_proxy: Served) -> Iterator[str]:
         "ssl_certificate server.crt;\nssl_certificate_key server.key;\n"
         "ssl_client_certificate ca.crt;\nssl_verify_client on;\n"
     )
-    (conf / "upstream.conf").write_text(f"server {LOOPBACK}:{behind_proxy.port};\n")
+    (conf / "upstream.conf").write_text(f"server {LOOPBACK}:{upstream_port};\n")
     log = prefix / "nginx.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -419,6 +428,12 @@ def nginx_mtls(pki: Pki, behind_proxy: Served) -> Iterator[str]:
     finally:
         stop_process(process)
         shutil.rmtree(prefix, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def nginx_mtls(pki: Pki, behind_proxy: Served) -> Iterator[str]:
+    with nginx_verifying_clients(pki, behind_proxy.port) as url:
+        yield url
 
 
 def test_through_nginx_the_verified_certificate_is_the_workload(nginx_mtls: str, pki: Pki) -> None:
@@ -479,6 +494,40 @@ def caplog_of(name: str) -> Iterator[list[logging.LogRecord]]:
         yield records
     finally:
         target.removeHandler(handler)
+
+
+async def test_with_a_proxy_client_ca_a_forwarded_certificate_must_be_issued_by_it(
+    settings_for: Callable[..., Settings], pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without MTLS_PROXY_CLIENT_CA the proxy's verification is believed: a self-signed certificate
+    # naming a listed identity gets in, as a proxy that forwards what it did not verify would let it.
+    monkeypatch.setenv("MTLS_IDENTITIES", json.dumps(IDENTITIES))
+    proxy = (LOOPBACK, 4711)
+    forged = {"X-Client-Cert": escaped(pki.clients["self-signed"])}
+    believed = create_app(settings_for(trusted_proxies=[LOOPBACK]))
+    async with running(believed, proxy) as http:
+        assert (await http.post(ORGS, json={"name": "Acme"}, headers=forged)).status_code == 201
+    monkeypatch.setenv("MTLS_PROXY_CLIENT_CA", str(pki.ca_file))
+    checked = create_app(settings_for(trusted_proxies=[LOOPBACK]))
+    async with running(checked, proxy) as http:
+        refused = await http.post(ORGS, json={"name": "Acme"}, headers=forged)
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"] == 'mTLS error="invalid_token"'
+        other_ca = {"X-Client-Cert": escaped(pki.clients["wrong-ca"])}
+        assert (await http.post(ORGS, json={"name": "Acme"}, headers=other_ca)).status_code == 401
+        issued = {"X-Client-Cert": escaped(pki.clients["listed"])}
+        assert (await http.post(ORGS, json={"name": "Acme"}, headers=issued)).status_code == 201
+
+
+def test_a_proxy_client_ca_that_is_not_a_ca_bundle_is_refused_by_name(pki: Pki, tmp_path: Path) -> None:
+    from {{ cookiecutter.package_name }}.options.mtls.extension import load_mtls_settings
+
+    not_a_ca = tmp_path / "leaf.crt"
+    not_a_ca.write_bytes(pki.clients["listed"].cert_pem)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MTLS_PROXY_CLIENT_CA", str(not_a_ca))
+        with pytest.raises(Exception, match="MTLS_PROXY_CLIENT_CA"):
+            load_mtls_settings()
 
 
 # --- settings ---------------------------------------------------------------------------------

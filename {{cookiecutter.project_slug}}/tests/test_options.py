@@ -14,9 +14,9 @@ from {{ cookiecutter.package_name }}.security.stack import SecuredApp
 
 # The answers this service was baked with.
 BAKED = {
-    "mtls": "{{ cookiecutter.mtls }}",
-    "api_keys": "{{ cookiecutter.api_keys }}",
-    "webhooks": "{{ cookiecutter.webhooks }}",
+    "mtls": "yes",
+    "api_keys": "yes",
+    "webhooks": "yes",
 }
 
 
@@ -40,6 +40,8 @@ def test_each_options_authenticators_come_before_the_bearer_token(app: FastAPI) 
     expected = [a for extension in runtime.extensions for a in extension.authenticators]
     assert list(layer.authenticators[:-1]) == expected
     assert isinstance(layer.authenticators[-1], BearerToken)
+    # The channel credentials they declare (a client certificate) reach the layer too.
+    assert list(layer.channels) == [c for extension in runtime.extensions for c in extension.channels]
 
 
 def test_each_options_routes_are_served(app: FastAPI) -> None:

@@ -385,6 +385,21 @@ async def test_a_verified_body_that_is_not_a_webhook_payload_is_a_400_problem(cl
     assert response.json()["errors"][0]["loc"] == ["body", "type"]
 
 
+async def test_a_corrected_redelivery_of_a_message_whose_body_failed_validation_is_accepted(
+    client: httpx.AsyncClient, app: FastAPI
+) -> None:
+    # Verified, then refused by validation: the message was not handled, so its id is not spent.
+    message_id = new_message_id()
+    broken = b'{"type": "has spaces"}'
+    assert (await client.post(URL, content=broken, headers=signed(broken, message_id=message_id))).status_code == 400
+    corrected = body("invoice.paid")
+    response = await client.post(URL, content=corrected, headers=signed(corrected, message_id=message_id))
+    assert response.status_code == 204, response.text
+    assert await recorded(app.state.runtime) == [("acme", message_id, "invoice.paid")]
+    # Handled now: the same message again is a replay.
+    assert_401_problem(await client.post(URL, content=corrected, headers=signed(corrected, message_id=message_id)))
+
+
 async def test_neither_the_body_nor_a_signature_is_ever_logged(
     client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:

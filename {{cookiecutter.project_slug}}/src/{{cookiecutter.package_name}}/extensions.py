@@ -30,14 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 
-from .security.principal import Authenticator
+from .security.principal import Authenticator, ChannelAuthenticator
 
 if TYPE_CHECKING:
     from .config import Settings
     from .runtime import Runtime
 
-# Every option this template offers, in the order their authenticators are tried (all before the
-# bearer token): a client certificate, then an API key, then a webhook signature.
+# Every option this template offers, in the order their authenticators are tried: a client
+# certificate (a channel), then an API key; a webhook signature, which reads the body, after every
+# header credential (security/authn.py).
 KNOWN = ("mtls", "api_keys", "webhooks")
 # Where they are. Found by path and imported by name, so no core module imports an option.
 OPTIONS = Path(__file__).parent / "options"
@@ -49,8 +50,11 @@ class Extension:
     """What one option adds to the service."""
 
     name: str
-    # More entries for Authenticate(authenticators=[...]), layer 4.
+    # More entries for Authenticate(authenticators=[...]), layer 4: credentials of the caller.
     authenticators: Sequence[Authenticator] = ()
+    # Credentials of the connection (a client certificate), required on every authenticated request
+    # and combined with the caller's (security/composition.py).
+    channels: Sequence[ChannelAuthenticator] = ()
     # Routes, included after the core API's.
     routers: Sequence[APIRouter] = ()
     # Entered for the life of the service (background work, e.g. batched writes), exited at shutdown.

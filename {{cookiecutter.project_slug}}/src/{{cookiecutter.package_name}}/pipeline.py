@@ -24,8 +24,10 @@ from .security.transport import BodyLimit, ClientAddress, RefuseWebSocket, Secur
 def security_pipeline(runtime: Runtime) -> list[Middleware]:
     settings = runtime.settings
     bearer = BearerToken(runtime.verifier, runtime.admission)
-    # The baked credential options' authenticators come first (options/).
+    # The baked credential options' authenticators (options/), then the bearer token; and the
+    # channel credentials (a client certificate) they declare. Authenticate composes them.
     authenticators = [*(a for extension in runtime.extensions for a in extension.authenticators), bearer]
+    channels = [c for extension in runtime.extensions for c in extension.channels]
     return [
         # 1. Transport: headers on every response, even a 500 (see SecuredApp below) ...
         Middleware(SecurityHeaders, hsts=settings.is_production, docs_enabled=settings.effective_docs_enabled),
@@ -60,6 +62,8 @@ def security_pipeline(runtime: Runtime) -> list[Middleware]:
         Middleware(
             Authenticate,
             authenticators=authenticators,
+            channels=channels,
+            admission=runtime.admission,
             on_failure=runtime.lockout.failed,
         ),
         # 5. Per-subject limit (per-route limits are declared on routes with `ratelimit.limit`).

@@ -4,8 +4,10 @@ It runs as middleware in front of routing (the seed's `app.use('/api/', validate
 anonymous request is answered 401 before its body is read or validated.
 
 Each credential type is an `Authenticator`; `BearerToken` (JWT in `Authorization: Bearer`) is
-the one the service ships; the baked credential options (`options/`) add theirs, tried before
-it (`pipeline.py`).
+the one the service ships; the baked credential options (`options/`) add theirs (`pipeline.py`),
+and a channel credential (the `mtls` option's client certificate) is a `ChannelAuthenticator`.
+Every credential a request presents is verified, and they combine into one principal by the
+rules of security/composition.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jwt
 from starlette.exceptions import HTTPException
@@ -22,11 +24,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
 from ..store.core import StoreBusy
+from .composition import compose
 from .errors import ProblemDetail, ProblemResponse, problem, store_busy
 from .events import security_event
 from .keys import KeySource
 from .lockout import LockedOut, locked_out
-from .principal import API_PREFIX, Authenticator, InvalidCredentials, Principal, app_path
+from .principal import API_PREFIX, Authenticator, ChannelAuthenticator, InvalidCredentials, Principal, app_path
 from .revocation import MAX_ID_LENGTH, RevocationStoreUnavailable
 
 if TYPE_CHECKING:
@@ -36,6 +39,7 @@ MAX_TOKEN_BYTES = 8192
 MAX_KID_LENGTH = 256
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "exp", "iat"]
 VERIFIED_CACHE_SIZE = 10_000
+T = TypeVar("T")
 # RFC 7515 §4.1.9: "application/" may be omitted from `typ`; RFC 9068 names at+jwt.
 ACCEPTED_TYPES = frozenset({"jwt", "at+jwt", "application/jwt", "application/at+jwt"})
 
@@ -154,7 +158,7 @@ class TokenVerifier:
         jti = claims.get("jti")
         if jti is not None and (not isinstance(jti, str) or not jti or len(jti) > MAX_ID_LENGTH):
             raise InvalidCredentials("bad_jti")
-        return Principal(subject, _scopes(claims), jti, int(iat), int(exp))
+        return Principal(subject, _scopes(claims), jti, int(iat), int(exp), BearerToken.challenge)
 
 
 def _is_number(value: object) -> bool:
@@ -240,96 +244,162 @@ class BearerToken:
 # --- The layer ------------------------------------------------------------------------------
 
 
+class _Refused(Exception):
+    """Raised inside `Authenticate` to answer 401: `challenge` is the WWW-Authenticate value."""
+
+    def __init__(
+        self,
+        challenge: str,
+        reason: str,
+        *,
+        detail: str,
+        name: str,
+        credential: str | None = None,
+        subject: str | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.challenge, self.reason, self.detail, self.name = challenge, reason, detail, name
+        self.credential, self.subject = credential, subject
+
+
 class Authenticate:
-    """Requires a valid credential on every path under /api/ except the declared public ones."""
+    """Requires a valid credential on every path under /api/ except the declared public ones, and
+    composes the credentials of one request into its principal (security/composition.py)."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
         authenticators: Sequence[Authenticator],
+        channels: Sequence[ChannelAuthenticator] = (),
+        admission: Admission | None = None,
         public_paths: frozenset[str] = frozenset(),
         on_failure: Callable[[Scope, str | None], Awaitable[None]] | None = None,
     ) -> None:
         if not authenticators:
             raise ValueError("at least one authenticator is required")
+        if channels and admission is None:
+            raise ValueError("a channel credential needs the admission (its workload may be the principal)")
         self.app = app
         self.authenticators = tuple(authenticators)
-        # Each authenticator with its body reader (BodyAuthenticator), looked up once here.
-        self._steps = tuple((a, getattr(a, "authenticate_body", None)) for a in self.authenticators)
+        self.channels = tuple(channels)
+        self.admission = admission
+        # Each authenticator with its body reader (BodyAuthenticator), looked up once here; the
+        # header credentials first, so a refused one is answered before any body is read.
+        steps = [(a, getattr(a, "authenticate_body", None), getattr(a, "owns", None)) for a in self.authenticators]
+        self._steps = tuple(sorted(steps, key=lambda step: step[1] is not None))
         self.public_paths = public_paths
         self.on_failure = on_failure  # counts refused credentials towards a lockout (lockout.py)
-        self.challenges = ", ".join(a.challenge for a, reader in self._steps if reader is None)
+        self.caller_challenges = ", ".join(a.challenge for a, reader, _ in self._steps if reader is None)
+        self.challenges = ", ".join([*(c.challenge for c in self.channels), self.caller_challenges])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = app_path(scope)
         if scope["type"] not in ("http", "websocket") or not path.startswith(API_PREFIX) or path in self.public_paths:
             await self.app(scope, receive, send)
             return
-        for authenticator, reader in self._steps:
-            try:
-                if reader is None:
-                    principal = await authenticator.authenticate(scope)
-                else:
-                    principal, receive = await reader(scope, receive)
-            except InvalidCredentials as exc:
-                security_event("authentication_failed", reason=exc.reason, credential=authenticator.challenge)
-                if self.on_failure is not None:
-                    await self.on_failure(scope, exc.subject)
-                await self._refuse(
-                    problem(
-                        401,
-                        "The credential is not valid.",
-                        name="invalid-token",
-                        headers={"WWW-Authenticate": f'{authenticator.challenge} error="invalid_token"'},
-                    ),
-                    scope,
-                    receive,
-                    send,
-                )
-                return
-            except LockedOut as exc:
-                await self._refuse(locked_out(exc), scope, receive, send)
-                return
-            except StoreBusy:
-                await self._refuse(store_busy("authn"), scope, receive, send)
-                return
-            except HTTPException as exc:  # BodyLimit's 413 or 408, met by a body reader
-                detail = str(exc.detail) if isinstance(exc.detail, ProblemDetail) else "The request body was refused."
-                name = getattr(exc, "problem_name", None)
-                await self._refuse(
-                    problem(exc.status_code, detail, name=name, headers=exc.headers), scope, receive, send
-                )
-                return
-            except RevocationStoreUnavailable:
-                security_event("dependency_unavailable", dependency="redis", layer="authn")
-                await self._refuse(
-                    problem(
-                        503,
-                        "The credential store is unavailable; retry later.",
-                        name="dependency-unavailable",
-                        headers={"Retry-After": "1"},
-                    ),
-                    scope,
-                    receive,
-                    send,
-                )
-                return
+        try:
+            principal, receive = await self._principal(scope, receive)
+        except _Refused as refused:
+            if refused.credential is None:
+                security_event("authentication_failed", reason=refused.reason)
+            else:
+                security_event("authentication_failed", reason=refused.reason, credential=refused.credential)
+            if self.on_failure is not None:
+                await self.on_failure(scope, refused.subject)
+            await self._refuse(
+                problem(401, refused.detail, name=refused.name, headers={"WWW-Authenticate": refused.challenge}),
+                scope,
+                receive,
+                send,
+            )
+            return
+        except LockedOut as exc:
+            await self._refuse(locked_out(exc), scope, receive, send)
+            return
+        except StoreBusy:
+            await self._refuse(store_busy("authn"), scope, receive, send)
+            return
+        except HTTPException as exc:  # BodyLimit's 413 or 408, met by a body reader
+            detail = str(exc.detail) if isinstance(exc.detail, ProblemDetail) else "The request body was refused."
+            name = getattr(exc, "problem_name", None)
+            await self._refuse(problem(exc.status_code, detail, name=name, headers=exc.headers), scope, receive, send)
+            return
+        except RevocationStoreUnavailable:
+            security_event("dependency_unavailable", dependency="redis", layer="authn")
+            await self._refuse(
+                problem(
+                    503,
+                    "The credential store is unavailable; retry later.",
+                    name="dependency-unavailable",
+                    headers={"Retry-After": "1"},
+                ),
+                scope,
+                receive,
+                send,
+            )
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+    async def _principal(self, scope: Scope, receive: Receive) -> tuple[Principal, Receive]:
+        """Every credential presented, verified; then composed (security/composition.py)."""
+        workload: Principal | None = None
+        channel: ChannelAuthenticator | None = None
+        for channel in self.channels:
+            workload = await self._verified(channel.challenge, channel.identify(scope))
+        found: list[tuple[Principal, bool]] = []  # each caller that verified, and whether it signs the body
+        for authenticator, reader, owns in self._steps:
+            if reader is None:
+                principal = await self._verified(authenticator.challenge, authenticator.authenticate(scope))
+            else:
+                if found and owns is not None and owns(scope):
+                    # Refused before its body is read: a signed message's id is not spent on it.
+                    raise self._several()
+                principal, receive = await self._verified(authenticator.challenge, reader(scope, receive))
             if principal is not None:
-                scope.setdefault("state", {})["principal"] = principal
-                await self.app(scope, receive, send)
-                return
-        security_event("authentication_failed", reason="no_credentials")
-        await self._refuse(
-            problem(
-                401,
-                "Authentication is required.",
+                found.append((principal, reader is not None))
+        if len(found) > 1:
+            raise self._several()
+        if found:
+            caller, signs_body = found[0]
+            return compose(workload, caller, signs_body=signs_body), receive
+        if workload is None:
+            raise _Refused(
+                self.challenges, "no_credentials", detail="Authentication is required.", name="unauthenticated"
+            )
+        assert channel is not None and self.admission is not None
+        if channel.caller_required:
+            # The workload verified; what is missing is the caller's own credential: its challenge.
+            raise _Refused(
+                self.caller_challenges,
+                "token_required",
+                detail="A token is required as well as the client certificate.",
                 name="unauthenticated",
-                headers={"WWW-Authenticate": self.challenges},
-            ),
-            scope,
-            receive,
-            send,
+                credential=channel.challenge,
+            )
+        return await self._verified(channel.challenge, self.admission.admit(scope, workload)), receive
+
+    async def _verified(self, challenge: str, verifying: Awaitable[T]) -> T:
+        """What the credential's check returns; its InvalidCredentials as a refusal with its challenge."""
+        try:
+            return await verifying
+        except InvalidCredentials as exc:
+            raise _Refused(
+                f'{challenge} error="invalid_token"',
+                exc.reason,
+                detail="The credential is not valid.",
+                name="invalid-token",
+                credential=challenge,
+                subject=exc.subject,
+            ) from None
+
+    def _several(self) -> _Refused:
+        return _Refused(
+            self.caller_challenges,
+            "several_credentials",
+            detail="Send one credential for the caller, not several.",
+            name="invalid-token",
         )
 
     @staticmethod

@@ -2,9 +2,13 @@
 
 The JWKS is fetched with an async client off the request path: once at start, then every
 JWT_JWKS_REFRESH_SECONDS by a background task. A token naming a `kid` the service does not know
-may trigger one refetch (a signing key rotated since the last refresh), but at most once per
-JWT_JWKS_MIN_REFETCH_SECONDS, so a burst of invented `kid`s cannot turn the service into a
-JWKS-fetching amplifier. A failed fetch keeps the last good keys.
+may trigger a refetch (a signing key rotated since the last refresh): each unknown `kid` at most
+once per JWT_JWKS_MIN_REFETCH_SECONDS (a `kid` looked for and not found is remembered), and all of
+them together at most once per UNKNOWN_KID_FETCH_INTERVAL_SECONDS, the requests in between waiting
+for that one fetch rather than being refused. So invented `kid`s can neither turn the service into
+a JWKS-fetching amplifier nor spend the refetch a real rotation needs: the new key's first token
+is verified within a second, however many invented ones came first. A failed fetch keeps the last
+good keys.
 
 With neither JWT_PUBLIC_KEY nor JWT_JWKS_URL, JWT_ISSUER alone is enough (OIDC discovery): the
 JWKS address is the `jwks_uri` of `<issuer>/.well-known/openid-configuration`, whose `issuer` must be
@@ -22,6 +26,7 @@ import json
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,6 +47,10 @@ VerificationKey = RSAPublicKey | EllipticCurvePublicKey | Ed25519PublicKey | Ed4
 JWKS_TIMEOUT_SECONDS = 3.0
 MAX_JWKS_BYTES = 256 * 1024
 MAX_JWKS_KEYS = 64
+# The most often unknown `kid`s make this process fetch the JWKS, all of them together; ...
+UNKNOWN_KID_FETCH_INTERVAL_SECONDS = 1.0
+# ... and how many `kid`s looked for and not found it remembers (each for JWT_JWKS_MIN_REFETCH_SECONDS).
+ABSENT_KIDS = 4096
 # Which key types can verify which algorithms; a JWK of another type is never tried.
 _KEY_TYPE_ALGORITHMS = {
     "RSA": {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"},
@@ -202,7 +211,10 @@ class JwksKeys:
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Future[bool] | None = None
+        self._kid_fetch: asyncio.Future[None] | None = None
         self._last_kid_refetch = -math.inf
+        self.kid_fetch_interval = UNKNOWN_KID_FETCH_INTERVAL_SECONDS
+        self._absent: OrderedDict[str, float] = OrderedDict()  # kid -> when a fetch did not find it
         self.client_hook: Callable[[httpx.AsyncClient], None] | None = None  # set by the runtime
 
     def has_keys(self) -> bool:
@@ -215,13 +227,38 @@ class JwksKeys:
         key = self._keys.get(kid)
         if key is not None:
             return key
-        if self._inflight is None:
-            now = time.monotonic()
-            if now - self._last_kid_refetch < self.min_refetch_seconds:
-                return None
-            self._last_kid_refetch = now
-        await self.refresh()
-        return self._keys.get(kid)
+        looked = self._absent.get(kid)
+        if looked is not None and time.monotonic() - looked < self.min_refetch_seconds:
+            return None  # a fetch did not find it a moment ago
+        await self._fetch_for_unknown_kid()
+        key = self._keys.get(kid)
+        if key is None:
+            self._absent[kid] = time.monotonic()
+            self._absent.move_to_end(kid)
+            while len(self._absent) > ABSENT_KIDS:
+                self._absent.popitem(last=False)
+        return key
+
+    async def _fetch_for_unknown_kid(self) -> None:
+        """Join the fetch running, or the next one unknown `kid`s may make (at most one per
+        `kid_fetch_interval`), shared by every request that waits for it."""
+        if self._inflight is not None:
+            await self.refresh()
+            return
+        if self._kid_fetch is None:
+            delay = self._last_kid_refetch + self.kid_fetch_interval - time.monotonic()
+            self._kid_fetch = asyncio.ensure_future(self._fetch_after(delay))
+        # Shielded, like refresh(): a request that gives up does not cancel the fetch others wait for.
+        await asyncio.shield(self._kid_fetch)
+
+    async def _fetch_after(self, delay: float) -> None:
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._last_kid_refetch = time.monotonic()
+            await self.refresh()
+        finally:
+            self._kid_fetch = None
 
     async def refresh(self) -> bool:
         """Fetch the JWKS now, or join the fetch already running. False when it failed."""
@@ -281,6 +318,8 @@ class JwksKeys:
             ok = await self.refresh()
 
     async def stop(self) -> None:
+        if self._kid_fetch is not None:
+            self._kid_fetch.cancel()
         if self._inflight is not None:
             self._inflight.cancel()
         if self._task is not None:

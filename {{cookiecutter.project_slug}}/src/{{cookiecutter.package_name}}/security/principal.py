@@ -24,6 +24,9 @@ class Principal:
     token_id: str | None
     issued_at: int
     expires_at: int
+    # The `challenge` of the credential that named the caller (`Bearer`, `ApiKey`, `mTLS`, ...):
+    # a route that accepts one kind of credential only checks it (the key-management API).
+    credential: str = ""
 
 
 class InvalidCredentials(Exception):
@@ -50,13 +53,33 @@ class Authenticator(Protocol):
 
 class BodyAuthenticator(Authenticator, Protocol):
     """A credential that signs the request body (a webhook): `Authenticate` calls
-    `authenticate_body` instead of `authenticate`. It reads the raw body through `receive` (within
-    BodyLimit's cap, whose 413 and 408 it may raise) and returns the principal with the receive the
-    application must use from then on, one that replays the body it read. It reads nothing of a
-    request that is not of its type. Such a credential is valid on its own route only, so its
-    scheme is not advertised on every 401."""
+    `authenticate_body` instead of `authenticate`, after every header credential. It reads the raw
+    body through `receive` (within BodyLimit's cap, whose 413 and 408 it may raise) and returns the
+    principal with the receive the application must use from then on, one that replays the body it
+    read. It reads nothing of a request that is not of its type (`owns`). Such a credential is
+    valid on its own route only, so its scheme is not advertised on every 401."""
+
+    def owns(self, scope: Scope) -> bool:
+        """Whether the request is of its type (its route): no I/O."""
+        ...
 
     async def authenticate_body(self, scope: Scope, receive: Receive) -> tuple[Principal | None, Receive]: ...
+
+
+class ChannelAuthenticator(Protocol):
+    """A credential of the connection rather than of the caller: the calling workload's client
+    certificate. When configured it is required on every authenticated request, verified before
+    any caller credential, and combined with the one the caller presents (security/composition.py):
+    the caller is the principal, within the workload's scopes. `caller_required`: the workload
+    alone is never the principal (mode `mtls+jwt`)."""
+
+    challenge: str
+    caller_required: bool
+
+    async def identify(self, scope: Scope) -> Principal:
+        """The workload, not yet admitted (Admission.admit runs once, on the composed principal).
+        Raises InvalidCredentials when there is none or it is not acceptable."""
+        ...
 
 
 def app_path(scope: Scope) -> str:

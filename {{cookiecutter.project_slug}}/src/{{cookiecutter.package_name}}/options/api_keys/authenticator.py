@@ -171,6 +171,7 @@ class KnownKeys:
         if entry.reuse_until <= now or entry.principal.expires_at <= now:
             del self._entries[digest]
             return None
+        self._entries.move_to_end(digest)  # least recently used first out, not first in
         return entry
 
     def put(self, digest: bytes, entry: KnownKey) -> None:
@@ -259,6 +260,7 @@ class ApiKeys:
             token_id=secret_id(matched),
             issued_at=int(as_utc(created).timestamp()),
             expires_at=math.floor(valid_until.timestamp()),
+            credential=SCHEME,
         )
         parsed = tuple(ipaddress.ip_network(network, strict=False) for network in networks.split())
         return KnownKey(principal, parsed, time.time() + self.reuse_seconds)

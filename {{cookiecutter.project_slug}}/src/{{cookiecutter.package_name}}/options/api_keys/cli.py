@@ -76,8 +76,8 @@ def _run(action: Action) -> int:
     except (StoreUnavailable, StoreBusy) as exc:
         error = type(exc.__cause__ or exc).__name__
         print(
-            f"{SERVICE_NAME}: Redis is unavailable ({error}); the database is changed, but replicas may accept "
-            "the old secret for up to API_KEY_CACHE_SECONDS",
+            f"{SERVICE_NAME}: Redis is unavailable ({error}); nothing was changed (a revocation or rotation "
+            "must reach Redis, which every replica reads); retry when Redis is back",
             file=sys.stderr,
         )
         return 1

@@ -1,7 +1,9 @@
 """The owner-only API for API keys: a token's subject issues, lists, rotates and revokes its own keys.
 
-An API key cannot call these routes, whatever its scopes (it never carries `api-keys:*` anyway): a
-leaked key must not be able to mint its own successor or rotate its holder out. Another owner's key
+Only a bearer token's subject can call these routes: an API key cannot, whatever its scopes (it never
+carries `api-keys:*` anyway), since a leaked key must not be able to mint its own successor or rotate
+its holder out; nor can a workload's certificate alone (with one, the token's scopes are narrowed
+to the workload's, security/composition.py). Another owner's key
 is answered 403, exactly as a key that does not exist (no existence oracle).
 """
 
@@ -15,6 +17,7 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from ...db import SessionDep
 from ...resources import runtime_of
+from ...security.authn import BearerToken
 from ...security.authz import ObjectRule, declare, no_object_policy, require_scopes
 from ...security.errors import PROBLEM_RESPONSES, ProblemDetail
 from ...security.events import security_event
@@ -22,6 +25,7 @@ from ...security.principal import Principal
 from ...security.ratelimit import limit
 from ...security.revocation import Revocations
 from ...security.validation import Strict, Text
+from ...store.core import StoreBusy, StoreUnavailable
 from ...tables import Relation
 from . import store
 from .authenticator import SUBJECT_PREFIX
@@ -36,9 +40,20 @@ Network = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=
 
 
 def _refuse_api_keys(principal: Principal) -> None:
-    if principal.subject.startswith(SUBJECT_PREFIX):
+    """A token's subject only: an API key, a workload's certificate alone or a webhook never manage keys."""
+    if principal.credential != BearerToken.challenge or principal.subject.startswith(SUBJECT_PREFIX):
         security_event("scope_denied", subject=principal.subject, reason="api_key_cannot_manage_keys")
         raise HTTPException(403, ProblemDetail("API keys are managed with a token, not with an API key."))
+
+
+def _not_written(action: str) -> HTTPException:
+    """Redis could not take a revocation: nothing was changed, and the answer says so (503)."""
+    security_event("dependency_unavailable", dependency="redis", layer="api_keys", action=action)
+    return HTTPException(
+        503,
+        ProblemDetail(f"The key was not {action}: the revocation store is unavailable. Retry later."),
+        headers={"Retry-After": "1"},
+    )
 
 
 def key_manager(*, scopes: list[str]) -> Any:
@@ -188,6 +203,8 @@ async def rotate_key(key: WritableKey, body: KeyRotate, session: SessionDep, req
         )
     except store.KeyRefused as refused:
         raise HTTPException(400, ProblemDetail(str(refused))) from None
+    except (StoreUnavailable, StoreBusy):
+        raise _not_written("rotated") from None
     if issued is None:
         raise HTTPException(409, ProblemDetail("The key is revoked or expired."))
     security_event("api_key_rotated", subject=key.owner, key_id=key.id, overlap_seconds=body.overlap_seconds)
@@ -196,6 +213,11 @@ async def rotate_key(key: WritableKey, body: KeyRotate, session: SessionDep, req
 
 @router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def revoke_key(key: WritableKey, session: SessionDep, request: Request) -> None:
-    """Revoke the key; refused from its next request on every replica. Revoking twice is a no-op."""
-    if await store.revoke(session, _revocations(request), key.id, owner=key.owner):
+    """Revoke the key; refused from its next request on every replica. Revoking twice is a no-op.
+    503 when Redis cannot take the revocation: then nothing is changed."""
+    try:
+        revoked = await store.revoke(session, _revocations(request), key.id, owner=key.owner)
+    except (StoreUnavailable, StoreBusy):
+        raise _not_written("revoked") from None
+    if revoked:
         security_event("api_key_revoked", subject=key.owner, key_id=key.id)

@@ -3,7 +3,9 @@
 The whole key is returned once, by `issue` and `rotate`, and is never stored or logged; the
 database keeps the keyed hash of its secret (options/api_keys/authenticator.py). Revoking, and rotating without
 an overlap, also write to Redis, so replicas that reuse a looked-up key refuse it on its next
-request (the admission script reads the subject's revocation mark and the secret's denylist entry).
+request (the admission script reads the subject's revocation mark and the secret's denylist entry);
+Redis is written before the database commits, so a write Redis cannot take changes nothing and is
+reported as an error (StoreUnavailable), never as done.
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ async def rotate(
 ) -> IssuedKey | None:
     """A new secret for the key; the current one keeps working for `overlap_seconds` (0: refused
     from the next request on every replica). None when there is no such live key (of `owner`).
-    Commits, then writes the denylist entries."""
+    Writes the denylist entries, then commits (see `revoke`)."""
     if not 0 <= overlap_seconds <= MAX_OVERLAP_SECONDS:
         raise KeyRefused(f"The overlap is 0 to {MAX_OVERLAP_SECONDS} seconds.")
     if 0 < overlap_seconds < settings.cache_seconds:
@@ -201,25 +203,43 @@ async def rotate(
     secret = new_secret()
     row.secret_hash = secret_hash(settings.pepper_bytes(), row.id, secret)
     info = KeyInfo.of(row)
+    # The secrets that end go on the denylist first, inside the transaction: if Redis cannot take
+    # them, nothing is changed (StoreUnavailable) and the caller is told so; replicas that reuse a
+    # looked-up key would otherwise accept the old secret for up to API_KEY_CACHE_SECONDS.
+    try:
+        for stored in ended:
+            await revocations.revoke_token(info.subject, secret_id(stored), expires_at.timestamp())
+    except BaseException:
+        await session.rollback()
+        raise
     await session.commit()
-    for stored in ended:
-        await revocations.revoke_token(info.subject, secret_id(stored), expires_at.timestamp())
     return IssuedKey(info, f"{settings.prefix}_{row.id}_{secret}")
 
 
 async def revoke(session: AsyncSession, revocations: Revocations, key_id: str, *, owner: str | None = None) -> bool:
     """Revoke the key for good; False when there is no such key (of `owner`) not revoked already.
-    Commits, then sets the subject's revocation mark in Redis."""
+
+    The key subject's revocation mark goes to Redis inside the transaction, before the commit: when
+    Redis cannot take it (StoreUnavailable, StoreBusy) the row is rolled back and the error raised,
+    so a revocation either reaches every replica on its next request or is reported as not done
+    (a replica reusing a looked-up key would otherwise accept it for API_KEY_CACHE_SECONDS). A mark
+    set for a revocation whose commit then fails only refuses the key early; the caller retries."""
     values = {"revoked_at": datetime.now(UTC), "previous_hash": None, "previous_expires_at": None}
     statement = update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
     if owner is not None:
         statement = statement.where(ApiKey.owner == owner)
     result = await session.execute(statement.values(**values).returning(ApiKey.id))
     revoked = result.first() is not None
-    await session.commit()
-    if revoked:
+    if not revoked:
+        await session.rollback()
+        return False
+    try:
         await revocations.revoke_subject(SUBJECT_PREFIX + key_id)
-    return revoked
+    except BaseException:
+        await session.rollback()
+        raise
+    await session.commit()
+    return True
 
 
 async def _row(session: AsyncSession, key_id: str, owner: str | None, *, for_update: bool = False) -> ApiKey | None:

@@ -8,12 +8,14 @@ The certificate comes from one of two places:
 - a header written by a trusted proxy that terminated TLS and verified it (MTLS_PROXY_HEADER:
   nginx's `$ssl_client_escaped_cert` in `X-Client-Cert`, or Envoy's `X-Forwarded-Client-Cert`),
   believed only when the immediate peer is in TRUSTED_PROXIES (security/transport.py decides that).
-  Either header from any other peer is a forgery: refused, whatever it holds.
+  Either header from any other peer is a forgery: refused, whatever it holds. With
+  MTLS_PROXY_CLIENT_CA, a forwarded certificate must also be issued by a CA of that bundle.
 
 The workload identity is the certificate's SPIFFE ID (its `spiffe://` URI SAN), else its subject
-DN (RFC 4514). Only identities in MTLS_IDENTITIES are accepted, each with its own scopes. In mode
-`mtls` the identity is the principal; in `mtls+jwt` a bearer token is required as well and the
-principal is the token's, with the scopes both allow.
+DN (RFC 4514). Only identities in MTLS_IDENTITIES are accepted, each with its own scopes. The
+certificate is a channel credential: layer 4 combines it with the caller's own credential, if any
+(security/composition.py): a caller's token or API key is the principal, with the scopes both
+allow; without one the workload is the principal, except in mode `mtls+jwt`, which requires one.
 
 Refusals are 401 problems; the audit event names the reason and the identity (a keyed pseudonym in
 the log, as every subject is), never the certificate.
@@ -23,20 +25,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal, NoReturn
+from typing import Literal, NoReturn
 from urllib.parse import unquote
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from starlette.types import Scope
 
-from ...security.authn import BearerToken
 from ...security.events import security_event
 from ...security.principal import InvalidCredentials, Principal
-
-if TYPE_CHECKING:
-    from ...security.admission import Admission
 
 Mode = Literal["mtls", "mtls+jwt"]
 NGINX_HEADER = "X-Client-Cert"
@@ -125,9 +124,47 @@ def envoy_elements(value: str) -> list[dict[str, str]]:
     return elements
 
 
+class ForwardedIssuers:
+    """MTLS_PROXY_CLIENT_CA: the CA bundle a certificate forwarded by a trusted proxy must be issued
+    by, checked again here (defence in depth: a proxy that forwards what it did not verify, or
+    verifies against another CA, is not believed). The check is the issuer's signature on the
+    certificate, by a CA certificate of the bundle whose subject is the certificate's issuer (put
+    the issuing intermediate in the bundle); once per certificate (cached)."""
+
+    def __init__(self, bundle: bytes) -> None:
+        self.cas = [ca for ca in x509.load_pem_x509_certificates(bundle) if _is_ca(ca)]
+        if not self.cas:
+            raise ValueError("no CA certificate in the bundle")
+        self.issued = lru_cache(maxsize=1024)(self._issued)
+
+    def _issued(self, pem: str) -> bool:
+        try:
+            certificate = x509.load_pem_x509_certificate(pem.encode("latin-1"))
+        except ValueError:
+            return False
+        for ca in self.cas:
+            if ca.subject != certificate.issuer:
+                continue
+            try:
+                certificate.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return True
+        return False
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        return bool(certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
 class ClientCertificate:
-    """The `mtls` option's authenticator: always answers (a principal, or InvalidCredentials), so
-    no request under /api/ gets past layer 4 without an allowed certificate."""
+    """The `mtls` option's credential: a channel credential (security/principal.py). It always
+    answers (the workload, or InvalidCredentials), so no request under /api/ gets past layer 4
+    without an allowed certificate; layer 4 combines the workload with the caller's own credential
+    (security/composition.py). In mode `mtls+jwt` the workload alone is never the principal."""
 
     challenge = "mTLS"
 
@@ -137,19 +174,16 @@ class ClientCertificate:
         identities: Mapping[str, Iterable[str]],
         mode: Mode,
         proxy_header: str,
-        admission: Admission,
-        bearer: BearerToken | None = None,
+        forwarded_issuers: ForwardedIssuers | None = None,
     ) -> None:
-        if mode == "mtls+jwt" and bearer is None:
-            raise ValueError("mode mtls+jwt needs the bearer token authenticator")
         self.identities = {identity: frozenset(scopes) for identity, scopes in identities.items()}
         self.mode = mode
+        self.caller_required = mode == "mtls+jwt"
         self.proxy_header = proxy_header.lower().encode("latin-1")
         self.envoy = self.proxy_header == ENVOY_HEADER.lower().encode()
-        self.admission = admission
-        self.bearer = bearer
+        self.forwarded_issuers = forwarded_issuers
 
-    async def authenticate(self, scope: Scope) -> Principal:
+    async def identify(self, scope: Scope) -> Principal:
         workload = self._workload(scope)
         now = time.time()
         if workload.not_after < now:
@@ -159,14 +193,9 @@ class ClientCertificate:
         scopes = self.identities.get(workload.identity)
         if scopes is None:
             self._refuse("identity_not_allowed", workload)
-        if self.bearer is None:
-            principal = Principal(workload.identity, scopes, None, workload.not_before, workload.not_after)
-            return await self.admission.admit(scope, principal)
-        # mtls+jwt: the token names the caller, the certificate the workload it may call through.
-        token_principal = await self.bearer.authenticate(scope)
-        if token_principal is None:
-            self._refuse("token_required", workload)
-        return replace(token_principal, scopes=token_principal.scopes & scopes)
+        return Principal(
+            workload.identity, scopes, None, workload.not_before, workload.not_after, credential=self.challenge
+        )
 
     def _refuse(self, reason: str, workload: Workload | None = None) -> NoReturn:
         # The identity goes in as `subject`, which the log formatter pseudonymises; never the certificate.
@@ -199,19 +228,26 @@ class ClientCertificate:
             self._refuse("no_client_certificate")
         return workload_of_pem(chain[0])
 
+    def _forwarded_pem(self, pem: str) -> Workload:
+        if self.forwarded_issuers is not None and not self.forwarded_issuers.issued(pem):
+            self._refuse("forwarded_certificate_not_issued_by_ca")
+        return workload_of_pem(pem)
+
     def _forwarded(self, value: bytes) -> Workload:
         if len(value) > MAX_HEADER_BYTES:
             self._refuse("certificate_header_too_large")
         text = value.decode("latin-1")
         if not self.envoy:
-            return workload_of_pem(unquote(text))  # nginx: $ssl_client_escaped_cert, URL-encoded PEM
+            return self._forwarded_pem(unquote(text))  # nginx: $ssl_client_escaped_cert, URL-encoded PEM
         elements = envoy_elements(text)
         if not elements:
             self._refuse("malformed_certificate_header")
         # Each proxy appends its element: the last one is the certificate the trusted proxy verified.
         element = elements[-1]
         if element.get("cert"):
-            return workload_of_pem(unquote(element["cert"]))
+            return self._forwarded_pem(unquote(element["cert"]))
+        if self.forwarded_issuers is not None:
+            self._refuse("forwarded_certificate_not_checkable")  # URI= only: no certificate to check
         uri = element.get("uri", "")
         if uri.startswith(SPIFFE_SCHEME) and len(uri) <= MAX_IDENTITY_LENGTH:
             now = int(time.time())

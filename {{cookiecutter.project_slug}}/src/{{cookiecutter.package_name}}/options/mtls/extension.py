@@ -4,7 +4,8 @@ options/mtls/tls_peer.py for how the certificate reaches the pipeline when the s
 
 Settings (environment variables, validated at start; production refuses unsafe ones by name):
 
-- MTLS_MODE: `mtls` (the workload is the principal) or `mtls+jwt` (a bearer token as well).
+- MTLS_MODE: `mtls` (the workload is the principal unless the caller sends its own credential) or
+  `mtls+jwt` (the caller's own credential, a bearer token or an API key, is required as well).
 - MTLS_IDENTITIES: JSON, identity -> its scopes, e.g. {"spiffe://example.org/ns/a/sa/b": ["orgs:read"]}.
   Required in production. Empty (development and tests only) leaves the option inactive: no
   certificate is asked for, bearer tokens work as in a service baked without it, and a warning
@@ -13,6 +14,8 @@ Settings (environment variables, validated at start; production refuses unsafe o
   and require a client certificate signed by the CA bundle.
 - MTLS_PROXY_HEADER: the header a trusted proxy (TRUSTED_PROXIES) forwards the verified certificate
   in: `X-Client-Cert` (nginx `$ssl_client_escaped_cert`, the default) or `X-Forwarded-Client-Cert` (Envoy).
+- MTLS_PROXY_CLIENT_CA: a file, the CA bundle a forwarded certificate must be issued by, checked
+  again here (defence in depth); unset, the proxy's verification is believed.
 """
 
 from __future__ import annotations
@@ -28,8 +31,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ...config import ConfigError, Settings, config_error, empty_is_unset
 from ...extensions import Extension
-from ...security.authn import BearerToken
-from .authenticator import ENVOY_HEADER, NGINX_HEADER, ClientCertificate, Mode
+from .authenticator import ENVOY_HEADER, NGINX_HEADER, ClientCertificate, ForwardedIssuers, Mode
 
 if TYPE_CHECKING:
     from ...runtime import Runtime
@@ -46,6 +48,7 @@ class MtlsSettings(BaseSettings):
     server_key: str | None = None
     client_ca: str | None = None
     proxy_header: Literal["X-Client-Cert", "X-Forwarded-Client-Cert"] = "X-Client-Cert"
+    proxy_client_ca: str | None = None
 
     @field_validator("proxy_header", mode="before")
     @classmethod
@@ -73,7 +76,7 @@ class MtlsSettings(BaseSettings):
                 raise ValueError(f"the scopes of {identity!r} must be names without spaces")
         return value
 
-    _empty_is_unset = empty_is_unset("server_cert", "server_key", "client_ca")
+    _empty_is_unset = empty_is_unset("server_cert", "server_key", "client_ca", "proxy_client_ca")
 
     @model_validator(mode="after")
     def _all_or_no_tls_files(self) -> MtlsSettings:
@@ -87,7 +90,21 @@ class MtlsSettings(BaseSettings):
         ):
             if path and not os.path.isfile(path):
                 raise ValueError(f"{name}: no such file {path!r}")
+        if self.proxy_client_ca:
+            try:
+                self.forwarded_issuers()
+            except OSError:
+                raise ValueError(f"MTLS_PROXY_CLIENT_CA: cannot read {self.proxy_client_ca!r}") from None
+            except ValueError:
+                raise ValueError("MTLS_PROXY_CLIENT_CA: not a PEM bundle of CA certificates") from None
         return self
+
+    def forwarded_issuers(self) -> ForwardedIssuers | None:
+        """The CA bundle forwarded certificates are checked against, read now; None when unset."""
+        if not self.proxy_client_ca:
+            return None
+        with open(self.proxy_client_ca, "rb") as bundle:
+            return ForwardedIssuers(bundle.read())
 
     @property
     def terminates_tls(self) -> bool:
@@ -130,15 +147,14 @@ def extension(runtime: Runtime) -> Extension:
             extra={"event": "mtls_inactive"},
         )
         return Extension(name="mtls")
-    bearer = BearerToken(runtime.verifier, runtime.admission) if mtls.mode == "mtls+jwt" else None
     certificate = ClientCertificate(
         identities=mtls.identities,
         mode=mtls.mode,
         proxy_header=mtls.proxy_header,
-        admission=runtime.admission,
-        bearer=bearer,
+        forwarded_issuers=mtls.forwarded_issuers(),
     )
-    return Extension(name="mtls", authenticators=[certificate])
+    # A channel credential: required on every authenticated request, combined with the caller's.
+    return Extension(name="mtls", channels=[certificate])
 
 
 def server_options(_settings: Settings) -> dict[str, Any]:

@@ -254,6 +254,9 @@ class WebhookSignature:
         self.max_body_bytes = max_body_bytes
         self.clock = clock
 
+    def owns(self, scope: Scope) -> bool:
+        return webhook_partner(scope) is not None
+
     async def authenticate(self, scope: Scope) -> Principal | None:
         if webhook_partner(scope) is None:
             return None
@@ -271,6 +274,7 @@ class WebhookSignature:
             token_id=None,
             issued_at=verified.timestamp,
             expires_at=verified.timestamp + self.tolerance,
+            credential=self.challenge,
         )
         return principal, replaying(body, receive)
 
