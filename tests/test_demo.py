@@ -146,6 +146,44 @@ def test_readme_shows_the_rows_the_tour_prints(tour: Tour) -> None:
     )
 
 
+# What differs from run to run, each replaced by a placeholder; everything else must match.
+VARYING = (
+    (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00"), "<time>"),
+    (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<uuid>"),
+    (re.compile(r"\b[0-9a-f]{32}\b"), "<trace id>"),
+    (re.compile(r"\b[0-9a-f]{16}\b"), "<span id>"),
+    (re.compile(r"127\.0\.0\.1:\d+"), "127.0.0.1:<port>"),
+    (re.compile(r'"duration_ms": [\d.]+'), '"duration_ms": <ms>'),
+    (re.compile(r"Retry-After: \d+"), "Retry-After: <s>"),
+    (re.compile(r"in [\d.]+ s;"), "in <s> s;"),
+    (re.compile(r"\(log: [^)]*\)"), "(log: <path>)"),
+    (re.compile(r" +$", re.MULTILINE), ""),
+)
+
+
+def normalized(text: str) -> str:
+    for pattern, placeholder in VARYING:
+        text = pattern.sub(placeholder, text)
+    return text.strip()
+
+
+def test_readme_shows_the_whole_tour_apart_from_times_and_ids(
+    installed_project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The README's block is the tour's output, every line of it: only times, ids, ports and
+    durations may differ (README "What `make demo-tour` does")."""
+    workdir = tmp_path_factory.mktemp("tour-readme")
+    command = [sys.executable, str(TOUR), "--project", str(installed_project), "--workdir", str(workdir / "run")]
+    result = run(command, cwd=TEMPLATE_DIR, timeout=120)
+    assert result.returncode == 0, report(result)
+    readme = README.read_text()
+    block = readme.split("<!-- demo-tour output: scripts/demo_tour.py --update-readme -->", 1)[1]
+    block = block.split("<!-- /demo-tour output -->", 1)[0].strip().removeprefix("```text").removesuffix("```")
+    assert normalized(block) == normalized(result.stdout), (
+        "README.md's demo-tour block differs from what the tour prints: run `make demo-tour TOUR_ARGS=--update-readme`"
+    )
+
+
 def processes_of(workdir: Path) -> list[str]:
     """Processes whose working directory or command line is in `workdir` (/proc)."""
     found = []

@@ -14,9 +14,9 @@ from {{ cookiecutter.package_name }}.security.stack import SecuredApp
 
 # The answers this service was baked with.
 BAKED = {
-    "mtls": "yes",
-    "api_keys": "yes",
-    "webhooks": "yes",
+    "mtls": "{{ cookiecutter.mtls }}",
+    "api_keys": "{{ cookiecutter.api_keys }}",
+    "webhooks": "{{ cookiecutter.webhooks }}",
 }
 
 
