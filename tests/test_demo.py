@@ -150,6 +150,7 @@ def test_readme_shows_the_rows_the_tour_prints(tour: Tour) -> None:
 VARYING = (
     (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00"), "<time>"),
     (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<uuid>"),
+    (re.compile(r"\bps_[0-9a-f]+"), "ps_<pseudonym>"),  # keyed per run unless AUDIT_PSEUDONYM_KEY is set
     (re.compile(r"\b[0-9a-f]{32}\b"), "<trace id>"),
     (re.compile(r"\b[0-9a-f]{16}\b"), "<span id>"),
     (re.compile(r"127\.0\.0\.1:\d+"), "127.0.0.1:<port>"),
