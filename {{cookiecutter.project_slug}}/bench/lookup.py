@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import text
 
 from {{ cookiecutter.package_name }}.db import create_engine, create_sessionmaker
-from {{ cookiecutter.package_name }}.runtime import MIGRATIONS
+from {{ cookiecutter.package_name }}.migrations import alembic_config
 from {{ cookiecutter.package_name }}.security.authz import holds
 from {{ cookiecutter.package_name }}.tables import Relation
 
@@ -40,10 +39,7 @@ class Lookup:
 
 
 def migrate(database_url: str) -> None:
-    config = Config()
-    config.set_main_option("script_location", MIGRATIONS)
-    config.set_main_option("sqlalchemy.url", database_url)
-    command.upgrade(config, "heads")
+    command.upgrade(alembic_config(database_url), "heads")
 
 
 def grant(number: int) -> tuple[str, str, str, str, str]:
