@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -181,3 +183,34 @@ def hook_constant(name: str) -> Any:
             if name in names and node.value is not None:
                 return ast.literal_eval(node.value)
     raise AssertionError(f"no {name} in {POST_GEN_HOOK}")
+
+
+# Git for the update tests' throwaway repositories: a fixed identity, no system config.
+GIT_ENV = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "template test",
+    "GIT_AUTHOR_EMAIL": "template-test@example.invalid",
+    "GIT_COMMITTER_NAME": "template test",
+    "GIT_COMMITTER_EMAIL": "template-test@example.invalid",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "HOME": os.environ.get("HOME", "/tmp"),
+}
+
+
+def git(*args: str, cwd: Path) -> str:
+    result = subprocess.run(
+        ["git", *args], cwd=cwd, env=GIT_ENV, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, report(result)
+    return result.stdout
+
+
+def copy_working_tree(destination: Path) -> None:
+    """This template as it is on disk (uncommitted changes included), without ignored files."""
+    listed = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=TEMPLATE_DIR)
+    for relative in filter(None, listed.split("\0")):
+        source = TEMPLATE_DIR / relative
+        if source.is_file():
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)

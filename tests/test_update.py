@@ -15,8 +15,6 @@ the owner's change, and leave a service whose lint, type check and tests pass.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,20 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from bake import TEMPLATE_DIR, report, run
+from bake import GIT_ENV, copy_working_tree, git, report, run
 
 SLUG, PACKAGE = "secure-api", "secure_api"
 TEMPLATE_PROJECT = "{{cookiecutter.project_slug}}"
 TEMPLATE_PACKAGE = f"{TEMPLATE_PROJECT}/src/{{{{cookiecutter.package_name}}}}"
-GIT_ENV = {
-    **os.environ,
-    "GIT_AUTHOR_NAME": "template test",
-    "GIT_AUTHOR_EMAIL": "template-test@example.invalid",
-    "GIT_COMMITTER_NAME": "template test",
-    "GIT_COMMITTER_EMAIL": "template-test@example.invalid",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "HOME": os.environ.get("HOME", "/tmp"),
-}
 OLD_HEADER_TIMEOUT = "client_header_timeout 60s;"
 OLD_TEMPLATE_LINE = "# (an older revision of the template)\n"
 OLD_DEPENDENCY = '    "python-json-logger>=2.0",\n'
@@ -180,30 +169,11 @@ OWNER_FILES = (
 OWNER_PROJECT_FILES = ("tests/test_projects.py", "requirements/service.in", "SERVICE.md")
 
 
-def git(*args: str, cwd: Path) -> str:
-    result = subprocess.run(
-        ["git", *args], cwd=cwd, env=GIT_ENV, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
-    )
-    assert result.returncode == 0, report(result)
-    return result.stdout
-
-
 def edit(path: Path, old: str, new: str) -> None:
     """Replace text that must be there: a changed anchor fails loudly, not silently."""
     text = path.read_text()
     assert old in text, f"{path}: {old!r} not found; update the fixture in {__file__}"
     path.write_text(text.replace(old, new, 1))
-
-
-def copy_working_tree(destination: Path) -> None:
-    """This template as it is on disk (uncommitted changes included), without ignored files."""
-    listed = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=TEMPLATE_DIR)
-    for relative in filter(None, listed.split("\0")):
-        source = TEMPLATE_DIR / relative
-        if source.is_file():
-            target = destination / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
 
 
 def undo_template_changes(template: Path) -> None:

@@ -11,29 +11,18 @@ the same command must record NEW.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from bake import TEMPLATE_DIR, bake, report, run
+from bake import GIT_ENV, bake, copy_working_tree, git, report, run
 
 SLUG = "secure-api"
 TEMPLATE_PROJECT = "{{cookiecutter.project_slug}}"
 # The venv running these tests has cruft (requirements-dev.txt): the baked Makefile uses it.
 VENV = Path(sys.executable).parent.parent
-GIT_ENV = {
-    **os.environ,
-    "GIT_AUTHOR_NAME": "template test",
-    "GIT_AUTHOR_EMAIL": "template-test@example.invalid",
-    "GIT_COMMITTER_NAME": "template test",
-    "GIT_COMMITTER_EMAIL": "template-test@example.invalid",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "HOME": os.environ.get("HOME", "/tmp"),
-}
 # (file, the line at OLD, the template's line at NEW, the owner's line)
 CONFLICTS = (
     ("deploy/nginx/nginx.conf", "    keepalive_timeout 15s;\n", "    keepalive_timeout 20s;\n", "    keepalive_timeout 5s;\n"),
@@ -45,14 +34,6 @@ CONFLICTS = (
     ),
 )
 MARKERS = ("<<<<<<<", ">>>>>>>")
-
-
-def git(*args: str, cwd: Path) -> str:
-    result = subprocess.run(
-        ["git", *args], cwd=cwd, env=GIT_ENV, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
-    )
-    assert result.returncode == 0, report(result)
-    return result.stdout
 
 
 def make(target: str, project: Path) -> subprocess.CompletedProcess[str]:
@@ -73,17 +54,6 @@ def replace_line(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert text.count(old) == 1, f"{path}: {old!r} is not there exactly once; update {__file__}"
     path.write_text(text.replace(old, new))
-
-
-def copy_working_tree(destination: Path) -> None:
-    """This template as it is on disk (uncommitted changes included), without ignored files."""
-    listed = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=TEMPLATE_DIR)
-    for relative in filter(None, listed.split("\0")):
-        source = TEMPLATE_DIR / relative
-        if source.is_file():
-            target = destination / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
 
 
 @pytest.fixture(scope="module")
