@@ -104,6 +104,22 @@ async def test_another_address_is_not_locked_out(service: ServiceFactory, make_t
     assert (await call(process, good, "198.51.100.8")).status_code == 201
 
 
+async def test_requests_without_a_credential_do_not_count_towards_the_lockout(
+    service: ServiceFactory, make_token: TokenFactory
+) -> None:
+    """The lockout counts refused credentials; an anonymous request (a probe, a health checker on
+    the wrong path) is answered 401 but must not lock the address out of its valid tokens."""
+    process = service()
+    async with httpx.AsyncClient(base_url=process.base_url, timeout=10) as http:
+        for _ in range(FAILURES * 3):
+            anonymous = await http.post(
+                "/api/v1/orgs", json={"name": "lockout"}, headers={"X-Forwarded-For": "198.51.100.7"}
+            )
+            assert anonymous.status_code == 401
+    assert (await call(process, make_token("alice"))).status_code == 201
+    assert "lockout_started" not in log_of(process)
+
+
 async def test_two_replicas_share_the_count(service: ServiceFactory, make_token: TokenFactory) -> None:
     first, second = service(), service()
     good, bad = make_token("alice"), make_token("alice") + "x"

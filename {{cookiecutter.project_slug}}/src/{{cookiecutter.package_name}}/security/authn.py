@@ -305,7 +305,9 @@ class Authenticate:
                 security_event("authentication_failed", reason=refused.reason)
             else:
                 security_event("authentication_failed", reason=refused.reason, credential=refused.credential)
-            if self.on_failure is not None:
+            # A credential that was presented and refused counts towards its address's lockout; a
+            # request with none (an anonymous probe, a health checker on the wrong path) does not.
+            if self.on_failure is not None and refused.credential is not None:
                 await self.on_failure(scope, refused.subject)
             await self._refuse(
                 problem(401, refused.detail, name=refused.name, headers={"WWW-Authenticate": refused.challenge}),
