@@ -58,18 +58,23 @@ WIRING_TESTS = (
     "tests/test_settings.py",
 )
 
+# Sentinel and Cluster failovers and the lockout lift across replicas: store/ and lockout only.
+REDIS_FAILOVER_TESTS = ("test_redis_failover.py", "test_lockout_lift.py")
+
 VARIANTS = {
     variant.name: variant
     for variant in (
         Variant("default", {}, "secure-api", "secure_api", "sqlite"),
         # Every credential option on, with the other database (its whole suite, the composition
-        # tests included) ...
+        # tests included, but the Redis failover modules: they test store/ alone, with no database
+        # and no option, and run in "default") ...
         Variant(
             "postgresql",
             {"database": "postgresql", **dict.fromkeys(CREDENTIAL_OPTIONS, "yes")},
             "secure-api",
             "secure_api",
             "postgresql",
+            suite=tuple(f"--ignore=tests/{module}" for module in REDIS_FAILOVER_TESTS),
         ),
         # ... and on SQLite: the composition tests only (each option's own run below, alone).
         Variant(
