@@ -219,3 +219,17 @@ def copy_working_tree(destination: Path) -> None:
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+
+
+def make_target(target: str, project: Path) -> subprocess.CompletedProcess[str]:
+    """`make TARGET` in a baked service, with this venv's tools (cruft among them)."""
+    return subprocess.run(
+        ["make", "--no-print-directory", target, f"VENV={Path(sys.executable).parent.parent}"],
+        cwd=project,
+        env=GIT_ENV,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from bake import GIT_ENV, copy_working_tree, git, report, run
+from bake import GIT_ENV, copy_working_tree, git, make_target, report, run
 
 SLUG, PACKAGE = "secure-api", "secure_api"
 TEMPLATE_PROJECT = "{{cookiecutter.project_slug}}"
@@ -263,17 +263,7 @@ def updated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, s
     change_the_service(project)
     git("add", "-A", cwd=project)
     git("commit", "-q", "-m", "our projects resource", cwd=project)
-    # `make update-template`, with this venv's cruft.
-    update = subprocess.run(
-        ["make", "--no-print-directory", "update-template", f"VENV={Path(sys.executable).parent.parent}"],
-        cwd=project,
-        env=GIT_ENV,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    update = make_target("update-template", project)
     return project, old, new, update
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from bake import GIT_ENV, bake, copy_working_tree, git, report, run
+from bake import GIT_ENV, bake, copy_working_tree, git, make_target, report, run
 
 SLUG = "secure-api"
 TEMPLATE_PROJECT = "{{cookiecutter.project_slug}}"
@@ -37,16 +37,7 @@ MARKERS = ("<<<<<<<", ">>>>>>>")
 
 
 def make(target: str, project: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["make", "--no-print-directory", target, f"VENV={VENV}"],
-        cwd=project,
-        env=GIT_ENV,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return make_target(target, project)
 
 
 def replace_line(path: Path, old: str, new: str) -> None:

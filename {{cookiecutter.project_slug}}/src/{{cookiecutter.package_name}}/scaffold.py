@@ -46,11 +46,7 @@ class Resource:
 
     @property
     def label(self) -> str:
-        return (
-            self.cls + "s"
-            if self.plural == self.name + "s"
-            else "".join(p.capitalize() for p in self.plural.split("_"))
-        )
+        return "".join(part.capitalize() for part in self.plural.split("_"))
 
 
 def check_name(resource: Resource, package: Path) -> None:
@@ -94,8 +90,9 @@ def scaffold(resource: Resource, *, package: Path = PACKAGE_DIR, project: Path |
         raise ScaffoldRefused(f"{project} is not the service's source checkout (scaffold runs in one, not in an image)")
     check_name(resource, package)
     versions = package / "migrations" / "versions"
-    revision = next_revision(migration_head(package), versions)
-    values = _values(resource, migration_head(package), revision)
+    head = migration_head(package)
+    revision = next_revision(head, versions)
+    values = _values(resource, head, revision)
     migration = versions / f"{revision}_{resource.plural}.py"
     test = project / "tests" / f"test_{resource.plural}.py"
     for path in (migration, test):
