@@ -54,8 +54,13 @@ PROBE = "/api/v1/orgs/00000000-0000-0000-0000-000000000000"  # with a token: 403
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("redis://127.0.0.1:6379/0", Topology("single", tls=False)),
-        ("rediss://redis.internal:6380/1", Topology("single", tls=True)),
+        ("redis://127.0.0.1:6379/0", Topology("single", tls=False, addresses=(("127.0.0.1", 6379),))),
+        ("rediss://redis.internal:6380/1", Topology("single", tls=True, addresses=(("redis.internal", 6380),))),
+        (
+            "redis://app:s%3Acret@redis/0",
+            Topology("single", False, (("redis", 6379),), username="app", password="s:cret"),
+        ),
+        ("redis://[::1]/0?password=pw", Topology("single", False, (("::1", 6379),), password="pw")),
         ("unix:///run/redis.sock", Topology("single", tls=False)),
         (
             "redis+sentinel://s1:26380,s2,[::1]:26381/mymaster",
