@@ -280,9 +280,8 @@ async def test_a_revocation_through_the_store_raises_not_replicated_without_a_re
 ) -> None:
     store = RedisStore(replicated.primary.url, timeout=0.2, pool_size=2, pool_timeout=1.0)
     try:
-        with replicated.replica.paused():
-            with pytest.raises(NotReplicated):
-                await Revocations(settings, store).revoke_subject("frank")
+        with replicated.replica.paused(), pytest.raises(NotReplicated):
+            await Revocations(settings, store).revoke_subject("frank")
         await Revocations(settings, store).revoke_subject("frank")
         assert on_replica(replicated, "frank") == 1
     finally:
