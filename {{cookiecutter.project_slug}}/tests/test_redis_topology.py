@@ -441,3 +441,22 @@ async def test_on_sentinel_a_revocation_waits_for_the_replica_and_fails_without_
     finally:
         await store.aclose()
         group.stop()
+
+
+async def test_on_a_cluster_a_revocation_follows_moved_to_the_slots_primary(
+    on_cluster: Callable[..., Settings],
+) -> None:
+    store = redis_store(on_cluster())
+    assert isinstance(store, ClusterStore)
+    try:
+        await store.ping()  # learns the slot map
+        store._slots = [store.primaries[0]] * SLOTS  # every slot wrongly on the first primary: MOVED from it
+        revocations = Revocations(on_cluster(), store)
+        subjects = [f"moved-{index}" for index in range(12)]  # hash tags on every primary
+        for subject in subjects:
+            await revocations.revoke_subject(subject)
+        keys = [f"{SERVICE_NAME}:revoked:sub:{tag(subject)}".encode() for subject in subjects]
+        assert [await store.execute(b"EXISTS", key) for key in keys] == [1] * len(keys)
+        assert len({store._slots[key_slot(key)] for key in keys}) == len(store.primaries)
+    finally:
+        await store.aclose()
