@@ -13,8 +13,9 @@ Service code revokes with `await runtime.revocations.revoke_token(sub, jti, exp)
 `revoke_subject(sub)`; operators with `token revoke` and `token revoke-subject` (cli.py).
 
 A revocation returns only once Redis has it on at least one replica, where the primary has any
-(`WAIT 1`, store/core.py `write_replicated`): a Sentinel failover right after cannot lose what was
-reported as done. When no replica acknowledges it within REDIS_TIMEOUT_SECONDS it raises
+connected (`WAIT 1`, store/core.py `write_replicated`): a failover right after cannot lose what was
+reported as done (one gap is left, README "Revocation": a write that reaches an old primary
+between a Sentinel promotion and its announcement finds no replica to wait for). When no replica acknowledges it within REDIS_TIMEOUT_SECONDS it raises
 NotReplicated (a StoreUnavailable): the caller reports it as not done (CLI exit 1, API 503, the
 database rolled back), and the primary may keep the entry, which refuses early, never late.
 
