@@ -278,7 +278,7 @@ def test_a_revocation_no_replica_acknowledges_is_not_reported_done(
 async def test_a_revocation_through_the_store_raises_not_replicated_without_a_replica_ack(
     settings: Settings, replicated: ReplicatedRedis
 ) -> None:
-    store = RedisStore(replicated.primary.url, timeout=0.2, pool_size=2, pool_timeout=1.0)
+    store = RedisStore(replicated.primary.url, timeout=0.5, pool_size=2, pool_timeout=1.0)
     try:
         with replicated.replica.paused(), pytest.raises(NotReplicated):
             await Revocations(settings, store).revoke_subject("frank")
