@@ -15,9 +15,10 @@ Service code revokes with `await runtime.revocations.revoke_token(sub, jti, exp)
 A revocation returns only once Redis has it on at least one replica, where the primary has any
 connected (`WAIT 1`, store/core.py `write_replicated`): a failover right after cannot lose what was
 reported as done (one gap is left, README "Revocation": a write that reaches an old primary
-between a Sentinel promotion and its announcement finds no replica to wait for). When no replica acknowledges it within REDIS_TIMEOUT_SECONDS it raises
-NotReplicated (a StoreUnavailable): the caller reports it as not done (CLI exit 1, API 503, the
-database rolled back), and the primary may keep the entry, which refuses early, never late.
+between a Sentinel promotion and its announcement finds no replica to wait for). When no replica
+acknowledges it within REDIS_TIMEOUT_SECONDS it raises NotReplicated (a StoreUnavailable): the
+caller reports it as not done (CLI exit 1, API 503, the database rolled back), and the primary
+may keep the entry, which refuses early, never late.
 
 This process also keeps a copy of the revocations it has seen (`SeenRevocations`): those it
 wrote, and those the store answered "revoked" for. RATE_LIMIT_FAILURE_MODE=open reads it while
