@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -146,6 +146,17 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The process stopped (SIGSTOP) and resumed after: its connections stay open, and it
+        answers nothing meanwhile (a replica acknowledges no write)."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._process.send_signal(signal.SIGCONT)
 
 
 def redis_executable() -> str:
@@ -298,6 +309,26 @@ def start_sentinel_group(tmp_path: Path) -> SentinelGroup:
     for sentinel in sentinels:
         wait_for(partial(_sees_group, sentinel.port), "the sentinels to see the replica and each other")
     return group
+
+
+@dataclass
+class ReplicatedRedis:
+    """One primary and one replica that has synced with it."""
+
+    primary: RedisServer
+    replica: RedisServer
+
+    def stop(self) -> None:
+        self.replica.stop()
+        self.primary.stop()
+
+
+def start_replicated_redis(tmp_path: Path) -> ReplicatedRedis:
+    primary = start_redis(tmp_path / "primary")
+    replica = start_redis(tmp_path / "replica", ["--replicaof", LOOPBACK, str(primary.port)])
+    with redis_client(replica.port) as client:
+        wait_for(lambda: client.info("replication").get("master_link_status") == "up", "the replica to sync")
+    return ReplicatedRedis(primary, replica)
 
 
 def _sees_group(port: int) -> bool:

@@ -21,7 +21,7 @@ from sqlalchemy import text, update
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.cli import main
-from {{ cookiecutter.package_name }}.config import ConfigError, Settings
+from {{ cookiecutter.package_name }}.config import SERVICE_NAME, ConfigError, Settings
 from {{ cookiecutter.package_name }}.options.api_keys import scan as scan_check
 from {{ cookiecutter.package_name }}.options.api_keys import store
 from {{ cookiecutter.package_name }}.options.api_keys.authenticator import ApiKeys, KnownKey, KnownKeys, LastUsed, scanner_pattern
@@ -31,9 +31,10 @@ from {{ cookiecutter.package_name }}.scan import authn as scan_authn
 from {{ cookiecutter.package_name }}.scan.probe import Probe, Scan
 from {{ cookiecutter.package_name }}.scan.report import Status
 from {{ cookiecutter.package_name }}.security.principal import Principal
+from {{ cookiecutter.package_name }}.security.revocation import tag
 
 from .conftest import TokenFactory, bearer, running
-from .servers import free_port
+from .servers import ReplicatedRedis, free_port, redis_client, start_redis, start_replicated_redis
 
 ORGS = "/api/v1/orgs"
 KEYS = "/api/v1/api-keys"
@@ -667,3 +668,62 @@ async def test_a_revocation_redis_cannot_take_is_a_503_and_changes_nothing(
         shown = await http.get(f"{KEYS}/{issued.info.id}", headers=owner)
         assert shown.json()["revoked_at"] is None and shown.json()["previous_secret_expires_at"] is None
         assert (await http.get(KEYS, headers=api_key(issued.key))).status_code == 403  # authenticated, not allowed
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicatedRedis]:
+    pair = start_replicated_redis(tmp_path_factory.mktemp("replicated"))
+    yield pair
+    pair.stop()
+
+
+async def test_a_revocation_no_replica_acknowledges_is_a_503_and_changes_nothing(
+    settings_for: Callable[..., Settings],
+    make_token: TokenFactory,
+    replicated: ReplicatedRedis,
+    cli_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    migrated_database: str,
+    capsys: Any,
+) -> None:
+    app = create_app(settings_for(redis_url=replicated.primary.url))
+    async with running(app) as http:
+        await clear_keys(app)
+        issued = await issue(app, owner="alice")
+        owner = bearer(make_token("alice", MANAGER_SCOPES))
+        monkeypatch.setenv("REDIS_URL", replicated.primary.url)
+        monkeypatch.setenv("DATABASE_URL", migrated_database)
+        with replicated.replica.paused():  # connected to the primary, acknowledging nothing
+            refused = await http.delete(f"{KEYS}/{issued.info.id}", headers=owner)
+            assert refused.status_code == 503, refused.text
+            assert "not revoked" in refused.json()["detail"]
+            rotated = await http.post(f"{KEYS}/{issued.info.id}/rotate", json={}, headers=owner)
+            assert rotated.status_code == 503 and "not rotated" in rotated.json()["detail"]
+            assert await anyio.to_thread.run_sync(main, ["api-key", "revoke", issued.info.id]) == 1
+            assert "no Redis replica acknowledged" in capsys.readouterr().err
+        shown = await http.get(f"{KEYS}/{issued.info.id}", headers=owner)
+        assert shown.json()["revoked_at"] is None and shown.json()["previous_secret_expires_at"] is None
+        # The replica back: the revocation is done, and on the replica.
+        assert (await http.delete(f"{KEYS}/{issued.info.id}", headers=owner)).status_code == 204
+        with redis_client(replicated.replica.port) as replica:
+            assert replica.exists(f"{SERVICE_NAME}:revoked:sub:{tag('apikey:' + issued.info.id)}") == 1
+
+
+async def test_open_mode_still_refuses_a_key_revoked_before_the_outage(
+    settings_for: Callable[..., Settings], make_token: TokenFactory, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    server = start_redis(tmp_path_factory.mktemp("outage"))
+    app = create_app(settings_for(redis_url=server.url, rate_limit_failure_mode="open"))
+    try:
+        async with running(app) as http:
+            await clear_keys(app)
+            revoked, good = await issue(app, owner="alice"), await issue(app, owner="alice")
+            for issued in (revoked, good):  # each looked up once: reused from memory for a while
+                assert (await http.get(KEYS, headers=api_key(issued.key))).status_code == 403  # authenticated
+            owner = bearer(make_token("alice", MANAGER_SCOPES))
+            assert (await http.delete(f"{KEYS}/{revoked.info.id}", headers=owner)).status_code == 204
+            server.kill()  # the outage
+            assert_refused(await http.get(KEYS, headers=api_key(revoked.key)))
+            assert (await http.get(KEYS, headers=api_key(good.key))).status_code == 403  # served: authenticated
+    finally:
+        server.stop()

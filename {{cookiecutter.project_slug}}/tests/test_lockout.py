@@ -5,6 +5,7 @@ Redis. Against the real process and redis-server."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -13,9 +14,11 @@ import pytest
 from redis.asyncio import Redis
 
 from {{ cookiecutter.package_name }}.cli import main
+from {{ cookiecutter.package_name }}.config import SERVICE_NAME
+from {{ cookiecutter.package_name }}.security.revocation import tag
 
 from .conftest import AUDIENCE, ISSUER, ServiceFactory, TokenFactory, bearer
-from .servers import ServiceProcess
+from .servers import ServiceProcess, redis_client, start_redis
 
 FAILURES = 3
 
@@ -162,3 +165,26 @@ async def test_redis_down_follows_the_rate_limit_failure_mode(
     assert (await call(process, good)).status_code == served  # nothing could be counted: not locked
     unrecorded = [line for line in log_of(process).splitlines() if "lockout_store_unavailable" in line]
     assert len(unrecorded) == (1 if mode == "open" else 0), unrecorded  # once a minute, not per failure
+
+
+async def test_open_mode_keeps_refusing_what_was_locked_before_redis_went_down(
+    service: ServiceFactory, make_token: TokenFactory, tmp_path: Path
+) -> None:
+    server = start_redis(tmp_path / "redis")
+    try:
+        process = service(REDIS_URL=server.url, RATE_LIMIT_FAILURE_MODE="open", LOCKOUT_SECONDS="60")
+        for _ in range(FAILURES):  # an address guessing
+            assert (await call(process, make_token("alice") + "x", "198.51.100.1")).status_code == 401
+        assert (await call(process, make_token("alice"), "198.51.100.1")).status_code == 429
+        # A subject whose revoked token keeps being tried, from addresses that stay under their limit.
+        with redis_client(server.port) as redis_now:
+            redis_now.set(f"{SERVICE_NAME}:revoked:sub:{tag('mallory')}", repr(time.time() + 5), ex=600)
+        for number in range(FAILURES):
+            assert (await call(process, make_token("mallory"), f"198.51.100.{10 + number}")).status_code == 401
+        assert (await call(process, make_token("mallory"), "198.51.100.50")).status_code == 429
+        server.kill()  # the outage
+        assert (await call(process, make_token("alice"), "198.51.100.1")).status_code == 429
+        assert (await call(process, make_token("mallory"), "198.51.100.51")).status_code == 429
+        assert (await call(process, make_token("alice"), "198.51.100.52")).status_code == 201  # the rest: served
+    finally:
+        server.stop()

@@ -123,6 +123,11 @@ def is_replica(port: int) -> bool:
         return bool(client.execute_command("ROLE")[0] == "slave")
 
 
+def replica_synced(port: int) -> bool:
+    with redis_client(port) as client:
+        return bool(client.info("replication").get("master_link_status") == "up")
+
+
 async def sentinel_replicas(
     stack: AsyncExitStack, settings: Settings, count: int = 2
 ) -> tuple[list[FastAPI], list[httpx.AsyncClient]]:
@@ -171,6 +176,8 @@ async def test_after_sentinel_failover_no_command_reaches_the_old_primary_and_re
                 wait_for, lambda: is_replica(old.port), "the old primary's demotion", DEMOTION_SECONDS
             )
             demoted = time.monotonic()
+            # A revocation waits for a replica (WAIT 1): the demoted node acknowledges once it has synced.
+            await asyncio.to_thread(wait_for, lambda: replica_synced(old.port), "the demoted node to sync")
             revoked["after-demotion"] = await cli("token", "revoke-subject", "--sub", "after-demotion")
             await asyncio.sleep(BOUND_SECONDS + 0.5)
             stop.set()

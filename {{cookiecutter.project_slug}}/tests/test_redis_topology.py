@@ -22,7 +22,7 @@ from redis.crc import key_slot
 
 import {{ cookiecutter.package_name }}.security
 from {{ cookiecutter.package_name }}.app import create_app
-from {{ cookiecutter.package_name }}.config import ConfigError, Settings
+from {{ cookiecutter.package_name }}.config import SERVICE_NAME, ConfigError, Settings
 from {{ cookiecutter.package_name }}.security.admission import ADDRESS_CHECK, SUBJECT_CHECK, Admission
 from {{ cookiecutter.package_name }}.security.limiter import WINDOW, Policy, RateLimiter, window
 from {{ cookiecutter.package_name }}.security.lockout import Lockout
@@ -32,7 +32,7 @@ from {{ cookiecutter.package_name }}.security.revocation import Revocations, tag
 from {{ cookiecutter.package_name }}.startup import load_settings
 from {{ cookiecutter.package_name }}.store import redis_store
 from {{ cookiecutter.package_name }}.store.cluster import SLOTS, ClusterStore
-from {{ cookiecutter.package_name }}.store.core import Command, Plain, RedisStore, RemoteStore, Script, pack
+from {{ cookiecutter.package_name }}.store.core import Command, NotReplicated, Plain, RedisStore, RemoteStore, Script, pack
 from {{ cookiecutter.package_name }}.store.topology import Topology, parse_redis_url
 
 from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, running
@@ -42,6 +42,7 @@ from .servers import (
     make_tls_files,
     redis_client,
     start_cluster,
+    start_sentinel_group,
     start_tls_redis,
 )
 
@@ -54,8 +55,13 @@ PROBE = "/api/v1/orgs/00000000-0000-0000-0000-000000000000"  # with a token: 403
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("redis://127.0.0.1:6379/0", Topology("single", tls=False)),
-        ("rediss://redis.internal:6380/1", Topology("single", tls=True)),
+        ("redis://127.0.0.1:6379/0", Topology("single", tls=False, addresses=(("127.0.0.1", 6379),))),
+        ("rediss://redis.internal:6380/1", Topology("single", tls=True, addresses=(("redis.internal", 6380),))),
+        (
+            "redis://app:s%3Acret@redis/0",
+            Topology("single", False, (("redis", 6379),), username="app", password="s:cret"),
+        ),
+        ("redis://[::1]/0?password=pw", Topology("single", False, (("::1", 6379),), password="pw")),
         ("unix:///run/redis.sock", Topology("single", tls=False)),
         (
             "redis+sentinel://s1:26380,s2,[::1]:26381/mymaster",
@@ -146,6 +152,9 @@ class Recorder(RemoteStore):
     async def execute(self, *parts: bytes) -> Any:
         self.sent.append(Plain(parts))
         return b"OK"
+
+    async def write_replicated(self, *parts: bytes) -> Any:
+        return await self.execute(*parts)  # the WAIT that follows has no key
 
 
 def scripts_of_the_service() -> set[Script]:
@@ -408,4 +417,46 @@ async def test_a_batch_with_one_script_redis_has_not_seen_runs_each_call_once(re
         assert await store.run([seen.call([first], []), unseen.call([second], [])]) == [2, 1]
     finally:
         await store.execute(b"DEL", first.encode(), second.encode())
+        await store.aclose()
+
+
+# --- a revocation reported done is on a replica, whatever the topology ------------------------------
+
+
+async def test_on_sentinel_a_revocation_waits_for_the_replica_and_fails_without_it(
+    settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    group = start_sentinel_group(tmp_path)
+    store = redis_store(settings_for(redis_url=group.url))
+    try:
+        revocations = Revocations(settings_for(), store)
+        await revocations.revoke_subject("gina")
+        with redis_client(group.replica.port) as replica:  # reported done: the replica has it
+            assert replica.exists(f"{SERVICE_NAME}:revoked:sub:{tag('gina')}") == 1
+        with group.replica.paused():  # connected to the primary, acknowledging nothing
+            with pytest.raises(NotReplicated):
+                await revocations.revoke_subject("hank")
+            with pytest.raises(NotReplicated):
+                await revocations.revoke_token("hank", "jti-1", time.time() + 60)
+    finally:
+        await store.aclose()
+        group.stop()
+
+
+async def test_on_a_cluster_a_revocation_follows_moved_to_the_slots_primary(
+    on_cluster: Callable[..., Settings],
+) -> None:
+    store = redis_store(on_cluster())
+    assert isinstance(store, ClusterStore)
+    try:
+        await store.ping()  # learns the slot map
+        store._slots = [store.primaries[0]] * SLOTS  # every slot wrongly on the first primary: MOVED from it
+        revocations = Revocations(on_cluster(), store)
+        subjects = [f"moved-{index}" for index in range(12)]  # hash tags on every primary
+        for subject in subjects:
+            await revocations.revoke_subject(subject)
+        keys = [f"{SERVICE_NAME}:revoked:sub:{tag(subject)}".encode() for subject in subjects]
+        assert [await store.execute(b"EXISTS", key) for key in keys] == [1] * len(keys)
+        assert len({store._slots[key_slot(key)] for key in keys}) == len(store.primaries)
+    finally:
         await store.aclose()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -27,9 +27,10 @@ from {{ cookiecutter.package_name }}.security.limiter import RateLimiter
 from {{ cookiecutter.package_name }}.security.lockout import Lockout
 from {{ cookiecutter.package_name }}.security.ratelimit import client_address
 from {{ cookiecutter.package_name }}.security.revocation import Revocations, tag
-from {{ cookiecutter.package_name }}.store.core import RedisStore
+from {{ cookiecutter.package_name }}.store.core import NotReplicated, RedisStore
 
 from .conftest import TokenFactory, bearer, running
+from .servers import ReplicatedRedis, redis_client, start_redis, start_replicated_redis
 
 PROTECTED = "/api/v1/orgs"
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
@@ -231,3 +232,90 @@ async def test_revocation_store_down_fails_open_serves_and_logs(
         # Still no way in without a valid token.
         assert (await http.get(PROTECTED, headers=bearer("garbage"))).status_code == 401
     assert "revocation_store_unavailable" in [getattr(r, "event", "") for r in audit_events]
+
+
+# --- a revocation reported done is on a replica (WAIT) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicatedRedis]:
+    pair = start_replicated_redis(tmp_path_factory.mktemp("replicated"))
+    yield pair
+    pair.stop()
+
+
+def on_replica(pair: ReplicatedRedis, subject: str) -> int:
+    with redis_client(pair.replica.port) as replica:
+        return int(replica.exists(f"{SERVICE_NAME}:revoked:sub:{tag(subject)}"))
+
+
+def test_token_revoke_commands_report_done_once_a_replica_has_the_revocation(
+    cli_env: None, monkeypatch: pytest.MonkeyPatch, replicated: ReplicatedRedis, capsys: Any
+) -> None:
+    monkeypatch.setenv("REDIS_URL", replicated.primary.url)
+    assert main(["token", "revoke-subject", "--sub", "dave"]) == 0
+    assert on_replica(replicated, "dave") == 1
+    exp = str(int(time.time()) + 300)
+    assert main(["token", "revoke", "--sub", "dave", "--jti", "j-1", "--exp", exp]) == 0
+    assert "revoked" in capsys.readouterr().out
+
+
+def test_a_revocation_no_replica_acknowledges_is_not_reported_done(
+    cli_env: None, monkeypatch: pytest.MonkeyPatch, replicated: ReplicatedRedis, capsys: Any
+) -> None:
+    monkeypatch.setenv("REDIS_URL", replicated.primary.url)
+    exp = str(int(time.time()) + 300)
+    with replicated.replica.paused():  # connected to the primary, acknowledging nothing
+        assert main(["token", "revoke-subject", "--sub", "erin"]) == 1
+        assert "no Redis replica acknowledged" in capsys.readouterr().err
+        assert main(["token", "revoke", "--sub", "erin", "--jti", "j-2", "--exp", exp]) == 1
+        assert "it is not done" in capsys.readouterr().err
+    # The replica back: the same revocation is done.
+    assert main(["token", "revoke-subject", "--sub", "erin"]) == 0
+    assert on_replica(replicated, "erin") == 1
+
+
+async def test_a_revocation_through_the_store_raises_not_replicated_without_a_replica_ack(
+    settings: Settings, replicated: ReplicatedRedis
+) -> None:
+    store = RedisStore(replicated.primary.url, timeout=0.5, pool_size=2, pool_timeout=1.0)
+    try:
+        with replicated.replica.paused(), pytest.raises(NotReplicated):
+            await Revocations(settings, store).revoke_subject("frank")
+        await Revocations(settings, store).revoke_subject("frank")
+        assert on_replica(replicated, "frank") == 1
+    finally:
+        await store.aclose()
+
+
+# --- open mode: what this process has seen revoked or locked stays refused -------------------------
+
+
+async def test_open_mode_still_refuses_tokens_revoked_before_the_outage(
+    settings_for: Callable[..., Settings],
+    make_token: TokenFactory,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    server = start_redis(tmp_path_factory.mktemp("outage"))
+    app = create_app(settings_for(redis_url=server.url, rate_limit_failure_mode="open"))
+    try:
+        async with running(app) as http:
+            now = int(time.time())
+            by_jti, by_subject, good = make_token("gina"), make_token("hank", iat=now - 5), make_token("ivy")
+            seen_elsewhere = make_token("jack", iat=now - 5)
+            for token in (by_jti, by_subject, good, seen_elsewhere):
+                assert await status_of(http, token) == 201  # each in the verified-token cache
+            claims = claims_of(by_jti)
+            await revocations(app).revoke_token(claims["sub"], claims["jti"], claims["exp"])  # this process
+            await revocations(app).revoke_subject("hank")
+            # Revoked by another replica (straight in Redis): this process learns it from the answer.
+            with redis_client(server.port) as other:
+                other.set(f"{SERVICE_NAME}:revoked:sub:{tag('jack')}", repr(time.time()), ex=600)
+            assert await status_of(http, seen_elsewhere) == 401
+            server.kill()  # the outage
+            assert await status_of(http, good) == 201  # open mode serves
+            for token in (by_jti, by_subject, seen_elsewhere):
+                assert await status_of(http, token) == 401
+            assert await status_of(http, make_token("kim")) == 201  # a token not seen before: served
+    finally:
+        server.stop()

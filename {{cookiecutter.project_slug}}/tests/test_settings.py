@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from {{ cookiecutter.package_name }}.config import Settings
+
 SAFE_PRODUCTION = {
     "ENVIRONMENT": "production",
     "JWT_ISSUER": "https://issuer.example.com",
@@ -131,3 +133,76 @@ def test_docs_are_off_in_production_unless_enabled(production: dict[str, str]) -
     on = start({**production, "DOCS_ENABLED": "true"}, show)
     assert off.stdout.split() == ["None", "None"], off.stderr
     assert on.stdout.split() == ["/docs", "/openapi.json"], on.stderr
+
+
+# --- Redis: who may write revocations and lockouts; open mode ---------------------------------------
+
+
+def production_settings(public_pem: str, **changes: str) -> Settings:
+    """The safe production settings with `changes` (environment variable names), read in-process."""
+    env = {**SAFE_PRODUCTION, "JWT_PUBLIC_KEY": public_pem, **changes}
+    return Settings(_env_file=None, **{name.lower(): value for name, value in env.items()})  # type: ignore[arg-type]
+
+
+REMOTE_WITHOUT_PASSWORD = [
+    "redis://redis:6379/0",
+    "rediss://redis.internal:6380/0",
+    "redis://app@10.1.2.3:6379/0",  # an ACL user name without its password
+    "redis+sentinel://127.0.0.1:26379,s2:26379/mymaster",
+    "rediss+sentinel://s1,s2,s3/mymaster/0",
+    "redis+cluster://10.0.0.5:7000,10.0.0.6:7000",
+    "rediss+cluster://n1",
+]
+
+
+@pytest.mark.parametrize("url", REMOTE_WITHOUT_PASSWORD)
+def test_production_refuses_a_remote_redis_without_a_password(public_pem: str, url: str) -> None:
+    problems = production_settings(public_pem, REDIS_URL=url).production_problems()
+    assert [problem.split(":")[0] for problem in problems] == ["REDIS_URL"]
+    assert "REDIS_ALLOW_UNAUTHENTICATED=true" in problems[0]
+    assert url not in problems[0]
+
+
+@pytest.mark.parametrize("url", REMOTE_WITHOUT_PASSWORD)
+def test_the_owner_may_accept_a_remote_redis_without_a_password_explicitly(public_pem: str, url: str) -> None:
+    settings = production_settings(public_pem, REDIS_URL=url, REDIS_ALLOW_UNAUTHENTICATED="true")
+    assert settings.production_problems() == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://localhost/0",
+        "redis://[::1]:6379/0",
+        "unix:///run/redis/redis.sock",
+        "rediss://:s3cret@redis.internal:6380/0",
+        "redis://app:s3cret@redis:6379/0",
+        "redis://redis:6379/0?password=s3cret",
+        "rediss+sentinel://app:s3cret@s1,s2,s3/mymaster",
+        "redis+sentinel://127.0.0.1:26379,[::1]:26380/mymaster",
+        "rediss+cluster://:s3cret@n1:7000,n2:7000",
+    ],
+)
+def test_production_accepts_a_loopback_or_password_protected_redis(public_pem: str, url: str) -> None:
+    assert production_settings(public_pem, REDIS_URL=url).production_problems() == []
+
+
+def test_production_refusal_of_an_unprotected_redis_names_the_url_and_the_override(
+    production: dict[str, str],
+) -> None:
+    result = start({**production, "REDIS_URL": "redis://redis:6379/0"}, CHECK_CONFIG)
+    assert result.returncode == 1
+    assert "REDIS_URL" in result.stderr and "REDIS_ALLOW_UNAUTHENTICATED" in result.stderr
+    assert "redis://redis" not in result.stderr  # the URL may hold a password: never repeated
+
+
+def test_production_refuses_open_failure_mode_unless_acknowledged(production: dict[str, str]) -> None:
+    refused = start({**production, "RATE_LIMIT_FAILURE_MODE": "open"}, CHECK_CONFIG)
+    assert refused.returncode == 1
+    assert "RATE_LIMIT_FAILURE_MODE" in refused.stderr
+    assert "RATE_LIMIT_FAILURE_MODE_ACKNOWLEDGED=true" in refused.stderr
+    accepted = start(
+        {**production, "RATE_LIMIT_FAILURE_MODE": "open", "RATE_LIMIT_FAILURE_MODE_ACKNOWLEDGED": "true"}, CHECK_CONFIG
+    )
+    assert accepted.returncode == 0, accepted.stderr

@@ -23,7 +23,7 @@ from .domain import GRANT_TARGET
 from .resources import app_runtime
 from .security.revocation import MAX_ID_LENGTH, Revocations
 from .startup import load_settings
-from .store.core import StoreBusy, StoreUnavailable
+from .store.core import NotReplicated, StoreBusy, StoreUnavailable
 from .tables import Relation
 
 Command = Callable[[argparse.Namespace], int]
@@ -133,6 +133,13 @@ def _revoke(action: Callable[[Revocations], Awaitable[str]]) -> int:
 
     try:
         print(asyncio.run(run()))
+    except NotReplicated:
+        print(
+            f"{SERVICE_NAME}: no Redis replica acknowledged the revocation within REDIS_TIMEOUT_SECONDS "
+            "(a failover could lose it); it is not done: retry when the replicas are back",
+            file=sys.stderr,
+        )
+        return 1
     except (StoreUnavailable, StoreBusy) as exc:
         error = type(exc.__cause__ or exc).__name__
         print(f"{SERVICE_NAME}: Redis is unavailable ({error}); nothing was revoked", file=sys.stderr)

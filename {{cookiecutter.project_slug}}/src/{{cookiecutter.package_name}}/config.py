@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
     log_health_requests: bool = False
+    # Production refuses these unless the owner says so (README "Redis topology", "Rate limiting").
+    redis_allow_unauthenticated: bool = False  # a remote REDIS_URL without a password
+    rate_limit_failure_mode_acknowledged: bool = False  # RATE_LIMIT_FAILURE_MODE=open
 
     @model_validator(mode="before")
     @classmethod
@@ -291,6 +294,26 @@ class Settings(BaseSettings):
             problems.append("JWT_ISSUER: must use https:// in production (its discovery document names the keys)")
         if self.audit_pseudonym_key is None:
             problems.append("AUDIT_PSEUDONYM_KEY: required in production (at least 32 characters, kept secret)")
+        problems.extend(self._redis_trust_problems())
+        return problems
+
+    def _redis_trust_problems(self) -> list[str]:
+        """Whoever can write to Redis can delete revocations and lift lockouts; open mode serves
+        requests unchecked while Redis is down. Both need the owner's explicit word."""
+        problems = []
+        if self.redis_url and self.redis_topology.remote_without_password and not self.redis_allow_unauthenticated:
+            problems.append(
+                "REDIS_URL: names a host other than loopback without a password (anyone who reaches it can "
+                "delete revocations and lift lockouts); put the password (or ACL user:password) in the URL, "
+                "preferably with rediss:// (TLS), or set REDIS_ALLOW_UNAUTHENTICATED=true if the network "
+                "alone protects it"
+            )
+        if self.rate_limit_failure_mode == "open" and not self.rate_limit_failure_mode_acknowledged:
+            problems.append(
+                "RATE_LIMIT_FAILURE_MODE: 'open' serves requests without rate limits (and revocations and "
+                "lockouts only from this process's memory) while Redis is down; set "
+                "RATE_LIMIT_FAILURE_MODE_ACKNOWLEDGED=true to accept that, or use 'closed'"
+            )
         return problems
 
     @property

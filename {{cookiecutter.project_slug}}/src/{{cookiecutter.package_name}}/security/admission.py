@@ -43,7 +43,8 @@ WARNING_INTERVAL_SECONDS = 60.0
 ADDRESS_CHECK = Script(count_in_window("KEYS[1]", "ARGV[1]") + "return {count, ttl, redis.call('PTTL', KEYS[2])}\n")
 
 # KEYS: the subject's revocation mark, its window, its lock, the token's jti entry (if any). ARGV:
-# iat minus the leeway, window ms. Returns {-2, lock ms left}, {-1, 0} (revoked) or {count, ttl}.
+# iat minus the leeway, window ms. Returns {-2, lock ms left}, {-1, the mark} (revoked before the
+# mark), {-3, 0} (its jti revoked) or {count, ttl}; what refuses is remembered for open mode.
 SUBJECT_CHECK = Script(
     """
 local locked = redis.call('PTTL', KEYS[3])
@@ -52,10 +53,10 @@ if locked > 0 then
 end
 local mark = redis.call('GET', KEYS[1])
 if mark and tonumber(ARGV[1]) < tonumber(mark) then
-  return {-1, 0}
+  return {-1, mark}
 end
 if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then
-  return {-1, 0}
+  return {-3, 0}
 end
 """
     + count_in_window("KEYS[2]", "ARGV[2]")
@@ -169,9 +170,17 @@ class Admission:
         return SUBJECT_CHECK.call(keys, [principal.issued_at - self.leeway, self.subject_policy.window * 1000])
 
     def _subject_answer(self, principal: Principal, reply: Any) -> SubjectAnswer:
-        if int(reply[0]) == -2:
+        """The store's answer; a refusal is also remembered, for open mode during an outage."""
+        code = int(reply[0])
+        if code == -2:
+            self.lockout.note_subject(principal.subject, int(reply[1]))
             return SubjectAnswer(principal, False, None, math.ceil(int(reply[1]) / 1000))
-        if int(reply[0]) < 0:
+        if code == -1:
+            self.revocations.seen.mark(principal.subject, float(reply[1]))
+            return SubjectAnswer(principal, True, None)
+        if code == -3:
+            assert principal.token_id is not None
+            self.revocations.seen.token(principal.subject, principal.token_id, principal.expires_at + self.leeway)
             return SubjectAnswer(principal, True, None)
         return SubjectAnswer(principal, False, decision(self.subject_policy, reply))
 
@@ -187,14 +196,19 @@ class Admission:
         return SubjectAnswer(principal, False, decision(self.subject_policy, (count, ttl_ms)))
 
     def _unavailable(self, principal: Principal, exc: Exception) -> SubjectAnswer:
-        """Store down: `closed` refuses (503 from layer 4), `open` serves the token, logged."""
+        """Store down: `closed` refuses (503 from layer 4); `open` judges the principal by what this
+        process has seen (a subject locked, a token or key revoked: still refused) and serves the
+        rest, logged."""
         if not self.limiter.fail_open:
             raise RevocationStoreUnavailable from exc
         now = time.monotonic()
         if now - self._warned_at >= WARNING_INTERVAL_SECONDS:
             self._warned_at = now
             security_event("revocation_store_unavailable", failure_mode="open")
-        return SubjectAnswer(principal, False, None)
+        locked = self.lockout.subject_remembered_seconds(principal.subject)
+        if locked:
+            return SubjectAnswer(principal, False, None, locked)
+        return SubjectAnswer(principal, self.revocations.seen.revoked(principal), None)
 
     @staticmethod
     def _keep(scope: Scope, answer: SubjectAnswer) -> SubjectAnswer:

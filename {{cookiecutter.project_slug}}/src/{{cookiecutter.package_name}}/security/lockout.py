@@ -17,6 +17,10 @@ ends. Every RECHECK_SECONDS while it keeps knocking, one read of its lock (in th
 not on the request's path) asks Redis whether the lock is still there, so an operator who lifts it
 (`lockout lift`, `lift()`) lets it in on every replica within RECHECK_SECONDS and a round trip.
 A subject's lock is read from Redis on every request (its revocation script).
+
+While Redis is down and RATE_LIMIT_FAILURE_MODE is `open`, the locks this process has seen (started
+here, or read in a reply) still refuse until they end: an address's as always, a subject's from
+`_subjects` (admission.py reads it only then).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .revocation import tag
 KEY_PREFIX = "lockout"
 WARNING_INTERVAL_SECONDS = 60.0
 RECHECK_SECONDS = 0.25  # how long a remembered lock is believed before Redis is asked again
+LOCKS_REMEMBERED = 10_000  # of addresses, and of subjects, in process memory
 
 # KEYS: failures, lock, repeats. ARGV: window ms, failures allowed, first lock ms, longest lock ms.
 # Returns the lock just started, in ms, or 0.
@@ -81,6 +86,7 @@ class Lockout:
         self.longest_ms = settings.lockout_max_seconds * 1000
         self._locked: dict[str, tuple[float, float]] = {}  # address -> monotonic end, when to ask again
         self._rechecks: dict[str, asyncio.Task[None]] = {}
+        self._subjects: dict[str, float] = {}  # subject -> monotonic end of a lock seen
         self._warned_at = -math.inf
 
     @staticmethod
@@ -92,6 +98,21 @@ class Lockout:
     def subject_lock_key(cls, subject: str) -> str:
         """The subject's lock, read by its revocation script (same hash tag, admission.py)."""
         return cls._keys(subject, "subject")[1]
+
+    def note_subject(self, subject: str, left_ms: int) -> None:
+        """A subject's lock the store reported (or started): remembered until it ends, for open mode."""
+        self._subjects.pop(subject, None)
+        if len(self._subjects) >= LOCKS_REMEMBERED:
+            now = time.monotonic()
+            self._subjects = {name: ends for name, ends in self._subjects.items() if ends > now}
+            while len(self._subjects) >= LOCKS_REMEMBERED:
+                del self._subjects[next(iter(self._subjects))]
+        self._subjects[subject] = time.monotonic() + left_ms / 1000
+
+    def subject_remembered_seconds(self, subject: str) -> int:
+        """How long a subject lock this process has seen has left (0: none, or over)."""
+        ends = self._subjects.get(subject)
+        return 0 if ends is None else max(0, math.ceil(ends - time.monotonic()))
 
     def subject_locked_seconds(self, subject: str) -> int:
         """Without REDIS_URL: how long the subject stays locked."""
@@ -143,10 +164,10 @@ class Lockout:
             del self._rechecks[address]
 
     def _remember(self, address: str, ends: float) -> None:
-        if len(self._locked) >= 10_000:
+        if len(self._locked) >= LOCKS_REMEMBERED:
             now = time.monotonic()
             self._locked = {key: entry for key, entry in self._locked.items() if entry[0] > now}
-            while len(self._locked) >= 10_000:  # bounded, like the rate limiter's blocked keys
+            while len(self._locked) >= LOCKS_REMEMBERED:  # bounded, like the rate limiter's blocked keys
                 del self._locked[next(iter(self._locked))]
         self._locked[address] = (ends, time.monotonic() + RECHECK_SECONDS)
 
@@ -159,6 +180,8 @@ class Lockout:
         failures, lock, repeats = self._keys(name, kind)
         if kind == "address":
             self._locked.pop(name, None)
+        else:
+            self._subjects.pop(name, None)
         if isinstance(self.store, MemoryStore):
             locked = self._memory_left_ms(lock) > 0
             for key in (failures, lock, repeats):
@@ -191,6 +214,8 @@ class Lockout:
             if started_ms > 0:
                 if kind == "address":
                     self._remember(name, time.monotonic() + started_ms / 1000)
+                else:
+                    self.note_subject(name, started_ms)
                 security_event("lockout_started", locked=kind, seconds=math.ceil(started_ms / 1000))
 
     def _args(self) -> list[str | int]:

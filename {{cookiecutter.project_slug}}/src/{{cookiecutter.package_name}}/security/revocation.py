@@ -11,13 +11,26 @@ this is why revoking a `jti` also takes the token's `sub`.
 
 Service code revokes with `await runtime.revocations.revoke_token(sub, jti, exp)` or
 `revoke_subject(sub)`; operators with `token revoke` and `token revoke-subject` (cli.py).
+
+A revocation returns only once Redis has it on at least one replica, where the primary has any
+connected (`WAIT 1`, store/core.py `write_replicated`): a failover right after cannot lose what was
+reported as done (one gap is left, README "Revocation": a write that reaches an old primary
+between a Sentinel promotion and its announcement finds no replica to wait for). When no replica
+acknowledges it within REDIS_TIMEOUT_SECONDS it raises NotReplicated (a StoreUnavailable): the
+caller reports it as not done (CLI exit 1, API 503, the database rolled back), and the primary
+may keep the entry, which refuses early, never late.
+
+This process also keeps a copy of the revocations it has seen (`SeenRevocations`): those it
+wrote, and those the store answered "revoked" for. RATE_LIMIT_FAILURE_MODE=open reads it while
+Redis is down, so a token or key revoked before the outage is not served again by this process.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..config import SERVICE_NAME, Settings
 from ..store.core import MemoryStore, RemoteStore
@@ -27,6 +40,7 @@ if TYPE_CHECKING:
 
 _PREFIX = f"{SERVICE_NAME}:revoked:"
 MAX_ID_LENGTH = 255  # longest `sub` or `jti` accepted
+SEEN_SIZE = 10_000  # revocations remembered in process memory, of each kind
 
 
 class RevocationStoreUnavailable(Exception):
@@ -41,11 +55,56 @@ def tag(subject: str) -> str:
     return "{" + subject + "}"
 
 
+class SeenRevocations:
+    """The revocations this process has written or read, each until no token it matches could still
+    be accepted (its Redis entry's TTL). Bounded (SEEN_SIZE of each kind; past that the expired go
+    first, then the oldest). Filled only from what the store already answered: no round trip."""
+
+    def __init__(self, leeway: int, max_lifetime: int) -> None:
+        self.leeway = leeway
+        self.max_lifetime = max_lifetime
+        self.tokens: dict[tuple[str, str], float] = {}  # (sub, jti) -> when it ends (time.time())
+        self.marks: dict[str, tuple[float, float]] = {}  # sub -> (revoked-before mark, when it ends)
+
+    def token(self, subject: str, jti: str, ends: float) -> None:
+        self.tokens.pop((subject, jti), None)
+        _bound(self.tokens, lambda entry: entry)
+        self.tokens[(subject, jti)] = ends
+
+    def mark(self, subject: str, mark: float) -> None:
+        known = self.marks.pop(subject, None)
+        if known is not None and known[0] > mark:
+            mark = known[0]
+        _bound(self.marks, lambda entry: entry[1])
+        self.marks[subject] = (mark, mark + self.max_lifetime + self.leeway + 1)
+
+    def revoked(self, principal: Principal) -> bool:
+        now = time.time()
+        if principal.token_id is not None:
+            ends = self.tokens.get((principal.subject, principal.token_id))
+            if ends is not None and ends > now:
+                return True
+        known = self.marks.get(principal.subject)
+        return known is not None and known[1] > now and principal.issued_at - self.leeway < known[0]
+
+
+def _bound(entries: dict[Any, Any], ends: Callable[[Any], float]) -> None:
+    """Room for one more entry: the expired ones go, then the oldest."""
+    if len(entries) < SEEN_SIZE:
+        return
+    now = time.time()
+    for key in [key for key, entry in entries.items() if ends(entry) <= now]:
+        del entries[key]
+    while len(entries) >= SEEN_SIZE:
+        del entries[next(iter(entries))]
+
+
 class Revocations:
     def __init__(self, settings: Settings, store: RemoteStore | MemoryStore) -> None:
         self.store = store
         self.leeway = settings.jwt_leeway_seconds
         self.max_lifetime = settings.jwt_max_token_lifetime_seconds
+        self.seen = SeenRevocations(self.leeway, self.max_lifetime)
 
     @staticmethod
     def keys(principal: Principal) -> tuple[str, str | None]:
@@ -60,6 +119,7 @@ class Revocations:
         if ttl <= 0:
             return False
         await self._set(f"{_PREFIX}jti:{tag(subject)}:{jti}", "1", ttl)
+        self.seen.token(subject, jti, expires_at + self.leeway)
         return True
 
     async def revoke_subject(self, subject: str) -> float:
@@ -68,6 +128,7 @@ class Revocations:
         to JWT_LEEWAY_SECONDS in the future (a fast clock) is refused too. Returns the mark."""
         mark = time.time()
         await self._set(f"{_PREFIX}sub:{tag(subject)}", repr(mark), self.max_lifetime + self.leeway + 1)
+        self.seen.mark(subject, mark)
         return mark
 
     def memory_revoked(self, principal: Principal) -> bool:
@@ -83,4 +144,4 @@ class Revocations:
         if isinstance(self.store, MemoryStore):
             self.store.set(key, value.encode(), ttl)
         else:
-            await self.store.execute(b"SET", key.encode(), value.encode(), b"EX", str(ttl).encode())
+            await self.store.write_replicated(b"SET", key.encode(), value.encode(), b"EX", str(ttl).encode())

@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .cluster import ClusterStore
-from .core import MemoryStore, RedisStore, RemoteStore, StoreBusy, StoreUnavailable
+from .core import MemoryStore, NotReplicated, RedisStore, RemoteStore, StoreBusy, StoreUnavailable
 from .sentinel import SentinelStore
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["MemoryStore", "RedisStore", "RemoteStore", "StoreBusy", "StoreUnavailable", "redis_store"]
+__all__ = ["MemoryStore", "NotReplicated", "RedisStore", "RemoteStore", "StoreBusy", "StoreUnavailable", "redis_store"]
 
 
 def redis_store(settings: Settings) -> RemoteStore:

@@ -34,7 +34,7 @@ from typing import Any
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, NoScriptError, TryAgainError
 
-from .core import Command, Plain, RedisStore, RemoteStore, StoreBusy, StoreUnavailable, pack
+from .core import Command, NotReplicated, Plain, RedisStore, RemoteStore, StoreBusy, StoreUnavailable, pack
 from .topology import Address, Topology
 
 SLOTS = 16384
@@ -131,6 +131,27 @@ class ClusterStore(RemoteStore):
         if isinstance(reply, Exception):
             raise StoreUnavailable from reply
         return reply
+
+    async def write_replicated(self, *parts: bytes) -> Any:
+        """On the primary of the key's slot, with its replicas (`RedisStore.write_replicated`); a
+        MOVED reply points the slot elsewhere and the write is sent there."""
+        call = Plain(parts)
+        for _ in range(MAX_REDIRECTS + 1):
+            if self._stale:
+                await self._refresh()
+            node = self._owner(call)
+            try:
+                return await node.write_replicated(*parts)
+            except StoreUnavailable as exc:
+                moved = exc.__cause__
+                if isinstance(moved, MovedError):
+                    self._slots[moved.slot_id] = self._node(moved.node_addr)
+                    self._stale = True
+                    continue
+                if not isinstance(exc, NotReplicated):
+                    self._stale = True  # a node failed: perhaps a failover; look again next time
+                raise
+        raise StoreUnavailable("too many Redis Cluster redirections")
 
     async def ping(self) -> None:
         if self._stale:

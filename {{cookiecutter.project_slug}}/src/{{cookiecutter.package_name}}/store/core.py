@@ -40,6 +40,11 @@ class StoreUnavailable(Exception):
     """Redis refused the connection, did not answer in time, or failed the command."""
 
 
+class NotReplicated(StoreUnavailable):
+    """A write reached the primary, but no replica acknowledged it within REDIS_TIMEOUT_SECONDS: a
+    failover could lose it, so it is not reported as done (`RemoteStore.write_replicated`)."""
+
+
 class StoreBusy(Exception):
     """This process is overloaded: every connection of its pool stayed in use for
     REDIS_POOL_TIMEOUT_SECONDS, or its event loop was too busy to read Redis's replies in time."""
@@ -150,6 +155,14 @@ class RemoteStore:
         """One plain command on the node that holds its key (`parts[1]`): not on the request path."""
         raise NotImplementedError
 
+    async def write_replicated(self, *parts: bytes) -> Any:
+        """One write (a revocation) on the node that holds its key, returned once at least one
+        replica of that node has it too: `WAIT 1`, where the node has replicas connected (a node
+        without any, alone, needs none). Raises NotReplicated when none acknowledged it within
+        REDIS_TIMEOUT_SECONDS: then the primary may keep the write (it refuses early, never late)
+        but the caller reports it as not done. Not on the request path."""
+        raise NotImplementedError
+
     async def ping(self) -> None:
         """PING every primary the service writes to (readiness); raises StoreUnavailable."""
         raise NotImplementedError
@@ -247,15 +260,31 @@ class RedisStore(RemoteStore):
             raise StoreUnavailable from reply
         return reply
 
+    async def write_replicated(self, *parts: bytes) -> Any:
+        # Asked per write (a revocation is rare): a replica added or gone is seen at once.
+        if not has_replicas(await self.execute(b"INFO", b"replication")):
+            return await self.execute(*parts)
+        # WAIT counts the writes of its own connection: it travels with the write, in one round trip
+        # (and with it when the write is sent again to a primary that moved meanwhile).
+        wait_ms = str(math.ceil(self.timeout * 1000)).encode()
+        reply, acknowledged = await self._round_trip(
+            pack(*parts) + pack(b"WAIT", b"1", wait_ms), 2, seconds=2 * self.timeout
+        )
+        if isinstance(reply, Exception):
+            raise StoreUnavailable from reply
+        if isinstance(acknowledged, Exception) or int(acknowledged) < 1:
+            raise NotReplicated("no replica acknowledged the write within REDIS_TIMEOUT_SECONDS")
+        return reply
+
     async def ping(self) -> None:
         await self.execute(b"PING")
 
-    async def _round_trip(self, payload: bytes, count: int) -> list[Any]:
+    async def _round_trip(self, payload: bytes, count: int, *, seconds: float | None = None) -> list[Any]:
         connection = await self._acquire()
         retried = False
         while True:
             fresh = not connection.is_connected
-            deadline = Deadline(self.timeout)
+            deadline = Deadline(seconds or self.timeout)
             try:
                 async with deadline:
                     await connection.send_packed_command(payload, check_health=False)
@@ -287,6 +316,15 @@ class RedisStore(RemoteStore):
             return await connection.read_response(disable_decoding=True)
         except ResponseError as error:  # an error reply: the stream is still in step
             return error
+
+
+def has_replicas(info: Any) -> bool:
+    """From INFO replication: whether a write there must wait for a replica. A primary says how many
+    are connected; a node that is not a primary (demoted since the store last looked: the write
+    will go to the new primary) is answered "yes", so the write never goes without its WAIT."""
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    fields = dict(line.strip().partition(":")[::2] for line in text.splitlines() if ":" in line)
+    return fields.get("role") != "master" or int(fields.get("connected_slaves", "0")) > 0
 
 
 class MemoryStore:

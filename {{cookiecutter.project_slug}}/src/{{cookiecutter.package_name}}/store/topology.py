@@ -7,16 +7,19 @@
 
 `rediss+sentinel://` and `rediss+cluster://` use TLS to every node (and to the sentinels). A user
 name and password before the hosts (`redis+cluster://:secret@n1:6379`) authenticate to the data
-nodes; sentinels are asked without credentials.
+nodes; sentinels are asked without credentials. `Topology.remote_without_password` is what
+production refuses (config.py): anyone who reaches such a Redis can delete revocations and lift
+lockouts.
 
 Errors never repeat the URL: it may hold a password.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_PORTS = {"sentinel": 26379, "cluster": 6379}
@@ -31,11 +34,26 @@ Address = tuple[str, int]
 class Topology:
     kind: Literal["single", "sentinel", "cluster"]
     tls: bool
-    addresses: tuple[Address, ...] = ()  # the sentinels, or the cluster's seed nodes
+    addresses: tuple[Address, ...] = ()  # the node, the sentinels, or the cluster's seed nodes
     service: str = ""  # Sentinel: the primary's service name
     db: int = 0
     username: str | None = None
     password: str | None = None
+
+    @property
+    def remote_without_password(self) -> bool:
+        """No password (nor ACL user's password) and a host other than this machine's loopback:
+        whoever reaches that address may write to it. A unix socket is local."""
+        return self.password is None and any(not is_loopback(host) for host, _ in self.addresses)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost: resolved elsewhere, perhaps to another machine
 
 
 def parse_redis_url(url: str) -> Topology:
@@ -43,7 +61,7 @@ def parse_redis_url(url: str) -> Topology:
     scheme, _, rest = url.partition("://")
     scheme = scheme.lower()
     if scheme in SINGLE_SCHEMES and rest:
-        return Topology("single", tls=scheme == "rediss")
+        return _single(scheme, rest)
     base, _, kind = scheme.partition("+")
     if base not in ("redis", "rediss") or kind not in ("sentinel", "cluster") or not rest:
         raise ValueError(f"the scheme must be one of {SCHEMES_HELP}")
@@ -68,6 +86,28 @@ def parse_redis_url(url: str) -> Topology:
         addresses=addresses,
         service=service,
         db=db,
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+    )
+
+
+def _single(scheme: str, rest: str) -> Topology:
+    """One node: redis-py reads the URL itself (store/core.py); its host and credentials are kept
+    here for the production checks (a password may also be a `?password=` query parameter)."""
+    if scheme == "unix":
+        return Topology("single", tls=False)
+    parts = urlsplit(f"{scheme}://{rest}")
+    query = parse_qs(parts.query)
+    password = parts.password or (query.get("password") or [""])[0]
+    username = parts.username or (query.get("username") or [""])[0]
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("the port must be a number between 1 and 65535") from None
+    return Topology(
+        "single",
+        tls=scheme == "rediss",
+        addresses=((parts.hostname or "localhost", port),),
         username=unquote(username) or None,
         password=unquote(password) or None,
     )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ...config import SERVICE_NAME
 from ...security.revocation import Revocations
 from ...startup import load_settings
-from ...store.core import MemoryStore, RemoteStore, StoreBusy, StoreUnavailable
+from ...store.core import MemoryStore, NotReplicated, RemoteStore, StoreBusy, StoreUnavailable
 from . import store
 from .authenticator import scanner_pattern
 from .settings import ApiKeySettings, load_api_key_settings
@@ -73,6 +73,13 @@ def _run(action: Action) -> int:
     except store.KeyRefused as refused:
         print(f"{SERVICE_NAME}: {refused}", file=sys.stderr)
         return 2
+    except NotReplicated:
+        print(
+            f"{SERVICE_NAME}: no Redis replica acknowledged the revocation within REDIS_TIMEOUT_SECONDS (a "
+            "failover could lose it); nothing was changed: retry when the replicas are back",
+            file=sys.stderr,
+        )
+        return 1
     except (StoreUnavailable, StoreBusy) as exc:
         error = type(exc.__cause__ or exc).__name__
         print(

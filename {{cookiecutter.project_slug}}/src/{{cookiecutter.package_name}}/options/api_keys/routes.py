@@ -25,7 +25,7 @@ from ...security.principal import Principal
 from ...security.ratelimit import limit
 from ...security.revocation import Revocations
 from ...security.validation import Strict, Text
-from ...store.core import StoreBusy, StoreUnavailable
+from ...store.core import NotReplicated, StoreBusy, StoreUnavailable
 from ...tables import Relation
 from . import store
 from .authenticator import SUBJECT_PREFIX
@@ -46,9 +46,11 @@ def _refuse_api_keys(principal: Principal) -> None:
         raise HTTPException(403, ProblemDetail("API keys are managed with a token, not with an API key."))
 
 
-def _not_written(action: str) -> HTTPException:
-    """Redis could not take a revocation: nothing was changed, and the answer says so (503)."""
-    security_event("dependency_unavailable", dependency="redis", layer="api_keys", action=action)
+def _not_written(action: str, exc: Exception) -> HTTPException:
+    """Redis could not take a revocation (down, or no replica acknowledged it in time): nothing was
+    changed, and the answer says so (503)."""
+    reason = "not_replicated" if isinstance(exc, NotReplicated) else "unavailable"
+    security_event("dependency_unavailable", dependency="redis", layer="api_keys", action=action, reason=reason)
     return HTTPException(
         503,
         ProblemDetail(f"The key was not {action}: the revocation store is unavailable. Retry later."),
@@ -203,8 +205,8 @@ async def rotate_key(key: WritableKey, body: KeyRotate, session: SessionDep, req
         )
     except store.KeyRefused as refused:
         raise HTTPException(400, ProblemDetail(str(refused))) from None
-    except (StoreUnavailable, StoreBusy):
-        raise _not_written("rotated") from None
+    except (StoreUnavailable, StoreBusy) as exc:
+        raise _not_written("rotated", exc) from None
     if issued is None:
         raise HTTPException(409, ProblemDetail("The key is revoked or expired."))
     security_event("api_key_rotated", subject=key.owner, key_id=key.id, overlap_seconds=body.overlap_seconds)
@@ -217,7 +219,7 @@ async def revoke_key(key: WritableKey, session: SessionDep, request: Request) ->
     503 when Redis cannot take the revocation: then nothing is changed."""
     try:
         revoked = await store.revoke(session, _revocations(request), key.id, owner=key.owner)
-    except (StoreUnavailable, StoreBusy):
-        raise _not_written("revoked") from None
+    except (StoreUnavailable, StoreBusy) as exc:
+        raise _not_written("revoked", exc) from None
     if revoked:
         security_event("api_key_revoked", subject=key.owner, key_id=key.id)

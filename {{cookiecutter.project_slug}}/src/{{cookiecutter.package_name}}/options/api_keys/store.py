@@ -5,7 +5,8 @@ database keeps the keyed hash of its secret (options/api_keys/authenticator.py).
 an overlap, also write to Redis, so replicas that reuse a looked-up key refuse it on its next
 request (the admission script reads the subject's revocation mark and the secret's denylist entry);
 Redis is written before the database commits, so a write Redis cannot take changes nothing and is
-reported as an error (StoreUnavailable), never as done.
+reported as an error (StoreUnavailable), never as done; where Redis has replicas, a write no replica
+acknowledged in time (NotReplicated, a StoreUnavailable: a failover could lose it) is such a write.
 """
 
 from __future__ import annotations
