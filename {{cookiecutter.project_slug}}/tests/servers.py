@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import random
 import re
 import shutil
 import signal
@@ -41,11 +42,37 @@ POSTGRES_DATABASE = "app"
 PACKAGE = "{{ cookiecutter.package_name }}"
 
 
+def _listening_ports() -> range:
+    """Ports for the servers the tests start: below the kernel's ephemeral range, which it hands
+    out to outgoing connections (every client socket of the suite, and of anything else on the
+    machine). A port taken from that range is free when asked, but may be some connection's local
+    port by the time the server binds it ("Address already in use")."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(10000, max(low, 10001))
+
+
+_given_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
+    """A port no server listens on, outside the ephemeral range, never the same twice in a run."""
+    ports = _listening_ports()
+    rng = random.Random()  # noqa: S311 (a port, not a secret)
+    for _ in range(1000):
+        port = rng.choice(ports)
+        if port in _given_ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        _given_ports.add(port)
         return port
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
