@@ -103,8 +103,13 @@ class Shape:
 
 @pytest.fixture(scope="module")
 def behind_nginx(pki: Pki, production: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """Plain HTTP behind nginx (127.0.0.1, the trusted proxy), checking what it forwards."""
-    env = {**production, "TRUSTED_PROXIES": LOOPBACK, "MTLS_PROXY_CLIENT_CA": str(pki.ca_file)}
+    """Plain HTTP behind nginx (127.0.0.1, the one proxy address, as a sidecar's), checking what it forwards."""
+    env = {
+        **production,
+        "TRUSTED_PROXIES": LOOPBACK,
+        "MTLS_PROXY_ADDRESSES": LOOPBACK,
+        "MTLS_PROXY_CLIENT_CA": str(pki.ca_file),
+    }
     with serving(tmp_path_factory.mktemp("behind-nginx"), env) as served:
         yield served
 
