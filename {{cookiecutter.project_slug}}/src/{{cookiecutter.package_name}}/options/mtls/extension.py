@@ -177,7 +177,13 @@ class MtlsSettings(BaseSettings):
         return bool(self.server_cert)
 
     def forwarding_proxies(self) -> ForwardingProxies:
-        addresses: list[IPAddress] = [ipaddress.ip_network(item).network_address for item in self.proxy_addresses]
+        """Whom a forwarded certificate is believed from; addresses as the transport layer reads a
+        peer's (`::ffff:127.0.0.1` is `127.0.0.1`)."""
+        addresses: list[IPAddress] = []
+        for item in self.proxy_addresses:
+            address = ipaddress.ip_network(item).network_address
+            mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+            addresses.append(mapped or address)
         return ForwardingProxies(addresses=addresses, identities=self.proxy_identities)
 
 
