@@ -546,11 +546,13 @@ def upstream_over_mtls(certificate: str, key: str) -> str:
 
 
 @contextlib.contextmanager
-def nginx_verifying_clients(pki: Pki, upstream_port: int, upstream_certificate: str | None = None) -> Iterator[str]:
+def nginx_verifying_clients(
+    pki: Pki, upstream_port: int, upstream_certificate: str | None = None, verify_client: str = "on"
+) -> Iterator[str]:
     """The shipped nginx.conf in front of the service on `upstream_port`, with the README's TLS
-    listener (`ssl_verify_client on`) in listen.conf; with `upstream_certificate`, connecting to the
-    service over TLS with that certificate (the README's proxy_ssl_* lines). Yields nginx's
-    https:// URL."""
+    listener (`ssl_verify_client on`, or `verify_client`) in listen.conf; with
+    `upstream_certificate`, connecting to the service over TLS with that certificate (the README's
+    proxy_ssl_* lines). Yields nginx's https:// URL."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.access(nginx, os.X_OK):
         pytest.fail("nginx is not installed; install it with `apt-get install -y nginx` (Debian/Ubuntu)")
@@ -575,7 +577,7 @@ def nginx_verifying_clients(pki: Pki, upstream_port: int, upstream_certificate: 
     (conf / "listen.conf").write_text(
         f"listen {LOOPBACK}:{port} ssl;\n"
         "ssl_certificate server.crt;\nssl_certificate_key server.key;\n"
-        "ssl_client_certificate ca.crt;\nssl_verify_client on;\n"
+        f"ssl_client_certificate ca.crt;\nssl_verify_client {verify_client};\n"
     )
     (conf / "upstream.conf").write_text(f"server {LOOPBACK}:{upstream_port};\n")
     log = prefix / "nginx.log"
@@ -621,6 +623,36 @@ def test_through_nginx_the_verified_certificate_is_the_workload(nginx_mtls: str,
         with client(refused) as http:
             # nginx answers 400 itself ("No required SSL certificate was sent" / "certificate error").
             assert create_org(http).status_code == 400, refused
+
+
+def test_the_shipped_nginx_forwards_no_certificate_it_did_not_verify(behind_proxy: Served, pki: Pki) -> None:
+    """nginx is the one proxy address: a header it passed through from a client would be believed."""
+    from .servers import NginxProxy
+
+    own = {"X-Client-Cert": escaped(pki.clients["listed"]), "X-Forwarded-Client-Cert": f"URI={LISTED}"}
+    plain = NginxProxy(NGINX_CONF, [behind_proxy.port])  # the shipped files, a plain listener
+    try:
+        with httpx.Client(base_url=plain.url, timeout=10) as http:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    refused = create_org(http, own)
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        assert refused.status_code == 401  # nothing forwarded: no certificate
+    finally:
+        plain.stop()
+    # A TLS listener that asks for a certificate without requiring a verified one: the client's
+    # self-signed certificate reaches nginx, unverified, and is not forwarded either.
+    with (
+        nginx_verifying_clients(pki, behind_proxy.port, verify_client="optional_no_ca") as url,
+        httpx.Client(base_url=url, verify=pki.context("self-signed"), timeout=10) as http,
+    ):
+        assert create_org(http).status_code == 401
+        assert create_org(http, own).status_code == 401
 
 
 # --- in-process: the option's activation ------------------------------------------------------
