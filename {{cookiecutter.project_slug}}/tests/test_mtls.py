@@ -361,7 +361,11 @@ def test_envoys_forwarded_client_cert_header(behind_envoy: Served, pki: Pki) -> 
 
 @pytest.fixture(scope="module")
 def production_env(base_env: dict[str, str]) -> dict[str, str]:
-    return {**base_env, "ENVIRONMENT": "production", "TRUSTED_HOSTS": f"{LOOPBACK},localhost"}
+    from .test_settings import SAFE_PRODUCTION
+
+    # API_KEY_PEPPER: what production requires of the api_keys option, where it is baked too.
+    pepper = SAFE_PRODUCTION["API_KEY_PEPPER"]
+    return {**base_env, "ENVIRONMENT": "production", "TRUSTED_HOSTS": f"{LOOPBACK},localhost", "API_KEY_PEPPER": pepper}
 
 
 @pytest.fixture(scope="module")
@@ -465,7 +469,7 @@ def handshake(served: Served, pki: Pki, version: ssl.TLSVersion, ciphers: str | 
 @pytest.mark.parametrize(
     "suite",
     [
-        "ECDHE-ECDSA-AES128-SHA",  # CBC, SHA-1 MAC: what uvicorn's "TLSv1" ciphers leave
+        "ECDHE-ECDSA-AES128-SHA",  # CBC, SHA-1 MAC: what older uvicorn's default ("TLSv1") allowed
         "ECDHE-ECDSA-AES256-SHA",
         "ECDHE-ECDSA-AES128-SHA256",  # CBC, SHA-256 MAC: Python's own default list keeps it
         "ECDHE-ECDSA-AES256-SHA384",
