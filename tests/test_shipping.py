@@ -186,8 +186,26 @@ def test_network_policy_allows_only_the_port_dns_redis_and_the_database(baked: B
         policy = manifest(baked(name), "NetworkPolicy")["spec"]
         assert policy["policyTypes"] == ["Ingress", "Egress"]
         assert [port["port"] for rule in policy["ingress"] for port in rule["ports"]] == [8000]
+        for rule in policy["ingress"]:
+            assert_names_its_peers(rule, name)
         egress = {port["port"] for rule in policy["egress"] for port in rule["ports"]}
         assert egress == {53, 6379} | ({database_port} if database_port else set()), name
+
+
+def assert_names_its_peers(rule: dict[str, Any], name: str) -> None:
+    """An ingress rule admits named pods only: without `from:` (or with an empty selector) it admits
+    every pod, and the service believes X-Forwarded-For from the pod network (TRUSTED_PROXIES), so
+    any pod could choose its own client address."""
+    peers = rule.get("from")
+    assert peers, f"{name}: an ingress rule without `from:` admits every pod in the cluster"
+    for peer in peers:
+        assert set(peer) <= {"namespaceSelector", "podSelector", "ipBlock"}, f"{name}: {peer}"
+        assert "ipBlock" in peer or peer.get("podSelector"), f"{name}: {peer} does not name the pods it admits"
+        for selector in ("namespaceSelector", "podSelector"):
+            if selector in peer:
+                assert peer[selector].get("matchLabels") or peer[selector].get("matchExpressions"), f"{name}: {peer}"
+        if "ipBlock" in peer:
+            assert not peer["ipBlock"]["cidr"].endswith("/0"), f"{name}: {peer}"
 
 
 def test_only_postgresql_scales_out(baked: BakedProject) -> None:
@@ -269,6 +287,11 @@ def test_compose_runs_two_replicas_behind_the_shipped_nginx(baked: BakedProject,
         else:
             assert variable not in app["environment"], variable
     assert nginx["networks"]["default"]["ipv4_address"] == app["environment"]["TRUSTED_PROXIES"]
+    if chosen["mtls"] == "yes":
+        # nginx's one address is the only one a forwarded client certificate is believed from.
+        assert nginx["networks"]["default"]["ipv4_address"] == app["environment"]["MTLS_PROXY_ADDRESSES"]
+    else:
+        assert "MTLS_PROXY_ADDRESSES" not in app["environment"]
 
 
 @variants

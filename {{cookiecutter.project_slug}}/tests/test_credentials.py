@@ -1,7 +1,9 @@
 """The composition model (README, Decision matrix): mTLS, scoped API keys and signed webhooks in one
 production service, each row a test. The service runs with ENVIRONMENT=production through `serve`,
-in both shapes: terminating TLS itself, and behind the shipped nginx, which verifies the client
-certificate and forwards it (checked again against MTLS_PROXY_CLIENT_CA). Keys are issued and
+in three shapes: terminating TLS itself; behind the shipped nginx at its one address (a sidecar's),
+which verifies the client certificate and forwards it (checked again against MTLS_PROXY_CLIENT_CA);
+and behind nginx that connects to the service's own TLS with a certificate of its own (an ingress
+controller's, MTLS_PROXY_IDENTITIES). Keys are issued and
 revoked with the operators' CLI; a real redis-server and the configured database throughout.
 
 Baked only with all three credential options (the post-gen hook removes it otherwise).
@@ -26,7 +28,19 @@ from {{ cookiecutter.package_name }}.options.webhooks.outbound import generate_s
 from .certificates import client_certificate, make_ca, server_certificate
 from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer
 from .servers import LOOPBACK
-from .test_mtls import LISTED, READER, UNLISTED, Pki, Served, escaped, from_peer, nginx_verifying_clients, serving
+from .test_mtls import (
+    LISTED,
+    PROXY,
+    READER,
+    UNLISTED,
+    UNTRUSTED_PEER,
+    Pki,
+    Served,
+    escaped,
+    from_peer,
+    nginx_verifying_clients,
+    serving,
+)
 
 MANAGER = "spiffe://example.org/ns/partners/sa/key-manager"
 IDENTITIES = {
@@ -56,6 +70,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         "manager": client_certificate(ca, spiffe_id=MANAGER),
         "unlisted": client_certificate(ca, spiffe_id=UNLISTED),
         "self-signed": client_certificate(None, spiffe_id=LISTED),
+        "proxy": client_certificate(ca, spiffe_id=PROXY),  # the ingress controller's own
     }
     return pki
 
@@ -103,19 +118,37 @@ class Shape:
 
 @pytest.fixture(scope="module")
 def behind_nginx(pki: Pki, production: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """Plain HTTP behind nginx (127.0.0.1, the trusted proxy), checking what it forwards."""
-    env = {**production, "TRUSTED_PROXIES": LOOPBACK, "MTLS_PROXY_CLIENT_CA": str(pki.ca_file)}
+    """Plain HTTP behind nginx (127.0.0.1, the one proxy address, as a sidecar's), checking what it
+    forwards. TRUSTED_PROXIES is a whole range, as a pod network is: its other addresses are no proxy."""
+    env = {
+        **production,
+        "TRUSTED_PROXIES": "127.0.0.0/8",
+        "MTLS_PROXY_ADDRESSES": LOOPBACK,
+        "MTLS_PROXY_CLIENT_CA": str(pki.ca_file),
+    }
     with serving(tmp_path_factory.mktemp("behind-nginx"), env) as served:
         yield served
 
 
-@pytest.fixture(scope="module", params=["serve-tls", "nginx"])
+@pytest.fixture(scope="module", params=["serve-tls", "nginx", "nginx-over-mtls"])
 def shape(
     request: pytest.FixtureRequest, pki: Pki, production: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Shape]:
     if request.param == "serve-tls":
         with serving(tmp_path_factory.mktemp("serve-tls"), {**production, **tls_files(pki)}) as served:
             yield Shape("serve-tls", served.url, pki, served)
+    elif request.param == "nginx-over-mtls":
+        env = {
+            **production,
+            **tls_files(pki),
+            "MTLS_PROXY_IDENTITIES": json.dumps([PROXY]),
+            "MTLS_PROXY_CLIENT_CA": str(pki.ca_file),
+        }
+        with (
+            serving(tmp_path_factory.mktemp("nginx-over-mtls"), env) as served,
+            nginx_verifying_clients(pki, served.port, upstream_certificate="proxy") as url,
+        ):
+            yield Shape("nginx-over-mtls", url, pki, served)
     else:
         served = request.getfixturevalue("behind_nginx")
         with nginx_verifying_clients(pki, served.port) as url:
@@ -329,6 +362,18 @@ async def test_without_a_certificate_no_credential_reaches_the_api(
         for headers in (api_key(key), bearer(make_token("alice", ALL_SCOPES))):
             assert_401(create_org(direct, headers), 'mTLS error="invalid_token"')
         assert_401(webhook(direct), 'mTLS error="invalid_token"')
+
+
+def test_a_peer_in_the_proxies_range_that_is_not_the_proxy_cannot_forward_a_certificate(
+    behind_nginx: Served, pki: Pki, make_token: TokenFactory
+) -> None:
+    # A pod of the network TRUSTED_PROXIES names, with a copy of a listed workload's (public) certificate.
+    copied = {"X-Client-Cert": escaped(pki.clients["listed"])}
+    with from_peer(behind_nginx, UNTRUSTED_PEER) as pod:
+        assert_401(create_org(pod, copied), 'mTLS error="invalid_token"')
+        assert_401(create_org(pod, {**copied, **bearer(make_token("alice", ALL_SCOPES))}), 'mTLS error="invalid_token"')
+    reasons = [event["reason"] for event in behind_nginx.events("client_certificate_refused")]
+    assert "forwarded_certificate_from_untrusted_peer" in reasons
 
 
 def test_a_forwarded_certificate_not_issued_by_the_proxy_client_ca_is_refused(behind_nginx: Served, pki: Pki) -> None:

@@ -4,8 +4,12 @@ the service started with `serve` in its own process.
 Shape 1, the service terminates TLS: expired, wrong-CA and self-signed client certificates (and
 none at all) never complete the handshake; an unlisted identity is refused with 401; a listed one
 reaches a real route with its own scopes; in `mtls+jwt` a token is needed too.
-Shape 2, a trusted proxy terminates TLS and forwards the certificate: believed from TRUSTED_PROXIES
-only, refused from anyone else; nginx's and Envoy's headers; and real nginx with ssl_verify_client.
+Shape 2, a proxy terminates TLS and forwards the certificate: believed only from the one proxy
+address (MTLS_PROXY_ADDRESSES), never from the rest of a TRUSTED_PROXIES range, or from a proxy that
+authenticates itself with its own certificate over the service's TLS (MTLS_PROXY_IDENTITIES), where
+no header from anyone else replaces the handshake's identity; nginx's and Envoy's headers; real
+nginx with ssl_verify_client, both as a sidecar and connecting to the service over mTLS. Served
+TLS offers TLS 1.2+ with AEAD suites only.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +51,7 @@ LISTED = "spiffe://example.org/ns/billing/sa/invoicer"
 READER = "spiffe://example.org/ns/reports/sa/reader"
 UNLISTED = "spiffe://example.org/ns/billing/sa/stranger"
 REPORTING_DN = "CN=reporting,O=Tests"
+PROXY = "spiffe://example.org/ns/ingress-nginx/sa/ingress-nginx"  # a proxy's own identity
 IDENTITIES = {LISTED: ["orgs:read", "orgs:write"], READER: ["orgs:read"], REPORTING_DN: ["orgs:read", "orgs:write"]}
 UNTRUSTED_PEER = "127.0.0.2"
 ORGS = "/api/v1/orgs"
@@ -85,6 +91,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         "expired": client_certificate(ca, spiffe_id=LISTED, expired=True),
         "wrong-ca": client_certificate(other_ca, spiffe_id=LISTED),
         "self-signed": client_certificate(None, spiffe_id=LISTED),
+        "proxy": client_certificate(ca, spiffe_id=PROXY),
     }
     return pki
 
@@ -179,8 +186,10 @@ def tls_jwt_service(pki: Pki, base_env: dict[str, str], tmp_path_factory: pytest
         yield served
 
 
-def tls_client(served: Served, pki: Pki, certificate: str | None) -> httpx.Client:
-    return httpx.Client(base_url=served.url, verify=pki.context(certificate), timeout=10)
+def tls_client(served: Served, pki: Pki, certificate: str | None, peer: str = LOOPBACK) -> httpx.Client:
+    """A TLS client presenting the named certificate (or none), from the `peer` address."""
+    transport = httpx.HTTPTransport(local_address=peer, verify=pki.context(certificate))
+    return httpx.Client(transport=transport, base_url=served.url, timeout=10)
 
 
 # --- shape 1: the service terminates TLS ----------------------------------------------------
@@ -277,14 +286,20 @@ def test_the_scan_check_passes_when_the_handshake_refuses_the_scanner(
 
 @pytest.fixture(scope="module")
 def behind_proxy(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """Plain HTTP; 127.0.0.1 is the trusted proxy that forwards X-Client-Cert."""
-    with serving(tmp_path_factory.mktemp("proxy"), {**base_env, "TRUSTED_PROXIES": LOOPBACK}) as served:
+    """Plain HTTP; 127.0.0.1 is the proxy (a sidecar) that forwards X-Client-Cert."""
+    env = {**base_env, "TRUSTED_PROXIES": LOOPBACK, "MTLS_PROXY_ADDRESSES": LOOPBACK}
+    with serving(tmp_path_factory.mktemp("proxy"), env) as served:
         yield served
 
 
 @pytest.fixture(scope="module")
 def behind_envoy(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    env = {**base_env, "TRUSTED_PROXIES": LOOPBACK, "MTLS_PROXY_HEADER": "X-Forwarded-Client-Cert"}
+    env = {
+        **base_env,
+        "TRUSTED_PROXIES": LOOPBACK,
+        "MTLS_PROXY_ADDRESSES": LOOPBACK,
+        "MTLS_PROXY_HEADER": "X-Forwarded-Client-Cert",
+    }
     with serving(tmp_path_factory.mktemp("envoy"), env) as served:
         yield served
 
@@ -299,7 +314,7 @@ def escaped(issued: Issued) -> str:
     return quote(issued.cert_pem.decode(), safe="")
 
 
-def test_a_certificate_forwarded_by_a_trusted_proxy_is_believed(behind_proxy: Served, pki: Pki) -> None:
+def test_a_certificate_forwarded_by_the_proxy_address_is_believed(behind_proxy: Served, pki: Pki) -> None:
     with from_peer(behind_proxy, LOOPBACK) as proxy:
         assert create_org(proxy, {"X-Client-Cert": escaped(pki.clients["listed"])}).status_code == 201
         assert create_org(proxy, {"X-Client-Cert": escaped(pki.clients["reader"])}).status_code == 403
@@ -341,6 +356,148 @@ def test_envoys_forwarded_client_cert_header(behind_envoy: Served, pki: Pki) -> 
         assert create_org(client, {"X-Forwarded-Client-Cert": f"URI={LISTED}"}).status_code == 401
 
 
+# --- production: whom a forwarded certificate is believed from -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def production_env(base_env: dict[str, str]) -> dict[str, str]:
+    from .test_settings import SAFE_PRODUCTION
+
+    # API_KEY_PEPPER: what production requires of the api_keys option, where it is baked too.
+    pepper = SAFE_PRODUCTION["API_KEY_PEPPER"]
+    return {**base_env, "ENVIRONMENT": "production", "TRUSTED_HOSTS": f"{LOOPBACK},localhost", "API_KEY_PEPPER": pepper}
+
+
+@pytest.fixture(scope="module")
+def proxy_in_a_range(production_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """Production behind a sidecar at 127.0.0.1, with the whole of 127.0.0.0/8 in TRUSTED_PROXIES,
+    as a pod network is in a cluster's: every other address there is a pod, not the proxy."""
+    env = {**production_env, "TRUSTED_PROXIES": "127.0.0.0/8", "MTLS_PROXY_ADDRESSES": LOOPBACK}
+    with serving(tmp_path_factory.mktemp("proxy-range"), env) as served:
+        yield served
+
+
+def test_a_peer_in_a_trusted_proxies_range_cannot_forward_a_certificate(proxy_in_a_range: Served, pki: Pki) -> None:
+    # A copy of a listed workload's certificate (certificates are public), from another address of the range.
+    copied = {"X-Client-Cert": escaped(pki.clients["listed"])}
+    with from_peer(proxy_in_a_range, UNTRUSTED_PEER) as pod:
+        refused = create_org(pod, copied)
+        also = create_org(pod, {"X-Forwarded-Client-Cert": f"URI={LISTED}"})
+    assert refused.status_code == 401 and also.status_code == 401
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.headers["www-authenticate"] == 'mTLS error="invalid_token"'
+    reasons = [event["reason"] for event in proxy_in_a_range.events("client_certificate_refused")]
+    assert "forwarded_certificate_from_untrusted_peer" in reasons
+    with from_peer(proxy_in_a_range, LOOPBACK) as proxy:  # the one proxy address
+        assert create_org(proxy, copied).status_code == 201
+
+
+@pytest.fixture(scope="module")
+def tls_with_a_proxy(
+    pki: Pki, production_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    """Production, serve terminates TLS; the proxy authenticates with its own certificate (PROXY);
+    127.0.0.2 is in TRUSTED_PROXIES (its X-Forwarded-For is believed), 127.0.0.1 is not."""
+    env = {**production_env, **tls_env(pki, TRUSTED_PROXIES=UNTRUSTED_PEER, MTLS_PROXY_IDENTITIES=json.dumps([PROXY]))}
+    with serving(tmp_path_factory.mktemp("tls-proxy"), env) as served:
+        yield served
+
+
+def test_with_tls_served_a_header_never_replaces_the_handshake_identity(tls_with_a_proxy: Served, pki: Pki) -> None:
+    forged = {"X-Client-Cert": escaped(pki.clients["listed"])}
+    # A reader's connection claims to carry the listed workload's certificate; from a TRUSTED_PROXIES address too.
+    for peer in (UNTRUSTED_PEER, LOOPBACK):
+        with tls_client(tls_with_a_proxy, pki, "reader", peer) as http:
+            refused = create_org(http, forged)
+            assert refused.status_code == 401, (peer, refused.text)
+            assert refused.headers["www-authenticate"] == 'mTLS error="invalid_token"'
+            assert create_org(http).status_code == 403  # its own identity: orgs:read only
+    reasons = [event["reason"] for event in tls_with_a_proxy.events("client_certificate_refused")]
+    assert "forwarded_certificate_from_untrusted_peer" in reasons
+
+
+def test_a_proxy_with_its_own_certificate_forwards_its_clients(tls_with_a_proxy: Served, pki: Pki) -> None:
+    with tls_client(tls_with_a_proxy, pki, "proxy") as proxy:
+        assert create_org(proxy, {"X-Client-Cert": escaped(pki.clients["listed"])}).status_code == 201
+        assert create_org(proxy, {"X-Client-Cert": escaped(pki.clients["reader"])}).status_code == 403
+        assert create_org(proxy, {"X-Client-Cert": escaped(pki.clients["unlisted"])}).status_code == 401
+        # Forwarding nothing: the proxy's own certificate is never a caller.
+        assert create_org(proxy).status_code == 401
+        # Envoy's header is not the configured one: not read.
+        assert create_org(proxy, {"X-Forwarded-Client-Cert": f"URI={LISTED}"}).status_code == 401
+
+
+def test_through_nginx_over_mtls_to_the_service_the_clients_certificate_is_the_workload(
+    tls_with_a_proxy: Served, pki: Pki
+) -> None:
+    """The Kubernetes ingress shape: nginx verifies the client, then connects to the service's own
+    TLS with the proxy's certificate (the README's proxy_ssl_* lines)."""
+    with nginx_verifying_clients(pki, tls_with_a_proxy.port, upstream_certificate="proxy") as url:
+
+        def client(certificate: str) -> httpx.Client:
+            return httpx.Client(base_url=url, verify=pki.context(certificate), timeout=10)
+
+        with client("listed") as http:
+            assert create_org(http).status_code == 201
+        with client("reader") as http:
+            assert create_org(http, {"X-Client-Cert": escaped(pki.clients["listed"])}).status_code == 403
+        with client("unlisted") as http:
+            assert create_org(http).status_code == 401
+
+
+# --- served TLS: versions and suites ------------------------------------------------------------
+
+
+def handshake(served: Served, pki: Pki, version: ssl.TLSVersion, ciphers: str | None = None) -> tuple[str, str]:
+    """A TLS handshake with the service by a client limited to `version` (and to `ciphers`, an
+    OpenSSL cipher list for TLS 1.2 and below): the negotiated version and suite."""
+    context = pki.context("listed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0 and 1.1, asked for on purpose
+        context.minimum_version = context.maximum_version = version
+    # Security level 0: this client offers whatever it is told to, old versions and weak suites too.
+    context.set_ciphers(f"{ciphers or 'ALL'}:@SECLEVEL=0")
+    with (
+        socket.create_connection((LOOPBACK, served.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=LOOPBACK) as tls,
+    ):
+        cipher = tls.cipher()
+        assert cipher is not None
+        return str(tls.version()), cipher[0]
+
+
+@pytest.mark.parametrize(
+    "suite",
+    [
+        "ECDHE-ECDSA-AES128-SHA",  # CBC, SHA-1 MAC: what older uvicorn's default ("TLSv1") allowed
+        "ECDHE-ECDSA-AES256-SHA",
+        "ECDHE-ECDSA-AES128-SHA256",  # CBC, SHA-256 MAC: Python's own default list keeps it
+        "ECDHE-ECDSA-AES256-SHA384",
+    ],
+)
+def test_served_tls_refuses_a_cbc_suite(tls_service: Served, pki: Pki, suite: str) -> None:
+    with pytest.raises(ssl.SSLError):
+        handshake(tls_service, pki, ssl.TLSVersion.TLSv1_2, suite)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+def test_served_tls_refuses_versions_before_1_2(tls_service: Served, pki: Pki, version: ssl.TLSVersion) -> None:
+    with pytest.raises(ssl.SSLError):
+        handshake(tls_service, pki, version)
+
+
+def test_served_tls_offers_aead_suites_at_tls_1_2_and_tls_1_3(tls_service: Served, pki: Pki) -> None:
+    assert handshake(tls_service, pki, ssl.TLSVersion.TLSv1_2) in {
+        ("TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384"),
+        ("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+        ("TLSv1.2", "ECDHE-ECDSA-CHACHA20-POLY1305"),
+    }
+    for suite in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+        assert handshake(tls_service, pki, ssl.TLSVersion.TLSv1_2, suite) == ("TLSv1.2", suite)
+    version, _suite = handshake(tls_service, pki, ssl.TLSVersion.TLSv1_3)
+    assert version == "TLSv1.3"
+
+
 def run_scan(url: str, token: str, identity: str, source: str | None = None) -> Any:
     """The scan's mtls check, from the `source` address when given."""
     transport = httpx.HTTPTransport(local_address=source) if source else None
@@ -368,7 +525,7 @@ def test_the_scan_check_passes_against_a_healthy_instance(behind_proxy: Served, 
 
 
 def test_the_scan_check_fails_when_a_forged_header_is_believed(behind_proxy: Served, make_token: TokenFactory) -> None:
-    # Broken: the scanner's own address is in TRUSTED_PROXIES, so its forged header is believed.
+    # Broken: the scanner's own address is the proxy's (MTLS_PROXY_ADDRESSES), so its forged header is believed.
     result = run_scan(behind_proxy.url, make_token(), LISTED)
     assert result.status == Status.FAIL
     # Authenticated as the forged identity: only authorization stopped it (the org does not exist).
@@ -378,20 +535,33 @@ def test_the_scan_check_fails_when_a_forged_header_is_believed(behind_proxy: Ser
 # --- shape 2 for real: nginx verifies the client certificate --------------------------------
 
 NGINX_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "nginx.conf"
-DROPPED = 'proxy_set_header X-Client-Cert "";'
-FORWARDED = "proxy_set_header X-Client-Cert $ssl_client_escaped_cert;"
+FORWARDED = "proxy_set_header X-Client-Cert $verified_client_cert;"
+PLAIN_UPSTREAM = "proxy_pass http://service;"
+
+
+def upstream_over_mtls(certificate: str, key: str) -> str:
+    """The README's lines for nginx connecting to the service's own TLS with its own certificate."""
+    return (
+        "proxy_pass https://service;\n"
+        f"proxy_ssl_certificate {certificate};\nproxy_ssl_certificate_key {key};\n"
+        "proxy_ssl_trusted_certificate ca.crt;\nproxy_ssl_verify on;\nproxy_ssl_name localhost;\n"
+        "proxy_ssl_protocols TLSv1.2 TLSv1.3;\n"
+    )
 
 
 @contextlib.contextmanager
-def nginx_verifying_clients(pki: Pki, upstream_port: int) -> Iterator[str]:
-    """The shipped nginx.conf with the README's two changes, in front of the service on
-    `upstream_port`: a TLS listener with `ssl_verify_client on`, and X-Client-Cert set to the
-    verified certificate instead of dropped. Yields nginx's https:// URL."""
+def nginx_verifying_clients(
+    pki: Pki, upstream_port: int, upstream_certificate: str | None = None, verify_client: str = "on"
+) -> Iterator[str]:
+    """The shipped nginx.conf in front of the service on `upstream_port`, with the README's TLS
+    listener (`ssl_verify_client on`, or `verify_client`) in listen.conf; with
+    `upstream_certificate`, connecting to the service over TLS with that certificate (the README's
+    proxy_ssl_* lines). Yields nginx's https:// URL."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.access(nginx, os.X_OK):
         pytest.fail("nginx is not installed; install it with `apt-get install -y nginx` (Debian/Ubuntu)")
     shipped = NGINX_CONF.read_text()
-    assert DROPPED in shipped
+    assert FORWARDED in shipped and PLAIN_UPSTREAM in shipped
     prefix = Path(tempfile.mkdtemp(prefix="nginx-mtls-"))
     prefix.chmod(0o755)
     conf = prefix / "conf"
@@ -400,12 +570,18 @@ def nginx_verifying_clients(pki: Pki, upstream_port: int) -> Iterator[str]:
         source = {"server.crt": pki.server_files[0], "server.key": pki.server_files[1], "ca.crt": pki.ca_file}[name]
         shutil.copy(source, conf / name)
         (conf / name).chmod(0o644)
-    (conf / "nginx.conf").write_text(shipped.replace(DROPPED, FORWARDED))
+    if upstream_certificate is not None:
+        for path in pki.files(upstream_certificate):
+            shutil.copy(path, conf / path.name)
+            (conf / path.name).chmod(0o644)
+        cert, key = (path.name for path in pki.files(upstream_certificate))
+        shipped = shipped.replace(PLAIN_UPSTREAM, upstream_over_mtls(cert, key))
+    (conf / "nginx.conf").write_text(shipped)
     port = free_port()
     (conf / "listen.conf").write_text(
         f"listen {LOOPBACK}:{port} ssl;\n"
         "ssl_certificate server.crt;\nssl_certificate_key server.key;\n"
-        "ssl_client_certificate ca.crt;\nssl_verify_client on;\n"
+        f"ssl_client_certificate ca.crt;\nssl_verify_client {verify_client};\n"
     )
     (conf / "upstream.conf").write_text(f"server {LOOPBACK}:{upstream_port};\n")
     log = prefix / "nginx.log"
@@ -451,6 +627,36 @@ def test_through_nginx_the_verified_certificate_is_the_workload(nginx_mtls: str,
         with client(refused) as http:
             # nginx answers 400 itself ("No required SSL certificate was sent" / "certificate error").
             assert create_org(http).status_code == 400, refused
+
+
+def test_the_shipped_nginx_forwards_no_certificate_it_did_not_verify(behind_proxy: Served, pki: Pki) -> None:
+    """nginx is the one proxy address: a header it passed through from a client would be believed."""
+    from .servers import NginxProxy
+
+    own = {"X-Client-Cert": escaped(pki.clients["listed"]), "X-Forwarded-Client-Cert": f"URI={LISTED}"}
+    plain = NginxProxy(NGINX_CONF, [behind_proxy.port])  # the shipped files, a plain listener
+    try:
+        with httpx.Client(base_url=plain.url, timeout=10) as http:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    refused = create_org(http, own)
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        assert refused.status_code == 401  # nothing forwarded: no certificate
+    finally:
+        plain.stop()
+    # A TLS listener that asks for a certificate without requiring a verified one: the client's
+    # self-signed certificate reaches nginx, unverified, and is not forwarded either.
+    with (
+        nginx_verifying_clients(pki, behind_proxy.port, verify_client="optional_no_ca") as url,
+        httpx.Client(base_url=url, verify=pki.context("self-signed"), timeout=10) as http,
+    ):
+        assert create_org(http).status_code == 401
+        assert create_org(http, own).status_code == 401
 
 
 # --- in-process: the option's activation ------------------------------------------------------
@@ -502,6 +708,7 @@ async def test_with_a_proxy_client_ca_a_forwarded_certificate_must_be_issued_by_
     # Without MTLS_PROXY_CLIENT_CA the proxy's verification is believed: a self-signed certificate
     # naming a listed identity gets in, as a proxy that forwards what it did not verify would let it.
     monkeypatch.setenv("MTLS_IDENTITIES", json.dumps(IDENTITIES))
+    monkeypatch.setenv("MTLS_PROXY_ADDRESSES", LOOPBACK)
     proxy = (LOOPBACK, 4711)
     forged = {"X-Client-Cert": escaped(pki.clients["self-signed"])}
     believed = create_app(settings_for(trusted_proxies=[LOOPBACK]))
@@ -552,6 +759,10 @@ def serve_refusal(env: dict[str, str]) -> str:
     return lines[0]
 
 
+NO_TLS = {"MTLS_SERVER_CERT": "", "MTLS_SERVER_KEY": "", "MTLS_CLIENT_CA": ""}
+PROXIES = json.dumps([PROXY])
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -561,7 +772,16 @@ def serve_refusal(env: dict[str, str]) -> str:
         ({"MTLS_MODE": "jwt"}, "MTLS_MODE"),
         ({"MTLS_SERVER_KEY": ""}, "MTLS_SERVER_CERT, MTLS_SERVER_KEY and MTLS_CLIENT_CA"),
         ({"MTLS_CLIENT_CA": "/nonexistent/ca.crt"}, "MTLS_CLIENT_CA: no such file"),
-        ({"MTLS_SERVER_CERT": "", "MTLS_SERVER_KEY": "", "MTLS_CLIENT_CA": ""}, "MTLS_SERVER_CERT or TRUSTED_PROXIES"),
+        (NO_TLS, "MTLS_SERVER_CERT or MTLS_PROXY_ADDRESSES: required in production"),
+        # The configuration the shipped Kubernetes files had: a pod-network range believed for certificates.
+        ({**NO_TLS, "TRUSTED_PROXIES": "10.0.0.0/8"}, "MTLS_SERVER_CERT or MTLS_PROXY_ADDRESSES: required"),
+        ({**NO_TLS, "MTLS_PROXY_ADDRESSES": "10.0.0.0/8"}, "MTLS_PROXY_ADDRESSES: 10.0.0.0/8 is a range"),
+        ({**NO_TLS, "MTLS_PROXY_ADDRESSES": "127.0.0.1,fd00::/64"}, "MTLS_PROXY_ADDRESSES: fd00::/64 is a range"),
+        ({**NO_TLS, "MTLS_PROXY_ADDRESSES": "sidecar"}, "MTLS_PROXY_ADDRESSES: 'sidecar' is not an IP address"),
+        ({"MTLS_PROXY_ADDRESSES": "127.0.0.1"}, "MTLS_PROXY_ADDRESSES: not with MTLS_SERVER_CERT"),
+        ({**NO_TLS, "MTLS_PROXY_ADDRESSES": LOOPBACK, "MTLS_PROXY_IDENTITIES": PROXIES}, "MTLS_PROXY_IDENTITIES: only"),
+        ({"MTLS_PROXY_IDENTITIES": json.dumps([LISTED])}, f"MTLS_PROXY_IDENTITIES: {LISTED} is also in"),
+        ({"MTLS_PROXY_IDENTITIES": "spiffe://a/proxy"}, "MTLS_PROXY_IDENTITIES: not JSON"),
     ],
 )
 def test_production_refuses_unsafe_mtls_settings_and_names_them(
@@ -572,6 +792,7 @@ def test_production_refuses_unsafe_mtls_settings_and_names_them(
     production = {
         **SAFE_PRODUCTION,
         "TRUSTED_PROXIES": "",
+        "MTLS_PROXY_ADDRESSES": "",
         "JWT_PUBLIC_KEY": public_pem.replace("\n", "\\n"),
         "MTLS_IDENTITIES": json.dumps(IDENTITIES),
         **tls_env(pki),
@@ -585,6 +806,7 @@ def test_check_config_refuses_production_without_identities(pki: Pki, public_pem
 
     keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")}
     env = {**keep, **SAFE_PRODUCTION, "JWT_PUBLIC_KEY": public_pem.replace("\n", "\\n"), **tls_env(pki)}
+    del env["MTLS_PROXY_ADDRESSES"]  # serve terminates TLS: no proxy address
     command = [sys.executable, "-m", f"{PACKAGE}.cli", "check-config"]
     ok = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False, cwd="/")
     assert ok.returncode == 0, ok.stderr

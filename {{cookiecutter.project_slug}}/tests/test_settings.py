@@ -21,6 +21,7 @@ SAFE_PRODUCTION = {
     "AUDIT_PSEUDONYM_KEY": "production-audit-pseudonym-key-0123456789",
     # Read only by a service baked with the mtls option, which requires it in production.
     "MTLS_IDENTITIES": '{"spiffe://example.org/ns/default/sa/caller": ["orgs:read"]}',
+    "MTLS_PROXY_ADDRESSES": "127.0.0.1",  # mtls: the sidecar that forwards client certificates
     "API_KEY_PEPPER": "production-api-key-pepper-0123456789abcdef",  # read only by the api_keys option
 }
 

@@ -15,11 +15,11 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.types import Message
+from starlette.types import Message, Receive, Scope, Send
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
-from {{ cookiecutter.package_name }}.security.transport import rate_limit_bucket
+from {{ cookiecutter.package_name }}.security.transport import ClientAddress, rate_limit_bucket, socket_peer
 
 from .conftest import TokenFactory, bearer, running
 from .test_errors import assert_problem
@@ -403,6 +403,40 @@ async def test_client_address_reads_only_forwarded_when_the_proxy_writes_forward
     settings_for: Callable[..., Settings], peer: str, headers: dict[str, str], expected: str
 ) -> None:
     assert await client_seen(settings_for, peer, headers, forwarded_header="Forwarded") == expected
+
+
+@pytest.mark.parametrize(
+    ("peer", "trusted", "client", "socket"),
+    [
+        ("10.0.0.5", PROXIES, "198.51.100.1", "10.0.0.5"),  # the address decided; the peer kept
+        ("::ffff:10.0.0.5", PROXIES, "198.51.100.1", "10.0.0.5"),
+        ("203.0.113.7", PROXIES, "203.0.113.7", "203.0.113.7"),  # no proxy: the peer is the client
+        ("10.0.0.5", [], "10.0.0.5", "10.0.0.5"),
+    ],
+)
+async def test_the_socket_peer_survives_the_client_address_decision(
+    peer: str, trusted: list[str], client: str, socket: str
+) -> None:
+    """What a check that must know who sent the bytes reads (a forwarded client certificate is
+    believed from one proxy address only), whatever X-Forwarded-For made the client."""
+    import ipaddress
+
+    seen: dict[str, Any] = {}
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen["client"], seen["socket"] = scope["client"][0], socket_peer(scope)
+
+    async def nothing() -> Message:
+        raise AssertionError("not read")
+
+    async def ignore(message: Message) -> None:
+        raise AssertionError("not sent")
+
+    networks = tuple(ipaddress.ip_network(network) for network in trusted)
+    layer = ClientAddress(inner, trusted=networks)
+    scope = {"type": "http", "client": (peer, 4711), "headers": [(b"x-forwarded-for", b"198.51.100.1")]}
+    await layer(scope, nothing, ignore)
+    assert seen == {"client": client, "socket": ipaddress.ip_address(socket)}
 
 
 async def test_forwarding_headers_are_ignored_without_trusted_proxies(settings_for: Callable[..., Settings]) -> None:

@@ -162,15 +162,27 @@ def _ip(text: str) -> IPAddress | None:
     return ip
 
 
+# Scope state: the socket peer, kept when ClientAddress replaces scope["client"] (see socket_peer).
+PROXY_PEER = "proxy_peer"
+
+
 class ClientAddress:
     """Decides the client address once, for every later layer (rate limits, audit): the socket
     peer, unless the peer is in TRUSTED_PROXIES; then the chain of the one header the proxy writes
     (FORWARDED_HEADER: `X-Forwarded-For` or RFC 7239 `Forwarded`) is walked from the right,
     skipping trusted proxies, and the first untrusted hop is the client. The result replaces
-    scope["client"], and `state["via_trusted_proxy"]` records that the peer was a trusted proxy.
+    scope["client"]; `state["via_trusted_proxy"]` records that the peer was a trusted proxy, and
+    `state["proxy_peer"]` which one (`socket_peer`).
 
     The other header is never read: the proxy passes it through from the client unchanged, so it
     says whatever the client wants.
+
+    Whom it believes: every host TRUSTED_PROXIES covers, about the client's address only. A range
+    there is safe only where nothing but the proxies can connect from it (the shipped Kubernetes
+    NetworkPolicy admits only the ingress controller's pods); the address decides rate limits,
+    lockouts and API keys' allowed networks, so a host in the range that is no proxy could choose
+    its own. A forwarded client certificate is a stronger claim, never believed on this basis
+    (options/mtls/authenticator.py, ForwardingProxies).
     """
 
     def __init__(self, app: ASGIApp, *, trusted: tuple[IPNetwork, ...], header: str = "X-Forwarded-For") -> None:
@@ -188,7 +200,9 @@ class ClientAddress:
             peer = _ip(client[0]) if client else None
             if peer is not None and self._is_trusted(peer):
                 scope["client"] = (self._resolve(peer, scope["headers"]), 0)
-                scope.setdefault("state", {})["via_trusted_proxy"] = True
+                state = scope.setdefault("state", {})
+                state["via_trusted_proxy"] = True
+                state[PROXY_PEER] = peer
         await self.app(scope, receive, send)
 
     def _resolve(self, peer: IPAddress, headers: list[tuple[bytes, bytes]]) -> str:
@@ -205,6 +219,17 @@ class ClientAddress:
             if not self._is_trusted(ip):
                 return ip
         return address
+
+
+def socket_peer(scope: Scope) -> IPAddress | None:
+    """The address at the other end of the connection, whatever ClientAddress made of
+    scope["client"]: for a check that must know who sent the request's bytes, not whom they are for
+    (a forwarded client certificate is believed only from one proxy address). None when unknown."""
+    peer: IPAddress | None = scope.get("state", {}).get(PROXY_PEER)
+    if peer is not None:
+        return peer
+    client = scope.get("client")
+    return _ip(client[0]) if client else None
 
 
 def _header_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[str]:

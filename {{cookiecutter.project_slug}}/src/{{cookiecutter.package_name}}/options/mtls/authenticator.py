@@ -5,11 +5,22 @@ The certificate comes from one of two places:
 - the TLS connection itself, when the service terminates TLS and verified the certificate at the
   handshake (`serve` with MTLS_SERVER_CERT, MTLS_SERVER_KEY and MTLS_CLIENT_CA): it is in the ASGI
   TLS extension, `scope["extensions"]["tls"]["client_cert_chain"]` (options/mtls/tls_peer.py);
-- a header written by a trusted proxy that terminated TLS and verified it (MTLS_PROXY_HEADER:
-  nginx's `$ssl_client_escaped_cert` in `X-Client-Cert`, or Envoy's `X-Forwarded-Client-Cert`),
-  believed only when the immediate peer is in TRUSTED_PROXIES (security/transport.py decides that).
-  Either header from any other peer is a forgery: refused, whatever it holds. With
+- a header written by a proxy that terminated the client's TLS and verified its certificate
+  (MTLS_PROXY_HEADER: nginx's `$ssl_client_escaped_cert` in `X-Client-Cert`, or Envoy's
+  `X-Forwarded-Client-Cert`), believed only on a connection from a forwarding proxy (below).
+  Either header on any other connection is a forgery: refused, whatever it holds. With
   MTLS_PROXY_CLIENT_CA, a forwarded certificate must also be issued by a CA of that bundle.
+
+Whom it believes (ForwardingProxies, the one rule): a forwarded certificate is a copy of a public
+document, never proof that the sender holds its key, so it means something only from a peer the
+service tells apart from every other peer: on a TLS connection, a peer whose own handshake
+certificate names an identity of MTLS_PROXY_IDENTITIES (a proxy that authenticated itself); on a
+plain connection, a peer at one of MTLS_PROXY_ADDRESSES, each one address (a sidecar or a proxy on
+loopback), never a range. TRUSTED_PROXIES (the client's address) plays no part. When the service
+terminates TLS, the handshake's certificate is the identity, and a header replaces it only on a
+proxy's connection. What the deployer makes true: nothing but the proxy can connect from its
+address (loopback inside the pod, or a fixed address no other host can take), or the proxy's key
+is the proxy's alone.
 
 The workload identity is the certificate's SPIFFE ID (its `spiffe://` URI SAN), else its subject
 DN (RFC 4514). Only identities in MTLS_IDENTITIES are accepted, each with its own scopes. The
@@ -36,6 +47,7 @@ from starlette.types import Scope
 
 from ...security.events import security_event
 from ...security.principal import InvalidCredentials, Principal
+from ...security.transport import IPAddress, socket_peer
 
 Mode = Literal["mtls", "mtls+jwt"]
 NGINX_HEADER = "X-Client-Cert"
@@ -160,6 +172,23 @@ def _is_ca(certificate: x509.Certificate) -> bool:
         return False
 
 
+class ForwardingProxies:
+    """Who may forward a client certificate: on a TLS connection, a peer whose handshake identity
+    is one of `identities` (MTLS_PROXY_IDENTITIES); on a plain one, a peer at one of `addresses`
+    (MTLS_PROXY_ADDRESSES, single addresses). Nobody else, whatever TRUSTED_PROXIES says."""
+
+    def __init__(self, *, addresses: Iterable[IPAddress] = (), identities: Iterable[str] = ()) -> None:
+        self.addresses = frozenset(addresses)
+        self.identities = frozenset(identities)
+
+    def forwarded_by_proxy(self, scope: Scope, handshake: Workload | None) -> bool:
+        """Is the peer of this request's connection a forwarding proxy? `handshake`: the identity
+        the peer proved at the TLS handshake, None on a plain connection."""
+        if handshake is not None:
+            return handshake.identity in self.identities
+        return bool(self.addresses) and socket_peer(scope) in self.addresses
+
+
 class ClientCertificate:
     """The `mtls` option's credential: a channel credential (security/principal.py). It always
     answers (the workload, or InvalidCredentials), so no request under /api/ gets past layer 4
@@ -174,6 +203,7 @@ class ClientCertificate:
         identities: Mapping[str, Iterable[str]],
         mode: Mode,
         proxy_header: str,
+        proxies: ForwardingProxies | None = None,
         forwarded_issuers: ForwardedIssuers | None = None,
     ) -> None:
         self.identities = {identity: frozenset(scopes) for identity, scopes in identities.items()}
@@ -181,6 +211,7 @@ class ClientCertificate:
         self.caller_required = mode == "mtls+jwt"
         self.proxy_header = proxy_header.lower().encode("latin-1")
         self.envoy = self.proxy_header == ENVOY_HEADER.lower().encode()
+        self.proxies = proxies or ForwardingProxies()
         self.forwarded_issuers = forwarded_issuers
 
     async def identify(self, scope: Scope) -> Principal:
@@ -214,19 +245,23 @@ class ClientCertificate:
                     forwarded.append(value)
                 else:
                     other = True
-        if forwarded or other:
-            if not scope.get("state", {}).get("via_trusted_proxy"):
-                # Only a proxy in TRUSTED_PROXIES writes these; from anyone else they are forged.
-                self._refuse("forwarded_certificate_from_untrusted_peer")
-            if forwarded:
-                if len(forwarded) > 1:
-                    self._refuse("several_certificate_headers")
-                return self._forwarded(forwarded[0])
         tls = (scope.get("extensions") or {}).get("tls") or {}
         chain = tls.get("client_cert_chain") or ()
-        if not chain:
+        handshake = workload_of_pem(chain[0]) if chain else None
+        if not self.proxies.forwarded_by_proxy(scope, handshake):
+            if forwarded or other:
+                # Only a forwarding proxy writes these; from anyone else they are forged, and on a TLS
+                # connection the handshake's certificate is the identity: no header replaces it.
+                self._refuse("forwarded_certificate_from_untrusted_peer")
+            if handshake is None:
+                self._refuse("no_client_certificate")
+            return handshake
+        # A proxy's connection: the certificate it forwards is the client's; its own never is.
+        if not forwarded:
             self._refuse("no_client_certificate")
-        return workload_of_pem(chain[0])
+        if len(forwarded) > 1:
+            self._refuse("several_certificate_headers")
+        return self._forwarded(forwarded[0])
 
     def _forwarded_pem(self, pem: str) -> Workload:
         if self.forwarded_issuers is not None and not self.forwarded_issuers.issued(pem):

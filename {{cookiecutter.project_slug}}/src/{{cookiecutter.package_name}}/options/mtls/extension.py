@@ -12,18 +12,27 @@ Settings (environment variables, validated at start; production refuses unsafe o
   says so at start.
 - MTLS_SERVER_CERT, MTLS_SERVER_KEY, MTLS_CLIENT_CA: files; all three make `serve` terminate TLS
   and require a client certificate signed by the CA bundle.
-- MTLS_PROXY_HEADER: the header a trusted proxy (TRUSTED_PROXIES) forwards the verified certificate
-  in: `X-Client-Cert` (nginx `$ssl_client_escaped_cert`, the default) or `X-Forwarded-Client-Cert` (Envoy).
+- MTLS_PROXY_ADDRESSES: the address(es) of a proxy that terminates the client's TLS and forwards
+  the certificate over a plain connection: a sidecar or a proxy on loopback (`127.0.0.1`), or one
+  with a fixed address no other host can take. Each is one address; a range is refused (any host
+  in it could forward a certificate). Not with MTLS_SERVER_CERT.
+- MTLS_PROXY_IDENTITIES: JSON list, the identities (SPIFFE IDs or subject DNs) of proxies that
+  connect to the service over its own TLS (MTLS_SERVER_CERT) with their own client certificate,
+  e.g. an ingress controller, and forward their client's certificate. Never in MTLS_IDENTITIES.
+- MTLS_PROXY_HEADER: the header a forwarding proxy puts the verified certificate in:
+  `X-Client-Cert` (nginx `$ssl_client_escaped_cert`, the default) or `X-Forwarded-Client-Cert` (Envoy).
 - MTLS_PROXY_CLIENT_CA: a file, the CA bundle a forwarded certificate must be issued by, checked
   again here (defence in depth); unset, the proxy's verification is believed.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -31,12 +40,18 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ...config import ConfigError, Settings, config_error, empty_is_unset
 from ...extensions import Extension
-from .authenticator import ENVOY_HEADER, NGINX_HEADER, ClientCertificate, ForwardedIssuers, Mode
+from ...security.transport import IPAddress
+from .authenticator import ENVOY_HEADER, NGINX_HEADER, ClientCertificate, ForwardedIssuers, ForwardingProxies, Mode
 
 if TYPE_CHECKING:
     from ...runtime import Runtime
 
 logger = logging.getLogger(__name__)
+
+# When `serve` terminates TLS: TLS 1.2 and 1.3 only, and for TLS 1.2 only ECDHE key exchange with an
+# AEAD cipher (TLS 1.3's suites are all AEAD). No CBC, no SHA-1 MAC, no static RSA key exchange.
+TLS_MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 class MtlsSettings(BaseSettings):
@@ -47,6 +62,8 @@ class MtlsSettings(BaseSettings):
     server_cert: str | None = None
     server_key: str | None = None
     client_ca: str | None = None
+    proxy_addresses: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    proxy_identities: Annotated[list[str], NoDecode] = Field(default_factory=list)
     proxy_header: Literal["X-Client-Cert", "X-Forwarded-Client-Cert"] = "X-Client-Cert"
     proxy_client_ca: str | None = None
 
@@ -64,6 +81,39 @@ class MtlsSettings(BaseSettings):
                 return json.loads(value) if value.strip() else {}
             except ValueError:
                 raise ValueError('not JSON; e.g. {"spiffe://example.org/ns/a/sa/b": ["orgs:read"]}') from None
+        return value
+
+    @field_validator("proxy_addresses", mode="before")
+    @classmethod
+    def _commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("proxy_addresses")
+    @classmethod
+    def _single_addresses(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                network = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address") from None
+            if network.num_addresses != 1:
+                raise ValueError(
+                    f"{item} is a range: a forwarded client certificate is believed only from one address "
+                    "(a sidecar or a proxy on loopback), since any host in a range could send one; a proxy "
+                    "without a fixed address connects over TLS with its own certificate (MTLS_PROXY_IDENTITIES)"
+                )
+        return value
+
+    @field_validator("proxy_identities", mode="before")
+    @classmethod
+    def _json_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else []
+            except ValueError:
+                raise ValueError('not JSON; e.g. ["spiffe://example.org/ns/ingress-nginx/sa/ingress-nginx"]') from None
         return value
 
     @field_validator("identities")
@@ -90,6 +140,22 @@ class MtlsSettings(BaseSettings):
         ):
             if path and not os.path.isfile(path):
                 raise ValueError(f"{name}: no such file {path!r}")
+        if self.proxy_addresses and self.terminates_tls:
+            raise ValueError(
+                "MTLS_PROXY_ADDRESSES: not with MTLS_SERVER_CERT; when serve terminates TLS, a proxy is known by "
+                "its own client certificate (MTLS_PROXY_IDENTITIES), never by its address"
+            )
+        if self.proxy_identities and not self.terminates_tls:
+            raise ValueError(
+                "MTLS_PROXY_IDENTITIES: only with MTLS_SERVER_CERT, MTLS_SERVER_KEY and MTLS_CLIENT_CA "
+                "(a proxy proves its identity at the service's own TLS handshake)"
+            )
+        both = sorted(set(self.proxy_identities) & set(self.identities))
+        if both:
+            raise ValueError(
+                f"MTLS_PROXY_IDENTITIES: {', '.join(both)} is also in MTLS_IDENTITIES; a proxy forwards its "
+                "clients' certificates and is never a caller itself"
+            )
         if self.proxy_client_ca:
             try:
                 self.forwarded_issuers()
@@ -109,6 +175,16 @@ class MtlsSettings(BaseSettings):
     @property
     def terminates_tls(self) -> bool:
         return bool(self.server_cert)
+
+    def forwarding_proxies(self) -> ForwardingProxies:
+        """Whom a forwarded certificate is believed from; addresses as the transport layer reads a
+        peer's (`::ffff:127.0.0.1` is `127.0.0.1`)."""
+        addresses: list[IPAddress] = []
+        for item in self.proxy_addresses:
+            address = ipaddress.ip_network(item).network_address
+            mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+            addresses.append(mapped or address)
+        return ForwardingProxies(addresses=addresses, identities=self.proxy_identities)
 
 
 def load_mtls_settings() -> MtlsSettings:
@@ -131,10 +207,11 @@ def settings_problems(settings: Settings) -> list[str]:
     problems = []
     if not mtls.identities:
         problems.append("MTLS_IDENTITIES: required in production (the workloads allowed to call, with their scopes)")
-    if not mtls.terminates_tls and not settings.trusted_proxies:
+    if not mtls.terminates_tls and not mtls.proxy_addresses:
         problems.append(
-            "MTLS_SERVER_CERT or TRUSTED_PROXIES: required in production; no client certificate can reach "
-            "the service without one (it terminates TLS itself, or a trusted proxy forwards the certificate)"
+            "MTLS_SERVER_CERT or MTLS_PROXY_ADDRESSES: required in production; no client certificate can reach "
+            "the service without one (it terminates TLS itself, or a proxy at one address, a sidecar, forwards "
+            "the certificate; TRUSTED_PROXIES never makes a forwarded certificate believed)"
         )
     return problems
 
@@ -151,6 +228,7 @@ def extension(runtime: Runtime) -> Extension:
         identities=mtls.identities,
         mode=mtls.mode,
         proxy_header=mtls.proxy_header,
+        proxies=mtls.forwarding_proxies(),
         forwarded_issuers=mtls.forwarded_issuers(),
     )
     # A channel credential: required on every authenticated request, combined with the caller's.
@@ -158,8 +236,9 @@ def extension(runtime: Runtime) -> Extension:
 
 
 def server_options(_settings: Settings) -> dict[str, Any]:
-    """What `serve` gives uvicorn: with the server files, TLS that requires a client certificate
-    signed by MTLS_CLIENT_CA, and the protocol that shows the application which one it was."""
+    """What `serve` gives uvicorn: with the server files, TLS 1.2+ with AEAD suites only that
+    requires a client certificate signed by MTLS_CLIENT_CA, and the protocol that shows the
+    application which one it was."""
     mtls = load_mtls_settings()
     if not mtls.terminates_tls:
         return {}
@@ -170,5 +249,15 @@ def server_options(_settings: Settings) -> dict[str, Any]:
         "ssl_keyfile": mtls.server_key,
         "ssl_ca_certs": mtls.client_ca,
         "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_ciphers": TLS_CIPHERS,
+        "ssl_context_factory": tls_context,
         "http": PROTOCOL,
     }
+
+
+def tls_context(_config: object, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """uvicorn's context (certificates, client verification, TLS_CIPHERS) with TLS 1.2 as the
+    minimum version, which uvicorn has no setting for."""
+    context = default()
+    context.minimum_version = TLS_MINIMUM_VERSION
+    return context
