@@ -304,7 +304,7 @@ class Settings(BaseSettings):
         try:
             url = make_url(self.database_url)
         except ArgumentError:
-            return ["DATABASE_URL: not a database URL (e.g. postgresql+asyncpg://user:password@host/name)"]
+            return ["DATABASE_URL: not a database URL (README, Database access shows the forms)"]
         if not url.get_backend_name().startswith("postgresql"):
             return []
         if url.username in (None, "", "postgres"):
