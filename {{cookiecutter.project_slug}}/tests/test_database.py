@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from sqlalchemy import text
@@ -61,7 +61,8 @@ async def test_a_database_error_logs_no_bound_parameters(
     assert response.status_code == 500
     assert response.headers["content-type"] == "application/problem+json"
     assert SUBJECT not in response.text and REFUSAL not in response.text
-    lines = [json.loads(line) for line in Path(process.log_path).read_text().splitlines() if line.startswith("{")]
+    log = await anyio.Path(process.log_path).read_text()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     (error,) = [line for line in lines if line.get("event") == "unhandled_exception"]
     assert REFUSAL in error["exc_info"], "the database's own error is what was logged"
     assert "INSERT INTO orgs" in error["exc_info"]

@@ -151,7 +151,7 @@ CANARY = "db-password-canary-7f3a"
     ("url", "refusal"),
     [
         (DEFAULT_DATABASE_URL, "DATABASE_URL: required in production (the default is a development database)"),
-        (f"postgresql+asyncpg://postgres:{CANARY}@db.example.com/app", "DATABASE_URL: connects as the superuser postgres"),
+        (f"postgresql+asyncpg://postgres:{CANARY}@db.example.com/app", "connects as the superuser postgres"),
         ("postgresql+asyncpg://db.example.com/app", "names no role"),
         ("postgresql+asyncpg://service@db.example.com/app", "DATABASE_URL: no password for a database reached over"),
         ("postgres+asyncpg:/nonsense", "DATABASE_URL: not a database URL"),

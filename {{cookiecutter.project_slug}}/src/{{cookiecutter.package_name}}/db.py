@@ -79,7 +79,7 @@ async def serving_role_problems(engine: AsyncEngine) -> list[str]:
             extra={"event": "database_role_unchecked", "error": type(exc).__name__},
         )
         return []
-    role, superuser, owns_audit = row
+    role, superuser, owns_audit = tuple(row)
     if superuser:
         return [
             f"DATABASE_URL: connects as {role}, a superuser; production serves as a role with only the "
