@@ -155,6 +155,7 @@ CANARY = "db-password-canary-7f3a"
         ("postgresql+asyncpg://db.example.com/app", "names no role"),
         ("postgresql+asyncpg://service@db.example.com/app", "DATABASE_URL: no password for a database reached over"),
         ("postgres+asyncpg:/nonsense", "DATABASE_URL: not a database URL"),
+        (f"postgresql+asyncpg://service:{CANARY}@db.example.com/app?sslmode=verify-full", "asyncpg takes ?ssl="),
         # Accepted: a role of its own with a password (TLS as README, Database access shows), a
         # Unix socket (peer authentication needs no password), a SQLite file of production's own.
         (f"postgresql+asyncpg://service:{CANARY}@db.example.com:5432/app?ssl=verify-full", None),

@@ -315,6 +315,8 @@ class Settings(BaseSettings):
         host = url.query.get("host") or url.host or ""
         if not url.password and not str(host).startswith("/"):
             return ["DATABASE_URL: no password for a database reached over the network"]
+        if "sslmode" in url.query and url.get_driver_name() == "asyncpg":
+            return ["DATABASE_URL: asyncpg takes ?ssl=verify-full, not libpq's ?sslmode= (README, Database access)"]
         return []
 
     @property
