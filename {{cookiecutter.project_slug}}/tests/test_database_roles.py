@@ -6,7 +6,9 @@ module serves as the app role too."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +24,8 @@ from {{ cookiecutter.package_name }}.db import create_engine
 from {{ cookiecutter.package_name }}.migrations import alembic_config
 
 from .conftest import TokenFactory, bearer, running
-from .servers import DatabaseRoles
+from .certificates import make_ca, server_certificate
+from .servers import DatabaseRoles, PostgresServer, give_to_postgres_user, start_postgres
 
 SUPERUSER = "{{ cookiecutter.package_name }}_super"
 
@@ -147,3 +150,51 @@ async def test_production_refuses_to_start_as_a_superuser(
     with pytest.raises(ConfigError, match=f"DATABASE_URL: connects as {SUPERUSER}, a superuser"):
         async with running(production(superuser_url), reset=False):
             pass
+
+
+# --- TLS: the URL form README "Database access" shows --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PostgresServer, Path, Path]]:
+    """A throwaway cluster that speaks TLS with a certificate for 127.0.0.1 from its own CA; the
+    CA's file, and another CA's."""
+    certificates = tmp_path_factory.mktemp("database-ca")
+    ca, other = make_ca("Database CA"), make_ca("Another CA")
+    ca_file, other_file = certificates / "ca.pem", certificates / "other.pem"
+    ca_file.write_bytes(ca.cert_pem)
+    other_file.write_bytes(other.cert_pem)
+    server = start_postgres(tmp_path_factory.mktemp("postgres-tls"))
+    cert, key = server_certificate(ca).write(server.data_dir, "server")
+    for path in (cert, key):
+        give_to_postgres_user(path)
+    with (server.data_dir / "postgresql.conf").open("a") as conf:
+        conf.write(f"ssl = on\nssl_cert_file = '{cert}'\nssl_key_file = '{key}'\n")
+    server.restart()
+    yield server, ca_file, other_file
+    server.stop()
+
+
+async def encrypted(url: str) -> bool:
+    """Whether the service's engine reaches the database over TLS with `url`."""
+    rows = await execute(url, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    return bool(rows[0].ssl)
+
+
+async def test_the_documented_tls_url_verifies_the_server_certificate(
+    tls_postgres: tuple[PostgresServer, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, ca_file, other_file = tls_postgres
+    url = f"{server.url}?ssl=verify-full"
+    monkeypatch.setenv("PGSSLROOTCERT", str(ca_file))
+    assert await encrypted(url)
+    # The same URL against a server whose certificate another CA signed is refused ...
+    monkeypatch.setenv("PGSSLROOTCERT", str(other_file))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await encrypted(url)
+    # ... which asyncpg's default (`prefer`: TLS if offered, nothing verified) never notices.
+    assert await encrypted(server.url)
+    # libpq's form is not asyncpg's: it fails at the first connection (production refuses it at start).
+    monkeypatch.setenv("PGSSLROOTCERT", str(ca_file))
+    with pytest.raises(TypeError, match="sslmode"):
+        await encrypted(f"{server.url}?sslmode=verify-full")
