@@ -23,8 +23,8 @@ from {{ cookiecutter.package_name }}.config import ConfigError, Settings
 from {{ cookiecutter.package_name }}.db import create_engine
 from {{ cookiecutter.package_name }}.migrations import alembic_config
 
-from .conftest import TokenFactory, bearer, running
 from .certificates import make_ca, server_certificate
+from .conftest import TokenFactory, bearer, running
 from .servers import DatabaseRoles, PostgresServer, give_to_postgres_user, start_postgres
 
 SUPERUSER = "{{ cookiecutter.package_name }}_super"
