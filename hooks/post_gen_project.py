@@ -34,6 +34,9 @@ OPTION_FILES: dict[str, dict[str, list[str]]] = {
         "postgresql": [
             "deploy/kubernetes/poddisruptionbudget.yaml",
             "deploy/kubernetes/horizontalpodautoscaler.yaml",
+            # The owner and the app role (README, Database access): a SQLite file has no roles.
+            "tests/test_database_roles.py",
+            "deploy/postgres",
         ],
     },
     # The credential options (the seed's decision matrix): each one is one package,

@@ -277,15 +277,13 @@ def test_compose_runs_two_replicas_behind_the_shipped_nginx(baked: BakedProject,
     for service_name, service in services.items():
         if service_name != "migrate":
             assert "healthcheck" in service, service_name
-    # Secrets come from the environment only.
-    assert app["environment"]["JWT_PUBLIC_KEY"].startswith("${")
-    # What production requires of a baked option is asked for, not left to a refusal at start.
+    # What production requires of a baked option is asked for, not left to a refusal at start:
+    # a secret as a file (the compose secret of its name), an allowlist as a required variable.
     chosen = VARIANTS[name].chosen
-    for option, variable in (("api_keys", "API_KEY_PEPPER"), ("mtls", "MTLS_IDENTITIES")):
-        if chosen[option] == "yes":
-            assert app["environment"][variable].startswith(f"${{{variable}:?"), variable
-        else:
-            assert variable not in app["environment"], variable
+    for option, variable in (("api_keys", "API_KEY_PEPPER_FILE"), ("mtls", "MTLS_IDENTITIES")):
+        assert (variable in app["environment"]) == (chosen[option] == "yes"), variable
+    if chosen["mtls"] == "yes":
+        assert app["environment"]["MTLS_IDENTITIES"].startswith("${MTLS_IDENTITIES:?")
     assert nginx["networks"]["default"]["ipv4_address"] == app["environment"]["TRUSTED_PROXIES"]
     if chosen["mtls"] == "yes":
         # nginx's one address is the only one a forwarded client certificate is believed from.
@@ -314,3 +312,130 @@ def test_dockerignore_keeps_secrets_and_state_out(baked: BakedProject, name: str
     assert lines[0] == "*", "the build context is an allowlist"
     for pattern in ("**/.env", "**/*.pem", "**/*.key", "**/*.db", "**/__pycache__"):
         assert pattern in lines
+
+
+# --- secrets are files ------------------------------------------------------------------------
+
+# The service's secret settings (secret_files.SECRET_SETTINGS) and the options': each has a
+# `<NAME>_FILE` twin, and the shipped files use only that.
+SECRET_SETTINGS = {"DATABASE_URL", "REDIS_URL", "JWT_PUBLIC_KEY", "AUDIT_PSEUDONYM_KEY", "API_KEY_PEPPER", "WEBHOOK_SECRETS"}
+SECRET_FILE_MODE = 0o440
+
+
+def service_secret_settings(chosen: dict[str, str]) -> set[str]:
+    """What the replicas read from files in a bake with these options."""
+    names = {"REDIS_URL", "JWT_PUBLIC_KEY", "AUDIT_PSEUDONYM_KEY"}
+    names |= {"DATABASE_URL"} if chosen["database"] == "postgresql" else set()
+    names |= {"API_KEY_PEPPER"} if chosen["api_keys"] == "yes" else set()
+    names |= {"WEBHOOK_SECRETS"} if chosen["webhooks"] == "yes" else set()
+    return names
+
+
+def not_a_secret(name: str, value: object) -> bool:
+    """A SQLite file's path is where the data is, not a credential."""
+    return name == "DATABASE_URL" and str(value).startswith("sqlite")
+
+
+def pod_secret_files(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Each `<NAME>_FILE` of the container -> (the Secret it is a key of, the key)."""
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: volumes[mount["name"]] for mount in container.get("volumeMounts", [])}
+    files = {}
+    for variable in container.get("env", []):
+        if not variable["name"].endswith("_FILE"):
+            continue
+        directory, _, key = variable["value"].rpartition("/")
+        volume = mounts[directory]
+        assert volume["secret"]["defaultMode"] == SECRET_FILE_MODE, variable["name"]
+        files[variable["name"].removesuffix("_FILE")] = (volume["secret"]["secretName"], key)
+    return files
+
+
+@variants
+def test_kubernetes_pods_read_every_secret_from_a_mounted_file(baked: BakedProject, name: str) -> None:
+    project = baked(name)
+    chosen = VARIANTS[name].chosen
+    config = manifest(project, "ConfigMap")["data"]
+    assert not {key for key, value in config.items() if key in SECRET_SETTINGS and not not_a_secret(key, value)}
+    for kind in ("Deployment", "Job"):
+        pod = manifest(project, kind)["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert all("secretRef" not in source for source in container.get("envFrom", [])), kind
+        for variable in container.get("env", []):
+            assert variable["name"] not in SECRET_SETTINGS, f"{kind}: {variable['name']} is an environment variable"
+            if "valueFrom" in variable:  # an allowlist from the Secret, never a secret setting
+                assert variable["name"] == "MTLS_IDENTITIES", kind
+        if kind == "Deployment":
+            files = pod_secret_files(pod, container)
+            assert set(files) == service_secret_settings(chosen)
+            assert {secret for secret, _ in files.values()} == {manifest(project, "Deployment")["metadata"]["name"]}
+
+
+def test_the_migration_job_and_the_replicas_use_different_database_credentials(baked: BakedProject) -> None:
+    project = baked("postgresql")
+    pods = {kind: manifest(project, kind)["spec"]["template"]["spec"] for kind in ("Deployment", "Job")}
+    files = {kind: pod_secret_files(pod, pod["containers"][0]) for kind, pod in pods.items()}
+    assert files["Job"]["DATABASE_URL"] != files["Deployment"]["DATABASE_URL"]
+    migrate_secret = files["Job"]["DATABASE_URL"][0]
+    served = [volume["secret"]["secretName"] for volume in pods["Deployment"]["volumes"] if "secret" in volume]
+    assert migrate_secret not in served, "the replicas must never mount the owner's credentials"
+    job_env = {variable["name"]: variable.get("value") for variable in pods["Job"]["containers"][0]["env"]}
+    assert job_env["DATABASE_APP_ROLE"] == "secure_api_app"
+    # SQLite has no roles: one file, its path in the ConfigMap.
+    sqlite = baked("default")
+    assert manifest(sqlite, "ConfigMap")["data"]["DATABASE_URL"].startswith("sqlite")
+    assert "env" not in manifest(sqlite, "Job")["spec"]["template"]["spec"]["containers"][0]
+
+
+@variants
+def test_compose_passes_every_secret_as_a_file(baked: BakedProject, name: str) -> None:
+    compose = load(baked(name), "compose.yaml")
+    chosen = VARIANTS[name].chosen
+    declared = compose["secrets"]
+    assert all(set(secret) == {"environment"} for secret in declared.values()), "secrets come from compose's environment"
+    for service_name, service in compose["services"].items():
+        environment = service.get("environment", {})
+        mounted = {entry["source"]: entry for entry in service.get("secrets", [])}
+        # Who reads the files: the service's user, or the image's own (postgres:*-alpine: 70).
+        reader = service["user"].split(":")[0] if "user" in service else "70"
+        for variable, value in environment.items():
+            assert variable not in SECRET_SETTINGS or not_a_secret(variable, value), f"{service_name}: {variable}"
+            if variable.endswith("_FILE"):
+                source = value.removeprefix("/run/secrets/")
+                assert source in mounted and source in declared, f"{service_name}: {variable}"
+                assert mounted[source]["uid"] == reader, f"{service_name}: {source}"
+        for source, entry in mounted.items():
+            assert entry["uid"] == reader, f"{service_name}: {source}"
+            assert int(str(entry["mode"]), 0) & 0o007 == 0, f"{service_name}: {source} is readable by every user"
+    app = compose["services"]["app"]["environment"]
+    assert {variable.removesuffix("_FILE") for variable in app if variable.endswith("_FILE")} == service_secret_settings(
+        chosen
+    )
+
+
+def test_compose_migrates_as_the_owner_and_serves_as_the_app_role(baked: BakedProject) -> None:
+    services = load(baked("postgresql"), "compose.yaml")["services"]
+    migrate, app, postgres = services["migrate"]["environment"], services["app"]["environment"], services["postgres"]
+    assert migrate["DATABASE_URL_FILE"] == "/run/secrets/database_owner_url"
+    assert app["DATABASE_URL_FILE"] == "/run/secrets/database_url"
+    assert migrate["DATABASE_APP_ROLE"] == "secure_api_app"
+    assert [entry["source"] for entry in services["migrate"]["secrets"]] == ["database_owner_url"]
+    assert "database_owner_url" not in [entry["source"] for entry in services["app"]["secrets"]]
+    # PostgreSQL makes both roles from the two URLs on first start; its superuser is not the app's.
+    assert "./deploy/postgres/initdb:/docker-entrypoint-initdb.d:ro" in postgres["volumes"]
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"].startswith("/run/secrets/")
+
+
+@variants
+def test_compose_redis_requires_a_password_that_the_service_url_carries(baked: BakedProject, name: str) -> None:
+    services = load(baked(name), "compose.yaml")["services"]
+    redis = services["redis"]
+    script = " ".join(redis["command"])
+    assert "requirepass" in script and "/run/secrets/redis_password" in script
+    assert "test -s /run/secrets/redis_password" in script, "an empty password must stop Redis, not disable auth"
+    assert "--protected-mode no" not in script
+    assert [entry["source"] for entry in redis["secrets"]] == ["redis_password"]
+    assert "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
+    assert services["app"]["environment"]["REDIS_URL_FILE"] == "/run/secrets/redis_url"
+    header = (baked(name) / "compose.yaml").read_text().split("\nx-service", 1)[0]
+    assert 'REDIS_URL="redis://:${REDIS_PASSWORD}@redis:6379/0"' in header

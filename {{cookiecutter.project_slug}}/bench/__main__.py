@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from redis import Redis
 
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, SERVICE_NAME
-from tests.servers import LOOPBACK, find_postgres_bin_dir, start_postgres, start_redis
+from tests.servers import LOOPBACK, create_database_roles, find_postgres_bin_dir, start_postgres, start_redis
 
 from . import lookup, machine, report
 from .apps import AUTHZ_OBJECT, BARE_PATH
@@ -172,12 +172,15 @@ def main() -> int:
         postgres = start_postgres(args.out / "postgres")
         make_room(postgres)
         pin_to_load_cpu(postmaster_pid(postgres))
-        database_url = postgres.url
+        # As production runs (README, Database access): the owner migrates, the app role serves.
+        roles = create_database_roles(postgres.url)
+        lookup.migrate(roles.owner_url, app_role=roles.app_role)
+        database_url = roles.app_url
     else:
         database_path = (args.out / "service.db").resolve()
         database_path.unlink(missing_ok=True)
         database_url = f"sqlite+aiosqlite:///{database_path}"
-    lookup.migrate(database_url)
+        lookup.migrate(database_url)
 
     private, public_pem = key_pair()
     token = owner_token(private)

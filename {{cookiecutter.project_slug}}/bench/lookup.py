@@ -38,8 +38,8 @@ class Lookup:
     plan: str
 
 
-def migrate(database_url: str) -> None:
-    command.upgrade(alembic_config(database_url), "heads")
+def migrate(database_url: str, *, app_role: str | None = None) -> None:
+    command.upgrade(alembic_config(database_url, app_role=app_role), "heads")
 
 
 def grant(number: int) -> tuple[str, str, str, str, str]:

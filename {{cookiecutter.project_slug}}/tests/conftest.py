@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, Settings
@@ -32,7 +33,16 @@ from {{ cookiecutter.package_name }}.runtime import Runtime
 from {{ cookiecutter.package_name }}.settings import ServiceSettings
 from {{ cookiecutter.package_name }}.store.core import RedisStore
 
-from .servers import RedisServer, ServiceProcess, start_postgres, start_redis
+from .servers import (
+    APP_ROLE,
+    OWNER_ROLE,
+    DatabaseRoles,
+    RedisServer,
+    ServiceProcess,
+    create_database_roles,
+    start_postgres,
+    start_redis,
+)
 
 DATABASE = "postgresql" if DEFAULT_DATABASE_URL.startswith("postgresql") else "sqlite"
 # A database of the configured kind that cannot be reached, for outage tests.
@@ -103,9 +113,30 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def migrated_database(database_url: str) -> str:
-    command.upgrade(alembic_config(database_url), "heads")
-    return database_url
+def database_roles(database_url: str) -> DatabaseRoles | None:
+    """PostgreSQL: the owner, who migrates, and the app role, which serves (README, Database
+    access), made in the session's database. None on SQLite, which has no roles."""
+    return create_database_roles(database_url) if DATABASE == "postgresql" else None
+
+
+@pytest.fixture(scope="session")
+def migrated_database(database_url: str, database_roles: DatabaseRoles | None) -> str:
+    """The session's database at the migrations' head, as the service connects to it: on
+    PostgreSQL migrated by the owner and served by the app role, as the shipped deployment does."""
+    if database_roles is None:
+        command.upgrade(alembic_config(database_url), "heads")
+        return database_url
+    command.upgrade(alembic_config(database_roles.owner_url, app_role=database_roles.app_role), "heads")
+    return database_roles.app_url
+
+
+def owner_url(url: str) -> str:
+    """The owner's URL for a database the app role's `url` names (the same URL on SQLite): for a
+    test that reads what the service may only append (audit_events)."""
+    parsed = make_url(url)
+    if DATABASE != "postgresql" or parsed.username != APP_ROLE:
+        return url
+    return parsed.set(username=OWNER_ROLE, password=f"{OWNER_ROLE}-password").render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")

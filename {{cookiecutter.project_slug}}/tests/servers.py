@@ -8,9 +8,11 @@ how to install it, never a silent skip.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import datetime
+import importlib
 import ipaddress
 import os
 import random
@@ -34,12 +36,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy.engine import make_url
 
 LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT_SECONDS = 15.0
 POSTGRES_USER = "postgres"
 POSTGRES_DATABASE = "app"
 PACKAGE = "{{ cookiecutter.package_name }}"
+# The PostgreSQL roles of the test database (create_database_roles).
+OWNER_ROLE = f"{PACKAGE}_owner"
+APP_ROLE = f"{PACKAGE}_app"
 
 
 def _listening_ports() -> range:
@@ -624,6 +630,50 @@ def start_postgres(tmp_path: Path) -> PostgresServer:
     atexit.register(server.stop_quietly)
     server.create_database()
     return server
+
+
+@dataclass(frozen=True)
+class DatabaseRoles:
+    """The two roles a PostgreSQL deployment uses (README, Database access): the owner migrates,
+    the app role serves. Trust authentication ignores the passwords; the URLs carry them as a
+    deployment's would (production refuses a passwordless network URL)."""
+
+    owner_url: str
+    app_url: str
+    app_role: str
+
+
+def create_database_roles(admin_url: str) -> DatabaseRoles:
+    """Make (or find) the owner and app roles in the database `admin_url` names, as its
+    superuser: the owner may create tables in the public schema, the app role may only log in
+    (the migrations grant it the rest)."""
+    url = make_url(admin_url)
+    owner, app = OWNER_ROLE, APP_ROLE
+    statements = [
+        f"""DO $$ BEGIN
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN
+                CREATE ROLE {role} LOGIN PASSWORD '{role}-password';
+            END IF;
+        END $$"""
+        for role in (owner, app)
+    ]
+    statements.append(f"GRANT CREATE, USAGE ON SCHEMA public TO {owner}")
+
+    async def create() -> None:
+        asyncpg = importlib.import_module("asyncpg")  # the PostgreSQL bake's driver
+        connection = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+        try:
+            for statement in statements:
+                await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(create())
+
+    def as_role(role: str) -> str:
+        return url.set(username=role, password=f"{role}-password").render_as_string(hide_password=False)
+
+    return DatabaseRoles(owner_url=as_role(owner), app_url=as_role(app), app_role=app)
 
 
 # --- the service itself --------------------------------------------------------------------

@@ -28,7 +28,7 @@ from {{ cookiecutter.package_name }}.db import create_engine
 from {{ cookiecutter.package_name }}.security.logs import service_log_handler
 from {{ cookiecutter.package_name }}.security.masking import Masker
 
-from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, pseudonym, running
+from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, owner_url, pseudonym, running
 
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 SPAN_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -516,7 +516,7 @@ async def test_dependency_failure_is_logged(settings_for: Callable[..., Settings
 
 
 async def audit_rows(app: FastAPI, trace_id: str) -> list[dict[str, Any]]:
-    engine = create_engine(app.state.runtime.settings.database_url)
+    engine = create_engine(owner_url(app.state.runtime.settings.database_url))
     try:
         async with engine.connect() as connection:
             result = await connection.execute(
@@ -565,7 +565,7 @@ async def test_the_audit_table_refuses_updates_and_deletes(
     app = create_app(settings_for(audit_db_enabled=True))
     async with running(app) as client:
         await client.get("/api/v1/orgs/00000000-0000-0000-0000-000000000000")
-    engine = create_engine(app.state.runtime.settings.database_url)
+    engine = create_engine(owner_url(app.state.runtime.settings.database_url))
     try:
         async with engine.connect() as connection:
             assert (await connection.scalar(text("SELECT count(*) FROM audit_events"))) > 0

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from {{ cookiecutter.package_name }}.config import Settings
+from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, Settings
+
+from .conftest import DATABASE
 
 SAFE_PRODUCTION = {
     "ENVIRONMENT": "production",
@@ -23,6 +25,12 @@ SAFE_PRODUCTION = {
     "MTLS_IDENTITIES": '{"spiffe://example.org/ns/default/sa/caller": ["orgs:read"]}',
     "MTLS_PROXY_ADDRESSES": "127.0.0.1",  # mtls: the sidecar that forwards client certificates
     "API_KEY_PEPPER": "production-api-key-pepper-0123456789abcdef",  # read only by the api_keys option
+    # Not the development default, and (PostgreSQL) a role of its own with a password, over TLS.
+    "DATABASE_URL": (
+        "postgresql+asyncpg://service:production-db-password@db.example.com:5432/app?ssl=verify-full"
+        if DATABASE == "postgresql"
+        else "sqlite+aiosqlite:////data/app.db"
+    ),
 }
 
 
@@ -73,6 +81,7 @@ def test_safe_production_settings_start(production: dict[str, str]) -> None:
         ({"ALLOWED_ORIGINS": "https://app.example.com,http://localhost:3000"}, "ALLOWED_ORIGINS"),
         ({"AUDIT_PSEUDONYM_KEY": ""}, "AUDIT_PSEUDONYM_KEY"),
         ({"AUDIT_PSEUDONYM_KEY": "too-short"}, "AUDIT_PSEUDONYM_KEY"),
+        ({"DATABASE_URL": ""}, "DATABASE_URL"),  # the development default
     ],
 )
 def test_production_refuses_unsafe_setting_and_names_it(
@@ -207,3 +216,41 @@ def test_production_refuses_open_failure_mode_unless_acknowledged(production: di
         {**production, "RATE_LIMIT_FAILURE_MODE": "open", "RATE_LIMIT_FAILURE_MODE_ACKNOWLEDGED": "true"}, CHECK_CONFIG
     )
     assert accepted.returncode == 0, accepted.stderr
+CANARY = "db-password-canary-7f3a"
+
+
+@pytest.mark.parametrize(
+    ("url", "refusal"),
+    [
+        (DEFAULT_DATABASE_URL, "DATABASE_URL: required in production (the default is a development database)"),
+        (f"postgresql+asyncpg://postgres:{CANARY}@db.example.com/app", "connects as the superuser postgres"),
+        ("postgresql+asyncpg://db.example.com/app", "names no role"),
+        ("postgresql+asyncpg://service@db.example.com/app", "DATABASE_URL: no password for a database reached over"),
+        ("postgres+asyncpg:/nonsense", "DATABASE_URL: not a database URL"),
+        (f"postgresql+asyncpg://service:{CANARY}@db.example.com/app?sslmode=verify-full", "asyncpg takes ?ssl="),
+        # Accepted: a role of its own with a password (TLS as README, Database access shows), a
+        # Unix socket (peer authentication needs no password), a SQLite file of production's own.
+        (f"postgresql+asyncpg://service:{CANARY}@db.example.com:5432/app?ssl=verify-full", None),
+        ("postgresql+asyncpg://service@/app?host=/run/postgresql", None),
+        ("sqlite+aiosqlite:////data/app.db", None),
+    ],
+)
+def test_production_refuses_a_development_or_superuser_database_url(
+    public_pem: str, url: str, refusal: str | None
+) -> None:
+    settings = Settings(
+        _env_file=None,
+        environment="production",
+        database_url=url,
+        jwt_public_key=public_pem,
+        jwt_issuer=SAFE_PRODUCTION["JWT_ISSUER"],
+        jwt_audience=SAFE_PRODUCTION["JWT_AUDIENCE"],
+        redis_url=SAFE_PRODUCTION["REDIS_URL"],
+        trusted_hosts=["api.example.com"],
+        audit_pseudonym_key=SAFE_PRODUCTION["AUDIT_PSEUDONYM_KEY"],
+    )
+    problems = settings.production_problems()
+    assert [p for p in problems if refusal and refusal in p] == ([] if refusal is None else problems)
+    assert CANARY not in " ".join(problems)
+    development = settings.model_copy(update={"environment": "development"})
+    assert development.production_problems() == []

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from limits import RateLimitItem, parse
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from .secret_files import values_from_files
 from .store.topology import Topology, parse_redis_url
@@ -294,6 +296,7 @@ class Settings(BaseSettings):
             problems.append("JWT_ISSUER: must use https:// in production (its discovery document names the keys)")
         if self.audit_pseudonym_key is None:
             problems.append("AUDIT_PSEUDONYM_KEY: required in production (at least 32 characters, kept secret)")
+        problems += self.database_problems()
         problems.extend(self._redis_trust_problems())
         return problems
 
@@ -315,6 +318,29 @@ class Settings(BaseSettings):
                 "RATE_LIMIT_FAILURE_MODE_ACKNOWLEDGED=true to accept that, or use 'closed'"
             )
         return problems
+
+    def database_problems(self) -> list[str]:
+        """What production refuses of DATABASE_URL as written; the role it connects as is checked
+        against the database at start (db.serving_role_problems). Never quotes the URL."""
+        if self.database_url == DEFAULT_DATABASE_URL:
+            return ["DATABASE_URL: required in production (the default is a development database)"]
+        try:
+            url = make_url(self.database_url)
+        except ArgumentError:
+            return ["DATABASE_URL: not a database URL (README, Database access shows the forms)"]
+        if not url.get_backend_name().startswith("postgresql"):
+            return []
+        if url.username in (None, "", "postgres"):
+            return [
+                "DATABASE_URL: connects as the superuser postgres (or names no role); production serves as a "
+                "role with only the service's privileges (README, Database access)"
+            ]
+        host = url.query.get("host") or url.host or ""
+        if not url.password and not str(host).startswith("/"):
+            return ["DATABASE_URL: no password for a database reached over the network"]
+        if "sslmode" in url.query and url.get_driver_name() == "asyncpg":
+            return ["DATABASE_URL: asyncpg takes ?ssl=verify-full, not libpq's ?sslmode= (README, Database access)"]
+        return []
 
     @property
     def audit_pseudonym_key_bytes(self) -> bytes | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -18,24 +19,78 @@ from sqlalchemy.sql.dml import ReturningInsert
 
 from .resources import runtime_of
 
+logger = logging.getLogger(__name__)
+
 AnyStatement: TypeAlias = Select[*tuple[Any, ...]] | ReturningInsert[*tuple[Any, ...]]
 
 
 def create_engine(database_url: str, *, pool_size: int = 10, max_overflow: int = 10) -> AsyncEngine:
     """An engine that does no I/O until first used; on PostgreSQL with at most `pool_size` +
-    `max_overflow` connections (DATABASE_POOL_SIZE, DATABASE_MAX_OVERFLOW)."""
+    `max_overflow` connections (DATABASE_POOL_SIZE, DATABASE_MAX_OVERFLOW). Its errors never
+    carry the statement's bound values (`hide_parameters`): they are subjects, e-mail addresses
+    and key hashes, and an error's text reaches the log."""
     if database_url.startswith("sqlite"):
         # One connection: writers queue for it in this process instead of spinning on SQLite's
         # file lock through busy_timeout (which gave a p99 of a second under 32 concurrent
         # writers). Request-path reads do not wait for it: they go through `Statements`.
         engine = create_async_engine(
-            database_url, connect_args={"timeout": 5}, pool_size=1, max_overflow=0, pool_timeout=10
+            database_url,
+            connect_args={"timeout": 5},
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=10,
+            hide_parameters=True,
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(
-        database_url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=5
+        database_url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=5,
+        hide_parameters=True,
     )
+
+
+# What production refuses of the role it serves as (PostgreSQL; a SQLite file has no roles). One
+# query at start: a superuser, or the owner of `audit_events` (who can drop its append-only
+# triggers), is the role that migrates, not the one that serves.
+_ROLE_QUERY = """
+SELECT current_user, r.rolsuper,
+       EXISTS (SELECT 1 FROM pg_tables t
+               WHERE t.tablename = 'audit_events' AND t.schemaname = current_schema()
+                 AND pg_has_role(current_user, t.tableowner, 'USAGE'))
+FROM pg_roles r WHERE r.rolname = current_user
+"""
+
+
+async def serving_role_problems(engine: AsyncEngine) -> list[str]:
+    """Each reason the role DATABASE_URL connects as must not serve in production, naming the
+    variable. Empty on SQLite, and when the database cannot be reached (readiness reports that)."""
+    if engine.dialect.name != "postgresql":
+        return []
+    try:
+        async with engine.connect() as connection:
+            row = (await connection.exec_driver_sql(_ROLE_QUERY)).one()
+    except (sa_exc.SQLAlchemyError, OSError) as exc:
+        logger.warning(
+            "database role not checked: the database cannot be reached",
+            extra={"event": "database_role_unchecked", "error": type(exc).__name__},
+        )
+        return []
+    role, superuser, owns_audit = tuple(row)
+    if superuser:
+        return [
+            f"DATABASE_URL: connects as {role}, a superuser; production serves as a role with only the "
+            "service's privileges (README, Database access)"
+        ]
+    if owns_audit:
+        return [
+            f"DATABASE_URL: connects as {role}, the owner of audit_events, which can drop its append-only "
+            "triggers; migrate as the owner, serve as DATABASE_APP_ROLE (README, Database access)"
+        ]
+    return []
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

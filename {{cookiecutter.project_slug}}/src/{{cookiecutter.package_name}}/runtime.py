@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from .config import Settings
-from .db import Statements, create_engine, create_sessionmaker
+from .config import ConfigError, Settings
+from .db import Statements, create_engine, create_sessionmaker, serving_role_problems
 from .migrations import alembic_config
 from .secret_files import SecretFiles
 from .security.admission import Admission
@@ -150,6 +150,10 @@ class Runtime:
 
     @asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
+        if self.settings.is_production:
+            problems = await serving_role_problems(self.engine)
+            if problems:
+                raise ConfigError("; ".join(problems))
         await self.keys.start()
         await self.secret_files.start()
         if self.audit_sink is not None:

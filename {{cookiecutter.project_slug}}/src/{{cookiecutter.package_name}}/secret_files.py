@@ -5,6 +5,8 @@ CSI driver: the secret never sits in the environment, where `ps e`, crash report
 inspect` show it. The file is read at start (settings), and the JWT public key is read again
 every SECRET_FILE_REFRESH_SECONDS by a background task, so a rotated mount takes effect on every
 replica without a restart. A file that turns unreadable keeps the last good value (one warning).
+`alembic upgrade` reads DATABASE_URL_FILE the same way (migrations/env.py), so the migration Job
+gets the owner's credentials as a file too.
 
 Only names and paths are ever logged, never a file's content.
 """

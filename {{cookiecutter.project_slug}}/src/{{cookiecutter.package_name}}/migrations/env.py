@@ -1,4 +1,6 @@
-"""Alembic environment: the URL comes from the service's settings (DATABASE_URL), async-aware."""
+"""Alembic environment: the URL comes from the service's settings (DATABASE_URL or
+DATABASE_URL_FILE), async-aware. Run it as the role that owns the tables; on PostgreSQL, with
+DATABASE_APP_ROLE set, each run ends by granting that role what the service needs (roles.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from {{ cookiecutter.package_name }} import (
     models,  # noqa: F401 (the service's own tables)
 )
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL
+from {{ cookiecutter.package_name }}.migrations.roles import app_role, grant_service_role
+from {{ cookiecutter.package_name }}.secret_files import read_secret_file
 from {{ cookiecutter.package_name }}.tables import Base
 
 extensions.chosen()  # the baked options' tables (their extensions import their models)
@@ -23,7 +27,16 @@ target_metadata = Base.metadata
 
 def database_url() -> str:
     # Migrations need only the database, not the JWT settings the full Settings require.
-    return context.config.get_main_option("sqlalchemy.url") or os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+    configured = context.config.get_main_option("sqlalchemy.url")
+    if configured:
+        return configured
+    value, path = os.environ.get("DATABASE_URL"), os.environ.get("DATABASE_URL_FILE")
+    if value and path:
+        raise ValueError("set DATABASE_URL or DATABASE_URL_FILE, not both")
+    if path:
+        production = os.environ.get("ENVIRONMENT", "").strip().lower() == "production"
+        return read_secret_file("database_url", path, production=production)
+    return value or DEFAULT_DATABASE_URL
 
 
 def run_migrations(connection: Connection) -> None:
@@ -35,10 +48,14 @@ def run_migrations(connection: Connection) -> None:
     )
     with context.begin_transaction():
         context.run_migrations()
+        role = app_role(context.config.get_main_option("database_app_role"), connection.dialect.name)
+        if role:
+            grant_service_role(connection, role)
 
 
 async def run_online() -> None:
-    engine = create_async_engine(database_url())
+    # hide_parameters: a failing migration's error (and its log line) never quotes a row's values.
+    engine = create_async_engine(database_url(), hide_parameters=True)
     async with engine.connect() as connection:
         await connection.run_sync(run_migrations)
     await engine.dispose()
