@@ -193,6 +193,14 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     host, port = args.host or settings.host, args.port or settings.port
+    from .app import create_app
+    from .shutdown import DrainingServer
+
+    try:
+        app = create_app(settings)  # built here under --workers too: a route without a policy is refused once
+    except ConfigError as exc:
+        print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
+        return 1
     if args.workers > 1:
         # uvicorn's supervisor and its plain workers: SIGTERM stops them without the drain period
         # (README: Scaling). One process per container is the Kubernetes way.
@@ -202,16 +210,19 @@ def serve(args: argparse.Namespace) -> int:
         )  # fmt: skip
         return 0
 
-    from .app import create_app
-    from .shutdown import DrainingServer
-
-    app = create_app(settings)
     server = DrainingServer(
         uvicorn.Config(app, host=host, port=port, **server_options(settings, option_server_options)),
         app_runtime(app),
         settings.shutdown_drain_seconds,
     )
-    server.run()
+    try:
+        server.run()  # uvicorn exits 3 itself when the lifespan's startup fails
+    except SystemExit:
+        refused = getattr(app.state, "startup_refused", None)  # deny by default, on the final route table
+        if refused:
+            print(f"{SERVICE_NAME}: refusing to start: {refused}", file=sys.stderr)
+            return 1
+        raise
     return 0 if server.started else 3  # 3: uvicorn's status for a server that never started
 
 
@@ -238,9 +249,12 @@ def server_options(settings: Settings, extra: dict[str, Any]) -> dict[str, Any]:
 
 def check_config(_args: argparse.Namespace) -> int:
     """Validate the environment as the service would at start."""
+    from .app import create_app
+
     try:
         settings = load_settings()
         tracing = tracing_requested()
+        create_app(settings)  # builds the route table, no I/O: a route without a policy is refused
     except ConfigError as exc:
         print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
         return 1
