@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter 
         settings.log_level,
         masked_fields=settings.audit_masked_fields,
         pseudonym_key=settings.audit_pseudonym_key_bytes,
+        client_address=settings.log_client_address,
     )
     runtime = build_runtime(settings, span_exporter=span_exporter)
     docs = settings.effective_docs_enabled

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
     log_health_requests: bool = False
+    # How the logs and the audit table write a client address (README "Audit logging"): in full,
+    # truncated (IPv4 /24, IPv6 /48) or as a keyed pseudonym (AUDIT_PSEUDONYM_KEY). Rate limits and
+    # lockouts always use the real address; only what is written changes.
+    log_client_address: Literal["full", "truncated", "pseudonym"] = "pseudonym"
 
     @model_validator(mode="before")
     @classmethod
