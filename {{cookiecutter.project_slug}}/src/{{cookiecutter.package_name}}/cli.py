@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import sys
@@ -254,10 +255,15 @@ def check_config(_args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
         tracing = tracing_requested()
-        create_app(settings)  # builds the route table, no I/O: a route without a policy is refused
+        # The app as the service builds it (no I/O), so a route without a policy is refused (deny by
+        # default); its log lines go to stderr, stdout carries the verdict alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            app = create_app(settings)
     except ConfigError as exc:
         print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
         return 1
+    if (built := app_runtime(app).tracing) is not None:
+        built.provider.shutdown()  # nothing was traced: stops the exporter's thread
     observed = [name for name, on in (("traces", tracing), ("metrics", settings.metrics_port is not None)) if on]
     print(f"configuration ok ({', '.join([settings.environment, *observed])})")
     return 0
