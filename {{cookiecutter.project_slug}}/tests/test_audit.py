@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
 from {{ cookiecutter.package_name }}.db import create_engine
+from {{ cookiecutter.package_name }}.security.client_addresses import truncate
 from {{ cookiecutter.package_name }}.security.logs import service_log_handler
 from {{ cookiecutter.package_name }}.security.masking import Masker
 
@@ -625,3 +626,17 @@ async def test_rate_limits_count_the_real_address_whatever_the_log_writes(
     assert limited == [401, 401, 429]
     assert other.status_code == 401
     assert logs.request_line(other)["client"] == "203.0.113.0/24"
+
+
+@pytest.mark.parametrize(
+    ("address", "written"),
+    [
+        ("198.51.100.255", "198.51.100.0/24"),
+        ("::ffff:198.51.100.7", "198.51.100.0/24"),  # an IPv4 client on a dual-stack socket
+        ("2001:db8:ffff:ffff::1", "2001:db8:ffff::/48"),
+        ("::1", "::/48"),
+        ("testclient", "unknown"),  # not an address: nothing of it is written
+    ],
+)
+def test_a_truncated_address_keeps_its_network_only(address: str, written: str) -> None:
+    assert truncate(address) == written
