@@ -195,6 +195,9 @@ class Service:
             # Probes are left out of the request log by default; the tour finds its own server by
             # its probe's line.
             "LOG_HEALTH_REQUESTS": "true",
+            # Addresses in clear (the default writes keyed pseudonyms), so the log lines show which
+            # address each layer counted: the proxied client, or the tour itself.
+            "LOG_CLIENT_ADDRESS": "full",
             **({"REDIS_URL": redis_url} if redis_url else {}),
         }
 

@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
 from {{ cookiecutter.package_name }}.db import create_engine
+from {{ cookiecutter.package_name }}.security.client_addresses import truncate
 from {{ cookiecutter.package_name }}.security.logs import service_log_handler
 from {{ cookiecutter.package_name }}.security.masking import Masker
 
@@ -108,7 +109,7 @@ async def test_each_request_is_one_json_line_with_time_trace_method_route_status
     assert line["status"] == 200
     assert isinstance(line["duration_ms"], float | int) and line["duration_ms"] >= 0
     assert SPAN_ID.match(line["span_id"])
-    assert line["client"] == "203.0.113.7"
+    assert line["client"] == pseudonym("203.0.113.7")  # LOG_CLIENT_ADDRESS=pseudonym, the default
     assert line["subject"] == pseudonym("alice")
     assert org_id not in json.dumps(line)
 
@@ -500,7 +501,7 @@ async def test_rate_limit_rejection_is_logged(settings_for: Callable[..., Settin
         async with running(app) as client:
             responses = [await client.get("/api/v1/orgs/00000000-0000-0000-0000-000000000000") for _ in range(3)]
     assert [r.status_code for r in responses] == [401, 401, 429]
-    assert logs.event(responses[2], "rate_limited")["client"] == "203.0.113.7"
+    assert logs.event(responses[2], "rate_limited")["client"] == pseudonym("203.0.113.7")
 
 
 async def test_dependency_failure_is_logged(settings_for: Callable[..., Settings]) -> None:
@@ -545,7 +546,7 @@ async def test_events_are_appended_to_the_audit_table_pseudonymized_when_enabled
     rows = await audit_rows(app, denied.headers["x-trace-id"])
     assert [row["event"] for row in rows] == ["object_denied"]
     assert rows[0]["subject"] == pseudonym("bob@example.org")
-    assert rows[0]["client"] == "203.0.113.7"
+    assert rows[0]["client"] == pseudonym("203.0.113.7")
     assert rows[0]["route"] == "/api/v1/orgs/{org_id}"
     sink_statements = [s for s in statements if "audit_events" in s]
     assert sink_statements and all(s.lstrip().upper().startswith("INSERT") for s in sink_statements)
@@ -574,3 +575,68 @@ async def test_the_audit_table_refuses_updates_and_deletes(
                 await connection.execute(text(statement))
     finally:
         await engine.dispose()
+
+
+# --- client addresses (LOG_CLIENT_ADDRESS) --------------------------------------------------------
+
+ADDRESSES = {"ipv4": "203.0.113.7", "ipv6": "2001:db8:abcd:12::7"}
+WRITTEN = {
+    ("full", "ipv4"): "203.0.113.7",
+    ("full", "ipv6"): "2001:db8:abcd:12::7",
+    ("truncated", "ipv4"): "203.0.113.0/24",
+    ("truncated", "ipv6"): "2001:db8:abcd::/48",
+    ("pseudonym", "ipv4"): pseudonym("203.0.113.7"),
+    ("pseudonym", "ipv6"): pseudonym("2001:db8:abcd:12::7"),
+}
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+@pytest.mark.parametrize("mode", ["full", "truncated", "pseudonym"])
+async def test_the_client_address_is_written_as_log_client_address_says_in_lines_events_and_audit_rows(
+    settings_for: Callable[..., Settings], make_token: TokenFactory, mode: str, family: str
+) -> None:
+    address = ADDRESSES[family]
+    app = create_app(settings_for(audit_db_enabled=True, log_client_address=mode))
+    with captured_logs() as logs:
+        async with running(app, client=(address, 4711)) as client:
+            org_id = await create_org(client, make_token("ann"))
+            denied = await client.get(f"/api/v1/orgs/{org_id}", headers=bearer(make_token("bob")))
+    assert denied.status_code == 403
+    written = WRITTEN[mode, family]
+    assert logs.request_line(denied)["client"] == written
+    assert logs.event(denied, "object_denied")["client"] == written
+    rows = await audit_rows(app, denied.headers["x-trace-id"])
+    assert [row["client"] for row in rows] == [written]
+    if mode != "full":
+        assert address not in logs.text and address not in json.dumps(rows)
+
+
+async def test_rate_limits_count_the_real_address_whatever_the_log_writes(
+    settings_for: Callable[..., Settings],
+) -> None:
+    """Truncated, 203.0.113.7 and 203.0.113.8 are written alike; they are limited apart."""
+    app = create_app(settings_for(rate_limit_ip="2/minute", log_client_address="truncated"))
+    path = "/api/v1/orgs/00000000-0000-0000-0000-000000000000"
+    with captured_logs() as logs:
+        async with running(app, client=("203.0.113.7", 4711)) as first:
+            transport = httpx.ASGITransport(app=app, client=("203.0.113.8", 4711))
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as neighbour:
+                limited = [(await first.get(path)).status_code for _ in range(3)]
+                other = await neighbour.get(path)
+    assert limited == [401, 401, 429]
+    assert other.status_code == 401
+    assert logs.request_line(other)["client"] == "203.0.113.0/24"
+
+
+@pytest.mark.parametrize(
+    ("address", "written"),
+    [
+        ("198.51.100.255", "198.51.100.0/24"),
+        ("::ffff:198.51.100.7", "198.51.100.0/24"),  # an IPv4 client on a dual-stack socket
+        ("2001:db8:ffff:ffff::1", "2001:db8:ffff::/48"),
+        ("::1", "::/48"),
+        ("testclient", "unknown"),  # not an address: nothing of it is written
+    ],
+)
+def test_a_truncated_address_keeps_its_network_only(address: str, written: str) -> None:
+    assert truncate(address) == written

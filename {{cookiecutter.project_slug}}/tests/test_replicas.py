@@ -94,6 +94,7 @@ def fleet(
         "RATE_LIMIT_IP": f"{IP_LIMIT}/minute",
         "RATE_LIMIT_SUBJECT": "100000/minute",
         "LOCKOUT_FAILURES": "10000",
+        "LOG_CLIENT_ADDRESS": "full",  # the tests read the address the service resolved in its log
     }
     replicas: list[ServiceProcess] = []
     proxy = None

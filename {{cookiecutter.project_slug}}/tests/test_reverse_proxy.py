@@ -138,6 +138,7 @@ def proxied_service(
         "RATE_LIMIT_IP": f"{IP_LIMIT}/minute",
         # The tests look for the request lines of the probes they send through nginx too.
         "LOG_HEALTH_REQUESTS": "true",
+        "LOG_CLIENT_ADDRESS": "full",  # the tests read the address the service resolved in its log
         "TRACE_CONTEXT_TRUST": "proxies",
         "HOST": LOOPBACK,
         "PORT": str(service_port),

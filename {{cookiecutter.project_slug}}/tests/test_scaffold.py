@@ -47,20 +47,32 @@ def shown(result: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.mark.parametrize(
-    ("arguments", "module"),
+    ("commands", "modules"),
     # Names no service of the template's is likely to have already (the copy holds the owner's own).
-    [(("scaffolded_note", "--under", "org"), "scaffolded_notes"), (("scaffolded_tag",), "scaffolded_tags")],
-    ids=["under-an-org", "top-level"],
+    [
+        ([("scaffolded_note", "--under", "org")], ["scaffolded_notes"]),
+        ([("scaffolded_tag",)], ["scaffolded_tags"]),
+        # A child of a scaffolded resource checks the caller's relation to that resource, not to an
+        # org: its BOLA test creates the parent as its owner (holding no org) and is refused another's.
+        (
+            [("scaffolded_board",), ("scaffolded_card", "--under", "scaffolded_board")],
+            ["scaffolded_boards", "scaffolded_cards"],
+        ),
+    ],
+    ids=["under-an-org", "top-level", "under-a-scaffolded-resource"],
 )
 def test_a_scaffolded_resource_is_lint_clean_migrated_guarded_and_tested(
-    tmp_path: Path, arguments: tuple[str, ...], module: str
+    tmp_path: Path, commands: list[tuple[str, ...]], modules: list[str]
 ) -> None:
     copy = copy_project(tmp_path)
     before = {path.relative_to(copy) for path in copy.rglob("*") if path.is_file()}
-    made = in_copy(copy, "-m", f"{PACKAGE}.cli", "scaffold", "resource", *arguments)
-    assert made.returncode == 0, shown(made)
+    for arguments in commands:
+        made = in_copy(copy, "-m", f"{PACKAGE}.cli", "scaffold", "resource", *arguments)
+        assert made.returncode == 0, shown(made)
     written = {path.relative_to(copy) for path in copy.rglob("*") if path.is_file()} - before
-    assert {path.name for path in written} >= {f"{module}.py", f"test_{module}.py"}
+    assert {path.name for path in written} >= {
+        name for module in modules for name in (f"{module}.py", f"test_{module}.py")
+    }
     assert any(path.parts[-2] == "versions" for path in written), written
     # Only owner files changed: the new ones, and the three it extends.
     package = Path("src") / PACKAGE
@@ -77,7 +89,7 @@ def test_a_scaffolded_resource_is_lint_clean_migrated_guarded_and_tested(
             "-q",
             "-p",
             "no:cacheprovider",
-            f"tests/test_{module}.py",
+            *(f"tests/test_{module}.py" for module in modules),
             "tests/test_migrations.py",
             "tests/test_route_policy.py",
         ),
@@ -97,3 +109,23 @@ def test_scaffold_refuses_a_resource_that_exists_and_writes_nothing(tmp_path: Pa
     assert (copy / "src" / PACKAGE / "models.py").read_text() == models
     unknown = in_copy(copy, "-m", f"{PACKAGE}.cli", "scaffold", "resource", "task", "--under", "nothing")
     assert unknown.returncode == 2 and "--under nothing" in unknown.stderr, shown(unknown)
+
+
+def source_files(copy: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in copy.rglob("*") if path.is_file() and "__pycache__" not in path.parts}
+
+
+def test_scaffold_refuses_a_parent_without_grants_of_its_own_and_writes_nothing(tmp_path: Path) -> None:
+    """A resource scaffolded under an org has no grants of its own: a relation to one of its rows
+    means nothing, so a resource under it could not be guarded by one."""
+    copy = copy_project(tmp_path)
+    child = in_copy(copy, "-m", f"{PACKAGE}.cli", "scaffold", "resource", "scaffolded_note", "--under", "org")
+    assert child.returncode == 0, shown(child)
+    files = source_files(copy)
+    refused = in_copy(
+        copy, "-m", f"{PACKAGE}.cli", "scaffold", "resource", "scaffolded_line", "--under", "scaffolded_note"
+    )
+    assert refused.returncode == 2, shown(refused)
+    assert "--under scaffolded_note: not an object with grants of its own" in refused.stderr
+    assert "one of org" in refused.stderr
+    assert source_files(copy) == files

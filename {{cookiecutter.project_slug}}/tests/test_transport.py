@@ -19,6 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
+from {{ cookiecutter.package_name }}.security import route_policy
 from {{ cookiecutter.package_name }}.security.transport import ClientAddress, rate_limit_bucket, socket_peer
 
 from .conftest import TokenFactory, bearer, running
@@ -63,6 +64,13 @@ def assert_security_headers(response: httpx.Response, *, hsts: bool = False) -> 
         assert match and int(match.group(1)) >= TWO_YEARS
     else:
         assert "strict-transport-security" not in response.headers
+
+
+@pytest.fixture(autouse=True)
+def probe_routes_are_public(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe routes below have no policy: they are on the public list for these tests, as an
+    owner puts a public route of theirs there (else the service refuses to start, deny by default)."""
+    monkeypatch.setattr(route_policy, "PUBLIC_ROUTES", route_policy.PUBLIC_ROUTES | {"/boom", "/banner", "/whoami"})
 
 
 def add_probe_routes(app: FastAPI) -> FastAPI:

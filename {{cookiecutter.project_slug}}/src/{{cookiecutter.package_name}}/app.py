@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
@@ -18,12 +21,15 @@ from .security.errors import install_error_handlers
 from .security.keys import JwksKeys
 from .security.logs import configure_logging
 from .security.ratelimit import RouteLimitExceeded, route_limit_exceeded
+from .security.route_policy import UnguardedRoutes, refuse_unguarded_routes
 from .security.stack import SecuredApp
 from .startup import load_settings
 from .store import RedisStore
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter | None = None) -> FastAPI:
@@ -33,13 +39,14 @@ def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter 
         settings.log_level,
         masked_fields=settings.audit_masked_fields,
         pseudonym_key=settings.audit_pseudonym_key_bytes,
+        client_address=settings.log_client_address,
     )
     runtime = build_runtime(settings, span_exporter=span_exporter)
     docs = settings.effective_docs_enabled
     app = SecuredApp(
         title=SERVICE_NAME,
         pipeline=security_pipeline(runtime),
-        lifespan=runtime.lifespan,
+        lifespan=deny_by_default(runtime),
         docs_url="/docs" if docs else None,
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
@@ -57,7 +64,27 @@ def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter 
         for router in extension.routers:
             app.include_router(router)
     problem_openapi(app)
+    refuse_unguarded_routes(app.routes)  # and again at start, on the final route table
     return app
+
+
+def deny_by_default(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The runtime's lifespan, which refuses to start (before serving any request) when a route has
+    no authorization policy and is not public, whatever added it after the factory: a router
+    included later, an option's lifespan. `serve` exits 1 with the message (app.state.startup_refused)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with runtime.lifespan(app):
+            try:
+                refuse_unguarded_routes(app.routes)
+            except UnguardedRoutes as refused:
+                app.state.startup_refused = str(refused)
+                logger.critical("refusing to start: %s", refused, extra={"event": "startup_refused"})
+                raise
+            yield
+
+    return lifespan
 
 
 def build_runtime(settings: Settings, *, span_exporter: SpanExporter | None = None) -> Runtime:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import sys
@@ -200,6 +201,14 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     host, port = args.host or settings.host, args.port or settings.port
+    from .app import create_app
+    from .shutdown import DrainingServer
+
+    try:
+        app = create_app(settings)  # built here under --workers too: a route without a policy is refused once
+    except ConfigError as exc:
+        print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
+        return 1
     if args.workers > 1:
         # uvicorn's supervisor and its plain workers: SIGTERM stops them without the drain period
         # (README: Scaling). One process per container is the Kubernetes way.
@@ -209,16 +218,19 @@ def serve(args: argparse.Namespace) -> int:
         )  # fmt: skip
         return 0
 
-    from .app import create_app
-    from .shutdown import DrainingServer
-
-    app = create_app(settings)
     server = DrainingServer(
         uvicorn.Config(app, host=host, port=port, **server_options(settings, option_server_options)),
         app_runtime(app),
         settings.shutdown_drain_seconds,
     )
-    server.run()
+    try:
+        server.run()  # uvicorn exits 3 itself when the lifespan's startup fails
+    except SystemExit:
+        refused = getattr(app.state, "startup_refused", None)  # deny by default, on the final route table
+        if refused:
+            print(f"{SERVICE_NAME}: refusing to start: {refused}", file=sys.stderr)
+            return 1
+        raise
     return 0 if server.started else 3  # 3: uvicorn's status for a server that never started
 
 
@@ -245,12 +257,20 @@ def server_options(settings: Settings, extra: dict[str, Any]) -> dict[str, Any]:
 
 def check_config(_args: argparse.Namespace) -> int:
     """Validate the environment as the service would at start."""
+    from .app import create_app
+
     try:
         settings = load_settings()
         tracing = tracing_requested()
+        # The app as the service builds it (no I/O), so a route without a policy is refused (deny by
+        # default); its log lines go to stderr, stdout carries the verdict alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            app = create_app(settings)
     except ConfigError as exc:
         print(f"{SERVICE_NAME}: refusing to start: {exc}", file=sys.stderr)
         return 1
+    if (built := app_runtime(app).tracing) is not None:
+        built.provider.shutdown()  # nothing was traced: stops the exporter's thread
     observed = [name for name, on in (("traces", tracing), ("metrics", settings.metrics_port is not None)) if on]
     print(f"configuration ok ({', '.join([settings.environment, *observed])})")
     return 0

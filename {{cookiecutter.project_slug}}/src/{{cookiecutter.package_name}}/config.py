@@ -125,6 +125,10 @@ class Settings(BaseSettings):
     # Production refuses these unless the owner says so (README "Redis topology", "Rate limiting").
     redis_allow_unauthenticated: bool = False  # a remote REDIS_URL without a password
     rate_limit_failure_mode_acknowledged: bool = False  # RATE_LIMIT_FAILURE_MODE=open
+    # How the logs and the audit table write a client address (README "Audit logging"): in full,
+    # truncated (IPv4 /24, IPv6 /48) or as a keyed pseudonym (AUDIT_PSEUDONYM_KEY). Rate limits and
+    # lockouts always use the real address; only what is written changes.
+    log_client_address: Literal["full", "truncated", "pseudonym"] = "pseudonym"
 
     @model_validator(mode="before")
     @classmethod

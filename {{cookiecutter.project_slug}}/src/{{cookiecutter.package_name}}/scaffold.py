@@ -5,7 +5,10 @@ migration (`migrations/versions/`, lint-clean, for SQLite and PostgreSQL alike),
 (`api/deps.py`), its routes (`api/<plural>.py`) and their router's registration
 (`api/__init__.py`), and a BOLA test of its own (`tests/test_<plural>.py`). A resource `--under`
 an object (`org`: `/api/v1/orgs/{org_id}/<plural>`) is guarded by the caller's relation to that
-object; a top-level one is an object type of its own, whose creator becomes its owner.
+object, of that object's own type; a top-level one is an object type of its own, whose creator
+becomes its owner, and can be a parent in turn (`--under project` after `scaffold resource
+project`). A resource scaffolded under another has no grants of its own, so nothing can be
+scaffolded under it: the command refuses.
 
 It runs in a source checkout (an editable install), refuses to overwrite anything, and changes
 no template file.
@@ -25,9 +28,25 @@ from .migrations import alembic_config
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{1,30}$")
 PACKAGE_DIR = Path(__file__).resolve().parent
-# The objects a resource can be scaffolded under: the path parameter, the table and the collection
-# path of each (the example domain's org; add yours here in your copy).
-PARENTS = {"org": ("org_id", "orgs", "/orgs")}
+
+
+@dataclass(frozen=True)
+class Parent:
+    """An object a resource can be scaffolded under: one with grants of its own in the permissions
+    table, so the child's routes check the caller's relation to it."""
+
+    name: str  # `org`
+    object_type: str  # the constant `api/deps.py` names its object type by: `ORG`
+    table: str  # `orgs`; also its collection path (`/orgs`) and its scopes (`orgs:read`, `orgs:write`)
+
+    @property
+    def param(self) -> str:
+        return f"{self.name}_id"
+
+
+# The example domain's org; every top-level resource scaffolded before is one too (`parents`).
+ORG_PARENT = Parent("org", "ORG", "orgs")
+_OBJECT_TYPE = re.compile(r'^([A-Z][A-Z0-9_]*) = "([a-z][a-z0-9_]*)"$', re.MULTILINE)
 
 
 class ScaffoldRefused(Exception):
@@ -38,7 +57,7 @@ class ScaffoldRefused(Exception):
 class Resource:
     name: str  # singular, snake case: `project`
     plural: str
-    parent: str | None  # a key of PARENTS, or None for a top-level resource
+    parent: str | None  # `org` or a top-level resource scaffolded before, or None for a top-level resource
 
     @property
     def cls(self) -> str:
@@ -49,12 +68,40 @@ class Resource:
         return "".join(part.capitalize() for part in self.plural.split("_"))
 
 
+def parents(package: Path) -> dict[str, Parent]:
+    """The objects a resource can be scaffolded under: the org, and each top-level resource
+    scaffolded before (its object type declared in `api/deps.py`, its table in `models.py`)."""
+    found = {ORG_PARENT.name: ORG_PARENT}
+    models = (package / "models.py").read_text()
+    for constant, name in _OBJECT_TYPE.findall((package / "api" / "deps.py").read_text()):
+        cls = "".join(part.capitalize() for part in name.split("_"))
+        table = re.search(rf'^class {cls}\(Base\):\n(?:.*\n)*?    __tablename__ = "(\w+)"$', models, re.MULTILINE)
+        if constant == name.upper() and table and (package / "api" / f"{table.group(1)}.py").is_file():
+            found[name] = Parent(name, constant, table.group(1))
+    return found
+
+
+def parent_of(resource: Resource, package: Path) -> Parent | None:
+    """The parent named by `--under`, or ScaffoldRefused when it has no grants of its own."""
+    if resource.parent is None:
+        return None
+    known = parents(package)
+    parent = known.get(resource.parent)
+    if parent is None:
+        raise ScaffoldRefused(
+            f"--under {resource.parent}: not an object with grants of its own; a resource is scaffolded under "
+            f"one of {', '.join(sorted(known))} (the org, or a top-level resource scaffolded before). A resource "
+            "scaffolded under another has no grants of its own: put yours under that one's parent, or write "
+            'its policy by hand (README "Your own resource, by hand")'
+        )
+    return parent
+
+
 def check_name(resource: Resource, package: Path) -> None:
     for name in (resource.name, resource.plural):
         if not NAME_PATTERN.fullmatch(name) or keyword.iskeyword(name):
             raise ScaffoldRefused(f"{name!r}: use a lowercase identifier of 2-31 letters, digits and underscores")
-    if resource.parent is not None and resource.parent not in PARENTS:
-        raise ScaffoldRefused(f"--under {resource.parent}: not one of {', '.join(sorted(PARENTS))}")
+    parent_of(resource, package)
     if resource.name == resource.plural:
         raise ScaffoldRefused("the plural must differ from the name (--plural)")
     routes = package / "api" / f"{resource.plural}.py"
@@ -92,7 +139,7 @@ def scaffold(resource: Resource, *, package: Path = PACKAGE_DIR, project: Path |
     versions = package / "migrations" / "versions"
     head = migration_head(package)
     revision = next_revision(head, versions)
-    values = _values(resource, head, revision)
+    values = _values(resource, parent_of(resource, package), head, revision)
     migration = versions / f"{revision}_{resource.plural}.py"
     test = project / "tests" / f"test_{resource.plural}.py"
     for path in (migration, test):
@@ -140,7 +187,7 @@ def tidy(paths: list[Path]) -> bool:
     return True
 
 
-def _values(resource: Resource, head: str, revision: str) -> dict[str, str]:
+def _values(resource: Resource, parent: Parent | None, head: str, revision: str) -> dict[str, str]:
     values = {
         "name": resource.name,
         "plural": resource.plural,
@@ -150,9 +197,14 @@ def _values(resource: Resource, head: str, revision: str) -> dict[str, str]:
         "down": head,
         "revision": revision,
     }
-    if resource.parent is not None:
-        param, table, collection = PARENTS[resource.parent]
-        values |= {"parent": resource.parent, "param": param, "parent_table": table, "parents": collection}
+    if parent is not None:
+        values |= {
+            "parent": parent.name,
+            "parent_type": parent.object_type,
+            "param": parent.param,
+            "parent_table": parent.table,
+            "parents": f"/{parent.table}",
+        }
     return values
 
 
@@ -192,9 +244,14 @@ class $cls(Base):
 POLICIES = {
     "child": """
 
-# $label (scaffolded): the caller's relation to the $parent in the path.
-CanRead$label = Annotated[uuid.UUID, require_relation(ORG, Relation.viewer, param="$param", scopes=["$plural:read"])]
-CanWrite$label = Annotated[uuid.UUID, require_relation(ORG, Relation.editor, param="$param", scopes=["$plural:write"])]
+# $label (scaffolded): the caller's relation to the $parent in the path
+# (object type $parent_type).
+CanRead$label = Annotated[
+    uuid.UUID, require_relation($parent_type, Relation.viewer, param="$param", scopes=["$plural:read"])
+]
+CanWrite$label = Annotated[
+    uuid.UUID, require_relation($parent_type, Relation.editor, param="$param", scopes=["$plural:write"])
+]
 """,
     "top": """
 
@@ -245,8 +302,9 @@ def _out(row: $cls) -> ${cls}Out:
 
 
 async def _in_parent(session: SessionDep, $param: uuid.UUID, ${name}_id: uuid.UUID) -> $cls:
-    """The $name, when it belongs to the $parent in the path; 404 otherwise (another ${parent}'s
-    $name is not found through this one)."""
+    """The $name, when it belongs to the $parent in the path; 404 otherwise:
+    another ${parent}'s $name is not found
+    through this one."""
     row = await session.get($cls, ${name}_id)
     if row is None or row.$param != $param:
         raise HTTPException(404)
@@ -415,7 +473,7 @@ import httpx
 
 from .conftest import TokenFactory, bearer
 
-SCOPES = "orgs:read orgs:write $plural:read $plural:write"
+SCOPES = "$parent_table:read $parent_table:write $plural:read $plural:write"
 PARENTS = "/api/v1$parents"
 
 

@@ -29,7 +29,7 @@ from .errors import ProblemDetail, ProblemResponse, problem, store_busy
 from .events import security_event
 from .keys import KeySource
 from .lockout import LockedOut, locked_out
-from .principal import API_PREFIX, Authenticator, ChannelAuthenticator, InvalidCredentials, Principal, app_path
+from .principal import Authenticator, ChannelAuthenticator, InvalidCredentials, Principal, app_path, under_api
 from .revocation import MAX_ID_LENGTH, RevocationStoreUnavailable
 
 if TYPE_CHECKING:
@@ -295,7 +295,7 @@ class Authenticate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = app_path(scope)
-        if scope["type"] not in ("http", "websocket") or not path.startswith(API_PREFIX) or path in self.public_paths:
+        if scope["type"] not in ("http", "websocket") or not under_api(path) or path in self.public_paths:
             await self.app(scope, receive, send)
             return
         try:

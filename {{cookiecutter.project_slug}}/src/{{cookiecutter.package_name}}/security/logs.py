@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime
 from datetime import time as dt_time
 from typing import IO, Any
 
-from . import pseudonyms
+from . import client_addresses, pseudonyms
 from .events import (
     TraceIdFilter,
 )
@@ -80,11 +80,14 @@ def configure_logging(
     *,
     masked_fields: Iterable[str] = ("email",),
     pseudonym_key: bytes | None = None,
+    client_address: client_addresses.Mode = "pseudonym",
     stream: IO[str] | None = None,
 ) -> ServiceLogHandler:
     """One JSON shape for the service, uvicorn and libraries, on stdout (or `stream`). Subjects are
-    pseudonymized with `pseudonym_key`, or with a key generated for this process (development)."""
+    pseudonymized with `pseudonym_key`, or with a key generated for this process (development);
+    client addresses are written as `client_address` says (LOG_CLIENT_ADDRESS)."""
     pseudonyms.install(pseudonym_key)
+    client_addresses.install(client_address)  # after the key: a pseudonym mode uses it
     handler = ServiceLogHandler(stream or sys.stdout)
     handler.addFilter(TraceIdFilter())
     handler.setFormatter(AuditJsonFormatter(Masker(masked_fields)))

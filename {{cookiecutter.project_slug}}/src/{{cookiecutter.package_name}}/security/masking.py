@@ -1,6 +1,7 @@
 """Masking, in one place for the log formatter and the audit table: `subject` fields become keyed
-pseudonyms (`pseudonyms.py`), other emails and the AUDIT_MASKED_FIELDS are masked
-(`j***@example.org`), secrets are redacted, whoever logs them.
+pseudonyms (`pseudonyms.py`), `client` addresses are written as LOG_CLIENT_ADDRESS says
+(`client_addresses.py`), other emails and the AUDIT_MASKED_FIELDS are masked (`j***@example.org`),
+secrets are redacted, whoever logs them.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import pseudonyms
+from . import client_addresses, pseudonyms
 
 REDACTED = "[REDACTED]"
 # Keys whose values are never logged, whatever they hold.
@@ -41,6 +42,8 @@ SECRET_KEYS = frozenset(
 SECRET_SUFFIXES = ("_token", "_secret", "_password", "_key")
 # Keys whose values name who acted: logged as keyed pseudonyms, stable per subject.
 SUBJECT_KEYS = frozenset({"subject"})
+# Keys whose values are client addresses: written in full, truncated or as pseudonyms.
+ADDRESS_KEYS = frozenset({"client", "client_address"})
 
 # Compiled once: these run on every log line.
 _EMAIL = re.compile(r"(?<![\w.%+-])([A-Za-z0-9])[A-Za-z0-9._%+-]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
@@ -50,7 +53,7 @@ _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
 _URL_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s?#\"']*)\?[^\s#\"']*")
 
 
-_SECRET, _SUBJECT, _PERSONAL, _VALUE = "secret", "subject", "personal", "value"
+_SECRET, _SUBJECT, _ADDRESS, _PERSONAL, _VALUE = "secret", "subject", "address", "personal", "value"
 _MAX_RULES = 1024  # field names remembered; callers choose field names, not clients
 _PLAIN = frozenset({int, float, bool})
 
@@ -102,6 +105,8 @@ class Masker:
                 masked[key] = REDACTED
             elif rule == _SUBJECT:
                 masked[key] = self.pseudonym(value)
+            elif rule == _ADDRESS:
+                masked[key] = client_addresses.written(value)
             elif rule == _PERSONAL:
                 masked[key] = self.personal(value)
             else:
@@ -115,6 +120,8 @@ class Masker:
             rule = _SECRET
         elif name in SUBJECT_KEYS:
             rule = _SUBJECT
+        elif name in ADDRESS_KEYS:
+            rule = _ADDRESS
         elif name in self.masked_fields:
             rule = _PERSONAL
         else:

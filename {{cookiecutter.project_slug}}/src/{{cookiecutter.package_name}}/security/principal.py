@@ -15,6 +15,13 @@ from starlette.types import Receive, Scope
 API_PREFIX = "/api/"
 
 
+def under_api(path: str) -> bool:
+    """Whether `path` is in the authenticated part of the service: `/api` itself and everything
+    under `/api/`. The one definition layer 4 (authn.py) authenticates by and the route-policy walk
+    (route_policy.py) judges routes by, so no path is inside for one and outside for the other."""
+    return path.startswith(API_PREFIX) or path == API_PREFIX[:-1]
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling, as proven by the credential."""

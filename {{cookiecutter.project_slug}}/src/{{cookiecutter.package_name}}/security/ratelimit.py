@@ -22,7 +22,7 @@ from .errors import ProblemResponse, problem, store_busy
 from .events import add_response_headers, security_event
 from .limiter import Decision, Policy
 from .lockout import LockedOut, locked_out
-from .principal import API_PREFIX, app_path
+from .principal import app_path, under_api
 from .transport import rate_limit_bucket
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class RateLimit:
         self.lookahead = lookahead
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not app_path(scope).startswith(API_PREFIX):
+        if scope["type"] != "http" or not under_api(app_path(scope)):
             await self.app(scope, receive, send)
             return
         try:

@@ -1,8 +1,12 @@
 """The route-policy walk, deny by default: every route declares scopes and an object policy
-(`authz.py`), or is on the public list below; the test suite fails on a route that is neither.
+(`authz.py`), or is on the public list below. The application refuses to start with a route that is
+neither (`refuse_unguarded_routes`, run by the app factory and again by the lifespan on the final
+route table, so a router included later or a route behind a setting is judged too), and the test
+suite fails on one.
 
-A route must also be under /api/: layer 4 authenticates every request there and nowhere else, so
-a route elsewhere would serve anyone whatever it declares."""
+A route must also be under /api/ (or be `/api` itself): layer 4 authenticates every request there
+and nowhere else (`principal.under_api`, the one definition both use), so a route elsewhere would
+serve anyone whatever it declares."""
 
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
+from ..config import ConfigError
 from .authz import RULE_ATTRIBUTE, ObjectRule, ScopeRule
-from .principal import API_PREFIX
+from .principal import under_api
 
 # Recent FastAPI keeps included routers nested in app.routes and walks them with this; older
 # versions flatten app.routes themselves.
@@ -73,16 +78,17 @@ def route_policy(name: str, dependant: Dependant) -> RoutePolicy:
     return RoutePolicy(name, frozenset(scopes), objects[0][1] if objects else None, tuple(problems))
 
 
-def route_policies(routes: Sequence[BaseRoute], *, public: frozenset[str] = PUBLIC_ROUTES) -> list[RoutePolicy]:
+def route_policies(routes: Sequence[BaseRoute], *, public: frozenset[str] | None = None) -> list[RoutePolicy]:
     """The policy of every route but the public ones, included routers flattened (with the
     dependencies they add). A route outside /api/, or one under it that cannot declare a policy
     (a mount, a plain route), is a problem."""
+    public = PUBLIC_ROUTES if public is None else public  # read at call time: the list as it is now
     policies = []
     for path, methods, route, dependant in _flat_routes(routes):
         if path in public:
             continue
         name = f"{','.join(sorted(methods))} {path}" if methods else path
-        if not (path + "/").startswith(API_PREFIX):
+        if not under_api(path):
             policies.append(RoutePolicy(name, frozenset(), None, (OUTSIDE_API,)))
         elif isinstance(route, APIRoute) and dependant is not None:
             policies.append(route_policy(name, dependant))
@@ -90,6 +96,28 @@ def route_policies(routes: Sequence[BaseRoute], *, public: frozenset[str] = PUBL
             problem = f"{type(route).__name__} cannot declare a policy"
             policies.append(RoutePolicy(path, frozenset(), None, (problem,)))
     return policies
+
+
+class UnguardedRoutes(ConfigError):
+    """A route has no complete authorization policy and is not public: the service does not start."""
+
+
+def unguarded(routes: Sequence[BaseRoute]) -> list[str]:
+    """One line per route whose policy is missing or incomplete (`METHOD /path: what is wrong`)."""
+    return [f"{policy.route}: {'; '.join(policy.problems)}" for policy in route_policies(routes) if policy.problems]
+
+
+def refuse_unguarded_routes(routes: Sequence[BaseRoute]) -> None:
+    """Deny by default at run time: raise UnguardedRoutes, naming each route and what to do, when
+    any route is neither guarded nor public. Walks the route table once (milliseconds, at start)."""
+    problems = unguarded(routes)
+    if problems:
+        raise UnguardedRoutes(
+            f"{len(problems)} route(s) without an authorization policy: {'; '.join(problems)}. "
+            "Declare one on each route (require_scopes with require_relation, read_with_relation or "
+            'no_object_policy; README "Authorization"), or, for a route anyone may call, put its path '
+            "on PUBLIC_ROUTES (security/route_policy.py)"
+        )
 
 
 def _flat_routes(routes: Sequence[BaseRoute]) -> Iterator[tuple[str, set[str], BaseRoute, Dependant | None]]:
