@@ -19,13 +19,16 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.options.webhooks.outbound import generate_secret, new_message_id, sign
+from {{ cookiecutter.package_name }}.security.lockout import Lockout
 
 from .certificates import client_certificate, make_ca, server_certificate
 from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer
 from .servers import LOOPBACK
+from .test_authn import UNUSABLE_AUTHORIZATION, authorization
 from .test_mtls import LISTED, READER, UNLISTED, Pki, Served, escaped, from_peer, nginx_verifying_clients, serving
 
 MANAGER = "spiffe://example.org/ns/partners/sa/key-manager"
@@ -241,6 +244,33 @@ async def test_two_caller_credentials_are_refused_even_when_both_verify(
         refused = create_org(http, {**api_key(key), **bearer(make_token("alice", ALL_SCOPES))})
     assert refused.status_code == 401
     assert refused.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("case", UNUSABLE_AUTHORIZATION)
+async def test_an_unusable_authorization_header_is_refused_and_counted_whatever_the_certificate(
+    shape: Shape, production: dict[str, str], make_token: TokenFactory, case: str
+) -> None:
+    """Issue 28, finding 3: with a good workload certificate, `Basic` then `Bearer <garbage>`, a
+    tab after `Bearer` or an unknown scheme were passed over and the workload answered 201. Each is
+    a credential presented: refused with the schemes the service accepts, counted for the address."""
+    values, reason = UNUSABLE_AUTHORIZATION[case]
+    failures = Lockout._keys(LOOPBACK)[0]  # the address's failure count (both shapes: the client is on loopback)
+    redis = Redis.from_url(production["REDIS_URL"])
+    try:
+        await redis.delete(failures)
+        with shape.client("listed") as http:
+            token = make_token("alice", ALL_SCOPES)
+            refused = http.post(ORGS, json={"name": "Acme"}, headers=authorization(values, token))
+        if shape.name == "nginx" and reason == "several_authorization_headers":
+            # The shipped nginx refuses a repeated Authorization header itself: it never reaches the service.
+            assert refused.status_code == 400
+            assert refused.headers["content-type"] == "application/problem+json"
+            return
+        assert_401(refused, "ApiKey, Bearer")
+        assert int(await redis.get(failures) or 0) == 1
+    finally:
+        await redis.aclose()
+    assert reason in [event.get("reason") for event in shape.service.events("authentication_failed")]
 
 
 def test_a_certificate_the_service_does_not_list_is_refused_whatever_else_is_sent(

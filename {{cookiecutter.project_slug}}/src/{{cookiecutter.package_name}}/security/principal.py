@@ -39,7 +39,8 @@ class InvalidCredentials(Exception):
 
 
 class Authenticator(Protocol):
-    """One credential type. `challenge` is its WWW-Authenticate scheme."""
+    """One credential type. `challenge` is its WWW-Authenticate scheme, and the `Authorization`
+    scheme it reads when it reads that header: layer 4 refuses any other scheme before asking it."""
 
     challenge: str
 
