@@ -26,7 +26,7 @@ from {{ cookiecutter.package_name }}.options.webhooks.outbound import generate_s
 from {{ cookiecutter.package_name }}.security.lockout import Lockout
 
 from .certificates import client_certificate, make_ca, server_certificate
-from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer
+from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, principal
 from .servers import LOOPBACK
 from .test_authn import UNUSABLE_AUTHORIZATION, authorization
 from .test_mtls import LISTED, READER, UNLISTED, Pki, Served, escaped, from_peer, nginx_verifying_clients, serving
@@ -273,6 +273,35 @@ async def test_an_unusable_authorization_header_is_refused_and_counted_whatever_
     assert reason in [event.get("reason") for event in shape.service.events("authentication_failed")]
 
 
+async def test_a_token_whose_sub_is_a_keys_or_a_workloads_id_is_neither(
+    pki: Pki,
+    production: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    cli: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+    make_token: TokenFactory,
+) -> None:
+    """Issue 28, finding 10 (ASVS V10.3.3): a token whose `sub` is `apikey:<id>` of a real key, or a
+    workload's SPIFFE ID, gets none of that principal's objects, and none of its rate limit."""
+    key = await issue_key(cli, capsys, "orgs:read", "orgs:write")
+    key_id = key.split("_")[1]
+    env = {**production, **tls_files(pki), "RATE_LIMIT_SUBJECT": "3/minute"}
+    with serving(tmp_path_factory.mktemp("namespaces"), env) as served:
+        with httpx.Client(base_url=served.url, verify=pki.context("listed"), timeout=10) as http:
+            by_key = create_org(http, api_key(key))
+            assert by_key.status_code == 201, by_key.text
+            by_workload = create_org(http)
+            assert by_workload.status_code == 201, by_workload.text
+            keys_org, workloads_org = (f"{ORGS}/{r.json()['id']}" for r in (by_key, by_workload))
+            as_key = bearer(make_token(f"apikey:{key_id}", ALL_SCOPES))
+            as_workload = bearer(make_token(LISTED, ALL_SCOPES))
+            assert http.get(keys_org, headers=as_key).status_code == 403
+            assert http.get(workloads_org, headers=as_workload).status_code == 403
+            assert http.get(keys_org, headers=as_key).status_code == 403  # the token's 3rd request this minute
+            # The key has made one request: its own bucket has room, whatever the token spent.
+            assert http.get(keys_org, headers=api_key(key)).status_code == 200
+
+
 def test_a_certificate_the_service_does_not_list_is_refused_whatever_else_is_sent(
     shape: Shape, make_token: TokenFactory
 ) -> None:
@@ -402,8 +431,8 @@ def test_the_composed_principal_is_what_the_audit_log_names(shape: Shape, make_t
         assert create_org(http, bearer(make_token("carol", ALL_SCOPES))).status_code == 201
     deadline = time.monotonic() + 5
     subjects: list[Any] = []
-    while time.monotonic() < deadline and pseudonym("carol") not in subjects:
+    while time.monotonic() < deadline and pseudonym(principal("carol")) not in subjects:
         subjects = [record.get("subject") for record in shape.service.log_records() if record.get("event") == "request"]
         time.sleep(0.05)
-    assert pseudonym("carol") in subjects  # the token's subject, not the workload's
+    assert pseudonym(principal("carol")) in subjects  # the token's subject, not the workload's
     assert LISTED not in Path(shape.service.log_path).read_text()

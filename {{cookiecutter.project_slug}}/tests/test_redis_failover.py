@@ -32,7 +32,7 @@ from {{ cookiecutter.package_name }}.store.cluster import ClusterStore
 from {{ cookiecutter.package_name }}.store.core import Script, StoreUnavailable, pack
 from {{ cookiecutter.package_name }}.store.sentinel import SentinelStore
 
-from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, running
+from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, principal, running
 from .servers import (
     LOOPBACK,
     SENTINEL_SERVICE,
@@ -418,7 +418,7 @@ async def test_resharding_under_traffic_from_two_replicas_keeps_counts_exact_and
                 for address in addresses
             }
             runtime = apps[0].state.runtime
-            await runtime.revocations.revoke_subject(revoked)
+            await runtime.revocations.revoke_subject(principal(revoked))
             await asyncio.sleep(0.01)  # tokens issued after the mark's second
             tokens = {subject: make_token(subject, iat=int(time.time()) - 5) for subject in subjects}
             stop = asyncio.Event()

@@ -29,7 +29,15 @@ from .errors import ProblemDetail, ProblemResponse, problem, store_busy
 from .events import security_event
 from .keys import KeySource
 from .lockout import LockedOut, locked_out
-from .principal import API_PREFIX, Authenticator, ChannelAuthenticator, InvalidCredentials, Principal, app_path
+from .principal import (
+    API_PREFIX,
+    Authenticator,
+    ChannelAuthenticator,
+    InvalidCredentials,
+    Principal,
+    app_path,
+    issuer_namespace,
+)
 from .revocation import MAX_ID_LENGTH, RevocationStoreUnavailable
 
 if TYPE_CHECKING:
@@ -83,6 +91,10 @@ class TokenVerifier:
         self.keys = keys
         self.algorithms = frozenset(settings.jwt_algorithms)
         self.issuer = settings.jwt_issuer
+        # A token's principal is `jwt:<issuer key>:<sub>` (principal.py): the prefix is fixed per
+        # process, so naming the principal costs one concatenation, once per verified token.
+        self.namespace = issuer_namespace(settings.jwt_issuer)
+        self.max_subject = MAX_ID_LENGTH - len(self.namespace)
         self.audience = settings.jwt_audience
         self.leeway = settings.jwt_leeway_seconds
         self.max_lifetime = settings.jwt_max_token_lifetime_seconds
@@ -148,7 +160,7 @@ class TokenVerifier:
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
         subject, exp, iat = claims["sub"], claims["exp"], claims["iat"]
-        if not isinstance(subject, str) or not subject or len(subject) > MAX_ID_LENGTH:
+        if not isinstance(subject, str) or not subject or len(subject) > self.max_subject:
             raise InvalidCredentials("bad_subject")
         # PyJWT accepts anything int() accepts, "1700000000" and true included; a JWT NumericDate is a number.
         if not all(_is_number(claims[name]) for name in ("exp", "iat", "nbf") if name in claims):
@@ -158,7 +170,7 @@ class TokenVerifier:
         jti = claims.get("jti")
         if jti is not None and (not isinstance(jti, str) or not jti or len(jti) > MAX_ID_LENGTH):
             raise InvalidCredentials("bad_jti")
-        return Principal(subject, _scopes(claims), jti, int(iat), int(exp), BearerToken.challenge)
+        return Principal(self.namespace + subject, _scopes(claims), jti, int(iat), int(exp), BearerToken.challenge)
 
 
 def _is_number(value: object) -> bool:
