@@ -32,7 +32,7 @@ from {{ cookiecutter.package_name }}.scan.probe import Probe, Scan
 from {{ cookiecutter.package_name }}.scan.report import Status
 from {{ cookiecutter.package_name }}.security.principal import Principal
 
-from .conftest import TokenFactory, bearer, running
+from .conftest import TokenFactory, bearer, principal, running
 from .servers import free_port
 
 ORGS = "/api/v1/orgs"
@@ -76,12 +76,12 @@ async def issue(
     networks: tuple[str, ...] = (),
     lifetime_seconds: int | None = None,
 ) -> store.IssuedKey:
-    """A key issued as the API and the CLI issue one."""
+    """A key issued as the API and the CLI issue one, owned by a token subject of the tests' issuer."""
     async with app.state.runtime.sessionmaker() as session:
         issued = await store.issue(
             session,
             authenticator(app).settings,
-            owner=owner,
+            owner=principal(owner),
             name="partner",
             scopes=scopes,
             networks=networks,
@@ -531,6 +531,7 @@ async def test_the_cli_issues_lists_rotates_and_revokes(
     assert await anyio.to_thread.run_sync(main, ["api-key", "list", "--owner", "partner-admin"]) == 0
     listed = capsys.readouterr().out
     assert key_id in listed and key.rsplit("_", 1)[1] not in listed and "203.0.113.0/24" in listed
+    assert f"owner={principal('partner-admin')}" in listed  # the token subject partner-admin of JWT_ISSUER
 
     assert await anyio.to_thread.run_sync(main, ["api-key", "rotate", key_id, "--overlap", "1h"]) == 0
     new = capsys.readouterr().out.strip()

@@ -287,19 +287,19 @@ async def test_a_token_whose_sub_is_a_keys_or_a_workloads_id_is_neither(
     key_id = key.split("_")[1]
     env = {**production, **tls_files(pki), "RATE_LIMIT_SUBJECT": "3/minute"}
     with serving(tmp_path_factory.mktemp("namespaces"), env) as served:
-        with httpx.Client(base_url=served.url, verify=pki.context("listed"), timeout=10) as http:
-            by_key = create_org(http, api_key(key))
+        async with httpx.AsyncClient(base_url=served.url, verify=pki.context("listed"), timeout=10) as http:
+            by_key = await http.post(ORGS, json={"name": "Acme"}, headers=api_key(key))
             assert by_key.status_code == 201, by_key.text
-            by_workload = create_org(http)
+            by_workload = await http.post(ORGS, json={"name": "Acme"})
             assert by_workload.status_code == 201, by_workload.text
             keys_org, workloads_org = (f"{ORGS}/{r.json()['id']}" for r in (by_key, by_workload))
             as_key = bearer(make_token(f"apikey:{key_id}", ALL_SCOPES))
             as_workload = bearer(make_token(LISTED, ALL_SCOPES))
-            assert http.get(keys_org, headers=as_key).status_code == 403
-            assert http.get(workloads_org, headers=as_workload).status_code == 403
-            assert http.get(keys_org, headers=as_key).status_code == 403  # the token's 3rd request this minute
+            assert (await http.get(keys_org, headers=as_key)).status_code == 403
+            assert (await http.get(workloads_org, headers=as_workload)).status_code == 403
+            assert (await http.get(keys_org, headers=as_key)).status_code == 403  # the token's 3rd request
             # The key has made one request: its own bucket has room, whatever the token spent.
-            assert http.get(keys_org, headers=api_key(key)).status_code == 200
+            assert (await http.get(keys_org, headers=api_key(key))).status_code == 200
 
 
 def test_a_certificate_the_service_does_not_list_is_refused_whatever_else_is_sent(

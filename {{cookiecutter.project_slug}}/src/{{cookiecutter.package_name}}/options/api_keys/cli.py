@@ -168,7 +168,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         dest="action", required=True
     )
     issue = keys.add_parser("issue", help="issue a key (printed once)")
-    issue.add_argument("--owner", required=True, help="the token `sub` (of JWT_ISSUER) or the principal id that owns the key")
+    issue.add_argument("--owner", required=True, help="the token `sub` (of JWT_ISSUER) or principal id owning the key")
     issue.add_argument("--scope", action="append", required=True, help="a scope (repeat, or space-separated)")
     issue.add_argument("--name", default="", help="a label, e.g. the partner's name")
     issue.add_argument("--expires-in", type=duration, help="e.g. 90d; default API_KEY_DEFAULT_LIFETIME_DAYS")
