@@ -4,20 +4,25 @@ API, the store (as the API and CLI do) or the `api-key` commands."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.from_thread
 import httpx
 import pytest
+from alembic import command
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy import text, update
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.cli import main
@@ -668,3 +673,51 @@ async def test_a_revocation_redis_cannot_take_is_a_503_and_changes_nothing(
         shown = await http.get(f"{KEYS}/{issued.info.id}", headers=owner)
         assert shown.json()["revoked_at"] is None and shown.json()["previous_secret_expires_at"] is None
         assert (await http.get(KEYS, headers=api_key(issued.key))).status_code == 403  # authenticated, not allowed
+
+
+# --- Revision api_keys_0002: owners are principal ids ---------------------------------------------
+
+
+def test_revision_0002_qualifies_bare_owners_only_with_the_issuer_named(tmp_path: Path, database_url: str) -> None:
+    """Keys issued before owners were principal ids name a token `sub` of an issuer the revision
+    cannot guess: without `-x jwt_issuer=...` it refuses and changes nothing."""
+    from {{ cookiecutter.package_name }}.migrations import alembic_config
+
+    from .conftest import DATABASE, ISSUER
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}" if DATABASE == "sqlite" else database_url
+    config = alembic_config(url)
+    command.upgrade(config, "heads")
+    command.downgrade(config, "api_keys_0001")
+    insert = (
+        "INSERT INTO api_keys (id, owner, name, scopes, networks, secret_hash, created_by, expires_at) "
+        "VALUES (:id, :owner, '', 'orgs:read', '', :hash, 'test', :expires)"
+    )
+    expires = datetime.now(UTC) + timedelta(days=1)
+    owners = "SELECT owner FROM api_keys WHERE id IN ('0000000000000001', '0000000000000002') ORDER BY id"
+    rows = [
+        {"id": "0000000000000001", "owner": "partner-admin", "hash": "0" * 64, "expires": expires},
+        {"id": "0000000000000002", "owner": principal("already"), "hash": "1" * 64, "expires": expires},
+    ]
+    try:
+        asyncio.run(_sql(url, insert, rows))
+        with pytest.raises(RuntimeError, match="jwt_issuer"):
+            command.upgrade(config, "heads")
+        assert asyncio.run(_sql(url, owners)) == ["partner-admin", principal("already")]
+        config.cmd_opts = argparse.Namespace(x=[f"jwt_issuer={ISSUER}"])
+        command.upgrade(config, "heads")
+        assert asyncio.run(_sql(url, owners)) == [principal("partner-admin"), principal("already")]
+    finally:
+        asyncio.run(_sql(url, "DELETE FROM api_keys WHERE id IN ('0000000000000001', '0000000000000002')"))
+        config.cmd_opts = None
+        command.upgrade(config, "heads")
+
+
+async def _sql(url: str, statement: str, rows: list[dict[str, Any]] | None = None) -> list[Any]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            result = await connection.execute(text(statement), rows)
+            return [row[0] for row in result.all()] if result.returns_rows else []
+    finally:
+        await engine.dispose()

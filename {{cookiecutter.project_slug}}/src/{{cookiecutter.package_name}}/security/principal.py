@@ -58,7 +58,7 @@ def principal_id(name: str, namespace: str) -> str:
 class Principal:
     """Who is calling, as proven by the credential."""
 
-    subject: str
+    subject: str  # the principal id, in its credential type's namespace (see above): never a bare `sub`
     scopes: frozenset[str]
     token_id: str | None
     issued_at: int
