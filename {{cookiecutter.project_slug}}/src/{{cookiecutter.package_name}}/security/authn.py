@@ -241,7 +241,7 @@ def authorization_scheme(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None
     """The scheme (lowercase) of the request's Authorization header; None when it sends none.
 
     Raises InvalidCredentials when the header is there but names no scheme layer 4 can judge:
-    sent more than once, empty, or a scheme that is not an RFC 9110 token followed by SP.
+    sent more than once, empty, or a scheme that is not an RFC 9110 token (only SP may follow it).
     Whether the scheme is one the service accepts is the caller's question (`Authenticate`).
     """
     scheme: bytes | None = None
