@@ -45,7 +45,8 @@ def migrate(database_url: str, *, app_role: str | None = None) -> None:
 def grant(number: int) -> tuple[str, str, str, str, str]:
     """Grant `number`: orgs of 20 members each, 50,000 subjects spread over them."""
     org = str(uuid.UUID(int=number // GRANTS_PER_ORG))
-    return (f"user-{(number * 7919) % SUBJECTS}", "org", org, RELATIONS[number % 4], "bench")
+    # Principal ids as a token's are kept (security/principal.py): `jwt:<issuer key>:<sub>`.
+    return (f"jwt:0123456789abcdef:user-{(number * 7919) % SUBJECTS}", "org", org, RELATIONS[number % 4], "bench")
 
 
 def grants(start: int, stop: int) -> Iterator[tuple[str, str, str, str, str]]:

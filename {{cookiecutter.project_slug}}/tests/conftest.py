@@ -64,6 +64,12 @@ def pseudonym(subject: str, key: str = PSEUDONYM_KEY) -> str:
     return "ps_" + hmac.new(key.encode(), subject.encode(), hashlib.sha256).hexdigest()[:32]
 
 
+def principal(sub: str, issuer: str = ISSUER) -> str:
+    """The principal id of a token of `issuer` with this `sub` (security/principal.py), as grants,
+    limits, lockouts, revocations and the audit log key it. Computed here independently."""
+    return f"jwt:{hashlib.sha256(issuer.encode()).hexdigest()[:16]}:{sub}"
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_pycollect_makeitem(collector: pytest.Module | pytest.Class, name: str, obj: object) -> None:
     """Every async test runs under anyio's plugin. Marking here, before anyio's own hook sees the

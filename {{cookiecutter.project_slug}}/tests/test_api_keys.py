@@ -4,20 +4,25 @@ API, the store (as the API and CLI do) or the `api-key` commands."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.from_thread
 import httpx
 import pytest
+from alembic import command
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy import text, update
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.cli import main
@@ -33,7 +38,7 @@ from {{ cookiecutter.package_name }}.scan.report import Status
 from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.revocation import tag
 
-from .conftest import TokenFactory, bearer, running
+from .conftest import TokenFactory, bearer, principal, running
 from .servers import ReplicatedRedis, free_port, redis_client, start_redis, start_replicated_redis
 
 ORGS = "/api/v1/orgs"
@@ -77,12 +82,12 @@ async def issue(
     networks: tuple[str, ...] = (),
     lifetime_seconds: int | None = None,
 ) -> store.IssuedKey:
-    """A key issued as the API and the CLI issue one."""
+    """A key issued as the API and the CLI issue one, owned by a token subject of the tests' issuer."""
     async with app.state.runtime.sessionmaker() as session:
         issued = await store.issue(
             session,
             authenticator(app).settings,
-            owner=owner,
+            owner=principal(owner),
             name="partner",
             scopes=scopes,
             networks=networks,
@@ -532,6 +537,7 @@ async def test_the_cli_issues_lists_rotates_and_revokes(
     assert await anyio.to_thread.run_sync(main, ["api-key", "list", "--owner", "partner-admin"]) == 0
     listed = capsys.readouterr().out
     assert key_id in listed and key.rsplit("_", 1)[1] not in listed and "203.0.113.0/24" in listed
+    assert f"owner={principal('partner-admin')}" in listed  # the token subject partner-admin of JWT_ISSUER
 
     assert await anyio.to_thread.run_sync(main, ["api-key", "rotate", key_id, "--overlap", "1h"]) == 0
     new = capsys.readouterr().out.strip()
@@ -727,3 +733,49 @@ async def test_open_mode_still_refuses_a_key_revoked_before_the_outage(
             assert (await http.get(KEYS, headers=api_key(good.key))).status_code == 403  # served: authenticated
     finally:
         server.stop()
+# --- Revision api_keys_0002: owners are principal ids ---------------------------------------------
+
+
+def test_revision_0002_qualifies_bare_owners_only_with_the_issuer_named(tmp_path: Path, database_url: str) -> None:
+    """Keys issued before owners were principal ids name a token `sub` of an issuer the revision
+    cannot guess: without `-x jwt_issuer=...` it refuses and changes nothing."""
+    from {{ cookiecutter.package_name }}.migrations import alembic_config
+
+    from .conftest import DATABASE, ISSUER
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}" if DATABASE == "sqlite" else database_url
+    config = alembic_config(url)
+    command.upgrade(config, "heads")
+    command.downgrade(config, "api_keys_0001")
+    insert = (
+        "INSERT INTO api_keys (id, owner, name, scopes, networks, secret_hash, created_by, expires_at) "
+        "VALUES (:id, :owner, '', 'orgs:read', '', :hash, 'test', :expires)"
+    )
+    expires = datetime.now(UTC) + timedelta(days=1)
+    owners = "SELECT owner FROM api_keys WHERE id IN ('0000000000000001', '0000000000000002') ORDER BY id"
+    rows = [
+        {"id": "0000000000000001", "owner": "partner-admin", "hash": "0" * 64, "expires": expires},
+        {"id": "0000000000000002", "owner": principal("already"), "hash": "1" * 64, "expires": expires},
+    ]
+    try:
+        asyncio.run(_sql(url, insert, rows))
+        with pytest.raises(RuntimeError, match="jwt_issuer"):
+            command.upgrade(config, "heads")
+        assert asyncio.run(_sql(url, owners)) == ["partner-admin", principal("already")]
+        config.cmd_opts = argparse.Namespace(x=[f"jwt_issuer={ISSUER}"])
+        command.upgrade(config, "heads")
+        assert asyncio.run(_sql(url, owners)) == [principal("partner-admin"), principal("already")]
+    finally:
+        asyncio.run(_sql(url, "DELETE FROM api_keys WHERE id IN ('0000000000000001', '0000000000000002')"))
+        config.cmd_opts = None
+        command.upgrade(config, "heads")
+
+
+async def _sql(url: str, statement: str, rows: list[dict[str, Any]] | None = None) -> list[Any]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            result = await connection.execute(text(statement), rows)
+            return [row[0] for row in result.all()] if result.returns_rows else []
+    finally:
+        await engine.dispose()

@@ -29,7 +29,7 @@ from {{ cookiecutter.package_name }}.security.client_addresses import truncate
 from {{ cookiecutter.package_name }}.security.logs import service_log_handler
 from {{ cookiecutter.package_name }}.security.masking import Masker
 
-from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, owner_url, pseudonym, running
+from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, owner_url, principal, pseudonym, running
 
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 SPAN_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -110,7 +110,7 @@ async def test_each_request_is_one_json_line_with_time_trace_method_route_status
     assert isinstance(line["duration_ms"], float | int) and line["duration_ms"] >= 0
     assert SPAN_ID.match(line["span_id"])
     assert line["client"] == pseudonym("203.0.113.7")  # LOG_CLIENT_ADDRESS=pseudonym, the default
-    assert line["subject"] == pseudonym("alice")
+    assert line["subject"] == pseudonym(principal("alice"))
     assert org_id not in json.dumps(line)
 
 
@@ -346,7 +346,7 @@ async def test_no_token_cookie_query_body_or_unmasked_email_is_logged(
         "Bearer abc",
     ):
         assert secret not in logged, secret
-    assert pseudonym("jane.doe@example.org") in logged  # the subject, pseudonymized on the request lines
+    assert pseudonym(principal("jane.doe@example.org")) in logged  # the subject, pseudonymized on the request lines
     assert "p***@example.org" in logged  # the careless message and the traceback, masked
     assert "RuntimeError" in logged  # the traceback itself is kept for operators
     validation = logs.event(responses[1], "validation_failed")
@@ -385,7 +385,7 @@ async def test_subjects_are_logged_as_keyed_pseudonyms_that_tell_people_apart(
     assert {alice.status_code, anna.status_code, alice_again.status_code} == {403}
 
     subjects = [logs.request_line(r)["subject"] for r in (alice, anna, alice_again)]
-    assert subjects == [pseudonym("alice@example.com"), pseudonym("anna@example.com"), pseudonym("alice@example.com")]
+    assert subjects == [pseudonym(principal(s)) for s in ("alice@example.com", "anna@example.com", "alice@example.com")]
     assert subjects[0] != subjects[1]  # masking made both `a***@example.com`
     assert logs.event(anna, "object_denied")["subject"] == subjects[1]  # events name the same pseudonym
     assert "alice" not in logs.text and "anna" not in logs.text and "***" not in logs.text
@@ -420,7 +420,7 @@ def test_audit_pseudonym_command_prints_what_to_search_the_log_for(
     monkeypatch.chdir(Path(__file__).parent)  # no .env here
     monkeypatch.setenv("AUDIT_PSEUDONYM_KEY", PSEUDONYM_KEY)
     assert main(["audit-pseudonym", "--sub", "alice@example.com"]) == 0
-    assert capsys.readouterr().out.strip() == pseudonym("alice@example.com")
+    assert capsys.readouterr().out.strip() == pseudonym(principal("alice@example.com"))
     monkeypatch.delenv("AUDIT_PSEUDONYM_KEY")
     assert main(["audit-pseudonym", "--sub", "alice@example.com"]) == 2
     assert "AUDIT_PSEUDONYM_KEY" in capsys.readouterr().err
@@ -449,7 +449,7 @@ async def test_scope_denial_is_logged_with_the_subject(
     response = await client.get(f"/api/v1/orgs/{org_id}", headers=bearer(make_token("alice", scope="orgs:write")))
     assert response.status_code == 403
     denied = logs.event(response, "scope_denied")
-    assert denied["subject"] == pseudonym("alice")
+    assert denied["subject"] == pseudonym(principal("alice"))
     assert denied["route"] == "/api/v1/orgs/{org_id}"
 
 
@@ -459,7 +459,7 @@ async def test_object_denial_is_logged_with_the_subject(
     org_id = await create_org(client, make_token("alice"))
     response = await client.get(f"/api/v1/orgs/{org_id}", headers=bearer(make_token("mallory")))
     assert response.status_code == 403
-    assert logs.event(response, "object_denied")["subject"] == pseudonym("mallory")
+    assert logs.event(response, "object_denied")["subject"] == pseudonym(principal("mallory"))
 
 
 async def test_validation_failure_is_logged_with_field_locations_only(
@@ -545,7 +545,7 @@ async def test_events_are_appended_to_the_audit_table_pseudonymized_when_enabled
     # Leaving `running` stopped the sink, which wrote what was queued.
     rows = await audit_rows(app, denied.headers["x-trace-id"])
     assert [row["event"] for row in rows] == ["object_denied"]
-    assert rows[0]["subject"] == pseudonym("bob@example.org")
+    assert rows[0]["subject"] == pseudonym(principal("bob@example.org"))
     assert rows[0]["client"] == pseudonym("203.0.113.7")
     assert rows[0]["route"] == "/api/v1/orgs/{org_id}"
     sink_statements = [s for s in statements if "audit_events" in s]

@@ -163,6 +163,66 @@ async def test_two_authorization_headers_are_rejected(client: httpx.AsyncClient,
     assert response.status_code == 401
 
 
+# Every Authorization header is a credential presented (security/composition.py, rule 1): each of
+# these is refused with the challenges of the schemes the service accepts, never passed over for
+# a token elsewhere in the request, and counted towards the address's lockout. `{token}` is a
+# valid token, so none of them is refused for the token's sake.
+UNUSABLE_AUTHORIZATION: dict[str, tuple[list[str], str]] = {
+    "basic_then_bearer": (["Basic YWxpY2U6cHc=", "Bearer {token}"], "several_authorization_headers"),
+    "bearer_then_basic": (["Bearer {token}", "Basic YWxpY2U6cHc="], "several_authorization_headers"),
+    "two_bearers": (["Bearer {token}", "Bearer {token}"], "several_authorization_headers"),
+    "basic": (["Basic YWxpY2U6cHc="], "unknown_authorization_scheme"),
+    "digest": (['Digest username="alice", nonce="n", uri="/", response="r"'], "unknown_authorization_scheme"),
+    "tab_separator": (["Bearer\t{token}"], "malformed_authorization"),
+    "no_separator": (["Bearer{token}"], "unknown_authorization_scheme"),
+    "empty": ([""], "empty_authorization"),
+}
+
+
+def authorization(values: list[str], token: str) -> list[tuple[str, str]]:
+    return [("Authorization", value.format(token=token)) for value in values]
+
+
+@pytest.mark.parametrize("case", UNUSABLE_AUTHORIZATION)
+async def test_an_unusable_authorization_header_is_a_credential_refused_with_the_accepted_schemes(
+    client: httpx.AsyncClient, make_token: TokenFactory, audit_events: list[logging.LogRecord], case: str
+) -> None:
+    values, reason = UNUSABLE_AUTHORIZATION[case]
+    response = await client.post(PROTECTED, json={"name": "Acme"}, headers=authorization(values, make_token()))
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    challenges = response.headers["www-authenticate"].split(", ")
+    assert challenges[-1] == "Bearer" and not any("error" in challenge for challenge in challenges)
+    assert response.json()["type"].endswith(":problem:invalid-token")
+    assert reasons(audit_events) == [reason]
+    refused = [r for r in audit_events if getattr(r, "event", "") == "authentication_failed"]
+    assert getattr(refused[0], "credential", None) == "Authorization"
+
+
+async def test_every_unusable_authorization_header_counts_towards_the_lockout(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    """Three refusals lock the address out: a valid token from it is then answered 429."""
+    app = create_app(settings_for(lockout_failures=3))
+    token = make_token()
+    for number, case in enumerate(UNUSABLE_AUTHORIZATION):
+        values, _ = UNUSABLE_AUTHORIZATION[case]
+        async with running(app, (f"198.51.100.{number + 1}", 4711), reset=number == 0) as http:
+            for _ in range(3):
+                refused = await http.post(PROTECTED, json={"name": "Acme"}, headers=authorization(values, token))
+                assert refused.status_code == 401, (case, refused.text)
+            locked = await http.post(PROTECTED, json={"name": "Acme"}, headers=bearer(token))
+            assert locked.status_code == 429, (case, locked.text)
+
+
+async def test_the_bearer_token_may_follow_its_scheme_after_several_spaces(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    """RFC 9110 §11.4 and RFC 6750 §2.1 separate scheme and token with 1*SP: two spaces are valid."""
+    response = await client.post(PROTECTED, json={"name": "Acme"}, headers={"Authorization": f"Bearer  {make_token()}"})
+    assert response.status_code == 201, response.text
+
+
 async def test_paths_outside_api_need_no_token(client: httpx.AsyncClient) -> None:
     assert (await client.get("/health/live")).status_code == 200
 

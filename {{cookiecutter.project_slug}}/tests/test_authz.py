@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from {{ cookiecutter.package_name }} import cli
+from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.domain import ORG
 from {{ cookiecutter.package_name }}.models import Org, OrgUser
 from {{ cookiecutter.package_name }}.runtime import Runtime
@@ -21,7 +22,7 @@ from {{ cookiecutter.package_name }}.security.authz import _holds_query
 from {{ cookiecutter.package_name }}.security.grants import set_relation
 from {{ cookiecutter.package_name }}.tables import Permission, Relation
 
-from .conftest import ALL_SCOPES, AUDIENCE, DATABASE, ISSUER, TokenFactory, bearer
+from .conftest import ALL_SCOPES, AUDIENCE, DATABASE, ISSUER, TokenFactory, bearer, principal, running
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ class World:
         """Give `subject` a relation on org A directly in the database (test setup)."""
         if relation is not None:
             async with self.runtime.sessionmaker() as session:
-                await set_relation(session, ORG, self.org_a, subject, relation, granted_by="test", acting_owner=None)
+                await set_relation(
+                    session, ORG, self.org_a, principal(subject), relation, granted_by="test", acting_owner=None
+                )
                 await session.commit()
 
 
@@ -101,7 +104,11 @@ async def world(client: httpx.AsyncClient, make_token: TokenFactory, app: FastAP
         for subject, org, relation in (("alice", org_a, "owner"), ("bob", org_b, "owner"), ("dave", org_a, "viewer")):
             session.add(
                 Permission(
-                    subject=subject, resource_type=ORG, resource_id=str(org.id), relation=relation, created_by="test"
+                    subject=principal(subject),
+                    resource_type=ORG,
+                    resource_id=str(org.id),
+                    relation=relation,
+                    created_by="test",
                 )
             )
         await session.commit()
@@ -309,3 +316,84 @@ async def test_cli_refuses_unknown_orgs_and_malformed_subjects(
     assert await run_cli("grant", "--sub", "o ps", "--org", world.org_a, "--relation", "owner") == 2
     assert await run_cli("revoke-grant", "--sub", "nobody", "--org", world.org_a) == 1
     assert "holds no grant" in capsys.readouterr().err
+
+
+# --- Principals are namespaced by credential type and issuer (ASVS V10.3.3) ---------------------
+
+OTHER_ISSUER = "https://other-issuer.test"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["apikey:0123456789abcdef", "webhook:acme", "spiffe://example.org/ns/prod/sa/billing", "CN=billing,O=Example"],
+)
+async def test_a_token_whose_sub_names_another_credential_types_principal_gets_none_of_its_grants(
+    world: World, name: str
+) -> None:
+    """An API key, a webhook partner and a workload are principals of their own types: a token
+    whose `sub` spells one of their ids is still a token of JWT_ISSUER, and holds none of theirs."""
+    async with world.runtime.sessionmaker() as session:
+        await set_relation(session, ORG, world.org_a, name, Relation.owner, granted_by="test", acting_owner=None)
+        await session.commit()
+    assert (await world.client.get(f"/api/v1/orgs/{world.org_a}", headers=world.as_(name))).status_code == 403
+
+
+async def test_a_grant_to_one_issuers_sub_is_not_honoured_for_another_issuers_same_sub(
+    world: World, settings_for: Any, make_token: TokenFactory
+) -> None:
+    """Changing JWT_ISSUER hands nothing over: alice of the new issuer is not alice of the old one."""
+    org = f"/api/v1/orgs/{world.org_a}"
+    assert (await world.client.get(org, headers=world.as_("alice"))).status_code == 200
+    other = create_app(settings_for(jwt_issuer=OTHER_ISSUER))
+    async with running(other, reset=False) as http:
+        new_alice = bearer(make_token("alice", ALL_SCOPES, iss=OTHER_ISSUER))
+        assert (await http.get(org, headers=new_alice)).status_code == 403
+
+
+@pytest.mark.usefixtures("cli_env")
+async def test_grants_move_issuer_gives_the_old_issuers_grants_to_the_new_issuers_subjects(
+    world: World, settings_for: Any, make_token: TokenFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    org = f"/api/v1/orgs/{world.org_a}"
+    async with world.runtime.sessionmaker() as session:  # another type's grant: not moved
+        key = "apikey:0123456789abcdef"
+        await set_relation(session, ORG, world.org_a, key, Relation.viewer, granted_by="t", acting_owner=None)
+        await session.commit()
+    assert await run_cli("grants", "move-issuer", "--from", ISSUER, "--to", OTHER_ISSUER) == 0
+    assert "moved 3 grant(s)" in capsys.readouterr().out  # alice's, bob's and dave's
+    assert (await world.client.get(org, headers=world.as_("alice"))).status_code == 403  # the old issuer's alice
+    other = create_app(settings_for(jwt_issuer=OTHER_ISSUER))
+    async with running(other, reset=False) as http:
+        new_alice = bearer(make_token("alice", ALL_SCOPES, iss=OTHER_ISSUER))
+        assert (await http.get(org, headers=new_alice)).status_code == 200
+    async with world.runtime.sessionmaker() as session:
+        subjects = set((await session.execute(text("SELECT subject FROM permissions"))).scalars())
+    assert subjects == {principal(s, OTHER_ISSUER) for s in ("alice", "bob", "dave")} | {"apikey:0123456789abcdef"}
+
+
+@pytest.mark.usefixtures("cli_env")
+async def test_grants_move_issuer_refuses_when_a_subject_holds_grants_under_both(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with world.runtime.sessionmaker() as session:
+        new_alice = principal("alice", OTHER_ISSUER)
+        await set_relation(session, ORG, world.org_a, new_alice, Relation.viewer, granted_by="t", acting_owner=None)
+        await session.commit()
+    assert await run_cli("grants", "move-issuer", "--from", ISSUER, "--to", OTHER_ISSUER) == 1
+    assert "1 grant(s)" in capsys.readouterr().err
+    async with world.runtime.sessionmaker() as session:
+        query = text("SELECT count(*) FROM permissions WHERE subject = :s")
+        moved = await session.scalar(query, {"s": principal("bob")})
+    assert moved == 1  # nothing was moved
+
+
+@pytest.mark.usefixtures("cli_env")
+async def test_cli_grant_names_the_configured_issuers_sub_or_a_principal_id(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await run_cli("grant", "--sub", "ops", "--org", world.org_a, "--relation", "viewer") == 0
+    assert await run_cli("grant", "--sub", "apikey:0123456789abcdef", "--org", world.org_a, "--relation", "viewer") == 0
+    async with world.runtime.sessionmaker() as session:
+        subjects = set((await session.execute(text("SELECT subject FROM permissions"))).scalars())
+    assert {principal("ops"), "apikey:0123456789abcdef"} <= subjects
+    assert "ops" not in subjects

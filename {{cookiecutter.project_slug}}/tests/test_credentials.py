@@ -21,13 +21,16 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.options.webhooks.outbound import generate_secret, new_message_id, sign
+from {{ cookiecutter.package_name }}.security.lockout import Lockout
 
 from .certificates import client_certificate, make_ca, server_certificate
-from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer
+from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, principal
 from .servers import LOOPBACK
+from .test_authn import UNUSABLE_AUTHORIZATION, authorization
 from .test_mtls import (
     LISTED,
     PROXY,
@@ -276,6 +279,62 @@ async def test_two_caller_credentials_are_refused_even_when_both_verify(
     assert refused.headers["content-type"] == "application/problem+json"
 
 
+@pytest.mark.parametrize("case", UNUSABLE_AUTHORIZATION)
+async def test_an_unusable_authorization_header_is_refused_and_counted_whatever_the_certificate(
+    shape: Shape, production: dict[str, str], make_token: TokenFactory, case: str
+) -> None:
+    """Issue 28, finding 3: with a good workload certificate, `Basic` then `Bearer <garbage>`, a
+    tab after `Bearer` or an unknown scheme were passed over and the workload answered 201. Each is
+    a credential presented: refused with the schemes the service accepts, counted for the address."""
+    values, reason = UNUSABLE_AUTHORIZATION[case]
+    failures = Lockout._keys(LOOPBACK)[0]  # the address's failure count (both shapes: the client is on loopback)
+    redis = Redis.from_url(production["REDIS_URL"])
+    try:
+        await redis.delete(failures)
+        with shape.client("listed") as http:
+            token = make_token("alice", ALL_SCOPES)
+            refused = http.post(ORGS, json={"name": "Acme"}, headers=authorization(values, token))
+        if shape.name == "nginx" and reason == "several_authorization_headers":
+            # The shipped nginx refuses a repeated Authorization header itself: it never reaches the service.
+            assert refused.status_code == 400
+            assert refused.headers["content-type"] == "application/problem+json"
+            return
+        assert_401(refused, "ApiKey, Bearer")
+        assert int(await redis.get(failures) or 0) == 1
+    finally:
+        await redis.aclose()
+    assert reason in [event.get("reason") for event in shape.service.events("authentication_failed")]
+
+
+async def test_a_token_whose_sub_is_a_keys_or_a_workloads_id_is_neither(
+    pki: Pki,
+    production: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    cli: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+    make_token: TokenFactory,
+) -> None:
+    """Issue 28, finding 10 (ASVS V10.3.3): a token whose `sub` is `apikey:<id>` of a real key, or a
+    workload's SPIFFE ID, gets none of that principal's objects, and none of its rate limit."""
+    key = await issue_key(cli, capsys, "orgs:read", "orgs:write")
+    key_id = key.split("_")[1]
+    env = {**production, **tls_files(pki), "RATE_LIMIT_SUBJECT": "3/minute"}
+    with serving(tmp_path_factory.mktemp("namespaces"), env) as served:
+        async with httpx.AsyncClient(base_url=served.url, verify=pki.context("listed"), timeout=10) as http:
+            by_key = await http.post(ORGS, json={"name": "Acme"}, headers=api_key(key))
+            assert by_key.status_code == 201, by_key.text
+            by_workload = await http.post(ORGS, json={"name": "Acme"})
+            assert by_workload.status_code == 201, by_workload.text
+            keys_org, workloads_org = (f"{ORGS}/{r.json()['id']}" for r in (by_key, by_workload))
+            as_key = bearer(make_token(f"apikey:{key_id}", ALL_SCOPES))
+            as_workload = bearer(make_token(LISTED, ALL_SCOPES))
+            assert (await http.get(keys_org, headers=as_key)).status_code == 403
+            assert (await http.get(workloads_org, headers=as_workload)).status_code == 403
+            assert (await http.get(keys_org, headers=as_key)).status_code == 403  # the token's 3rd request
+            # The key has made one request: its own bucket has room, whatever the token spent.
+            assert (await http.get(keys_org, headers=api_key(key))).status_code == 200
+
+
 def test_a_certificate_the_service_does_not_list_is_refused_whatever_else_is_sent(
     shape: Shape, make_token: TokenFactory
 ) -> None:
@@ -417,8 +476,8 @@ def test_the_composed_principal_is_what_the_audit_log_names(shape: Shape, make_t
         assert create_org(http, bearer(make_token("carol", ALL_SCOPES))).status_code == 201
     deadline = time.monotonic() + 5
     subjects: list[Any] = []
-    while time.monotonic() < deadline and pseudonym("carol") not in subjects:
+    while time.monotonic() < deadline and pseudonym(principal("carol")) not in subjects:
         subjects = [record.get("subject") for record in shape.service.log_records() if record.get("event") == "request"]
         time.sleep(0.05)
-    assert pseudonym("carol") in subjects  # the token's subject, not the workload's
+    assert pseudonym(principal("carol")) in subjects  # the token's subject, not the workload's
     assert LISTED not in Path(shape.service.log_path).read_text()

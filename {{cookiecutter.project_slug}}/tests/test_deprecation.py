@@ -19,7 +19,7 @@ from {{ cookiecutter.package_name }}.api.legacy import GET_ORG_V0
 from {{ cookiecutter.package_name }}.security.deprecation import Deprecation
 from {{ cookiecutter.package_name }}.security.logs import service_log_handler
 
-from .conftest import TokenFactory, bearer, pseudonym
+from .conftest import TokenFactory, bearer, principal, pseudonym
 
 BEFORE_SUNSET = datetime(2027, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -93,7 +93,7 @@ async def test_each_call_is_logged_as_deprecated_use_with_the_subject(
     records = [json.loads(line) for line in log_buffer.getvalue().splitlines()]
     uses = [r for r in records if r.get("event") == "deprecated_use"]
     assert len(uses) == 1
-    assert uses[0]["subject"] == pseudonym("alice")
+    assert uses[0]["subject"] == pseudonym(principal("alice"))
     assert uses[0]["route"] == "/api/v0/orgs/{org_id}"
     assert uses[0]["successor"] == f"/api/v1/orgs/{org_id}"
     assert uses[0]["trace_id"] == response.headers["x-trace-id"]

@@ -123,6 +123,28 @@ async def test_requests_without_a_credential_do_not_count_towards_the_lockout(
     assert "lockout_started" not in log_of(process)
 
 
+async def test_an_authorization_header_the_service_cannot_use_counts_towards_the_lockout(
+    service: ServiceFactory, make_token: TokenFactory
+) -> None:
+    """An unknown scheme, a header sent twice, a tab for a space: credentials presented and refused,
+    so they count as a bad token does (security/composition.py, rule 1)."""
+    process = service()
+    token = make_token("alice")
+    unusable = [
+        [("Authorization", "Basic YWxpY2U6cHc=")],
+        [("Authorization", "Basic YWxpY2U6cHc="), ("Authorization", f"Bearer {token}")],
+        [("Authorization", f"Bearer\t{token}")],
+    ]
+    assert len(unusable) == FAILURES
+    async with httpx.AsyncClient(base_url=process.base_url, timeout=10) as http:
+        for headers in unusable:
+            refused = await http.post(
+                "/api/v1/orgs", json={"name": "lockout"}, headers=[*headers, ("X-Forwarded-For", "198.51.100.7")]
+            )
+            assert refused.status_code == 401
+    assert (await call(process, token)).status_code == 429
+
+
 async def test_two_replicas_share_the_count(service: ServiceFactory, make_token: TokenFactory) -> None:
     first, second = service(), service()
     good, bad = make_token("alice"), make_token("alice") + "x"

@@ -17,7 +17,7 @@ import pytest
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
 
-from .conftest import TokenFactory, bearer, running
+from .conftest import TokenFactory, bearer, principal, running
 from .servers import start_cluster, start_sentinel_group
 from .test_redis_failover import BOUND_SECONDS, PROBE, cli, operator_env
 
@@ -77,7 +77,7 @@ async def test_a_lifted_lockout_lets_the_address_and_the_subject_in_on_every_rep
         # A subject locked by its verified tokens refused (a revoked one), from addresses of their own.
         revoked, fresh = make_token("sam"), make_token("sam")
         claims = jwt.decode(revoked, options={"verify_signature": False})
-        assert await apps[0].state.runtime.revocations.revoke_token("sam", claims["jti"], claims["exp"])
+        assert await apps[0].state.runtime.revocations.revoke_token(principal("sam"), claims["jti"], claims["exp"])
         for attempt in range(FAILURES):
             client = (await at(f"192.0.2.{attempt + 1}"))[attempt % 2]
             assert (await client.get(PROBE, headers=bearer(revoked))).status_code == 401

@@ -17,7 +17,7 @@ from {{ cookiecutter.package_name }}.domain import ORG
 from {{ cookiecutter.package_name }}.security import grants
 from {{ cookiecutter.package_name }}.tables import Permission, Relation
 
-from .conftest import TokenFactory, bearer
+from .conftest import TokenFactory, bearer, principal
 from .test_errors import assert_problem
 
 
@@ -68,7 +68,7 @@ async def test_putting_a_grant_creates_it_with_201_and_changes_it_with_200(
     created = await client.put(f"/api/v1/orgs/{org}/grants/bob", json={"relation": "viewer"}, headers=alice)
     changed = await client.put(f"/api/v1/orgs/{org}/grants/bob", json={"relation": "admin"}, headers=alice)
     assert (created.status_code, changed.status_code) == (201, 200)
-    assert changed.json() == {"org_id": org, "subject": "bob", "relation": "admin"}
+    assert changed.json() == {"org_id": org, "subject": principal("bob"), "relation": "admin"}  # the principal id
 
 
 @pytest.mark.parametrize("body", [{"relation": "superuser"}, {"relation": "Owner"}, {}, {"relation": "viewer", "x": 1}])
@@ -155,7 +155,7 @@ def demoted_after_the_check(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Ca
                 monkeypatch.setattr(reads, "fetch", real_fetch)  # once
                 async with app.state.runtime.sessionmaker() as session:
                     await grants.set_relation(
-                        session, ORG, org, subject, Relation.viewer, granted_by="alice", acting_owner="alice"
+                        session, ORG, org, subject, Relation.viewer, granted_by="t", acting_owner=principal("alice")
                     )
                     await session.commit()
             return rows
@@ -179,7 +179,7 @@ async def test_an_owner_demoted_while_its_grant_change_runs_cannot_land_it(
         granted = await client.put(f"/api/v1/orgs/{org}/grants/{subject}", json={"relation": relation}, headers=alice)
         assert granted.status_code == 201
 
-    demoted_after_the_check(org, "bob")
+    demoted_after_the_check(org, principal("bob"))
     if change == "put":  # bob tries to make carol an owner
         response = await client.put(f"/api/v1/orgs/{org}/grants/carol", json={"relation": "owner"}, headers=bob)
     else:  # bob tries to remove carol
@@ -212,7 +212,9 @@ async def test_a_grant_that_outlived_its_org_answers_404_to_its_holder(
     ghost = str(uuid.uuid4())
     async with app.state.runtime.sessionmaker() as session:
         session.add(
-            Permission(subject="alice", resource_type="org", resource_id=ghost, relation="owner", created_by="t")
+            Permission(
+                subject=principal("alice"), resource_type="org", resource_id=ghost, relation="owner", created_by="t"
+            )
         )
         await session.commit()
     alice = bearer(make_token("alice"))

@@ -35,7 +35,7 @@ from {{ cookiecutter.package_name }}.store.cluster import SLOTS, ClusterStore
 from {{ cookiecutter.package_name }}.store.core import Command, NotReplicated, Plain, RedisStore, RemoteStore, Script, pack
 from {{ cookiecutter.package_name }}.store.topology import Topology, parse_redis_url
 
-from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, running
+from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, principal, running
 from .servers import (
     RedisCluster,
     TlsFiles,
@@ -265,9 +265,9 @@ async def test_revocations_and_lockouts_reach_every_replica_on_a_cluster(
         for token in (by_subject, by_jti, kept):
             assert [(await c.get(PROBE, headers=bearer(token))).status_code for c in clients] == [403] * 3
         revocations = apps[0].state.runtime.revocations
-        await revocations.revoke_subject("dave")
+        await revocations.revoke_subject(principal("dave"))
         claims = jwt.decode(by_jti, options={"verify_signature": False})
-        assert await revocations.revoke_token("erin", claims["jti"], claims["exp"])
+        assert await revocations.revoke_token(principal("erin"), claims["jti"], claims["exp"])
         for index, (token, status) in enumerate(((by_subject, 401), (by_jti, 401), (kept, 403))):
             # from an address of its own: the refusals count as failures (lockout) of their address
             others = await replicas(stack, apps, f"192.0.2.{20 + index}")

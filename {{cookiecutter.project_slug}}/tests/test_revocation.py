@@ -29,7 +29,7 @@ from {{ cookiecutter.package_name }}.security.ratelimit import client_address
 from {{ cookiecutter.package_name }}.security.revocation import Revocations, tag
 from {{ cookiecutter.package_name }}.store.core import NotReplicated, RedisStore
 
-from .conftest import TokenFactory, bearer, running
+from .conftest import TokenFactory, bearer, principal, running
 from .servers import ReplicatedRedis, redis_client, start_redis, start_replicated_redis
 
 PROTECTED = "/api/v1/orgs"
@@ -56,7 +56,7 @@ def revocations(app: FastAPI) -> Revocations:
 async def test_revoked_jti_is_rejected(app: FastAPI, client: httpx.AsyncClient, make_token: TokenFactory) -> None:
     token = make_token()
     claims = claims_of(token)
-    assert await revocations(app).revoke_token(claims["sub"], claims["jti"], claims["exp"]) is True
+    assert await revocations(app).revoke_token(principal(claims["sub"]), claims["jti"], claims["exp"]) is True
     response = await client.post(PROTECTED, json={"name": "Acme"}, headers=bearer(token))
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
@@ -68,7 +68,7 @@ async def test_revocation_reaches_a_token_already_in_the_verified_cache(
     token = make_token()
     assert await status_of(client, token) == 201
     claims = claims_of(token)
-    await revocations(app).revoke_token(claims["sub"], claims["jti"], claims["exp"])
+    await revocations(app).revoke_token(principal(claims["sub"]), claims["jti"], claims["exp"])
     assert await status_of(client, token) == 401
     assert [getattr(r, "reason", None) for r in audit_events if getattr(r, "event", "") == "authentication_failed"] == [
         "revoked"
@@ -80,7 +80,7 @@ async def test_jti_revocation_leaves_the_subjects_other_tokens_alone(
 ) -> None:
     revoked, other = make_token("alice"), make_token("alice")
     claims = claims_of(revoked)
-    await revocations(app).revoke_token(claims["sub"], claims["jti"], claims["exp"])
+    await revocations(app).revoke_token(principal(claims["sub"]), claims["jti"], claims["exp"])
     assert await status_of(client, other) == 201
 
 
@@ -90,7 +90,7 @@ async def test_subject_revocation_rejects_every_token_issued_before_it(
     now = int(time.time())
     earlier, current = make_token("alice", iat=now - 120), make_token("alice", iat=now)
     assert await status_of(client, current) == 201
-    mark = await revocations(app).revoke_subject("alice")
+    mark = await revocations(app).revoke_subject(principal("alice"))
     assert await status_of(client, earlier) == 401
     assert await status_of(client, current) == 401  # same second as the mark: refused too
     assert await status_of(client, make_token("bob", iat=now - 120)) == 201
@@ -104,7 +104,7 @@ async def test_token_issued_after_revocation_and_leeway_is_accepted(
 ) -> None:
     app = create_app(settings_for(jwt_leeway_seconds=1))
     async with running(app) as http:
-        mark = await revocations(app).revoke_subject("alice")
+        mark = await revocations(app).revoke_subject(principal("alice"))
         assert await status_of(http, make_token("alice", iat=int(mark) + 1)) == 401  # within the leeway
         await anyio.sleep(max(0.0, int(mark) + 1 - time.time()) + 0.05)
         assert await status_of(http, make_token("alice", iat=int(mark) + 2)) == 201
@@ -115,8 +115,8 @@ async def test_jti_entry_expires_when_the_token_could_no_longer_be_accepted(
 ) -> None:
     settings: Settings = app.state.runtime.settings
     expires_at = int(time.time()) + 300
-    await revocations(app).revoke_token("alice", "jti-1", expires_at)
-    ttl = await redis.ttl(f"{SERVICE_NAME}:revoked:jti:{tag('alice')}:jti-1")
+    await revocations(app).revoke_token(principal("alice"), "jti-1", expires_at)
+    ttl = await redis.ttl(f"{SERVICE_NAME}:revoked:jti:{tag(principal('alice'))}:jti-1")
     # The token stays acceptable until exp + leeway, so the entry must live at least that long.
     assert 300 + settings.jwt_leeway_seconds - 5 <= ttl <= 300 + settings.jwt_leeway_seconds + 1
 
@@ -125,8 +125,8 @@ async def test_subject_mark_lives_as_long_as_any_token_it_refuses(
     app: FastAPI, client: httpx.AsyncClient, redis: Redis
 ) -> None:
     settings: Settings = app.state.runtime.settings
-    await revocations(app).revoke_subject("alice")
-    ttl = await redis.ttl(f"{SERVICE_NAME}:revoked:sub:{tag('alice')}")
+    await revocations(app).revoke_subject(principal("alice"))
+    ttl = await redis.ttl(f"{SERVICE_NAME}:revoked:sub:{tag(principal('alice'))}")
     longest = settings.jwt_max_token_lifetime_seconds + settings.jwt_leeway_seconds
     assert longest - 5 <= ttl <= longest + 1
 
@@ -134,8 +134,8 @@ async def test_subject_mark_lives_as_long_as_any_token_it_refuses(
 async def test_revoking_an_already_expired_token_stores_nothing(
     app: FastAPI, client: httpx.AsyncClient, redis: Redis
 ) -> None:
-    assert await revocations(app).revoke_token("alice", "old", int(time.time()) - 3600) is False
-    assert await redis.exists(f"{SERVICE_NAME}:revoked:jti:{tag('alice')}:old") == 0
+    assert await revocations(app).revoke_token(principal("alice"), "old", int(time.time()) - 3600) is False
+    assert await redis.exists(f"{SERVICE_NAME}:revoked:jti:{tag(principal('alice'))}:old") == 0
 
 
 async def test_revocation_without_redis_url_is_kept_in_process(
@@ -146,9 +146,9 @@ async def test_revocation_without_redis_url_is_kept_in_process(
         token = make_token()
         assert await status_of(http, token) == 201
         claims = claims_of(token)
-        await revocations(app).revoke_token(claims["sub"], claims["jti"], claims["exp"])
+        await revocations(app).revoke_token(principal(claims["sub"]), claims["jti"], claims["exp"])
         assert await status_of(http, token) == 401
-        await revocations(app).revoke_subject("bob")
+        await revocations(app).revoke_subject(principal("bob"))
         assert await status_of(http, make_token("bob", iat=int(time.time()) - 10)) == 401
 
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.asyncio import Redis
 
-from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, pseudonym
+from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, principal, pseudonym
 from .servers import ServiceProcess
 from .test_settings import SAFE_PRODUCTION, start
 
@@ -212,7 +212,7 @@ async def test_a_canary_secret_never_reaches_logs_problems_check_config_or_readi
         assert responses[4].json()["checks"]["redis"] == "ok"  # REDIS_URL came from its file
     process.stop()
     log = log_of(process)
-    assert pseudonym("alice", pseudonym_key) in log  # and the audit pseudonyms are keyed by the file's key
+    assert pseudonym(principal("alice"), pseudonym_key) in log  # and the audit pseudonyms are keyed by the file's key
     seen.append(log)
     # check-config, accepting and refusing production environments whose secret files hold the canary
     seen.append(check_config(production_files)[1])

@@ -216,6 +216,8 @@ def test_production_refuses_open_failure_mode_unless_acknowledged(production: di
         {**production, "RATE_LIMIT_FAILURE_MODE": "open", "RATE_LIMIT_FAILURE_MODE_ACKNOWLEDGED": "true"}, CHECK_CONFIG
     )
     assert accepted.returncode == 0, accepted.stderr
+
+
 CANARY = "db-password-canary-7f3a"
 
 

@@ -22,12 +22,16 @@ from . import extensions
 from .config import SERVICE_NAME, ConfigError, Settings, tracing_requested
 from .domain import GRANT_TARGET
 from .resources import app_runtime
+from .security.principal import issuer_namespace, principal_id
 from .security.revocation import MAX_ID_LENGTH, Revocations
 from .startup import load_settings
 from .store.core import NotReplicated, StoreBusy, StoreUnavailable
 from .tables import Relation
 
 Command = Callable[[argparse.Namespace], int]
+PRINCIPAL_HELP = (
+    "a token's `sub` (of JWT_ISSUER), or a principal id: jwt:<issuer key>:<sub>, apikey:<id>, webhook:<partner>"
+)
 
 
 def generate_keys(args: argparse.Namespace) -> int:
@@ -97,10 +101,11 @@ def _max_token_lifetime() -> int:
 
 
 def revoke_token(args: argparse.Namespace) -> int:
-    """Refuse one token, by its `sub` and `jti`, on every replica until it expires (--exp, its `exp` claim)."""
+    """Refuse one token, by its `sub` and `jti`, on every replica until it expires (--exp, its `exp` claim).
+    The `sub` is a claim of a token of JWT_ISSUER: the principal is that issuer's (security/principal.py)."""
 
-    async def revoke(revocations: Revocations) -> str:
-        if await revocations.revoke_token(args.sub, args.jti, args.exp):
+    async def revoke(revocations: Revocations, namespace: str) -> str:
+        if await revocations.revoke_token(namespace + args.sub, args.jti, args.exp):
             return f"token {args.jti} revoked until it expires"
         return f"token {args.jti} has expired already; nothing to revoke"
 
@@ -108,16 +113,16 @@ def revoke_token(args: argparse.Namespace) -> int:
 
 
 def revoke_subject(args: argparse.Namespace) -> int:
-    """Refuse every token of a subject issued before now, e.g. after a password reset."""
+    """Refuse every token of a subject (of JWT_ISSUER) issued before now, e.g. after a password reset."""
 
-    async def revoke(revocations: Revocations) -> str:
-        await revocations.revoke_subject(args.sub)
+    async def revoke(revocations: Revocations, namespace: str) -> str:
+        await revocations.revoke_subject(namespace + args.sub)
         return f"tokens of {args.sub} issued until now are revoked"
 
     return _revoke(revoke)
 
 
-def _revoke(action: Callable[[Revocations], Awaitable[str]]) -> int:
+def _revoke(action: Callable[[Revocations, str], Awaitable[str]]) -> int:
     settings = load_settings()
     if not settings.redis_url:
         print("REDIS_URL is required: the running service reads revocations from Redis", file=sys.stderr)
@@ -128,7 +133,7 @@ def _revoke(action: Callable[[Revocations], Awaitable[str]]) -> int:
     async def run() -> str:
         store = redis_store(settings)
         try:
-            return await action(Revocations(settings, store))
+            return await action(Revocations(settings, store), issuer_namespace(settings.jwt_issuer))
         finally:
             await store.aclose()
 
@@ -161,7 +166,9 @@ def lift_lockout(args: argparse.Namespace) -> int:
         print("REDIS_URL is required: the running service reads lockouts from Redis", file=sys.stderr)
         return 2
     kind, name = ("subject", args.sub) if args.sub else ("address", args.address)
-    if kind == "address":
+    if kind == "subject":
+        name = principal_id(name, issuer_namespace(settings.jwt_issuer))
+    else:
         name = rate_limit_bucket(name, settings.rate_limit_ipv6_prefix)
 
     async def lift() -> bool:
@@ -285,7 +292,7 @@ def audit_pseudonym(args: argparse.Namespace) -> int:
     if key is None:
         print("AUDIT_PSEUDONYM_KEY is not set: the service used a key of its own process", file=sys.stderr)
         return 2
-    print(Pseudonyms(key)(args.sub))
+    print(Pseudonyms(key)(principal_id(args.sub, issuer_namespace(settings.jwt_issuer))))
     return 0
 
 
@@ -301,14 +308,18 @@ def revoke_grant(args: argparse.Namespace) -> int:
 
 
 def _change_grant(args: argparse.Namespace, relation: str | None) -> int:
-    from .security.grants import SUBJECT_PATTERN
+    from .security import grants
 
-    if not re.fullmatch(SUBJECT_PATTERN, args.sub):
-        print(f"--sub must match {SUBJECT_PATTERN}", file=sys.stderr)
+    if not re.fullmatch(grants.SUBJECT_PATTERN, args.sub):
+        print(f"--sub must match {grants.SUBJECT_PATTERN}", file=sys.stderr)
         return 2
     settings = load_settings()
     object_id = getattr(args, GRANT_TARGET.noun)
-    ok, message = asyncio.run(_apply_grant(settings.database_url, object_id, args.sub, relation))
+    subject = principal_id(args.sub, issuer_namespace(settings.jwt_issuer))
+    if len(subject) > grants.MAX_SUBJECT_LENGTH:
+        print(f"--sub is too long to name a principal of JWT_ISSUER ({subject[:32]}...)", file=sys.stderr)
+        return 2
+    ok, message = asyncio.run(_apply_grant(settings.database_url, object_id, subject, relation))
     print(message, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
@@ -351,6 +362,39 @@ async def _apply_grant(database_url: str, object_id: object, subject: str, relat
         await engine.dispose()
 
 
+def move_issuer(args: argparse.Namespace) -> int:
+    """Give the grants of one issuer's subjects to the same `sub` of another issuer: the explicit
+    step when JWT_ISSUER changes (grants are never inherited by a new issuer's users)."""
+    from .db import create_engine, create_sessionmaker
+    from .security import grants
+
+    if args.old == args.new:
+        print("--from and --to name the same issuer; nothing to move", file=sys.stderr)
+        return 2
+    settings = load_settings()
+    old, new = issuer_namespace(args.old), issuer_namespace(args.new)
+
+    async def move() -> int:
+        engine = create_engine(settings.database_url)
+        try:
+            async with create_sessionmaker(engine)() as session:
+                moved = await grants.move_issuer(session, old, new)
+                await session.commit()
+                return moved
+        finally:
+            await engine.dispose()
+
+    try:
+        moved = asyncio.run(move())
+    except grants.GrantRefused as refused:
+        print(f"{SERVICE_NAME}: {refused}", file=sys.stderr)
+        return 1
+    print(f"moved {moved} grant(s) from {old}<sub> ({args.old}) to {new}<sub> ({args.new})")
+    if args.new != settings.jwt_issuer:
+        print(f"note: JWT_ISSUER is {settings.jwt_issuer}, not --to", file=sys.stderr)
+    return 0
+
+
 def _claim_text(value: str) -> str:
     if not value or len(value) > MAX_ID_LENGTH:
         raise argparse.ArgumentTypeError(f"must be 1 to {MAX_ID_LENGTH} characters")
@@ -389,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     lift = lockout.add_parser("lift", help="lift the lockout of an address or a subject on every replica")
     lifted = lift.add_mutually_exclusive_group(required=True)
     lifted.add_argument("--address", help="a client address, as the service sees it (TRUSTED_PROXIES)")
-    lifted.add_argument("--sub", type=_claim_text, help="a token subject (`sub` claim)")
+    lifted.add_argument("--sub", type=_claim_text, help=PRINCIPAL_HELP)
     lift.set_defaults(handler=lift_lockout)
 
     run = commands.add_parser("serve", help="run the service")
@@ -410,20 +454,29 @@ def build_parser() -> argparse.ArgumentParser:
     scaffold.set_defaults(handler=scaffold_resource)
 
     pseudonym = commands.add_parser("audit-pseudonym", help="the pseudonym the audit log uses for a subject")
-    pseudonym.add_argument("--sub", required=True, type=_claim_text, help="the token subject (`sub` claim)")
+    pseudonym.add_argument("--sub", required=True, type=_claim_text, help=PRINCIPAL_HELP)
     pseudonym.set_defaults(handler=audit_pseudonym)
 
     relations = [relation.value for relation in Relation]
     noun = GRANT_TARGET.noun
     give = commands.add_parser("grant", help=f"give a subject a relation on an {noun} (e.g. its first owner)")
-    give.add_argument("--sub", required=True, help="the token subject (`sub` claim)")
+    give.add_argument("--sub", required=True, help=PRINCIPAL_HELP)
     give.add_argument(f"--{noun}", required=True, type=GRANT_TARGET.parse_id, help=f"the {noun} id")
     give.add_argument("--relation", required=True, choices=relations)
     give.set_defaults(handler=grant)
     take = commands.add_parser("revoke-grant", help=f"remove a subject's grant on an {noun}")
-    take.add_argument("--sub", required=True, help="the token subject (`sub` claim)")
+    take.add_argument("--sub", required=True, help=PRINCIPAL_HELP)
     take.add_argument(f"--{noun}", required=True, type=GRANT_TARGET.parse_id, help=f"the {noun} id")
     take.set_defaults(handler=revoke_grant)
+    grant_commands = commands.add_parser("grants", help="all grants at once").add_subparsers(
+        dest="action", required=True
+    )
+    move = grant_commands.add_parser(
+        "move-issuer", help="give one issuer's subjects' grants to the same subjects of another (JWT_ISSUER changed)"
+    )
+    move.add_argument("--from", dest="old", required=True, type=_claim_text, help="the old JWT_ISSUER, exactly")
+    move.add_argument("--to", dest="new", required=True, type=_claim_text, help="the new JWT_ISSUER, exactly")
+    move.set_defaults(handler=move_issuer)
 
     extensions.add_commands(commands)  # the baked credential options' commands
     return parser

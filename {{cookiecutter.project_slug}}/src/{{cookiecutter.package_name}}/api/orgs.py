@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, HTTPException, Path, Response, status
+from fastapi import APIRouter, HTTPException, Response, status
 
 from ..db import SessionDep
 from ..domain import ORG
@@ -21,7 +19,6 @@ from .schemas import GrantOut, GrantPut, OrgCreate, OrgOut
 router = APIRouter(prefix="/orgs", tags=["orgs"])
 
 LAST_OWNER = "An org must keep at least one owner."
-Subject = Annotated[str, Path(pattern=grants.SUBJECT_PATTERN)]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -55,14 +52,15 @@ async def get_org(org: ReadableOrg) -> OrgOut:
 )
 async def put_grant(
     org_id: CanManageGrants,
-    subject: Subject,
+    subject: grants.GrantSubject,
     body: GrantPut,
     principal: CurrentPrincipal,
     session: SessionDep,
     response: Response,
 ) -> GrantOut:
     """Give `subject` exactly this relation on the org (owner only): 201 when new, 200 when
-    changed. 409 when it would leave the org without an owner; 403 when the caller was demoted
+    changed. `subject` is a principal id, or the `sub` of a token of JWT_ISSUER (security/grants.py);
+    the answer names the principal id. 409 when it would leave the org without an owner; 403 when the caller was demoted
     while the request ran (the owner check is repeated inside the write)."""
     await _org(session, org_id)
     try:
@@ -89,7 +87,7 @@ async def put_grant(
 
 @router.delete("/{org_id}/grants/{subject}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_grant(
-    org_id: CanManageGrants, subject: Subject, principal: CurrentPrincipal, session: SessionDep
+    org_id: CanManageGrants, subject: grants.GrantSubject, principal: CurrentPrincipal, session: SessionDep
 ) -> None:
     """Revoke the subject's grant (owner only); effective from its next request. 409 for the last
     owner; 403 when the caller was demoted while the request ran."""

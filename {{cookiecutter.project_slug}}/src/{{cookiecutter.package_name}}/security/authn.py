@@ -29,7 +29,15 @@ from .errors import ProblemDetail, ProblemResponse, problem, store_busy
 from .events import security_event
 from .keys import KeySource
 from .lockout import LockedOut, locked_out
-from .principal import Authenticator, ChannelAuthenticator, InvalidCredentials, Principal, app_path, under_api
+from .principal import (
+    Authenticator,
+    ChannelAuthenticator,
+    InvalidCredentials,
+    Principal,
+    app_path,
+    issuer_namespace,
+    under_api,
+)
 from .revocation import MAX_ID_LENGTH, RevocationStoreUnavailable
 
 if TYPE_CHECKING:
@@ -83,6 +91,10 @@ class TokenVerifier:
         self.keys = keys
         self.algorithms = frozenset(settings.jwt_algorithms)
         self.issuer = settings.jwt_issuer
+        # A token's principal is `jwt:<issuer key>:<sub>` (principal.py): the prefix is fixed per
+        # process, so naming the principal costs one concatenation, once per verified token.
+        self.namespace = issuer_namespace(settings.jwt_issuer)
+        self.max_subject = MAX_ID_LENGTH - len(self.namespace)
         self.audience = settings.jwt_audience
         self.leeway = settings.jwt_leeway_seconds
         self.max_lifetime = settings.jwt_max_token_lifetime_seconds
@@ -148,7 +160,7 @@ class TokenVerifier:
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
         subject, exp, iat = claims["sub"], claims["exp"], claims["iat"]
-        if not isinstance(subject, str) or not subject or len(subject) > MAX_ID_LENGTH:
+        if not isinstance(subject, str) or not subject or len(subject) > self.max_subject:
             raise InvalidCredentials("bad_subject")
         # PyJWT accepts anything int() accepts, "1700000000" and true included; a JWT NumericDate is a number.
         if not all(_is_number(claims[name]) for name in ("exp", "iat", "nbf") if name in claims):
@@ -158,7 +170,7 @@ class TokenVerifier:
         jti = claims.get("jti")
         if jti is not None and (not isinstance(jti, str) or not jti or len(jti) > MAX_ID_LENGTH):
             raise InvalidCredentials("bad_jti")
-        return Principal(subject, _scopes(claims), jti, int(iat), int(exp), BearerToken.challenge)
+        return Principal(self.namespace + subject, _scopes(claims), jti, int(iat), int(exp), BearerToken.challenge)
 
 
 def _is_number(value: object) -> bool:
@@ -200,21 +212,50 @@ def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     """The token of `Authorization: Bearer <token>` (never a query string or cookie).
 
     None when there is no bearer credential; b"" for one that is present but unusable
-    (several Authorization headers, an empty token, or one that is not a canonical compact JWS).
+    (several Authorization headers, whatever their schemes, an empty token, or one that is not a
+    canonical compact JWS). The scheme and the token are separated by one or more spaces (1*SP,
+    RFC 6750 §2.1, RFC 9110 §11.4); any other whitespace makes the token non-canonical.
     """
     found: bytes | None = None
+    seen = False
     for key, value in headers:
         if key == b"authorization":
-            if found is not None:
+            if seen:
                 return b""
+            seen = True
             scheme, _, token = value.partition(b" ")
-            found = token.strip() if scheme.lower() == b"bearer" else None
-            if found is None:
-                return None
+            if scheme.lower() == b"bearer":
+                found = token.lstrip(b" ")
     # An oversized token is left to the verifier, which refuses it for its size without reading it.
     if found and len(found) <= MAX_TOKEN_BYTES and not _canonical_jws(found):
         return b""
     return found
+
+
+# RFC 9110 §11.4: `credentials = auth-scheme [ 1*SP ( token68 / #auth-param ) ]`, the scheme a
+# token (§5.6.2). Only SP separates it from what follows: `Bearer<TAB>x` is one malformed scheme.
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def authorization_scheme(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The scheme (lowercase) of the request's Authorization header; None when it sends none.
+
+    Raises InvalidCredentials when the header is there but names no scheme layer 4 can judge:
+    sent more than once, empty, or a scheme that is not an RFC 9110 token (only SP may follow it).
+    Whether the scheme is one the service accepts is the caller's question (`Authenticate`).
+    """
+    scheme: bytes | None = None
+    for key, value in headers:
+        if key == b"authorization":
+            if scheme is not None:
+                raise InvalidCredentials("several_authorization_headers")
+            name = value.partition(b" ")[0]
+            if not name:
+                raise InvalidCredentials("empty_authorization")
+            if not _TCHAR.issuperset(name):
+                raise InvalidCredentials("malformed_authorization")
+            scheme = name.lower()
+    return scheme
 
 
 class BearerToken:
@@ -291,6 +332,9 @@ class Authenticate:
         self.public_paths = public_paths
         self.on_failure = on_failure  # counts refused credentials towards a lockout (lockout.py)
         self.caller_challenges = ", ".join(a.challenge for a, reader, _ in self._steps if reader is None)
+        # The Authorization schemes the service accepts: a header credential's challenge is the
+        # scheme it reads (`Bearer`, `ApiKey`). Any other scheme is refused, never passed over.
+        self._schemes = {a.challenge.lower().encode(): a for a, reader, _ in self._steps if reader is None}
         self.challenges = ", ".join([*(c.challenge for c in self.channels), self.caller_challenges])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -350,10 +394,13 @@ class Authenticate:
         channel: ChannelAuthenticator | None = None
         for channel in self.channels:
             workload = await self._verified(channel.challenge, channel.identify(scope))
+        authorization = self._authorization(scope)
         found: list[tuple[Principal, bool]] = []  # each caller that verified, and whether it signs the body
         for authenticator, reader, owns in self._steps:
             if reader is None:
                 principal = await self._verified(authenticator.challenge, authenticator.authenticate(scope))
+                if principal is None and authenticator is authorization:
+                    raise self._unusable_authorization("authorization_not_read")  # its scheme's reader passed it over
             else:
                 if found and owns is not None and owns(scope):
                     # Refused before its body is read: a signed message's id is not spent on it.
@@ -382,6 +429,31 @@ class Authenticate:
             )
         return await self._verified(channel.challenge, self.admission.admit(scope, workload)), receive
 
+    def _authorization(self, scope: Scope) -> Authenticator | None:
+        """The authenticator whose scheme the Authorization header names, None without the header.
+        Several Authorization headers, an empty one, a malformed one or a scheme the service does
+        not accept (`Basic`, `Digest`) are a credential presented and refused, like a bad token."""
+        try:
+            scheme = authorization_scheme(scope["headers"])
+        except InvalidCredentials as exc:
+            raise self._unusable_authorization(exc.reason) from None
+        if scheme is None:
+            return None
+        authenticator = self._schemes.get(scheme)
+        if authenticator is None:
+            raise self._unusable_authorization("unknown_authorization_scheme")
+        return authenticator
+
+    def _unusable_authorization(self, reason: str) -> _Refused:
+        # The challenges name the schemes the service accepts: no one scheme's `invalid_token` applies.
+        return _Refused(
+            self.caller_challenges,
+            reason,
+            detail="The Authorization header is not usable: send one, with a scheme the service accepts.",
+            name="invalid-token",
+            credential="Authorization",
+        )
+
     async def _verified(self, challenge: str, verifying: Awaitable[T]) -> T:
         """What the credential's check returns; its InvalidCredentials as a refusal with its challenge."""
         try:
@@ -402,6 +474,7 @@ class Authenticate:
             "several_credentials",
             detail="Send one credential for the caller, not several.",
             name="invalid-token",
+            credential="several",  # presented and refused: counts towards the lockout like a bad one
         )
 
     @staticmethod

@@ -12,6 +12,11 @@ The rules, applied in this order by `Authenticate`:
 
 1. Every credential presented is verified, and any that fails is a 401 with its own challenge,
    whatever else verified: a bad API key is never passed over for a good certificate or token.
+   Every `Authorization` header is a credential presented: several of them, an empty one, a
+   malformed one (a scheme that is not an RFC 9110 token followed by one or more spaces, e.g.
+   `Bearer<TAB>x`) and a scheme the service does not accept (`Basic`, `Digest`) are refused (401
+   with the challenges of the schemes it accepts), never ignored. Each refusal counts towards
+   the address's lockout; a request with no credential at all does not.
 2. Several caller credentials: 401 (`several_credentials`).
 3. A workload and a caller: the principal is the caller (its subject, revocation, lockout and
    limits), and its scopes are those both it and the workload hold. A webhook signature is the

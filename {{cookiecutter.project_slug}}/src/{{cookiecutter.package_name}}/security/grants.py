@@ -2,20 +2,49 @@
 
 Each keeps the object's invariant that it has an owner, and re-checks the acting owner's grant
 inside the write, so a concurrent demotion cannot slip in between the route's check and it.
+
+A grant names a principal id (security/principal.py): `jwt:<issuer key>:<sub>` for a token of one
+issuer, `apikey:<id>`, `webhook:<partner>`, a workload's SPIFFE ID. A route or a command that
+takes a name reads a bare one as the `sub` of a token of the configured JWT_ISSUER (`GrantSubject`,
+`principal_id`), so the grants of one issuer's users are never another issuer's: a change of
+JWT_ISSUER is an explicit move (`move_issuer`, the `grants move-issuer` command), not an inheritance.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
-from sqlalchemy import CursorResult, delete, func, insert, select, update
+from fastapi import Depends, Path, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import CursorResult, and_, delete, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
+from ..resources import runtime_of
 from ..tables import Permission, Relation
+from .principal import principal_id
 
-# Subjects that may be named in a grant (path parameter and CLI): what identity providers put in `sub`.
+# Subjects that may be named in a grant (path parameter and CLI): what identity providers put in
+# `sub`, or a principal id (`jwt:<issuer key>:<sub>`, `apikey:<id>`, `webhook:<partner>`).
 SUBJECT_PATTERN = r"^[A-Za-z0-9_.:@|-]{1,255}$"
+
+
+MAX_SUBJECT_LENGTH = 255  # the permissions table's column
+
+
+async def grant_subject(request: Request, subject: Annotated[str, Path(pattern=SUBJECT_PATTERN)]) -> str:
+    """The principal the `{subject}` of a grant route names (`principal_id`): no I/O. A bare `sub`
+    too long to carry its issuer's prefix names no principal the service can have (400)."""
+    named = principal_id(subject, runtime_of(request).verifier.namespace)
+    if len(named) > MAX_SUBJECT_LENGTH:
+        raise RequestValidationError(
+            [{"type": "string_too_long", "loc": ("path", "subject"), "msg": "names no principal: too long"}]
+        )
+    return named
+
+
+GrantSubject = Annotated[str, Depends(grant_subject)]
 
 
 class GrantRefused(Exception):
@@ -138,3 +167,45 @@ async def _keep_an_owner(session: AsyncSession, resource_type: str, resource_id:
     if not owners:
         await session.rollback()
         raise LastOwner(f"{resource_type} {resource_id} must keep at least one owner")
+
+
+async def move_issuer(session: AsyncSession, old_namespace: str, new_namespace: str) -> int:
+    """Give every grant of the old issuer's subjects to the same `sub` of the new issuer (namespaces
+    from `principal.issuer_namespace`), in one statement; the number moved. Refuses, changing
+    nothing, when a subject holds grants on one object under both. The caller commits."""
+    start = len(old_namespace) + 1
+    moved_subject = literal(new_namespace) + func.substr(Permission.subject, start)
+    of_old = Permission.subject.startswith(old_namespace, autoescape=True)
+    both = aliased(Permission)
+    clashes = await session.scalar(
+        select(func.count())
+        .select_from(Permission)
+        .join(
+            both,
+            and_(
+                both.resource_type == Permission.resource_type,
+                both.resource_id == Permission.resource_id,
+                both.subject == moved_subject,
+            ),
+        )
+        .where(of_old)
+    )
+    if clashes:
+        raise GrantRefused(
+            f"{clashes} grant(s) of the old issuer's subjects exist for the new issuer's too; "
+            "remove one of each pair (revoke-grant) and move again"
+        )
+    try:
+        result = cast(
+            CursorResult[Any],
+            await session.execute(
+                update(Permission)
+                .where(of_old)
+                .values(subject=moved_subject)
+                .execution_options(synchronize_session=False)
+            ),
+        )
+    except IntegrityError:  # a clashing grant was created concurrently
+        await session.rollback()
+        raise GrantRefused("The grants were changed concurrently; nothing was moved, retry.") from None
+    return result.rowcount

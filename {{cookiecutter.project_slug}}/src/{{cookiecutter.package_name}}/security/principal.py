@@ -6,6 +6,8 @@ each of them, so no layer imports another for a type.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from typing import Annotated, Protocol
 
@@ -13,6 +15,43 @@ from fastapi import Depends, Request
 from starlette.types import Receive, Scope
 
 API_PREFIX = "/api/"
+
+# --- Principal ids: one namespace per credential type (ASVS V10.3.3) ---------------------------
+#
+# A principal's `subject` is its id everywhere the service keys something by caller: grants, the
+# subject rate limit, the subject lockout, revocation, the audit log's pseudonym. Each credential
+# type writes ids of its own shape, and no two shapes can meet:
+#
+# - a JWT: `jwt:<issuer key>:<sub>`, the issuer key the first 16 hex digits of SHA-256(JWT_ISSUER),
+#   so the same `sub` from another issuer is another principal, and no `sub` whatever its text
+#   (`apikey:...`, `spiffe://...`) can leave the `jwt:` namespace;
+# - an API key: `apikey:<id>`; a webhook partner: `webhook:<partner>` (their options);
+# - a workload: its SPIFFE ID (`spiffe://...`) or its certificate's subject DN (`CN=...`, RFC 4514:
+#   an attribute type, which holds no `:`, then `=`).
+JWT_NAMESPACE = "jwt:"
+API_KEY_NAMESPACE = "apikey:"
+WEBHOOK_NAMESPACE = "webhook:"
+SPIFFE_NAMESPACE = "spiffe://"
+NAMESPACES = (JWT_NAMESPACE, API_KEY_NAMESPACE, WEBHOOK_NAMESPACE, SPIFFE_NAMESPACE)
+ISSUER_KEY_HEX = 16
+_DISTINGUISHED_NAME = re.compile(r"(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)=")
+
+
+def issuer_namespace(issuer: str) -> str:
+    """The prefix of the principal ids of tokens from `issuer` (exactly as JWT_ISSUER reads)."""
+    return f"{JWT_NAMESPACE}{hashlib.sha256(issuer.encode()).hexdigest()[:ISSUER_KEY_HEX]}:"
+
+
+def is_principal_id(name: str) -> bool:
+    """Whether `name` is already a principal id of some credential type (not a bare JWT `sub`)."""
+    return name.startswith(NAMESPACES) or _DISTINGUISHED_NAME.match(name) is not None
+
+
+def principal_id(name: str, namespace: str) -> str:
+    """The principal an operator or an owner names (a grant, a lockout to lift): a principal id as
+    it is, else the `sub` of a token of the configured issuer (`namespace`: `issuer_namespace`).
+    A token whose `sub` itself looks like an id is named by its whole id, `jwt:<issuer key>:<sub>`."""
+    return name if is_principal_id(name) else namespace + name
 
 
 def under_api(path: str) -> bool:
@@ -26,7 +65,7 @@ def under_api(path: str) -> bool:
 class Principal:
     """Who is calling, as proven by the credential."""
 
-    subject: str
+    subject: str  # the principal id, in its credential type's namespace (see above): never a bare `sub`
     scopes: frozenset[str]
     token_id: str | None
     issued_at: int
@@ -46,7 +85,8 @@ class InvalidCredentials(Exception):
 
 
 class Authenticator(Protocol):
-    """One credential type. `challenge` is its WWW-Authenticate scheme."""
+    """One credential type. `challenge` is its WWW-Authenticate scheme, and the `Authorization`
+    scheme it reads when it reads that header: layer 4 refuses any other scheme before asking it."""
 
     challenge: str
 

@@ -41,12 +41,12 @@ from starlette.types import Scope
 from ...config import IPNetwork
 from ...db import Statements
 from ...security.admission import Admission
-from ...security.principal import InvalidCredentials, Principal
+from ...security.principal import API_KEY_NAMESPACE, InvalidCredentials, Principal
 from ...store.core import RemoteStore
 from .models import ApiKey
 from .settings import ApiKeySettings
 
-SUBJECT_PREFIX = "apikey:"
+SUBJECT_PREFIX = API_KEY_NAMESPACE  # principal.py: the namespaces of principal ids
 SCHEME = "ApiKey"
 ID_HEX = 16
 SECRET_HEX = 64

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ...config import SERVICE_NAME
+from ...security.principal import issuer_namespace, principal_id
 from ...security.revocation import Revocations
 from ...startup import load_settings
 from ...store.core import MemoryStore, NotReplicated, RemoteStore, StoreBusy, StoreUnavailable
@@ -92,6 +93,11 @@ def _run(action: Action) -> int:
     return status
 
 
+def _owner(name: str) -> str:
+    """The principal an --owner names: a token's `sub` of JWT_ISSUER, or a principal id."""
+    return principal_id(name, issuer_namespace(load_settings().jwt_issuer))
+
+
 def _shown(key: store.KeyInfo) -> str:
     networks = ",".join(key.networks) or "any"
     state = "revoked" if key.revoked_at else f"expires {key.expires_at.isoformat(timespec='seconds')}"
@@ -109,7 +115,7 @@ def issue_key(args: argparse.Namespace) -> int:
         issued = await store.issue(
             session,
             settings,
-            owner=args.owner,
+            owner=_owner(args.owner),
             name=args.name,
             scopes=[scope for given in args.scope for scope in given.split()],
             networks=args.allow_network,
@@ -125,7 +131,7 @@ def issue_key(args: argparse.Namespace) -> int:
 
 def list_keys(args: argparse.Namespace) -> int:
     async def action(session: AsyncSession, _settings: ApiKeySettings, _revocations: Revocations) -> tuple[int, str]:
-        keys = await store.list_keys(session, owner=args.owner)
+        keys = await store.list_keys(session, owner=_owner(args.owner) if args.owner else None)
         return 0, "\n".join(_shown(key) for key in keys) or "no keys"
 
     return _run(action)
@@ -169,7 +175,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         dest="action", required=True
     )
     issue = keys.add_parser("issue", help="issue a key (printed once)")
-    issue.add_argument("--owner", required=True, help="the token subject that owns the key")
+    issue.add_argument("--owner", required=True, help="the token `sub` (of JWT_ISSUER) or principal id owning the key")
     issue.add_argument("--scope", action="append", required=True, help="a scope (repeat, or space-separated)")
     issue.add_argument("--name", default="", help="a label, e.g. the partner's name")
     issue.add_argument("--expires-in", type=duration, help="e.g. 90d; default API_KEY_DEFAULT_LIFETIME_DAYS")

@@ -40,14 +40,14 @@ from starlette.types import Message, Receive, Scope
 
 from ...config import SERVICE_NAME
 from ...security.events import security_event
-from ...security.principal import InvalidCredentials, Principal, app_path
+from ...security.principal import WEBHOOK_NAMESPACE, InvalidCredentials, Principal, app_path
 from ...security.revocation import RevocationStoreUnavailable, tag
 from ...security.transport import BodyTooLarge
 from ...store.core import MemoryStore, RemoteStore, StoreUnavailable
 
 WEBHOOK_PATH = "/api/v1/webhooks/"
 WEBHOOK_SCOPE = "webhooks:receive"
-SUBJECT_PREFIX = "webhook:"
+SUBJECT_PREFIX = WEBHOOK_NAMESPACE  # principal.py: the namespaces of principal ids
 STATE_KEY = "webhook"
 WHSEC_PREFIX = "whsec_"  # how a secret is written (Standard Webhooks), not one
 # The Standard Webhooks specification: secrets of 24 to 64 random bytes.
