@@ -40,8 +40,8 @@ MARKERS = ("<<<<<<<", ">>>>>>>")
 UNRELEASED_LINE = "# (a change on the template's branch, in no release yet)\n"
 
 
-def make(target: str, project: Path) -> subprocess.CompletedProcess[str]:
-    return make_target(target, project)
+def make(target: str, project: Path, *variables: str) -> subprocess.CompletedProcess[str]:
+    return make_target(target, project, *variables)
 
 
 def replace_line(path: Path, old: str, new: str) -> None:
