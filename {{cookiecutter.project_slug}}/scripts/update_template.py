@@ -296,7 +296,8 @@ def changelog_since(changelog: str, version: Version | None) -> str:
     kept = [
         changelog[section.start() : end].rstrip() + "\n"
         for section, end in zip(sections, ends, strict=True)
-        if version is None or version_key(section["name"]) > version
+        if (version is None or version_key(section["name"]) > version)
+        and changelog[section.end() : end].strip()  # an empty [Unreleased] says nothing
     ]
     return "\n".join(kept)
 
