@@ -246,3 +246,32 @@ def test_an_owners_edit_of_a_line_the_release_changed_fails_loudly(
     assert update.returncode != 0, report(update)
     assert "TEMPLATE UPDATE FAILED" in update.stderr and f"  {relative}: " in update.stderr, report(update)
     assert (project / ".cruft.json").read_bytes() == before
+
+
+def test_a_service_from_before_the_wrapper_takes_the_release_with_the_changelogs_command(
+    history: tuple[Path, str, str, str], tmp_path: Path
+) -> None:
+    """0.1.0's `make update-template` is plain `cruft update` (exit 0 on a conflict). CHANGELOG.md's
+    Upgrading gives the command to run instead; run as written (the URL, the release and the
+    service's Python filled in), it must refuse the conflict the layout redesign brings to an owner
+    who added a model to models.py, name the file, and keep .cruft.json."""
+    clone, _earlier, new, _new_commit = history
+    project = bake_at("v0.1.0", clone, tmp_path / "out")
+    models = project / "src" / PACKAGE / "models.py"
+    models.write_text(models.read_text() + '\n\nclass Project(Base):\n    __tablename__ = "projects"\n')
+    git("commit", "-q", "-am", "our own model", cwd=project)
+    before = (project / ".cruft.json").read_bytes()
+    changelog = (TEMPLATE_DIR / "CHANGELOG.md").read_text()
+    (command,) = {line.strip() for line in changelog.splitlines() if line.strip().startswith("git clone --quiet --depth 1")}
+    command = re.sub(r"--branch \S+", f"--branch {new}", command)
+    command = command.replace("<template URL>", f"file://{clone}").replace("/tmp/secure-api-template", str(tmp_path / "template"))
+    command = command.replace(".venv/bin/python", sys.executable)
+
+    update = subprocess.run(
+        ["bash", "-c", command], cwd=project, env=GIT_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, check=False
+    )
+
+    assert update.returncode != 0, report(update)
+    assert "TEMPLATE UPDATE FAILED" in update.stderr and f"  src/{PACKAGE}/models.py: " in update.stderr, report(update)
+    assert f"taking the template's latest release, {new}" in update.stdout, report(update)
+    assert (project / ".cruft.json").read_bytes() == before

@@ -191,16 +191,19 @@ def undo_template_changes(template: Path) -> None:
 
 
 def make_template_history(template: Path) -> tuple[str, str]:
-    """Commit OLD, then NEW on top of it, on `main` (the branch cruft updates to)."""
+    """Commit OLD, then NEW on top of it, on `main`, each tagged as a release."""
     copy_working_tree(template)
     undo_template_changes(template)
     git("init", "-q", "-b", "main", cwd=template)
     git("add", "-A", cwd=template)
     git("commit", "-q", "-m", "fixture: an older template", cwd=template)
+    git("tag", "-a", "-m", "an older release", "v1.0.0", cwd=template)
     old = git("rev-parse", "HEAD", cwd=template).strip()
     copy_working_tree(template)
     git("add", "-A", cwd=template)
     git("commit", "-q", "-m", "the template, as it is", cwd=template)
+    # make update-template takes the latest release (tests/test_releases.py crosses the real ones).
+    git("tag", "-a", "-m", "the release under test", "v1.1.0", cwd=template)
     return old, git("rev-parse", "HEAD", cwd=template).strip()
 
 
