@@ -255,7 +255,7 @@ def test_a_service_from_before_the_wrapper_takes_the_release_with_the_changelogs
     Upgrading gives the command to run instead; run as written (the URL, the release and the
     service's Python filled in), it must refuse the conflict the layout redesign brings to an owner
     who added a model to models.py, name the file, and keep .cruft.json."""
-    clone, _earlier, new, _new_commit = history
+    clone, _earlier, new, new_commit = history
     project = bake_at("v0.1.0", clone, tmp_path / "out")
     models = project / "src" / PACKAGE / "models.py"
     models.write_text(models.read_text() + '\n\nclass Project(Base):\n    __tablename__ = "projects"\n')
@@ -275,3 +275,10 @@ def test_a_service_from_before_the_wrapper_takes_the_release_with_the_changelogs
     assert "TEMPLATE UPDATE FAILED" in update.stderr and f"  src/{PACKAGE}/models.py: " in update.stderr, report(update)
     assert f"taking the template's latest release, {new}" in update.stdout, report(update)
     assert (project / ".cruft.json").read_bytes() == before
+    # Resolved (the template's models.py, as 0.2.0's Upgrading says, the owner's class to be added
+    # back) and added: the Makefile the merge brought records the update.
+    git("checkout", "--theirs", "--", f"src/{PACKAGE}/models.py", cwd=project)
+    git("add", "--", f"src/{PACKAGE}/models.py", cwd=project)
+    finished = make_target("update-template", project)
+    assert finished.returncode == 0, report(finished)
+    assert json.loads((project / ".cruft.json").read_text())["commit"] == new_commit
