@@ -297,7 +297,7 @@ def changelog_since(changelog: str, version: Version | None) -> str:
         changelog[section.start() : end].rstrip() + "\n"
         for section, end in zip(sections, ends, strict=True)
         if (version is None or version_key(section["name"]) > version)
-        and changelog[section.end() : end].strip()  # an empty [Unreleased] says nothing
+        and (section["name"].lower() != "unreleased" or changelog[section.end() : end].strip())  # empty: nothing to say
     ]
     return "\n".join(kept)
 
