@@ -9,7 +9,8 @@ test) made by the README's steps, a setting, a dependency and a documentation se
 all in owner files; the template's change touches a security module (`security/transport.py`),
 the settings module, the dependencies, deploy files and the README. No conflict is allowed.
 The update must apply without a conflict or a rejected hunk, bring every template change, keep
-the owner's change, and leave a service whose lint, type check and tests pass.
+the owner's change, and leave a service whose tests pass (its lint and type check: test_releases,
+on the same tree).
 """
 
 from __future__ import annotations
@@ -356,15 +357,18 @@ CHECKS: dict[str, Callable[[Path], list[str]]] = {
 }
 
 
-def test_the_updated_service_passes_lint_types_and_tests(
+def test_the_updated_service_passes_its_tests(
     updated: tuple[Path, str, str, subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
+    """The generated suite, the owner's test included. Ruff, mypy and the import contracts run on
+    the same tree (this working tree plus the same owner's week) in tests/test_releases.py, which
+    reaches it from the previous real release; they are not run twice."""
     project, *_ = updated
     missing = [module for module in REDIS_TOPOLOGY_TESTS if not (project / "tests" / module).is_file()]
     assert not missing, f"left out of the run below but not in the service: {missing}; update {__file__}"
     python = overlay_python(tmp_path, project)
     failures = []
-    for name, command in CHECKS.items():
+    for name, command in {"pytest": CHECKS["pytest"]}.items():
         result = run(command(python), cwd=project)
         if result.returncode != 0:
             failures.append(f"{name}: {report(result)}")
