@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo demo-tour bench lock clean
+.PHONY: test demo demo-tour bench lock tags release clean
 
 test: $(VENV)/.installed
 	$(BIN)/pytest tests -q
@@ -25,6 +25,16 @@ bench: $(VENV)/.installed
 # newest releases pyproject.toml allows.
 lock: $(VENV)/.installed
 	$(BIN)/python scripts/lock.py $(if $(UPGRADE),--upgrade)
+
+# The annotated vX.Y.Z tags of every release, made from the history (CHANGELOG.md, VERSION) in
+# this clone; the template's CI pushes them (.github/workflows/release.yml). Standard library only.
+tags:
+	$(PYTHON) scripts/release.py tags
+
+# The release commit's edit: `make release NEW=X.Y.Z` sets VERSION and closes CHANGELOG.md's
+# [Unreleased] section as that release; review, commit both, merge to the default branch.
+release:
+	$(PYTHON) scripts/release.py prepare $(NEW)
 
 $(VENV)/.installed: requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

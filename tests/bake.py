@@ -221,10 +221,10 @@ def copy_working_tree(destination: Path) -> None:
             shutil.copy2(source, target)
 
 
-def make_target(target: str, project: Path) -> subprocess.CompletedProcess[str]:
-    """`make TARGET` in a baked service, with this venv's tools (cruft among them)."""
+def make_target(target: str, project: Path, *variables: str) -> subprocess.CompletedProcess[str]:
+    """`make TARGET [NAME=value ...]` in a baked service, with this venv's tools (cruft among them)."""
     return subprocess.run(
-        ["make", "--no-print-directory", target, f"VENV={Path(sys.executable).parent.parent}"],
+        ["make", "--no-print-directory", target, f"VENV={Path(sys.executable).parent.parent}", *variables],
         cwd=project,
         env=GIT_ENV,
         stdin=subprocess.DEVNULL,

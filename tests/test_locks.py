@@ -126,3 +126,47 @@ def test_the_image_install_steps_work_from_the_locks(baked: BakedProject, name: 
     ):
         result = run(command, cwd=tmp_path, timeout=300)
         assert result.returncode == 0, report(result)
+
+
+@variants
+def test_make_install_installs_the_locked_set_with_hashes(baked: BakedProject, name: str) -> None:
+    """The quick start's `make install` is the locked set, as CI's: newer releases come only by
+    `make lock UPGRADE=1`."""
+    result = run(["make", "--no-print-directory", "--dry-run", "install", "VENV=/nonexistent"], cwd=baked(name))
+    assert result.returncode == 0, report(result)
+    installs = [line for line in result.stdout.splitlines() if " install " in line and "--upgrade pip" not in line]
+    assert installs and all("--no-deps" in line for line in installs), result.stdout
+    assert any("--require-hashes" in line and "-r requirements/dev.txt" in line for line in installs), result.stdout
+
+
+def test_the_newest_allowed_releases_pass_the_baked_lint(baked: BakedProject, tmp_path: Path) -> None:
+    """What Dependabot will propose: `make lock UPGRADE=1` (the newest releases pyproject.toml
+    allows), installed by `make install`, then `make lint` (ruff, strict mypy, import contracts).
+    On the all-options PostgreSQL bake, the most code; redis 8.2's typed Sentinel once turned a
+    `type: ignore` in store/sentinel.py into an error here."""
+    project = tmp_path / "project"
+    shutil.copytree(baked("postgresql"), project)
+    venv = tmp_path / "venv"
+    steps = (
+        ["lock", "UPGRADE=1", f"VENV={VENV}"],
+        ["install", f"VENV={venv}", f"PYTHON={sys.executable}"],
+        ["lint", f"VENV={venv}"],
+    )
+    for arguments in steps:
+        result = run(["make", "--no-print-directory", *arguments], cwd=project, timeout=900)
+        upgraded = {
+            package: f"{old} -> {new}"
+            for package, new in pins(project / "requirements" / "dev.txt").items()
+            if (old := pins(baked("postgresql") / "requirements" / "dev.txt").get(package)) != new
+        }
+        assert result.returncode == 0, f"with the newest allowed releases ({upgraded}):\n{report(result)}"
+    freeze = run([str(venv / "bin" / "python"), "-m", "pip", "freeze", "--exclude-editable"], cwd=project)
+    installed = {normalized(name): version for name, version in PIN.findall(freeze.stdout)}
+    # A universal lock may list a package twice, under markers for different Pythons.
+    locked: dict[str, set[str]] = {}
+    lock_text = "".join((project / "requirements" / lock).read_text() for lock in ("dev.txt", "build.txt"))
+    for package, version in PIN.findall(lock_text):
+        locked.setdefault(normalized(package), set()).add(version)
+    unlocked = {package: version for package, version in installed.items() if version not in locked.get(package, ())}
+    assert not unlocked, f"make install installed what the lock does not hold: {unlocked}"
+    assert installed["redis"] in locked["redis"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from bake import FULLY_TESTED, VARIANTS, report, run
+from bake import FULLY_TESTED, TEMPLATE_DIR, VARIANTS, report, run
 from conftest import BakedProject
 
 BIN = Path(sys.executable).parent
@@ -75,12 +75,27 @@ def test_workflow_passes_actionlint_with_shellcheck(baked: BakedProject, name: s
     assert result.returncode == 0, report(result)
 
 
+ZIZMOR = ("--offline", "--persona", "pedantic", "--no-progress", "--color=never")
+
+
 @variants
 def test_workflow_and_dependabot_pass_zizmor(baked: BakedProject, name: str) -> None:
     project = baked(name)
-    result = run([tool("zizmor"), "--offline", "--no-progress", "--color=never", "."], cwd=project)
+    result = run([tool("zizmor"), *ZIZMOR, "."], cwd=project)
     assert result.returncode == 0, report(result)
     assert "No findings" in result.stdout, report(result)
+
+
+def test_the_templates_release_workflow_passes_actionlint_and_zizmor() -> None:
+    workflow = ".github/workflows/release.yml"
+    for command in ([tool("actionlint"), "-no-color", workflow], [tool("zizmor"), *ZIZMOR, ".github"]):
+        result = run(command, cwd=TEMPLATE_DIR, env=TOOL_ENV)
+        assert result.returncode == 0, report(result)
+    document = yaml.safe_load((TEMPLATE_DIR / workflow).read_text())
+    assert document["permissions"] == {}
+    (job,) = document["jobs"].values()
+    assert job["permissions"] == {"contents": "write"}  # the tags, nothing else
+    assert any("scripts/release.py tags --push origin" in step.get("run", "") for step in job["steps"])
 
 
 @variants
@@ -238,28 +253,60 @@ def test_workflow_pins_actions_by_commit_with_least_privilege(baked: BakedProjec
 
 
 @variants
-def test_template_update_workflow_opens_a_pull_request_on_a_schedule(baked: BakedProject, name: str) -> None:
+def test_template_update_workflow_renders_without_secrets_and_publishes_without_template_code(
+    baked: BakedProject, name: str
+) -> None:
     workflow = load(baked(name), ".github/workflows/template-update.yml")
     triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
     assert set(triggers) == {"schedule", "workflow_dispatch"} and triggers["schedule"][0]["cron"]
     assert workflow["permissions"] == {}
-    (job,) = workflow["jobs"].values()
-    # Only what pushing a branch and opening its pull request needs.
-    assert job["permissions"] == {"contents": "write", "pull-requests": "write"}
-    for step in job["steps"]:
-        if "uses" in step:
-            assert PINNED_ACTION.match(step["uses"]), f"{step['uses']} is not pinned by SHA"
-        if step.get("uses", "").startswith("actions/checkout@"):
-            assert step["with"]["persist-credentials"] is False
-    runs = [step.get("run", "") for step in job["steps"]]
-    assert any("make update-template" in run for run in runs)
-    assert any("gh pr create" in run for run in runs)
+    jobs = workflow["jobs"]
+    assert list(jobs) == ["fetch", "render", "publish"]
+    for job in jobs.values():
+        for step in job["steps"]:
+            if "uses" in step:
+                assert PINNED_ACTION.match(step["uses"]), f"{step['uses']} is not pinned by SHA"
+            if step.get("uses", "").startswith("actions/checkout@"):
+                assert step["with"]["persist-credentials"] is False
+    text = {name: yaml.safe_dump(job) for name, job in jobs.items()}
+    runs = {name: "\n".join(step.get("run", "") for step in job["steps"]) for name, job in jobs.items()}
+    # fetch: git only, the read token in its own environment.
+    assert jobs["fetch"]["permissions"] == {"contents": "read"} and jobs["fetch"]["environment"] == "template-read"
+    assert "git clone --quiet --mirror" in runs["fetch"] and "make " not in runs["fetch"]
+    # render: the template's code runs here, with no secret, no write permission, no environment.
+    assert jobs["render"]["permissions"] == {"contents": "read"} and "environment" not in jobs["render"]
+    assert "secrets." not in text["render"] and "github.token" not in text["render"]
+    assert "make update-template" in runs["render"] and "scripts/update_template.py --notes" in runs["render"]
+    assert "git diff --cached --binary" in runs["render"]
+    # publish: the write token, and only git apply of the patch: no make, no script of the service.
+    assert jobs["publish"]["permissions"] == {"contents": "write", "pull-requests": "write"}
+    assert jobs["publish"]["environment"] == "template-update" and jobs["publish"]["needs"] == "render"
+    assert "git apply --index" in runs["publish"] and "core.hooksPath=/dev/null" in runs["publish"]
+    assert "make " not in runs["publish"] and "python" not in runs["publish"] and "scripts/" not in runs["publish"]
+    assert "gh pr create" in runs["publish"] and "--body-file" in runs["publish"]
+    app = next(step for step in jobs["publish"]["steps"] if step.get("id") == "app")
+    assert app["with"]["permission-workflows"] == "write"  # an update may change .github/workflows/*
 
 
-def test_workflow_gives_postgresql_its_service_container(baked: BakedProject) -> None:
-    services = load(baked("postgresql"), ".github/workflows/ci.yml")["jobs"]["test"]["services"]
-    assert set(services) == {"redis", "postgres"}
-    assert set(load(baked("default"), ".github/workflows/ci.yml")["jobs"]["test"]["services"]) == {"redis"}
+@variants
+def test_ci_exposes_no_secret_to_pull_requests(baked: BakedProject, name: str) -> None:
+    workflow = load(baked(name), ".github/workflows/ci.yml")
+    for job_name, job in workflow["jobs"].items():
+        if "secrets." in yaml.safe_dump(job):
+            assert job.get("if") == "github.event_name != 'pull_request'", job_name
+
+
+def test_workflow_installs_postgresql_for_its_tests(baked: BakedProject) -> None:
+    """The suite starts its own servers from Debian's packages: no service container, whose image
+    a tag would not pin (zizmor pedantic)."""
+    for name, packages in (("postgresql", {"redis-server", "nginx", "postgresql"}), ("default", {"redis-server", "nginx"})):
+        test = load(baked(name), ".github/workflows/ci.yml")["jobs"]["test"]
+        assert "services" not in test, name
+        installed = " ".join(step.get("run", "") for step in test["steps"])
+        assert all(f" {package}" in installed for package in packages), name
+    assert " postgresql" not in " ".join(
+        step.get("run", "") for step in load(baked("default"), ".github/workflows/ci.yml")["jobs"]["test"]["steps"]
+    )
 
 
 @variants

@@ -9,7 +9,8 @@ test) made by the README's steps, a setting, a dependency and a documentation se
 all in owner files; the template's change touches a security module (`security/transport.py`),
 the settings module, the dependencies, deploy files and the README. No conflict is allowed.
 The update must apply without a conflict or a rejected hunk, bring every template change, keep
-the owner's change, and leave a service whose lint, type check and tests pass.
+the owner's change, and leave a service whose tests pass (its lint and type check: test_releases,
+on the same tree).
 """
 
 from __future__ import annotations
@@ -191,16 +192,19 @@ def undo_template_changes(template: Path) -> None:
 
 
 def make_template_history(template: Path) -> tuple[str, str]:
-    """Commit OLD, then NEW on top of it, on `main` (the branch cruft updates to)."""
+    """Commit OLD, then NEW on top of it, on `main`, each tagged as a release."""
     copy_working_tree(template)
     undo_template_changes(template)
     git("init", "-q", "-b", "main", cwd=template)
     git("add", "-A", cwd=template)
     git("commit", "-q", "-m", "fixture: an older template", cwd=template)
+    git("tag", "-a", "-m", "an older release", "v1.0.0", cwd=template)
     old = git("rev-parse", "HEAD", cwd=template).strip()
     copy_working_tree(template)
     git("add", "-A", cwd=template)
     git("commit", "-q", "-m", "the template, as it is", cwd=template)
+    # make update-template takes the latest release (tests/test_releases.py crosses the real ones).
+    git("tag", "-a", "-m", "the release under test", "v1.1.0", cwd=template)
     return old, git("rev-parse", "HEAD", cwd=template).strip()
 
 
@@ -353,15 +357,18 @@ CHECKS: dict[str, Callable[[Path], list[str]]] = {
 }
 
 
-def test_the_updated_service_passes_lint_types_and_tests(
+def test_the_updated_service_passes_its_tests(
     updated: tuple[Path, str, str, subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
+    """The generated suite, the owner's test included. Ruff, mypy and the import contracts run on
+    the same tree (this working tree plus the same owner's week) in tests/test_releases.py, which
+    reaches it from the previous real release; they are not run twice."""
     project, *_ = updated
     missing = [module for module in REDIS_TOPOLOGY_TESTS if not (project / "tests" / module).is_file()]
     assert not missing, f"left out of the run below but not in the service: {missing}; update {__file__}"
     python = overlay_python(tmp_path, project)
     failures = []
-    for name, command in CHECKS.items():
+    for name, command in {"pytest": CHECKS["pytest"]}.items():
         result = run(command(python), cwd=project)
         if result.returncode != 0:
             failures.append(f"{name}: {report(result)}")

@@ -1,11 +1,14 @@
 """A template update that conflicts fails loudly, and what a conflict leaves cannot be committed.
 
 The template's history is made here, in a temporary git repository (no network): commit OLD is
-this working tree as it is, commit NEW changes two of its lines (the nginx keep-alive timeout and a
-README line). A service baked from OLD with `cruft create`, whose owner changed the same two lines
+this working tree as it is (release v1.0.0), commit NEW changes two of its lines (the nginx
+keep-alive timeout and a README line; release v1.1.0), and a commit after it on `main` is not
+released. A service baked from OLD with `cruft create`, whose owner changed the same two lines
 differently, then runs `make update-template`: a true conflict in two file types that no linter
 reads. It must fail, name both files, and keep `.cruft.json` at OLD; once the owner resolves them,
-the same command must record NEW.
+the same command must record NEW, the latest release (the branch is taken only by choice). A plain
+`cruft update` (what services baked before the wrapper ran) leaves markers that `make
+template-behind` reports.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ CONFLICTS = (
     ),
 )
 MARKERS = ("<<<<<<<", ">>>>>>>")
+UNRELEASED_LINE = "# (a change on the template's branch, in no release yet)\n"
 
 
-def make(target: str, project: Path) -> subprocess.CompletedProcess[str]:
-    return make_target(target, project)
+def make(target: str, project: Path, *variables: str) -> subprocess.CompletedProcess[str]:
+    return make_target(target, project, *variables)
 
 
 def replace_line(path: Path, old: str, new: str) -> None:
@@ -55,11 +59,17 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     git("init", "-q", "-b", "main", cwd=repo)
     git("add", "-A", cwd=repo)
     git("commit", "-q", "-m", "the template, as it is", cwd=repo)
+    git("tag", "-a", "-m", "release 1.0.0", "v1.0.0", cwd=repo)
     old = git("rev-parse", "HEAD", cwd=repo).strip()
     for relative, at_old, at_new, _owner in CONFLICTS:
         replace_line(repo / TEMPLATE_PROJECT / relative, at_old, at_new)
     git("commit", "-q", "-am", "fixture: the template changes two lines", cwd=repo)
-    return repo, old, git("rev-parse", "HEAD", cwd=repo).strip()
+    git("tag", "-a", "-m", "release 1.1.0", "v1.1.0", cwd=repo)
+    new = git("rev-parse", "HEAD", cwd=repo).strip()
+    dockerignore = repo / TEMPLATE_PROJECT / ".dockerignore"
+    dockerignore.write_text(dockerignore.read_text() + UNRELEASED_LINE)
+    git("commit", "-q", "-am", "fixture: a change on the branch, not released", cwd=repo)
+    return repo, old, new
 
 
 def bake_service(template: Path, commit: str, out: Path, *, repository: bool = True) -> Path:
@@ -86,6 +96,7 @@ def test_a_service_behind_its_template_is_told_so(template: tuple[Path, str, str
     behind = make("template-behind", bake_service(repo, old, tmp_path / "old"))
     assert behind.returncode != 0, report(behind)
     assert "BEHIND" in output(behind) and old[:12] in output(behind) and new[:12] in output(behind), report(behind)
+    assert "latest release v1.1.0" in output(behind), report(behind)
     current = make("template-behind", bake_service(repo, new, tmp_path / "new"))
     assert current.returncode == 0, report(current)
     assert "current" in current.stdout, report(current)
@@ -160,14 +171,51 @@ def test_rejected_hunks_fail_the_update_too(template: tuple[Path, str, str], tmp
     assert json.loads((project / ".cruft.json").read_text())["commit"] == new
 
 
-def test_an_update_without_conflict_records_the_new_commit(template: tuple[Path, str, str], tmp_path: Path) -> None:
+def test_an_update_takes_the_latest_release_and_the_branch_only_by_choice(
+    template: tuple[Path, str, str], tmp_path: Path
+) -> None:
     repo, old, new = template
     project = bake_service(repo, old, tmp_path / "service")
     update = make("update-template", project)
     assert update.returncode == 0, report(update)
+    assert "taking the template's latest release, v1.1.0" in update.stdout, report(update)
     assert json.loads((project / ".cruft.json").read_text())["commit"] == new
     for relative, _at_old, at_new, _owner in CONFLICTS:
         assert at_new in (project / relative).read_text(), relative
+    assert UNRELEASED_LINE not in (project / ".dockerignore").read_text()
+    git("commit", "-q", "-am", "template update to v1.1.0", cwd=project)
+    current = make("template-behind", project)
+    assert current.returncode == 0 and "latest release v1.1.0" in current.stdout, report(current)
+
+    branch = make("update-template", project, "TEMPLATE_REF=main")
+    assert branch.returncode == 0, report(branch)
+    assert json.loads((project / ".cruft.json").read_text())["commit"] == git("rev-parse", "main", cwd=repo).strip()
+    assert UNRELEASED_LINE in (project / ".dockerignore").read_text()
+
+
+def test_markers_a_plain_cruft_update_left_are_reported_by_template_behind(
+    template: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    """A service baked before the wrapper ran plain `cruft update`: exit 0, markers committed,
+    .cruft.json moved to the new commit. `make template-behind` must not call that current."""
+    repo, old, new = template
+    project = bake_service(repo, old, tmp_path / "service")
+    for relative, at_old, _at_new, owner in CONFLICTS:
+        replace_line(project / relative, at_old, owner)
+    git("commit", "-q", "-am", "the owner's own timeout and wording", cwd=project)
+    command = [sys.executable, "-m", "cruft", "update", "--skip-apply-ask", "--checkout", "v1.1.0"]
+    plain = run(command, cwd=project, env=GIT_ENV)
+    assert plain.returncode == 0, report(plain)
+    assert json.loads((project / ".cruft.json").read_text())["commit"] == new, report(plain)
+    git("add", "-A", cwd=project)
+    git("commit", "-q", "-m", "template update (markers and all)", cwd=project)
+
+    behind = make("template-behind", project)
+
+    assert behind.returncode != 0, report(behind)
+    assert "CONFLICTED" in behind.stderr and "current" not in behind.stdout, report(behind)
+    for relative, *_ in CONFLICTS:
+        assert f"  {relative}: conflict markers on line" in behind.stderr, report(behind)
 
 
 def test_the_next_steps_are_printed_on_a_first_bake_only(template: tuple[Path, str, str], tmp_path: Path) -> None:
@@ -184,7 +232,8 @@ def test_the_next_steps_are_printed_on_a_first_bake_only(template: tuple[Path, s
     diffed = run([sys.executable, "-m", "cruft", "diff"], cwd=project, env=GIT_ENV)
     assert diffed.returncode == 0 and "Next steps" not in output(diffed), report(diffed)
     # The console script this time (make update-template runs `python -m cruft`).
-    updated = run([str(Path(sys.executable).parent / "cruft"), "update", "--skip-apply-ask"], cwd=project, env=GIT_ENV)
+    cruft = [str(Path(sys.executable).parent / "cruft"), "update", "--skip-apply-ask", "--checkout", "v1.1.0"]
+    updated = run(cruft, cwd=project, env=GIT_ENV)
     assert updated.returncode == 0, report(updated)
     assert json.loads((project / ".cruft.json").read_text())["commit"] == new, "the update did not run"
     assert "Next steps" not in output(updated), report(updated)

@@ -1,20 +1,27 @@
-"""Template updates that cannot pass for clean ones, and a check for what a conflict leaves behind.
+"""Template updates that cannot pass for clean ones, taken from the template's releases.
 
 `cruft update` merges the template's changes three ways (`git apply -3`, or `git apply --reject`
 when that cannot run) and exits 0 either way: conflict markers and `*.rej` files are left in the
 tree, and `.cruft.json` already names the new template commit, so after a commit `cruft check`
-calls the service current. Here:
+calls the service current. And with no `--checkout` it takes whatever the template's default
+branch holds that minute. Here:
 
-    python scripts/update_template.py            # make update-template
-    python scripts/update_template.py --check    # pre-commit and CI: any marker or *.rej fails
-    python scripts/update_template.py --behind   # CI: fails, and says so, when the template moved
+    python scripts/update_template.py             # make update-template: the latest release vX.Y.Z
+    python scripts/update_template.py --ref main  # make update-template TEMPLATE_REF=main: a branch, by choice
+    python scripts/update_template.py --check     # pre-commit and CI: any marker or *.rej fails
+    python scripts/update_template.py --behind    # CI: fails, and says so, behind the latest release or conflicted
+    python scripts/update_template.py --notes DIR # title.txt and body.md of the update's pull request
 
-An update that leaves a conflict fails, names each file, and keeps `.cruft.json` at the old commit;
-the new state waits in `.git/template-update.json` until the tree is clean, and running
-`make update-template` again then records it. Conflicts are looked for in every file type: a
-marker in Python fails lint anyway, one in README.md or a YAML file would ship.
+The latest release is the highest `vX.Y.Z` tag of the template repository (`git ls-remote --tags`);
+TEMPLATE_REF in the environment is the same as `--ref`. An update that leaves a conflict fails,
+names each file, and keeps `.cruft.json` at the old commit; the new state waits in
+`.git/template-update.json` until the tree is clean, and running `make update-template` again then
+records it. A clean update prints the template's CHANGELOG entries it brought, Upgrading notes
+included. Conflicts are looked for in every file type: a marker in Python fails lint anyway, one in
+README.md or a YAML file would ship.
 
-Standard library and git only, so it runs before anything is installed.
+Standard library and git only, so it runs before anything is installed, and from a checkout of the
+template for a service baked before this script existed (README, Template updates).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -35,6 +43,9 @@ BINARY_PROBE_BYTES = 8000
 # Walked when the project is not a git work tree (tools' and builds' directories skipped).
 NOT_SOURCE = {".git", ".venv", "venv", "build", "dist", "node_modules", "__pycache__"}
 CRUFT_SUCCESS = "Good work!"
+RELEASE_TAG = re.compile(r"^refs/tags/v(\d+)\.(\d+)\.(\d+)(\^\{\})?$")
+SECTION = re.compile(r"^## \[(?P<name>[^\]]+)\]", re.MULTILINE)
+Version = tuple[int, int, int]
 
 
 def git(*args: str) -> subprocess.CompletedProcess[str]:
@@ -121,7 +132,7 @@ def short(commit: object) -> str:
     return str(commit)[:12]
 
 
-def update(cruft_args: Sequence[str]) -> int:
+def update(cruft_args: Sequence[str], ref: str | None) -> int:
     if not CRUFT_FILE.is_file():
         print(f"no {CRUFT_FILE} here: run this in the service's directory", file=sys.stderr)
         return 2
@@ -134,6 +145,17 @@ def update(cruft_args: Sequence[str]) -> int:
         print(f"the update to {short(waiting['commit'])} was abandoned (clean tree): taking it again")
         pending.unlink()
     before = CRUFT_FILE.read_bytes()
+    template = json.loads(before)["template"]
+    if not any(arg == "--checkout" or arg.startswith("--checkout=") for arg in cruft_args):
+        if ref is None:
+            latest = latest_release(template)
+            if latest is None:
+                return 2
+            ref = f"v{'.'.join(map(str, latest[0]))}"
+            print(f"taking the template's latest release, {ref} ({template})")
+        else:
+            print(f"following the template's {ref} ({template}), by choice (TEMPLATE_REF / --ref)")
+        cruft_args = ["--checkout", ref, *cruft_args]
     result = subprocess.run(
         [sys.executable, "-m", "cruft", "update", "--skip-apply-ask", *cruft_args],
         capture_output=True,
@@ -150,6 +172,8 @@ def update(cruft_args: Sequence[str]) -> int:
             CRUFT_FILE.write_bytes(before)
         return result.returncode
     if not found:
+        if CRUFT_FILE.read_bytes() != before:
+            show_notes(template, json.loads(before)["commit"], json.loads(CRUFT_FILE.read_bytes())["commit"])
         return 0
     after = CRUFT_FILE.read_bytes()
     new_commit = json.loads(after).get("commit")
@@ -191,23 +215,64 @@ def check(paths: Sequence[str]) -> int:
     return 0
 
 
-def behind() -> int:
-    """Exit 1 when the template's default branch is at another commit than .cruft.json's, saying
-    which; 2 when the template cannot be asked. (The branch `cruft update` and `cruft check` take
-    unless given `--checkout`, whatever .cruft.json's "checkout" says.)"""
+def releases(template: str) -> dict[Version, str] | None:
+    """The template's release tags (vX.Y.Z) and the commit each names; None when it cannot be asked."""
+    answer = git("ls-remote", "--tags", template)
+    if answer.returncode != 0:
+        print(f"cannot ask the template {template} for its tags:\n{answer.stderr.strip()}", file=sys.stderr)
+        return None
+    found: dict[Version, str] = {}
+    peeled: dict[Version, str] = {}
+    for line in answer.stdout.splitlines():
+        commit, _, name = line.partition("\t")
+        if match := RELEASE_TAG.match(name):
+            version = (int(match[1]), int(match[2]), int(match[3]))
+            (peeled if match[4] else found)[version] = commit
+    return found | peeled  # an annotated tag's own object id gives way to its commit's
+
+
+def latest_release(template: str) -> tuple[Version, str] | None:
+    """The highest release and its commit, saying why when there is none."""
+    tags = releases(template)
+    if tags is None:
+        return None
+    if not tags:
+        print(
+            f"the template {template} has no release tag (vX.Y.Z). Its maintainers recreate them with "
+            "`make tags` and push them; or follow a branch by choice: make update-template TEMPLATE_REF=main",
+            file=sys.stderr,
+        )
+        return None
+    version = max(tags)
+    return version, tags[version]
+
+
+def behind(ref: str | None) -> int:
+    """Exit 1 when the tree holds a conflict, or the template's latest release (or `ref`, by
+    choice) is at another commit than .cruft.json's, saying which; 2 when the template cannot be
+    asked."""
+    found = problems(project_files())
+    if found:
+        report(found, f"CONFLICTED: {len(found)} file(s) hold what a merge left; the update is not done")
+        return 1
     state = json.loads(CRUFT_FILE.read_text())
     template, commit = state["template"], state["commit"]
-    ref = "HEAD"
-    answer = git("ls-remote", template, ref)
-    latest = answer.stdout.split()[0] if answer.returncode == 0 and answer.stdout.strip() else None
-    if latest is None:
-        print(f"cannot ask the template {template} for {ref}:\n{answer.stderr.strip()}", file=sys.stderr)
-        return 2
-    if latest == commit:
-        print(f"current: this service is at the template's latest commit ({short(commit)}, {template})")
+    if ref is None:
+        latest = latest_release(template)
+        if latest is None:
+            return 2
+        target, name = latest[1], f"latest release v{'.'.join(map(str, latest[0]))}"
+    else:
+        answer = git("ls-remote", template, ref)
+        if answer.returncode != 0 or not answer.stdout.strip():
+            print(f"cannot ask the template {template} for {ref}:\n{answer.stderr.strip()}", file=sys.stderr)
+            return 2
+        target, name = answer.stdout.split()[0], ref
+    if target == commit:
+        print(f"current: this service is at the template's {name} ({short(commit)}, {template})")
         return 0
     message = (
-        f"BEHIND: the template ({template}) is at {short(latest)}, this service at {short(commit)}. "
+        f"BEHIND: the template's {name} ({template}) is at {short(target)}, this service at {short(commit)}. "
         "Run `make update-template` (or merge the template-update workflow's pull request)."
     )
     print(message, file=sys.stderr)
@@ -216,15 +281,81 @@ def behind() -> int:
     return 1
 
 
+def version_key(name: str) -> Version:
+    """A CHANGELOG section's order: Unreleased after every release."""
+    if name.lower() == "unreleased":
+        return (1 << 30, 0, 0)
+    major, minor, patch = (int(part) for part in name.split("."))
+    return (major, minor, patch)
+
+
+def changelog_since(changelog: str, version: Version | None) -> str:
+    """The CHANGELOG's sections newer than `version` (all of them for None), in its own order."""
+    sections = list(SECTION.finditer(changelog))
+    ends = [section.start() for section in sections[1:]] + [len(changelog)]
+    kept = [
+        changelog[section.start() : end].rstrip() + "\n"
+        for section, end in zip(sections, ends, strict=True)
+        if (version is None or version_key(section["name"]) > version)
+        and (section["name"].lower() != "unreleased" or changelog[section.end() : end].strip())  # empty: nothing to say
+    ]
+    return "\n".join(kept)
+
+
+def changes_between(template: str, old: str, new: str) -> str | None:
+    """The template CHANGELOG's entries after the newest release `old` contains, as `new` has them.
+    A bare clone: git only, no template code runs."""
+    with tempfile.TemporaryDirectory() as directory:
+        clone = str(Path(directory, "template.git"))
+        if git("clone", "--quiet", "--bare", template, clone).returncode != 0:
+            return None
+        changelog = git("-C", clone, "show", f"{new}:CHANGELOG.md")
+        if changelog.returncode != 0:
+            return None
+        taken = git("-C", clone, "tag", "--list", "v*", "--merged", old).stdout.split()
+    versions = [version_key(tag[1:]) for tag in taken if re.fullmatch(r"v\d+\.\d+\.\d+", tag)]
+    return changelog_since(changelog.stdout, max(versions) if versions else None)
+
+
+def show_notes(template: str, old: str, new: str) -> None:
+    notes = changes_between(template, old, new)
+    if notes:
+        print(f"\nWhat the template changed since {short(old)} (its CHANGELOG.md); do what Upgrading says:\n")
+        print(notes)
+
+
+def notes(directory: Path) -> int:
+    """title.txt and body.md of the pull request for the update in the working tree (against HEAD)."""
+    before = json.loads(git("show", f"HEAD:{CRUFT_FILE}").stdout)
+    after = json.loads(CRUFT_FILE.read_text())
+    name = after.get("checkout") or short(after["commit"])
+    entries = changes_between(after["template"], before["commit"], after["commit"])
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "title.txt").write_text(f"Template update to {name}\n")
+    (directory / "body.md").write_text(
+        f"`make update-template` took the template {after['template']} at {name} ({after['commit']}); "
+        f"this service was at {before.get('checkout') or short(before['commit'])}.\n\n"
+        "Do what the **Upgrading** parts below ask (push to this branch), let CI run, review, merge.\n\n"
+        "## The template's CHANGELOG since then\n\n" + (entries or "(the template's CHANGELOG.md could not be read)\n")
+    )
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
     if argv[:1] == ["--check"]:
         return check(argv[1:])
-    if argv[:1] == ["--behind"]:
-        return behind()
-    return update(argv)  # the rest are cruft update's options, e.g. --checkout <branch>
+    args = list(argv)
+    ref = os.environ.get("TEMPLATE_REF") or None
+    if args[:1] == ["--ref"] and len(args) > 1:
+        ref, args = args[1] or None, args[2:]
+    if args[:1] == ["--behind"]:
+        return behind(ref)
+    if args[:1] == ["--notes"] and len(args) == 2:
+        return notes(Path(args[1]))
+    return update(args, ref)  # the rest are cruft update's options
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool, SSLConnection
@@ -95,7 +95,8 @@ class SentinelStore(RedisStore):
             self._sentinel_options |= {"ssl": True} | {
                 name: value for name, value in options.items() if name.startswith("ssl_")
             }
-        self.sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        # Called through Any: redis-py types Sentinel.__init__ from 8.2 on only (mypy is clean on both).
+        self.sentinels: Sentinel = cast(Any, Sentinel)(
             list(topology.addresses), sentinel_kwargs={"socket_timeout": self.timeout, **self._sentinel_options}
         )
         return ConnectionPool(
