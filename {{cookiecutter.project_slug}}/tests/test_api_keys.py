@@ -733,6 +733,8 @@ async def test_open_mode_still_refuses_a_key_revoked_before_the_outage(
             assert (await http.get(KEYS, headers=api_key(good.key))).status_code == 403  # served: authenticated
     finally:
         server.stop()
+
+
 # --- Revision api_keys_0002: owners are principal ids ---------------------------------------------
 
 
