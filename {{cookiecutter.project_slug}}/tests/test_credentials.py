@@ -294,7 +294,7 @@ async def test_an_unusable_authorization_header_is_refused_and_counted_whatever_
         with shape.client("listed") as http:
             token = make_token("alice", ALL_SCOPES)
             refused = http.post(ORGS, json={"name": "Acme"}, headers=authorization(values, token))
-        if shape.name == "nginx" and reason == "several_authorization_headers":
+        if shape.name.startswith("nginx") and reason == "several_authorization_headers":
             # The shipped nginx refuses a repeated Authorization header itself: it never reaches the service.
             assert refused.status_code == 400
             assert refused.headers["content-type"] == "application/problem+json"

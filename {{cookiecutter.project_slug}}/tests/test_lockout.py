@@ -17,7 +17,7 @@ from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import SERVICE_NAME
 from {{ cookiecutter.package_name }}.security.revocation import tag
 
-from .conftest import AUDIENCE, ISSUER, ServiceFactory, TokenFactory, bearer
+from .conftest import AUDIENCE, ISSUER, ServiceFactory, TokenFactory, bearer, principal
 from .servers import ServiceProcess, redis_client, start_redis
 
 FAILURES = 3
@@ -200,7 +200,7 @@ async def test_open_mode_keeps_refusing_what_was_locked_before_redis_went_down(
         assert (await call(process, make_token("alice"), "198.51.100.1")).status_code == 429
         # A subject whose revoked token keeps being tried, from addresses that stay under their limit.
         with redis_client(server.port) as redis_now:
-            redis_now.set(f"{SERVICE_NAME}:revoked:sub:{tag('mallory')}", repr(time.time() + 5), ex=600)
+            redis_now.set(f"{SERVICE_NAME}:revoked:sub:{tag(principal('mallory'))}", repr(time.time() + 5), ex=600)
         for number in range(FAILURES):
             assert (await call(process, make_token("mallory"), f"198.51.100.{10 + number}")).status_code == 401
         assert (await call(process, make_token("mallory"), "198.51.100.50")).status_code == 429

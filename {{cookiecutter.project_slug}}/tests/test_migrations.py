@@ -119,11 +119,13 @@ async def _execute(url: str, statement: str, rows: list[dict[str, str]] | None =
 
 
 def test_principal_namespaces_qualify_bare_subjects_with_the_issuer_named_and_nothing_else(
-    empty_database_url: str,
+    migrations: Config,
 ) -> None:
     """Revision 0003: a bare subject named a token of whichever issuer was trusted; the service
     cannot guess which, so the owner names it (`-x jwt_issuer=...`) or nothing changes."""
-    config = alembic_config(empty_database_url)
+    config = migrations
+    url = config.get_main_option("sqlalchemy.url")
+    assert url
     command.upgrade(config, "heads")
     command.downgrade(config, "0002")
     kept = ["apikey:0123456789abcdef", "webhook:acme", "spiffe://example.org/ns/a/sa/b", "CN=billing,O=Example"]
@@ -133,19 +135,19 @@ def test_principal_namespaces_qualify_bare_subjects_with_the_issuer_named_and_no
     )
     select_subjects = "SELECT subject FROM permissions ORDER BY id"
     try:
-        asyncio.run(_execute(empty_database_url, "DELETE FROM permissions"))
-        asyncio.run(_execute(empty_database_url, insert, [{"subject": s} for s in ["alice", *kept]]))
+        asyncio.run(_execute(url, "DELETE FROM permissions"))
+        asyncio.run(_execute(url, insert, [{"subject": s} for s in ["alice", *kept]]))
         with pytest.raises(RuntimeError, match="jwt_issuer"):
             command.upgrade(config, "heads")
-        assert asyncio.run(_execute(empty_database_url, select_subjects)) == ["alice", *kept]
+        assert asyncio.run(_execute(url, select_subjects)) == ["alice", *kept]
 
         config.cmd_opts = argparse.Namespace(x=[f"jwt_issuer={ISSUER}"])
         command.upgrade(config, "heads")
-        assert asyncio.run(_execute(empty_database_url, select_subjects)) == [principal("alice"), *kept]
+        assert asyncio.run(_execute(url, select_subjects)) == [principal("alice"), *kept]
 
         command.downgrade(config, "0002")
-        assert asyncio.run(_execute(empty_database_url, select_subjects)) == ["alice", *kept]
+        assert asyncio.run(_execute(url, select_subjects)) == ["alice", *kept]
     finally:
-        asyncio.run(_execute(empty_database_url, "DELETE FROM permissions"))
+        asyncio.run(_execute(url, "DELETE FROM permissions"))
         config.cmd_opts = None
         command.upgrade(config, "heads")

@@ -246,7 +246,7 @@ def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicatedR
 
 def on_replica(pair: ReplicatedRedis, subject: str) -> int:
     with redis_client(pair.replica.port) as replica:
-        return int(replica.exists(f"{SERVICE_NAME}:revoked:sub:{tag(subject)}"))
+        return int(replica.exists(f"{SERVICE_NAME}:revoked:sub:{tag(principal(subject))}"))
 
 
 def test_token_revoke_commands_report_done_once_a_replica_has_the_revocation(
@@ -281,8 +281,8 @@ async def test_a_revocation_through_the_store_raises_not_replicated_without_a_re
     store = RedisStore(replicated.primary.url, timeout=0.5, pool_size=2, pool_timeout=1.0)
     try:
         with replicated.replica.paused(), pytest.raises(NotReplicated):
-            await Revocations(settings, store).revoke_subject("frank")
-        await Revocations(settings, store).revoke_subject("frank")
+            await Revocations(settings, store).revoke_subject(principal("frank"))
+        await Revocations(settings, store).revoke_subject(principal("frank"))
         assert on_replica(replicated, "frank") == 1
     finally:
         await store.aclose()
@@ -306,11 +306,11 @@ async def test_open_mode_still_refuses_tokens_revoked_before_the_outage(
             for token in (by_jti, by_subject, good, seen_elsewhere):
                 assert await status_of(http, token) == 201  # each in the verified-token cache
             claims = claims_of(by_jti)
-            await revocations(app).revoke_token(claims["sub"], claims["jti"], claims["exp"])  # this process
-            await revocations(app).revoke_subject("hank")
+            await revocations(app).revoke_token(principal(claims["sub"]), claims["jti"], claims["exp"])  # this process
+            await revocations(app).revoke_subject(principal("hank"))
             # Revoked by another replica (straight in Redis): this process learns it from the answer.
             with redis_client(server.port) as other:
-                other.set(f"{SERVICE_NAME}:revoked:sub:{tag('jack')}", repr(time.time()), ex=600)
+                other.set(f"{SERVICE_NAME}:revoked:sub:{tag(principal('jack'))}", repr(time.time()), ex=600)
             assert await status_of(http, seen_elsewhere) == 401
             server.kill()  # the outage
             assert await status_of(http, good) == 201  # open mode serves
