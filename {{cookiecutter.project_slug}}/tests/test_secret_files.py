@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.asyncio import Redis
 
-from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, principal, pseudonym
+from .conftest import AUDIENCE, DATABASE, ISSUER, TokenFactory, bearer, principal, pseudonym
 from .servers import ServiceProcess
 from .test_settings import SAFE_PRODUCTION, start
 
@@ -62,7 +62,12 @@ def production_files(public_pem: str, tmp_path: Path) -> dict[str, str]:
     env = {name: value for name, value in SAFE_PRODUCTION.items() if name not in SECRETS}
     values = {
         "JWT_PUBLIC_KEY": public_pem,
-        "DATABASE_URL": f"sqlite+aiosqlite:///./{CANARY}.db",
+        # The baked database's driver (check-config builds the app, and with it the engine).
+        "DATABASE_URL": (
+            f"postgresql+asyncpg://service:{CANARY}@db.example.com:5432/app?ssl=verify-full"
+            if DATABASE == "postgresql"
+            else f"sqlite+aiosqlite:///./{CANARY}.db"
+        ),
         "REDIS_URL": f"redis://canary:{CANARY}@127.0.0.1:6379/0",
         "AUDIT_PSEUDONYM_KEY": f"{CANARY}-audit-pseudonym-key",
     }
