@@ -221,21 +221,26 @@ def test_production_refuses_open_failure_mode_unless_acknowledged(production: di
 CANARY = "db-password-canary-7f3a"
 
 
+DATABASE_URLS = [
+    (DEFAULT_DATABASE_URL, "DATABASE_URL: required in production (the default is a development database)"),
+    (f"postgresql+asyncpg://postgres:{CANARY}@db.example.com/app", "connects as the superuser postgres"),
+    ("postgresql+asyncpg://db.example.com/app", "names no role"),
+    ("postgresql+asyncpg://service@db.example.com/app", "DATABASE_URL: no password for a database reached over"),
+    ("postgres+asyncpg:/nonsense", "DATABASE_URL: not a database URL"),
+    (f"postgresql+asyncpg://service:{CANARY}@db.example.com/app?sslmode=verify-full", "asyncpg takes ?ssl="),
+    # Accepted: a role of its own with a password (TLS as README, Database access shows), a
+    # Unix socket (peer authentication needs no password), a SQLite file of production's own.
+    (f"postgresql+asyncpg://service:{CANARY}@db.example.com:5432/app?ssl=verify-full", None),
+    ("postgresql+asyncpg://service@/app?host=/run/postgresql", None),
+    ("sqlite+aiosqlite:////data/app.db", None),
+]
+# A bake carries only its own database's driver: another database's URL is refused before these
+# checks (test_a_database_url_whose_driver_is_not_installed_is_refused_naming_it).
+OTHER_DATABASE = "sqlite+" if DATABASE == "postgresql" else "postgresql+"
+
+
 @pytest.mark.parametrize(
-    ("url", "refusal"),
-    [
-        (DEFAULT_DATABASE_URL, "DATABASE_URL: required in production (the default is a development database)"),
-        (f"postgresql+asyncpg://postgres:{CANARY}@db.example.com/app", "connects as the superuser postgres"),
-        ("postgresql+asyncpg://db.example.com/app", "names no role"),
-        ("postgresql+asyncpg://service@db.example.com/app", "DATABASE_URL: no password for a database reached over"),
-        ("postgres+asyncpg:/nonsense", "DATABASE_URL: not a database URL"),
-        (f"postgresql+asyncpg://service:{CANARY}@db.example.com/app?sslmode=verify-full", "asyncpg takes ?ssl="),
-        # Accepted: a role of its own with a password (TLS as README, Database access shows), a
-        # Unix socket (peer authentication needs no password), a SQLite file of production's own.
-        (f"postgresql+asyncpg://service:{CANARY}@db.example.com:5432/app?ssl=verify-full", None),
-        ("postgresql+asyncpg://service@/app?host=/run/postgresql", None),
-        ("sqlite+aiosqlite:////data/app.db", None),
-    ],
+    ("url", "refusal"), [(url, refusal) for url, refusal in DATABASE_URLS if not url.startswith(OTHER_DATABASE)]
 )
 def test_production_refuses_a_development_or_superuser_database_url(
     public_pem: str, url: str, refusal: str | None
@@ -256,3 +261,13 @@ def test_production_refuses_a_development_or_superuser_database_url(
     assert CANARY not in " ".join(problems)
     development = settings.model_copy(update={"environment": "development"})
     assert development.production_problems() == []
+
+
+def test_a_database_url_whose_driver_is_not_installed_is_refused_naming_it(production: dict[str, str]) -> None:
+    """A bake carries its own database's driver; a URL for another driver is a clear error naming
+    the variable and the driver, not a traceback, and never repeats the URL."""
+    url = "mysql+aiomysql://service:s3cret-canary@db.example.com/app"
+    result = start({**production, "DATABASE_URL": url}, CHECK_CONFIG)
+    assert result.returncode == 1
+    assert "DATABASE_URL: its driver 'aiomysql' is not installed in this service" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "s3cret-canary" not in result.stderr

@@ -12,7 +12,7 @@ from limits import RateLimitItem, parse
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .secret_files import values_from_files
 from .store.topology import Topology, parse_redis_url
@@ -187,6 +187,26 @@ class Settings(BaseSettings):
         if value:
             parse_redis_url(value)  # ValueError names what is wrong, never the URL (it may hold a password)
         return value or None
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_driver(cls, value: str) -> str:
+        """The URL's driver is installed here (a bake carries its own database's): otherwise the
+        engine would fail at start with a traceback. Never names the URL (it holds a password)."""
+        try:
+            dialect = make_url(value).get_dialect()
+        except ArgumentError:
+            return value  # not a URL: production names it (database_problems); elsewhere the engine will
+        except NoSuchModuleError:
+            raise ValueError("names a database SQLAlchemy does not know (README, Database access)") from None
+        try:
+            dialect.import_dbapi()
+        except ImportError as exc:
+            raise ValueError(
+                f"its driver {exc.name or 'module'!r} is not installed in this service, which is baked for "
+                f"{DEFAULT_DATABASE_URL.split(':', 1)[0]} (README, Database access)"
+            ) from None
+        return value
 
     @field_validator("rate_limit_ip", "rate_limit_subject")
     @classmethod
