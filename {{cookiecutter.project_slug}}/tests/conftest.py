@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, Settings
@@ -68,6 +69,18 @@ def principal(sub: str, issuer: str = ISSUER) -> str:
     """The principal id of a token of `issuer` with this `sub` (security/principal.py), as grants,
     limits, lockouts, revocations and the audit log key it. Computed here independently."""
     return f"jwt:{hashlib.sha256(issuer.encode()).hexdigest()[:16]}:{sub}"
+
+
+async def run_sql(url: str, statement: str, rows: list[dict[str, Any]] | None = None) -> list[Any]:
+    """`statement` (with `rows` as its parameters) in one transaction of its own engine on `url`;
+    the first column of what it returns. For tests that set up or read rows the API does not show."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            result = await connection.execute(text(statement), rows)
+            return [row[0] for row in result.all()] if result.returns_rows else []
+    finally:
+        await engine.dispose()
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -22,7 +22,6 @@ from alembic import command
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy import text, update
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.cli import main
@@ -38,7 +37,7 @@ from {{ cookiecutter.package_name }}.scan.report import Status
 from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.revocation import tag
 
-from .conftest import TokenFactory, bearer, principal, running
+from .conftest import TokenFactory, bearer, principal, run_sql, running
 from .servers import ReplicatedRedis, free_port, redis_client, start_redis, start_replicated_redis
 
 ORGS = "/api/v1/orgs"
@@ -760,24 +759,14 @@ def test_revision_0002_qualifies_bare_owners_only_with_the_issuer_named(tmp_path
         {"id": "0000000000000002", "owner": principal("already"), "hash": "1" * 64, "expires": expires},
     ]
     try:
-        asyncio.run(_sql(url, insert, rows))
+        asyncio.run(run_sql(url, insert, rows))
         with pytest.raises(RuntimeError, match="jwt_issuer"):
             command.upgrade(config, "heads")
-        assert asyncio.run(_sql(url, owners)) == ["partner-admin", principal("already")]
+        assert asyncio.run(run_sql(url, owners)) == ["partner-admin", principal("already")]
         config.cmd_opts = argparse.Namespace(x=[f"jwt_issuer={ISSUER}"])
         command.upgrade(config, "heads")
-        assert asyncio.run(_sql(url, owners)) == [principal("partner-admin"), principal("already")]
+        assert asyncio.run(run_sql(url, owners)) == [principal("partner-admin"), principal("already")]
     finally:
-        asyncio.run(_sql(url, "DELETE FROM api_keys WHERE id IN ('0000000000000001', '0000000000000002')"))
+        asyncio.run(run_sql(url, "DELETE FROM api_keys WHERE id IN ('0000000000000001', '0000000000000002')"))
         config.cmd_opts = None
         command.upgrade(config, "heads")
-
-
-async def _sql(url: str, statement: str, rows: list[dict[str, Any]] | None = None) -> list[Any]:
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as connection:
-            result = await connection.execute(text(statement), rows)
-            return [row[0] for row in result.all()] if result.returns_rows else []
-    finally:
-        await engine.dispose()
