@@ -93,7 +93,14 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, s
     made = make("tags", clone)
     assert made.returncode == 0, report(made)
     new_commit = git("rev-parse", "HEAD", cwd=clone).strip()
-    earlier = max((tag for tag in tags(clone) if tag != f"v{version}"), key=lambda tag: tuple(map(int, tag[1:].split("."))))
+    found = tags(clone)
+    releases = sorted((tag for tag in found if tag != f"v{version}"), key=lambda tag: tuple(map(int, tag[1:].split("."))))
+    # The service is baked from the latest release, unless the working tree is that release (its
+    # release commit, nothing since in what a bake renders): then from the one before, so that the
+    # update crosses real changes.
+    rendered = ["{{cookiecutter.project_slug}}", "hooks", "cookiecutter.json"]
+    same = run(["git", "diff", "--quiet", found[releases[-1]], new_commit, "--", *rendered], cwd=clone)
+    earlier = releases[-2] if same.returncode == 0 else releases[-1]
     return clone, earlier, f"v{version}", new_commit
 
 
