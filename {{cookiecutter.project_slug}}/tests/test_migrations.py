@@ -55,7 +55,7 @@ def alembic(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
     """`alembic <args>` as the migration Job runs it: alembic.ini, settings from `env` only."""
     clean = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")}
     return subprocess.run(
-        [str(Path(sys.executable).parent / "alembic"), *args],
+        [sys.executable, "-m", "alembic", *args],
         env={**clean, **env},
         cwd=PROJECT,
         capture_output=True,

@@ -112,19 +112,22 @@ def check_name(resource: Resource, package: Path) -> None:
         raise ScaffoldRefused(f"models.py has a {resource.cls} or a {resource.plural} table already")
 
 
-def migration_head(package: Path) -> str:
-    """The newest revision of `migrations/versions/` (the core's and the service's own)."""
+def migration_heads(package: Path) -> list[str]:
+    """The newest revisions of `migrations/versions/` (the core's and the service's own). Usually
+    one; two after a template update brought a core revision beside the service's own (both come
+    after the core revision the service's migrations started from): the new migration merges them."""
     config = alembic_config()
     config.set_main_option("version_locations", str(package / "migrations" / "versions"))
-    heads = ScriptDirectory.from_config(config).get_heads()
-    if len(heads) != 1:
-        raise ScaffoldRefused(f"migrations/versions/ has {len(heads)} heads ({', '.join(heads)}); merge them first")
-    return heads[0]
+    heads = sorted(ScriptDirectory.from_config(config).get_heads())
+    if not heads:
+        raise ScaffoldRefused("migrations/versions/ has no revision")
+    return heads
 
 
-def next_revision(head: str, versions: Path) -> str:
-    """A revision id after `head`, in the folder's numbering (0002 -> 0003), unused."""
-    number = int(head) + 1 if head.isdigit() else 100
+def next_revision(heads: list[str], versions: Path) -> str:
+    """A revision id after every head, in the folder's numbering (0002 -> 0003), unused."""
+    numbers = [int(head) for head in heads if head.isdigit()]
+    number = max(numbers) + 1 if numbers else 100
     while list(versions.glob(f"{number:04d}_*.py")):
         number += 1
     return f"{number:04d}"
@@ -137,9 +140,9 @@ def scaffold(resource: Resource, *, package: Path = PACKAGE_DIR, project: Path |
         raise ScaffoldRefused(f"{project} is not the service's source checkout (scaffold runs in one, not in an image)")
     check_name(resource, package)
     versions = package / "migrations" / "versions"
-    head = migration_head(package)
-    revision = next_revision(head, versions)
-    values = _values(resource, parent_of(resource, package), head, revision)
+    heads = migration_heads(package)
+    revision = next_revision(heads, versions)
+    values = _values(resource, parent_of(resource, package), heads, revision)
     migration = versions / f"{revision}_{resource.plural}.py"
     test = project / "tests" / f"test_{resource.plural}.py"
     for path in (migration, test):
@@ -187,14 +190,14 @@ def tidy(paths: list[Path]) -> bool:
     return True
 
 
-def _values(resource: Resource, parent: Parent | None, head: str, revision: str) -> dict[str, str]:
+def _values(resource: Resource, parent: Parent | None, heads: list[str], revision: str) -> dict[str, str]:
     values = {
         "name": resource.name,
         "plural": resource.plural,
         "cls": resource.cls,
         "label": resource.label,
         "type": resource.name.upper(),
-        "down": head,
+        "down": f'"{heads[0]}"' if len(heads) == 1 else "(" + ", ".join(f'"{head}"' for head in heads) + ")",
         "revision": revision,
     }
     if parent is not None:
@@ -411,7 +414,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "$revision"
-down_revision: str | None = "$down"
+down_revision: str | tuple[str, ...] | None = $down
 branch_labels: str | None = None
 depends_on: str | None = None
 
@@ -442,7 +445,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "$revision"
-down_revision: str | None = "$down"
+down_revision: str | tuple[str, ...] | None = $down
 branch_labels: str | None = None
 depends_on: str | None = None
 
