@@ -45,18 +45,6 @@ OWNER_PATHS = (
 OWNER_EDIT = " (the owner's edit)"
 
 
-def make(target: str, cwd: Path, *variables: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["make", "--no-print-directory", target, *variables],
-        cwd=cwd,
-        env=GIT_ENV,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
 
 def tags(repository: Path) -> dict[str, str]:
     """Each vX.Y.Z tag and the commit it names."""
@@ -90,7 +78,7 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, s
     assert prepared.returncode == 0, report(prepared)
     git("add", "-A", cwd=clone)
     git("commit", "-q", "--allow-empty", "-m", f"fixture: the working tree, released as {version}", cwd=clone)
-    made = make("tags", clone)
+    made = make_target("tags", clone)
     assert made.returncode == 0, report(made)
     new_commit = git("rev-parse", "HEAD", cwd=clone).strip()
     found = tags(clone)
@@ -114,15 +102,15 @@ def test_make_tags_recreates_every_release_tag_in_a_clone_without_tags(history: 
         assert f"## [{name[1:]}]" in git("tag", "--list", "--format=%(contents)", name, cwd=clone)
     # Run again: nothing moves, the same tag objects.
     objects = git("show-ref", "--tags", cwd=clone)
-    again = make("tags", clone)
+    again = make_target("tags", clone)
     assert again.returncode == 0 and "already tagged" in again.stdout, report(again)
     assert git("show-ref", "--tags", cwd=clone) == objects
     # A tag somewhere else is an error, never moved.
     git("tag", "--force", "--annotate", "--message", "elsewhere", "v0.1.0", RETROACTIVE["v0.2.0"], cwd=clone)
-    refused = make("tags", clone)
+    refused = make_target("tags", clone)
     assert refused.returncode != 0 and "v0.1.0 exists at" in refused.stderr, report(refused)
     git("tag", "--delete", "v0.1.0", cwd=clone)
-    assert make("tags", clone).returncode == 0 and tags(clone)["v0.1.0"] == RETROACTIVE["v0.1.0"]
+    assert make_target("tags", clone).returncode == 0 and tags(clone)["v0.1.0"] == RETROACTIVE["v0.1.0"]
 
 
 def test_version_and_changelog_agree() -> None:

@@ -206,7 +206,7 @@ def main() -> int:
     try:
         # Fail-open for the project's own Redis checks (the token revocation lookup) on the slowapi
         # variants only, so that with Redis down a request gets as far as slowapi; no effect otherwise.
-        fail_open = {"RATE_LIMIT_FAILURE_MODE": "open"}
+        fail_open = {"RATE_LIMIT_FAILURE_MODE": "open", "RATE_LIMIT_FAILURE_MODE_ACKNOWLEDGED": "true"}
         services = start_all(
             ["full", "slowapi", "slowapi:swallow"], env, log_dir, {"slowapi": fail_open, "slowapi:swallow": fail_open}
         )

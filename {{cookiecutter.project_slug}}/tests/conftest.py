@@ -83,6 +83,19 @@ async def run_sql(url: str, statement: str, rows: list[dict[str, Any]] | None = 
         await engine.dispose()
 
 
+def service_environment(database_url: str, redis_url: str, public_pem: str) -> dict[str, str]:
+    """The settings a service process of the tests starts with: the test environment, the session's
+    database and Redis, and the test issuer's key."""
+    return {
+        "ENVIRONMENT": "test",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "JWT_PUBLIC_KEY": public_pem,
+        "JWT_ISSUER": ISSUER,
+        "JWT_AUDIENCE": AUDIENCE,
+    }
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_pycollect_makeitem(collector: pytest.Module | pytest.Class, name: str, obj: object) -> None:
     """Every async test runs under anyio's plugin. Marking here, before anyio's own hook sees the
@@ -307,15 +320,7 @@ def start_service(tmp_path: Path, migrated_database: str, redis_url: str, public
     started: list[ServiceProcess] = []
 
     def start(*, serve: bool = False, **settings: str) -> ServiceProcess:
-        env = {
-            "ENVIRONMENT": "test",
-            "DATABASE_URL": migrated_database,
-            "REDIS_URL": redis_url,
-            "JWT_PUBLIC_KEY": public_pem,
-            "JWT_ISSUER": ISSUER,
-            "JWT_AUDIENCE": AUDIENCE,
-            **settings,
-        }
+        env = {**service_environment(migrated_database, redis_url, public_pem), **settings}
         process = ServiceProcess(env, tmp_path / f"service-{len(started)}.log", serve=serve)
         started.append(process)
         return process

@@ -28,7 +28,7 @@ from {{ cookiecutter.package_name }}.security.route_policy import (
 )
 from {{ cookiecutter.package_name }}.tables import Relation
 
-from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer, running
+from .conftest import TokenFactory, bearer, running, service_environment
 from .servers import LOOPBACK, free_port
 
 NO_OBJECT = ObjectRule(None, None)
@@ -227,14 +227,7 @@ def run_cli(env: dict[str, str], setup: str, *command: str) -> subprocess.Comple
 
 @pytest.fixture
 def service_env(migrated_database: str, redis_url: str, public_pem: str) -> dict[str, str]:
-    return {
-        "ENVIRONMENT": "test",
-        "DATABASE_URL": migrated_database,
-        "REDIS_URL": redis_url,
-        "JWT_PUBLIC_KEY": public_pem,
-        "JWT_ISSUER": ISSUER,
-        "JWT_AUDIENCE": AUDIENCE,
-    }
+    return service_environment(migrated_database, redis_url, public_pem)
 
 
 @pytest.mark.parametrize(
