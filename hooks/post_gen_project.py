@@ -41,8 +41,12 @@ OPTION_FILES: dict[str, dict[str, list[str]]] = {
     },
     # The credential options (the seed's decision matrix): each one is one package,
     # src/<package>/options/<option>/ (see extensions.py), and one test module.
-    "api_keys": {"yes": ["src/{{ cookiecutter.package_name }}/options/api_keys", "tests/test_api_keys.py"]},
-    "webhooks": {"yes": ["src/{{ cookiecutter.package_name }}/options/webhooks", "tests/test_webhooks.py"]},
+    "api_keys": {
+        "yes": ["src/{{ cookiecutter.package_name }}/options/api_keys", "tests/test_api_keys.py", "docs/api-keys.md"]
+    },
+    "webhooks": {
+        "yes": ["src/{{ cookiecutter.package_name }}/options/webhooks", "tests/test_webhooks.py", "docs/webhooks.md"]
+    },
     "mtls": {"yes": ["src/{{ cookiecutter.package_name }}/options/mtls", "tests/test_mtls.py"]},
 }
 
