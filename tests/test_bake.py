@@ -135,20 +135,25 @@ def test_database_variant_depends_on_its_driver(
 def test_the_production_checklist_names_every_setting_production_requires(
     baked: BakedProject, name: str
 ) -> None:
-    """README's Production checklist against the baked code's refusals ("X: required in production")."""
+    """The Production checklist (docs/production.md) against the baked code's refusals ("X: required in
+    production"); its links name pages and headings that exist (mkdocs build --strict, in the baked
+    tests/test_docs.py, checks the rest of the site)."""
     project = baked(name)
     sources = "\n".join(path.read_text() for path in (project / "src").rglob("*.py"))
     required = set(re.findall(r"\b([A-Z][A-Z0-9_]+)(?: or [A-Z0-9_]+)?: required in production", sources))
     required |= set(re.findall(r"\bor ([A-Z][A-Z0-9_]+): required in production", sources))
-    readme = (project / "README.md").read_text()
-    section = readme[readme.index("### Production\n") :].split("\n\n")
+    page = (project / "docs" / "production.md").read_text()
+    section = page[page.index("# Production\n") :].split("\n\n")
     checklist = next(block for block in section if block.startswith("- [ ] "))
     listed = set(re.findall(r"`([A-Z][A-Z0-9_]+)(?:=[a-z]+)?`", checklist))
     assert required, "no production refusal found in the sources"
-    assert required <= listed, f"not in README's Production checklist: {sorted(required - listed)}"
-    for link in re.findall(r"\]\(#([a-z0-9-]+)\)", checklist):
+    assert required <= listed, f"not in the Production checklist: {sorted(required - listed)}"
+    links = re.findall(r"\]\(([a-z0-9-]+\.md)(?:#([a-z0-9-]+))?\)", checklist)
+    assert links, "the checklist links to no page"
+    for target, anchor in links:
+        assert (project / "docs" / target).is_file(), f"the checklist links to {target}, which docs/ lacks"
         headings = {
             re.sub(r"[^a-z0-9 -]", "", heading.lower()).replace(" ", "-")
-            for heading in re.findall(r"^#+ (.+)$", readme, re.MULTILINE)
+            for heading in re.findall(r"^#+ (.+)$", (project / "docs" / target).read_text(), re.MULTILINE)
         }
-        assert link in headings, f"the checklist links to #{link}, which no heading of README.md makes"
+        assert not anchor or anchor in headings, f"the checklist links to {target}#{anchor}, which no heading makes"

@@ -2,7 +2,7 @@
 
 The template's history is made here, in a temporary git repository (no network): commit OLD is
 this working tree as it is (release v1.0.0), commit NEW changes two of its lines (the nginx
-keep-alive timeout and a README line; release v1.1.0), and a commit after it on `main` is not
+keep-alive timeout and a line of a docs page; release v1.1.0), and a commit after it on `main` is not
 released. A service baked from OLD with `cruft create`, whose owner changed the same two lines
 differently, then runs `make update-template`: a true conflict in two file types that no linter
 reads. It must fail, name both files, and keep `.cruft.json` at OLD; once the owner resolves them,
@@ -30,7 +30,7 @@ VENV = Path(sys.executable).parent.parent
 CONFLICTS = (
     ("deploy/nginx/nginx.conf", "    keepalive_timeout 15s;\n", "    keepalive_timeout 20s;\n", "    keepalive_timeout 5s;\n"),
     (
-        "README.md",
+        "docs/updates.md",
         "`cruft diff` shows what differs from the template.",
         "`cruft diff` shows what differs from the template (the template's wording).",
         "`cruft diff` shows what differs from the template (the owner's wording).",
