@@ -44,29 +44,20 @@ def test_the_site_builds_with_strict_link_and_anchor_checks(tmp_path: Path) -> N
     assert "A development token" in home
 
 
-def test_a_link_to_a_missing_anchor_fails_the_build(tmp_path: Path) -> None:
+def test_a_broken_anchor_a_missing_page_and_a_page_outside_the_nav_each_fail_the_build(tmp_path: Path) -> None:
     copy = copy_of_the_docs(tmp_path)
     page = copy / "docs" / "transport.md"
-    page.write_text(page.read_text() + "\nSee [lockout](rate-limiting.md#no-such-section).\n")
-    built = mkdocs_build(copy, tmp_path / "site")
-    assert built.returncode != 0
-    assert "no-such-section" in built.stderr
-
-
-def test_a_link_to_a_missing_page_fails_the_build(tmp_path: Path) -> None:
-    copy = copy_of_the_docs(tmp_path)
-    page = copy / "docs" / "transport.md"
-    page.write_text(page.read_text() + "\nSee [the old page](no-such-page.md).\n")
-    built = mkdocs_build(copy, tmp_path / "site")
-    assert built.returncode != 0
-    assert "no-such-page.md" in built.stderr
-
-
-def test_a_page_left_out_of_the_nav_fails_the_build(tmp_path: Path) -> None:
-    copy = copy_of_the_docs(tmp_path)
+    page.write_text(
+        page.read_text() + "\nSee [lockout](rate-limiting.md#no-such-section) and [the old page](no-such-page.md).\n"
+    )
     (copy / "docs" / "orphan.md").write_text("# Orphan\n")
     built = mkdocs_build(copy, tmp_path / "site")
     assert built.returncode != 0
+    # Each is a warning (which --strict turns into the failure); a validation left at mkdocs' default
+    # would only mention its defect as INFO.
+    warnings = [line for line in built.stderr.splitlines() if line.startswith("WARNING")]
+    for defect in ("no-such-section", "no-such-page.md", 'not included in the "nav"'):
+        assert any(defect in line for line in warnings), f"{defect} is not a warning:\n{built.stderr}"
     assert "orphan.md" in built.stderr
 
 
