@@ -61,10 +61,16 @@ def test_a_broken_anchor_a_missing_page_and_a_page_outside_the_nav_each_fail_the
     assert "orphan.md" in built.stderr
 
 
-def test_the_readme_maps_every_page_of_the_site() -> None:
+def test_the_readme_maps_every_page_of_the_site_and_its_links_resolve() -> None:
     readme = (PROJECT / "README.md").read_text()
-    linked = set(re.findall(r"\]\(docs/([a-z0-9/-]+\.md)(?:#[a-z0-9-]+)?\)", readme))
+    links = re.findall(r"\]\(docs/([a-z0-9/-]+\.md)(?:#([a-z0-9-]+))?\)", readme)
+    linked = {page for page, _anchor in links}
     pages = {page.name for page in DOCS.glob("*.md")} - {"index.md"}
     assert pages <= linked, f"README.md's map lacks {sorted(pages - linked)}"
     missing = {page for page in linked if not (DOCS / page).is_file()}
     assert not missing, f"README.md links to pages that do not exist: {sorted(missing)}"
+    for page, anchor in links:
+        # GitHub's heading ids (README.md is read there): lower case, punctuation dropped, hyphens.
+        headings = re.findall(r"^#+ (.+)$", (DOCS / page).read_text(), re.MULTILINE)
+        ids = {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+        assert not anchor or anchor in ids, f"README.md links to docs/{page}#{anchor}, which no heading makes"
