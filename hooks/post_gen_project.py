@@ -21,6 +21,7 @@ CHOSEN = {
     "api_keys": {{ cookiecutter.api_keys | tojson }},
     "webhooks": {{ cookiecutter.webhooks | tojson }},
     "mtls": {{ cookiecutter.mtls | tojson }},
+    "authz_engine": {{ cookiecutter.authz_engine | tojson }},
 }
 # The whole context of this bake, for .cruft.json.
 CONTEXT = json.loads({{ cookiecutter | tojson | tojson }})
