@@ -97,6 +97,16 @@ VARIANTS = {
             )
             for option in CREDENTIAL_OPTIONS
         ),
+        # Authorization decided by a Cerbos PDP (authz_engine): alone, and with every other option
+        # on PostgreSQL, the deployment's richest shape.
+        Variant("cerbos", {"authz_engine": "cerbos"}, "secure-api", "secure_api", "sqlite"),
+        Variant(
+            "cerbos-postgresql",
+            {"database": "postgresql", **dict.fromkeys(CREDENTIAL_OPTIONS, "yes"), "authz_engine": "cerbos"},
+            "secure-api",
+            "secure_api",
+            "postgresql",
+        ),
         Variant(
             "custom-name",
             {"project_name": "Billing Service"},
