@@ -26,6 +26,7 @@ from cerbos.effect.v1 import effect_pb2
 from cerbos.engine.v1 import engine_pb2
 from cerbos.request.v1 import request_pb2
 from cerbos.sdk.grpc.client import AsyncCerbosClient
+from cerbos.svc.v1 import svc_pb2_grpc
 from google.protobuf import struct_pb2
 from sqlalchemy import ColumnElement, true
 
@@ -52,12 +53,16 @@ class Pdp:
     def _client(self) -> AsyncCerbosClient:
         # Made in the running loop (gRPC's aio channel belongs to one), on first use or at start.
         if self.client is None:
-            self.client = AsyncCerbosClient(
-                self.settings.address,
-                tls_verify=self.settings.tls_ca_file or False,
-                timeout_secs=self.timeout,
-            )
+            # No `timeout_secs`: the SDK writes it into gRPC's service config, whose parser refuses a
+            # fraction such as "0.5s" (every call then exceeds its deadline at once). Each call here
+            # carries its own deadline instead.
+            self.client = AsyncCerbosClient(self.settings.address, tls_verify=self.settings.tls_ca_file or False)
         return self.client
+
+    def _stub(self) -> svc_pb2_grpc.CerbosServiceStub:
+        """The SDK client's own stub: its CheckResources asks without `include_meta`, which carries
+        the policy that decided (the audit event's `policy`)."""
+        return self._client()._client
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -81,7 +86,7 @@ class Pdp:
             resources=[request_pb2.CheckResourcesRequest.ResourceEntry(actions=[action], resource=resource)],
             include_meta=True,
         )
-        response = await self._ask("check", self._client()._client.CheckResources(request))
+        response = await self._ask("check", self._stub().CheckResources(request, timeout=self.timeout))
         result = response.results[0] if response.results else None
         allowed = result is not None and result.actions.get(action) == effect_pb2.EFFECT_ALLOW
         policy = result.meta.actions[action].matched_policy if result is not None and action in result.meta.actions else ""
@@ -100,12 +105,13 @@ class Pdp:
         return allowed
 
     async def plan(self, principal: Principal, action: str, resource_type: str) -> ColumnElement[bool] | None:
-        response = await self._ask(
-            "plan",
-            self._client().plan_resources(
-                action, _principal(principal), engine_pb2.PlanResourcesInput.Resource(kind=resource_type)
-            ),
+        request = request_pb2.PlanResourcesRequest(
+            request_id=uuid.uuid4().hex,
+            action=action,
+            principal=_principal(principal),
+            resource=engine_pb2.PlanResourcesInput.Resource(kind=resource_type),
         )
+        response = await self._ask("plan", self._stub().PlanResources(request, timeout=self.timeout))
         kind = response.filter.kind
         scope = response.meta.matched_scope
         allowed: ColumnElement[bool] | None
@@ -139,7 +145,7 @@ class Pdp:
 
     async def ready(self) -> bool:
         try:
-            await self._ask("ready", self._client().server_info(), log=False)
+            await self._ask("ready", self._stub().ServerInfo(request_pb2.ServerInfoRequest(), timeout=self.timeout), log=False)
         except DecisionUnavailable:
             return False
         return True
