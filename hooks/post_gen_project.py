@@ -45,6 +45,16 @@ OPTION_FILES: dict[str, dict[str, list[str]]] = {
     "api_keys": {"yes": ["src/{{ cookiecutter.package_name }}/options/api_keys", "tests/test_api_keys.py"]},
     "webhooks": {"yes": ["src/{{ cookiecutter.package_name }}/options/webhooks", "tests/test_webhooks.py"]},
     "mtls": {"yes": ["src/{{ cookiecutter.package_name }}/options/mtls", "tests/test_mtls.py"]},
+    # Who decides authorization: the permissions table in-process (table), or a Cerbos PDP asked
+    # over gRPC (cerbos), with its policies as code, its configuration and its tests.
+    "authz_engine": {
+        "cerbos": [
+            "src/{{ cookiecutter.package_name }}/options/cerbos",
+            "policies",
+            "deploy/cerbos",
+            "tests/test_cerbos.py",
+        ]
+    },
 }
 
 # Files that only a combination of options needs: kept only when every option listed is "yes".
