@@ -7,9 +7,13 @@ and no secret in the baked files (detect-secrets). None of it needs a container 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -657,3 +661,81 @@ def test_compose_runs_the_pdp_with_the_policies_for_the_replicas_only(baked: Bak
     assert sorted(others) == ["app", "cerbos"]
     host, port = listen_address(app["environment"]["CERBOS_ADDRESS"])
     assert host == "cerbos" and f"--set=server.grpcListenAddr=:{port}" in cerbos["command"]
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """The TCP addresses process `pid` listens on, read from /proc (its sockets' inodes)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            # /proc prints each 32-bit word in host (little-endian) order.
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add((socket.inet_ntop(family, packed), int(port, 16)))
+    return found
+
+
+@cerbos_bakes
+def test_the_sidecars_pdp_listens_on_loopback_only_and_answers_its_probe(
+    baked: BakedProject, name: str, tmp_path: Path
+) -> None:
+    """The pinned binary (the Makefile's npm package, the image's version), run with the sidecar's
+    arguments and the configuration its image holds: every socket it listens on (gRPC, HTTP, gops)
+    is on loopback, and the probes' command finds it serving. Only the ports move (free ones here)."""
+    project = baked(name)
+    result = run(["make", "--no-print-directory", "cerbos"], cwd=project, timeout=300)
+    assert result.returncode == 0, report(result)
+    (binary,) = (project / "build" / "cerbos" / "node_modules" / "@cerbos").glob("cerbos-linux-*/cerbos-linux-*")
+    config = load(project, "deploy/cerbos/config.yaml")
+    for listener in ("grpcListenAddr", "httpListenAddr"):
+        host, _ = listen_address(config["server"][listener])
+        config["server"][listener] = f"{host}:{free_loopback_port()}"
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    sidecar = pdp_sidecar(project)
+    debug_host, _ = listen_address(debug_listener(sidecar["args"]))
+    arguments = [
+        f"--debug-listen-addr={debug_host}:{free_loopback_port()}"
+        if argument.startswith("--debug-listen-addr=")
+        else f"--set=storage.disk.directory={project / 'policies'}"
+        if argument.startswith("--set=storage.disk.directory=")
+        else argument
+        for argument in sidecar["args"]
+    ]
+    env = {"PATH": os.environ.get("PATH", ""), "CERBOS_CONFIG": str(config_path)}
+    env |= {variable["name"]: variable["value"] for variable in sidecar["env"]}
+    probe = [str(binary), *sidecar["readinessProbe"]["exec"]["command"][1:]]
+    with (tmp_path / "cerbos.log").open("wb") as log:
+        server = subprocess.Popen([str(binary), *arguments], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        answered = None
+        for _ in range(300):  # the probe's own timeout bounds each try: a start, not a speed
+            answered = run(probe, cwd=tmp_path, env=env, timeout=30)
+            if answered.returncode == 0 or server.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert answered is not None and answered.returncode == 0, report(answered) + (tmp_path / "cerbos.log").read_text()
+        listening = listening_addresses(server.pid)
+        assert len(listening) == 3, listening  # gRPC, HTTP and gops
+        assert {host for host, _ in listening} <= {"127.0.0.1", "::1"}, listening
+        assert "Telemetry disabled" in (tmp_path / "cerbos.log").read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
