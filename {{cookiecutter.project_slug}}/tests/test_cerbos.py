@@ -22,7 +22,7 @@ from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
 from {{ cookiecutter.package_name }}.options.cerbos.extension import CerbosSettings
 from {{ cookiecutter.package_name }}.options.cerbos.pdp import Pdp
-from {{ cookiecutter.package_name }}.security.authz import SERVICE, ObjectRule
+from {{ cookiecutter.package_name }}.security.authz import SERVICE, Attributes, ObjectRule
 from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.route_policy import route_policies
 from {{ cookiecutter.package_name }}.tables import Relation
@@ -81,19 +81,19 @@ async def test_every_route_declaration_agrees_with_the_policies(app: FastAPI, pd
             action = "+".join(sorted(policy.scopes))
             scoped, unscoped = _principal(policy.scopes), _principal(frozenset())
             if rule.resource_type is None:
-                assert await decider.decide(scoped, action, SERVICE, SERVICE, None), policy.route
-                assert not await decider.decide(unscoped, action, SERVICE, SERVICE, None), policy.route
+                needed: Attributes = {"scopes": sorted(policy.scopes)}
+                assert await decider.decide(scoped, action, SERVICE, SERVICE, needed), policy.route
+                assert not await decider.decide(unscoped, action, SERVICE, SERVICE, needed), policy.route
                 checked += 1
                 continue
             if rule.relation is None or rule.resource_type not in _policy_kinds():
                 continue  # an option's own check (the key-management API's owner check)
             kind, required = rule.resource_type, rule.relation
-            assert await decider.decide(scoped, action, kind, "x", required.value), policy.route
-            assert not await decider.decide(unscoped, action, kind, "x", required.value), policy.route
-            below = [relation for relation in Relation if relation.rank < required.rank]
-            for relation in below:
-                assert not await decider.decide(scoped, action, kind, "x", relation.value), (policy.route, relation)
-            assert not await decider.decide(scoped, action, kind, "x", None), policy.route
+            assert await decider.decide(scoped, action, kind, "x", {"relation": required.value}), policy.route
+            assert not await decider.decide(unscoped, action, kind, "x", {"relation": required.value}), policy.route
+            for relation in [relation.value for relation in Relation if relation.rank < required.rank] + [""]:
+                held: Attributes = {"relation": relation}
+                assert not await decider.decide(scoped, action, kind, "x", held), (policy.route, relation)
             checked += 1
     assert checked >= 7
 
@@ -215,5 +215,3 @@ async def test_a_list_plan_the_service_cannot_write_as_sql_is_refused(
             assert "items" not in refused.json()
     finally:
         server.stop()
-
-

@@ -39,6 +39,7 @@ async def test_the_org_list_needs_its_scope(client: httpx.AsyncClient, make_toke
 
 
 async def test_a_caller_without_grants_lists_nothing(client: httpx.AsyncClient, make_token: TokenFactory) -> None:
-    assert (await client.post(ORGS, json={"name": "First"}, headers=bearer(make_token("alice", ALL_SCOPES)))).status_code == 201
+    created = await client.post(ORGS, json={"name": "First"}, headers=bearer(make_token("alice", ALL_SCOPES)))
+    assert created.status_code == 201
     listed = await client.get(ORGS, headers=bearer(make_token("mallory", ALL_SCOPES)))
     assert listed.status_code == 200 and listed.json() == {"items": [], "next_offset": None}

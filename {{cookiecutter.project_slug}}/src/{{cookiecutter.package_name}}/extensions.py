@@ -34,8 +34,8 @@ from .security.principal import Authenticator, ChannelAuthenticator
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .security.authz import Authorizer
     from .runtime import Runtime
+    from .security.authz import Authorizer
 
 # Every option this template offers, in the order their authenticators are tried: a client
 # certificate (a channel), then an API key; a webhook signature, which reads the body, after every

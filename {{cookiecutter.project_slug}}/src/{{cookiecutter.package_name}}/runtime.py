@@ -31,8 +31,8 @@ from .store import MemoryStore, RemoteStore, redis_store
 
 if TYPE_CHECKING:
     from .extensions import Extension
-    from .security.authz import Authorizer
     from .metrics import Metrics
+    from .security.authz import Authorizer
     from .telemetry import Tracing
 
 logger = logging.getLogger(__name__)

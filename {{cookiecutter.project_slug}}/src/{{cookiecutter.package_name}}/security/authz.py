@@ -179,7 +179,7 @@ def require_relation(
                 subject=principal.subject,
                 resource_id=str(object_id),
             )
-            held = rows[0][0] if rows else None
+            held: Attributes = {"relation": rows[0][0] if rows else ""}
             if not await runtime.authorizer.decide(principal, action, resource_type, str(object_id), held):
                 raise deny(principal, resource_type, object_id, relation)
             return object_id
@@ -224,7 +224,7 @@ def read_with_relation(
                 resource_id=str(object_id),
                 object_id=object_id,
             )
-            held = rows[0][0] if rows else None
+            held: Attributes = {"relation": rows[0][0] if rows else ""}
             if not await runtime.authorizer.decide(principal, action, resource_type, str(object_id), held):
                 raise deny(principal, resource_type, object_id, relation)
             if not rows or rows[0][1] is None:  # no grant to read through, or one that outlived its object
@@ -251,7 +251,8 @@ def no_object_policy(*, scopes: Sequence[str]) -> Any:
 
     async def no_object(principal: Annotated[Principal, scoped], request: Request) -> Principal:
         authorizer = runtime_of(request).authorizer
-        if authorizer is not None and not await authorizer.decide(principal, action, SERVICE, SERVICE, None):
+        attributes: Attributes = {"scopes": sorted(scopes)}
+        if authorizer is not None and not await authorizer.decide(principal, action, SERVICE, SERVICE, attributes):
             security_event("object_denied", subject=principal.subject, resource_type=SERVICE, action=action)
             raise HTTPException(403)
         return principal
@@ -269,6 +270,7 @@ def no_object_policy(*, scopes: Sequence[str]) -> Any:
 # attribute; a route on no existing object asks about the `service` resource.
 
 SERVICE = "service"
+Attributes = dict[str, str | list[str]]
 
 
 def action_of(scopes: Sequence[str]) -> str:
@@ -299,9 +301,10 @@ class Authorizer(Protocol):
     """A policy engine that decides in place of the permissions table's relation check."""
 
     async def decide(
-        self, principal: Principal, action: str, resource_type: str, resource_id: str, relation: str | None
+        self, principal: Principal, action: str, resource_type: str, resource_id: str, attributes: Attributes
     ) -> bool:
-        """Whether `principal` may do `action` to the object; raises DecisionUnavailable."""
+        """Whether `principal` may do `action` to the object whose `attributes` are given (its
+        `relation` held by the caller, or for `service` the route's `scopes`); raises DecisionUnavailable."""
         ...
 
     async def plan(self, principal: Principal, action: str, resource_type: str) -> ColumnElement[bool] | None:

@@ -31,7 +31,7 @@ from google.protobuf import struct_pb2
 from sqlalchemy import ColumnElement, true
 
 from ...security import pseudonyms
-from ...security.authz import DecisionUnavailable
+from ...security.authz import Attributes, DecisionUnavailable
 from ...security.events import security_event
 from ...security.principal import Principal
 from .extension import CerbosSettings
@@ -75,10 +75,10 @@ class Pdp:
                 self.client = None
 
     async def decide(
-        self, principal: Principal, action: str, resource_type: str, resource_id: str, relation: str | None
+        self, principal: Principal, action: str, resource_type: str, resource_id: str, attributes: Attributes
     ) -> bool:
         resource = engine_pb2.Resource(
-            kind=resource_type, id=resource_id, attr={"relation": struct_pb2.Value(string_value=relation or "")}
+            kind=resource_type, id=resource_id, attr={name: _value(value) for name, value in attributes.items()}
         )
         request = request_pb2.CheckResourcesRequest(
             request_id=uuid.uuid4().hex,
@@ -89,7 +89,8 @@ class Pdp:
         response = await self._ask("check", self._stub().CheckResources(request, timeout=self.timeout))
         result = response.results[0] if response.results else None
         allowed = result is not None and result.actions.get(action) == effect_pb2.EFFECT_ALLOW
-        policy = result.meta.actions[action].matched_policy if result is not None and action in result.meta.actions else ""
+        meta = result.meta.actions if result is not None else {}
+        policy = meta[action].matched_policy if action in meta else ""
         security_event(
             "authz_decision",
             logging.INFO if allowed else logging.WARNING,
@@ -98,7 +99,7 @@ class Pdp:
             action=action,
             resource_type=resource_type,
             resource_id=resource_id,
-            relation=relation or "",
+            relation=attributes.get("relation", ""),
             outcome="allow" if allowed else "deny",
             policy=policy or "none",
         )
@@ -145,7 +146,8 @@ class Pdp:
 
     async def ready(self) -> bool:
         try:
-            await self._ask("ready", self._stub().ServerInfo(request_pb2.ServerInfoRequest(), timeout=self.timeout), log=False)
+            info = self._stub().ServerInfo(request_pb2.ServerInfoRequest(), timeout=self.timeout)
+            await self._ask("ready", info, log=False)
         except DecisionUnavailable:
             return False
         return True
@@ -163,11 +165,16 @@ class Pdp:
 def _principal(principal: Principal) -> engine_pb2.Principal:
     """The caller as the PDP sees it: a pseudonym, never the id itself (a policy that must name
     a caller names its pseudonym: `<service> audit-pseudonym`)."""
-    scopes = struct_pb2.ListValue(values=[struct_pb2.Value(string_value=scope) for scope in sorted(principal.scopes)])
     attr = {
-        "scopes": struct_pb2.Value(list_value=scopes),
+        "scopes": _value(sorted(principal.scopes)),
         "credential": struct_pb2.Value(string_value=principal.credential),
     }
     if principal.credential == MTLS_CREDENTIAL:  # the workload itself is the principal
         attr["workload"] = struct_pb2.Value(string_value=principal.subject)
     return engine_pb2.Principal(id=pseudonyms.installed()(principal.subject), roles=ROLES, attr=attr)
+
+
+def _value(value: str | list[str]) -> struct_pb2.Value:
+    if isinstance(value, str):
+        return struct_pb2.Value(string_value=value)
+    return struct_pb2.Value(list_value=struct_pb2.ListValue(values=[_value(item) for item in value]))
