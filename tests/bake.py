@@ -97,12 +97,9 @@ VARIANTS = {
             )
             for option in CREDENTIAL_OPTIONS
         ),
-        # Authorization decided by a Cerbos PDP (authz_engine): alone, and with every other option
-        # on PostgreSQL, the deployment's richest shape.
-        Variant("cerbos", {"authz_engine": "cerbos"}, "secure-api", "secure_api", "sqlite"),
         Variant(
-            "cerbos-postgresql",
-            {"database": "postgresql", **dict.fromkeys(CREDENTIAL_OPTIONS, "yes"), "authz_engine": "cerbos"},
+            "cerbos",
+            {"database": "postgresql", "authz_engine": "cerbos"},
             "secure-api",
             "secure_api",
             "postgresql",
@@ -112,6 +109,15 @@ VARIANTS = {
             {"project_name": "Billing Service"},
             "billing-service",
             "billing_service",
+            "sqlite",
+        ),
+        # authz_engine=cerbos on SQLite, with every credential option: the PDP's deployment beside
+        # the other database's (one replica, Recreate) and every option's settings and secrets.
+        Variant(
+            "cerbos-sqlite",
+            {**dict.fromkeys(CREDENTIAL_OPTIONS, "yes"), "authz_engine": "cerbos"},
+            "secure-api",
+            "secure_api",
             "sqlite",
         ),
     )

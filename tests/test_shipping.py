@@ -37,7 +37,7 @@ PINNED_ACTION = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?@[0-9a-f]{40}$")
 
 # The bakes whose authorization a Cerbos PDP decides (authz_engine=cerbos): their deployment has
 # one more part, checked here with the rest.
-CERBOS_BAKES = ("cerbos", "cerbos-postgresql")
+CERBOS_BAKES = ("cerbos", "cerbos-sqlite")
 variants = pytest.mark.parametrize("name", (*FULLY_TESTED, *CERBOS_BAKES))
 cerbos_bakes = pytest.mark.parametrize("name", CERBOS_BAKES)
 
@@ -206,7 +206,7 @@ def test_probes_ask_the_health_endpoints(baked: BakedProject, name: str) -> None
 
 def test_network_policy_allows_only_the_port_dns_redis_and_the_database(baked: BakedProject) -> None:
     # The PDP sidecar (cerbos bakes) listens on the pod's loopback and calls nothing: no rule.
-    for name, database_port in (("default", None), ("postgresql", 5432), ("cerbos", None), ("cerbos-postgresql", 5432)):
+    for name, database_port in (("default", None), ("postgresql", 5432), ("cerbos", 5432), ("cerbos-sqlite", None)):
         policy = manifest(baked(name), "NetworkPolicy")["spec"]
         assert policy["policyTypes"] == ["Ingress", "Egress"]
         assert [port["port"] for rule in policy["ingress"] for port in rule["ports"]] == [8000]

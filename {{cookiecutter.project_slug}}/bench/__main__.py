@@ -266,7 +266,8 @@ def main() -> int:
         if CERBOS:
             label = "GET /api/v1/orgs/{id}, full pipeline, the Cerbos PDP decides"
             scenarios["c"] = (label, main_service, get_org)
-            scenarios["f"] = ("(c) with authz_engine=table: the permissions table decides", services[TABLE_ENGINE], get_org)
+            table_label = "(c) with authz_engine=table: the permissions table decides"
+            scenarios["f"] = (table_label, services[TABLE_ENGINE], get_org)
         print(f"bench: scenarios {', '.join(scenarios)}")
         plan = [(key, service, target) for key, (_, service, target) in scenarios.items()]
         runs = bench.measure(plan, args.duration, args.repeat)
