@@ -63,10 +63,11 @@ COMBINED_FILES: dict[str, list[str]] = {
     "tests/test_credentials.py": ["api_keys", "webhooks", "mtls"],
 }
 
-# The locked dependency sets differ by database driver; the template keeps one per value and
-# the chosen one becomes requirements/main.txt and requirements/dev.txt.
+# The locked dependency sets differ by database driver, and by authz_engine (cerbos adds its SDK);
+# the template keeps one per combination (`sqlite`, `sqlite-cerbos`, ...) and the chosen one becomes
+# requirements/main.txt and requirements/dev.txt.
 LOCKED_REQUIREMENTS = "requirements"
-OPTION_VALUES_WITH_LOCKS = ("sqlite", "postgresql")
+OPTION_VALUES_WITH_LOCKS = ("sqlite", "postgresql", "sqlite-cerbos", "postgresql-cerbos")
 
 # What the generated test suite starts by itself, so must find installed.
 TEST_SERVERS = {
@@ -108,11 +109,16 @@ def remove_unselected_combination_files() -> None:
             remove_path(relative_path)
 
 
+def locked_set() -> str:
+    """The name of the chosen options' locked set (README, Dependencies)."""
+    return CHOSEN["database"] + ("-cerbos" if CHOSEN["authz_engine"] == "cerbos" else "")
+
+
 def place_locked_requirements() -> None:
     requirements = Path(LOCKED_REQUIREMENTS)
     for value in OPTION_VALUES_WITH_LOCKS:
         per_value = requirements / value
-        if value == CHOSEN["database"] and per_value.is_dir():
+        if value == locked_set() and per_value.is_dir():
             for locked in per_value.iterdir():
                 locked.replace(requirements / locked.name)
         remove_path(str(per_value))

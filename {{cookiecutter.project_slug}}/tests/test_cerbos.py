@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -20,15 +20,16 @@ from fastapi import FastAPI
 
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
-from {{ cookiecutter.package_name }}.options.cerbos.extension import CerbosSettings
+from {{ cookiecutter.package_name }}.options.cerbos.extension import CerbosSettings, settings_problems
 from {{ cookiecutter.package_name }}.options.cerbos.pdp import Pdp
 from {{ cookiecutter.package_name }}.security.authz import SERVICE, Attributes, ObjectRule
 from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.route_policy import route_policies
 from {{ cookiecutter.package_name }}.tables import Relation
 
-from .conftest import ALL_SCOPES, TokenFactory, bearer, running
+from .conftest import ALL_SCOPES, TokenFactory, bearer, principal, pseudonym, running
 from .servers import LOOPBACK, PROJECT_ROOT, CerbosServer, cerbos_executable, free_port
+from .test_audit import captured_logs
 
 ORGS = "/api/v1/orgs"
 
@@ -106,9 +107,10 @@ async def test_every_decision_is_an_audit_event_with_its_outcome_and_policy(
     client: httpx.AsyncClient, make_token: TokenFactory, audit_events: list[logging.LogRecord]
 ) -> None:
     alice, mallory = bearer(make_token("alice", ALL_SCOPES)), bearer(make_token("mallory", ALL_SCOPES))
-    org = (await client.post(ORGS, json={"name": "Acme"}, headers=alice)).json()["id"]
-    assert (await client.get(f"{ORGS}/{org}", headers=alice)).status_code == 200
-    assert (await client.get(f"{ORGS}/{org}", headers=mallory)).status_code == 403
+    with captured_logs() as logs:
+        org = (await client.post(ORGS, json={"name": "Acme"}, headers=alice)).json()["id"]
+        assert (await client.get(f"{ORGS}/{org}", headers=alice)).status_code == 200
+        assert (await client.get(f"{ORGS}/{org}", headers=mallory)).status_code == 403
     decisions = [record.__dict__ for record in audit_events if record.getMessage() == "authz_decision"]
     outcomes = [(d["action"], d["resource_type"], d["outcome"], d["policy"]) for d in decisions]
     assert outcomes == [
@@ -117,8 +119,27 @@ async def test_every_decision_is_an_audit_event_with_its_outcome_and_policy(
         ("orgs:read", "org", "deny", "resource.org.vdefault"),
     ]
     assert [d["relation"] for d in decisions[1:]] == ["owner", ""]
-    # Masked like every other event: the subject is the principal id, pseudonymised by the log's formatter.
-    assert decisions[1]["subject"].endswith(":alice") and decisions[2]["subject"].endswith(":mallory")
+    # Masked like every other event: the log line names the caller by its keyed pseudonym only.
+    written = [line for line in logs.records() if line.get("event") == "authz_decision"]
+    assert [line["subject"] for line in written] == [pseudonym(principal(sub)) for sub in ("alice", "alice", "mallory")]
+    assert [line["outcome"] for line in written] == ["allow", "allow", "deny"]
+    assert "alice" not in logs.text and "mallory" not in logs.text
+
+
+def test_production_refuses_a_pdp_on_another_host_over_plaintext(
+    settings_for: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    production = settings_for(environment="production")
+    monkeypatch.setenv("CERBOS_ADDRESS", "pdp.internal:3593")
+    assert [problem.split(":")[0] for problem in settings_problems(production)] == ["CERBOS_ADDRESS"]
+    assert settings_problems(settings_for()) == []  # outside production, a development PDP anywhere
+    monkeypatch.setenv("CERBOS_ALLOW_PLAINTEXT", "true")
+    assert settings_problems(production) == []
+    monkeypatch.delenv("CERBOS_ALLOW_PLAINTEXT")
+    monkeypatch.setenv("CERBOS_ADDRESS", "127.0.0.1:3593")  # a sidecar
+    assert settings_problems(production) == []
+    monkeypatch.setenv("CERBOS_ADDRESS", "no-port")
+    assert [problem.split(":")[0] for problem in settings_problems(production)] == ["CERBOS_ADDRESS"]
 
 
 @pytest.fixture

@@ -375,12 +375,11 @@ def list_with_relation(
 
     async def listing(principal: Annotated[Principal, scoped], request: Request) -> Listing:
         authorizer = runtime_of(request).authorizer
-        if authorizer is None:
-            allowed: ColumnElement[bool] | None = Permission.relation.in_([held.value for held in relation.at_least()])
-        else:
+        allowed: ColumnElement[bool] | None = Permission.relation.in_([held.value for held in relation.at_least()])
+        if authorizer is not None:
             allowed = await authorizer.plan(principal, action, resource_type)
-            if allowed is None:
-                return Listing(None)
+        if allowed is None:
+            return Listing(None)
         statement = (
             select(*columns)
             .select_from(Permission)

@@ -71,7 +71,7 @@ class Pdp:
             yield
         finally:
             if self.client is not None:
-                await self.client.close()
+                await self.client.close()  # type: ignore[no-untyped-call]
                 self.client = None
 
     async def decide(
