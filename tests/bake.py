@@ -122,13 +122,6 @@ VARIANTS = {
             suite=CERBOS_TESTS,
         ),
         Variant(
-            "cerbos",
-            {"database": "postgresql", "authz_engine": "cerbos"},
-            "secure-api",
-            "secure_api",
-            "postgresql",
-        ),
-        Variant(
             "custom-name",
             {"project_name": "Billing Service"},
             "billing-service",
