@@ -217,7 +217,8 @@ def print_next_steps() -> None:
         f"  cd {PROJECT_SLUG}\n"
         "  make install   # the service and its dev tools\n"
         "  make migrate   # alembic upgrade heads\n"
-        f"  make test      # needs {TEST_SERVERS[CHOSEN['database']]}\n"
+        + ("  make cerbos    # the Cerbos PDP binary (npm), which the tests start\n" if CHOSEN["authz_engine"] == "cerbos" else "")
+        + f"  make test      # needs {TEST_SERVERS[CHOSEN['database']]}\n"
         "  make run       # set JWT_PUBLIC_KEY, JWT_ISSUER, JWT_AUDIENCE first\n"
     )
 

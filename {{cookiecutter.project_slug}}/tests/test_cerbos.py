@@ -213,7 +213,11 @@ async def test_a_pdp_that_does_not_answer_is_a_503_never_an_allow(
 
 
 async def test_a_list_plan_the_service_cannot_write_as_sql_is_refused(
-    settings: Settings, tmp_path: Path, make_token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    tmp_path: Path,
+    make_token: TokenFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    audit_events: list[logging.LogRecord],
 ) -> None:
     """A rule for a listed action with a condition on an attribute the service does not send as a
     column (here the org's name) cannot be applied in the statement: 403, never the unfiltered list."""
@@ -234,5 +238,8 @@ async def test_a_list_plan_the_service_cannot_write_as_sql_is_refused(
             assert refused.status_code == 403, refused.text
             assert refused.json()["type"].endswith(":problem:plan-refused")
             assert "items" not in refused.json()
+        plans = [record.__dict__ for record in audit_events if getattr(record, "plan", False)]
+        assert [(plan["action"], plan["outcome"]) for plan in plans] == [("orgs:read", "refused")]
+        assert any(record.getMessage() == "plan_refused" for record in audit_events)
     finally:
         server.stop()

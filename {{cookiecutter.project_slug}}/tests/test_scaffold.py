@@ -92,7 +92,6 @@ def test_a_scaffolded_resource_is_lint_clean_migrated_guarded_and_tested(
         "ruff format": ("-m", "ruff", "format", "--check", "."),
         "mypy": ("-m", "mypy"),
         "import contracts": ("-c", "from importlinter.cli import lint_imports_command; lint_imports_command()"),
-
         "its tests": (
             "-m",
             "pytest",

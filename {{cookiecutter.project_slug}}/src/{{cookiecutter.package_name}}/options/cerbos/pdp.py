@@ -114,22 +114,14 @@ class Pdp:
         )
         response = await self._ask("plan", self._stub().PlanResources(request, timeout=self.timeout))
         kind = response.filter.kind
-        scope = response.meta.matched_scope
-        allowed: ColumnElement[bool] | None
-        outcome = {
-            engine_pb2.PlanResourcesFilter.KIND_ALWAYS_ALLOWED: "allow",
-            engine_pb2.PlanResourcesFilter.KIND_ALWAYS_DENIED: "deny",
-        }.get(kind, "conditional")
+        allowed: ColumnElement[bool] | None = None
+        outcome = "deny"  # KIND_ALWAYS_DENIED, and a kind this client does not know
         try:
             if kind == engine_pb2.PlanResourcesFilter.KIND_ALWAYS_ALLOWED:
-                allowed = true()
+                allowed, outcome = true(), "allow"
             elif kind == engine_pb2.PlanResourcesFilter.KIND_CONDITIONAL:
-                allowed = condition_sql(response.filter.condition)
-            else:
-                allowed = None
-        except Exception:
-            outcome = "refused"
-            raise
+                outcome = "refused"  # until it is written as SQL
+                allowed, outcome = condition_sql(response.filter.condition), "conditional"
         finally:
             security_event(
                 "authz_decision",
@@ -139,7 +131,9 @@ class Pdp:
                 action=action,
                 resource_type=resource_type,
                 outcome=outcome,
-                policy=f"resource.{resource_type}" + (f"/{scope}" if scope else ""),
+                # The plan names no policy; it is the kind's resource policy, of the default version
+                # (the service asks for no other).
+                policy=f"resource.{resource_type}.vdefault",
                 plan=True,
             )
         return allowed
