@@ -21,6 +21,7 @@ CHOSEN = {
     "api_keys": {{ cookiecutter.api_keys | tojson }},
     "webhooks": {{ cookiecutter.webhooks | tojson }},
     "mtls": {{ cookiecutter.mtls | tojson }},
+    "authz_engine": {{ cookiecutter.authz_engine | tojson }},
 }
 # The whole context of this bake, for .cruft.json.
 CONTEXT = json.loads({{ cookiecutter | tojson | tojson }})
@@ -48,6 +49,16 @@ OPTION_FILES: dict[str, dict[str, list[str]]] = {
         "yes": ["src/{{ cookiecutter.package_name }}/options/webhooks", "tests/test_webhooks.py", "docs/webhooks.md"]
     },
     "mtls": {"yes": ["src/{{ cookiecutter.package_name }}/options/mtls", "tests/test_mtls.py"]},
+    # Who decides authorization: the permissions table in-process (table), or a Cerbos PDP asked
+    # over gRPC (cerbos), with its policies as code, its configuration and its tests.
+    "authz_engine": {
+        "cerbos": [
+            "src/{{ cookiecutter.package_name }}/options/cerbos",
+            "policies",
+            "deploy/cerbos",
+            "tests/test_cerbos.py",
+        ]
+    },
 }
 
 # Files that only a combination of options needs: kept only when every option listed is "yes".
@@ -56,10 +67,11 @@ COMBINED_FILES: dict[str, list[str]] = {
     "tests/test_credentials.py": ["api_keys", "webhooks", "mtls"],
 }
 
-# The locked dependency sets differ by database driver; the template keeps one per value and
-# the chosen one becomes requirements/main.txt and requirements/dev.txt.
+# The locked dependency sets differ by database driver, and by authz_engine (cerbos adds its SDK);
+# the template keeps one per combination (`sqlite`, `sqlite-cerbos`, ...) and the chosen one becomes
+# requirements/main.txt and requirements/dev.txt.
 LOCKED_REQUIREMENTS = "requirements"
-OPTION_VALUES_WITH_LOCKS = ("sqlite", "postgresql")
+OPTION_VALUES_WITH_LOCKS = ("sqlite", "postgresql", "sqlite-cerbos", "postgresql-cerbos")
 
 # What the generated test suite starts by itself, so must find installed.
 TEST_SERVERS = {
@@ -101,11 +113,16 @@ def remove_unselected_combination_files() -> None:
             remove_path(relative_path)
 
 
+def locked_set() -> str:
+    """The name of the chosen options' locked set (README, Dependencies)."""
+    return CHOSEN["database"] + ("-cerbos" if CHOSEN["authz_engine"] == "cerbos" else "")
+
+
 def place_locked_requirements() -> None:
     requirements = Path(LOCKED_REQUIREMENTS)
     for value in OPTION_VALUES_WITH_LOCKS:
         per_value = requirements / value
-        if value == CHOSEN["database"] and per_value.is_dir():
+        if value == locked_set() and per_value.is_dir():
             for locked in per_value.iterdir():
                 locked.replace(requirements / locked.name)
         remove_path(str(per_value))
@@ -204,7 +221,8 @@ def print_next_steps() -> None:
         f"  cd {PROJECT_SLUG}\n"
         "  make install   # the service and its dev tools\n"
         "  make migrate   # alembic upgrade heads\n"
-        f"  make test      # needs {TEST_SERVERS[CHOSEN['database']]}\n"
+        + ("  make cerbos    # the Cerbos PDP binary (npm), which the tests start\n" if CHOSEN["authz_engine"] == "cerbos" else "")
+        + f"  make test      # needs {TEST_SERVERS[CHOSEN['database']]}\n"
         "  make run       # set JWT_PUBLIC_KEY, JWT_ISSUER, JWT_AUDIENCE first\n"
     )
 

@@ -1,8 +1,9 @@
 """`make lock` of the template: refresh the lock files every baked service ships.
 
-A baked service's locked set depends on its database driver, so the template keeps one set per
-`database` value under `{{cookiecutter.project_slug}}/requirements/<database>/`, and the post-gen
-hook moves the chosen one into `requirements/`. This bakes each database value, puts the current
+A baked service's locked set depends on its database driver and its authz_engine (cerbos adds its
+SDK), so the template keeps one set per combination under
+`{{cookiecutter.project_slug}}/requirements/<database>[-cerbos]/`, and the post-gen hook moves the
+chosen one into `requirements/`. This bakes each combination, puts the current
 lock files in place (so `make lock` keeps their pins), runs the baked service's own `make lock`
 with this venv's uv, and copies the result back. `--upgrade` moves every pin to the newest
 release pyproject.toml allows.
@@ -27,33 +28,43 @@ PER_DATABASE = ("main.txt", "dev.txt")
 SHARED = ("build.txt",)
 
 
-def lock(database: str, upgrade: bool) -> None:
+def lock(database: str, engine: str, upgrade: bool) -> None:
+    locked_set = database + ("-cerbos" if engine == "cerbos" else "")
     with tempfile.TemporaryDirectory() as output:
-        result = bake(Path(output), {"database": database})
+        result = bake(Path(output), {"database": database, "authz_engine": engine})
         if result.returncode != 0:
             raise SystemExit(report(result))
         project = Path(output) / "secure-api"
         target = project / "requirements"
+        for name in PER_DATABASE:  # a new set (authz_engine=cerbos) starts from its database's pins
+            if not (target / name).exists() and (REQUIREMENTS / database / name).exists():
+                shutil.copyfile(REQUIREMENTS / database / name, target / name)
         command = ["make", "--no-print-directory", "lock", f"VENV={Path(sys.executable).parent.parent}"]
         if upgrade:
             command.append("UPGRADE=1")
         completed = subprocess.run(command, cwd=project, check=False, stdin=subprocess.DEVNULL)
         if completed.returncode != 0:
             raise SystemExit(f"make lock failed for database={database}")
-        (REQUIREMENTS / database).mkdir(exist_ok=True)
+        (REQUIREMENTS / locked_set).mkdir(exist_ok=True)
         for name in PER_DATABASE:
-            shutil.copyfile(target / name, REQUIREMENTS / database / name)
+            shutil.copyfile(target / name, REQUIREMENTS / locked_set / name)
         for name in SHARED:
             shutil.copyfile(target / name, REQUIREMENTS / name)
-        print(f"locked database={database}")
+        print(f"locked database={database} authz_engine={engine}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--upgrade", action="store_true", help="newest allowed release of everything")
+    parser.add_argument("--only", action="append", help="lock only this set (e.g. sqlite-cerbos); repeatable")
     args = parser.parse_args()
-    for database in template_choices()["database"]:
-        lock(database, args.upgrade)
+    choices = template_choices()
+    only = set(args.only or [])
+    for database in choices["database"]:
+        for engine in choices["authz_engine"]:
+            name = database + ("-cerbos" if engine == "cerbos" else "")
+            if not only or name in only:
+                lock(database, engine, args.upgrade)
 
 
 if __name__ == "__main__":

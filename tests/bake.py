@@ -58,6 +58,21 @@ WIRING_TESTS = (
     "tests/test_settings.py",
 )
 
+# authz_engine=cerbos: a real Cerbos PDP decides; the example domain's BOLA matrix and lists against
+# it, its own tests (policies compiled and tested, PDP down -> 503), and the wiring it touches.
+CERBOS_TESTS = (
+    "tests/test_cerbos.py",
+    "tests/test_lists.py",
+    "tests/test_authz.py",
+    "tests/test_orgs_api.py",
+    "tests/test_health.py",
+    "tests/test_route_policy.py",
+    "tests/test_scaffold.py",
+    "tests/test_options.py",
+    "tests/test_migrations.py",
+    "tests/test_settings.py",
+)
+
 # Sentinel and Cluster failovers and the lockout lift across replicas: store/ and lockout only.
 REDIS_FAILOVER_TESTS = ("test_redis_failover.py", "test_lockout_lift.py")
 
@@ -97,11 +112,29 @@ VARIANTS = {
             )
             for option in CREDENTIAL_OPTIONS
         ),
+        # The other authorization engine, on PostgreSQL (`make cerbos` installs the PDP binary first).
+        Variant(
+            "cerbos",
+            {"database": "postgresql", "authz_engine": "cerbos"},
+            "secure-api",
+            "secure_api",
+            "postgresql",
+            suite=CERBOS_TESTS,
+        ),
         Variant(
             "custom-name",
             {"project_name": "Billing Service"},
             "billing-service",
             "billing_service",
+            "sqlite",
+        ),
+        # authz_engine=cerbos on SQLite, with every credential option: the PDP's deployment beside
+        # the other database's (one replica, Recreate) and every option's settings and secrets.
+        Variant(
+            "cerbos-sqlite",
+            {**dict.fromkeys(CREDENTIAL_OPTIONS, "yes"), "authz_engine": "cerbos"},
+            "secure-api",
+            "secure_api",
             "sqlite",
         ),
     )
@@ -110,7 +143,7 @@ VARIANTS = {
 # and locks are checked; ...
 FULLY_TESTED = ("default", "postgresql")
 # ... variants that run ruff, mypy and their `suite`; the others are only rendered and compiled.
-SUITE_TESTED = (*(option.replace("_", "-") for option in CREDENTIAL_OPTIONS), "all-options")
+SUITE_TESTED = (*(option.replace("_", "-") for option in CREDENTIAL_OPTIONS), "all-options", "cerbos")
 
 
 def run(

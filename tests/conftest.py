@@ -50,5 +50,8 @@ def installed_project(
         command.append("--no-build-isolation")
     result = run([*command, "--editable", f"{project}[dev]"], cwd=project)
     assert result.returncode == 0, report(result)
+    if (project / "policies").is_dir():  # authz_engine=cerbos: the pinned PDP binary (npm)
+        installed = run(["make", "--no-print-directory", "cerbos"], cwd=project)
+        assert installed.returncode == 0, report(installed)
     yield project
     run([sys.executable, "-m", "pip", "uninstall", "--yes", variant.slug], cwd=project)

@@ -7,9 +7,13 @@ and no secret in the baked files (detect-secrets). None of it needs a container 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,11 @@ SCHEMAS = {
 GENERATED_DIRS = {"__pycache__", ".mypy_cache", ".ruff_cache", ".import_linter_cache", ".pytest_cache", ".venv", "build"}
 PINNED_ACTION = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?@[0-9a-f]{40}$")
 
-variants = pytest.mark.parametrize("name", FULLY_TESTED)
+# The bakes whose authorization a Cerbos PDP decides (authz_engine=cerbos): their deployment has
+# one more part, checked here with the rest.
+CERBOS_BAKES = ("cerbos", "cerbos-sqlite")
+variants = pytest.mark.parametrize("name", (*FULLY_TESTED, *CERBOS_BAKES))
+cerbos_bakes = pytest.mark.parametrize("name", CERBOS_BAKES)
 
 
 def tool(name: str) -> str:
@@ -173,7 +181,7 @@ def test_pods_run_locked_down(baked: BakedProject, name: str) -> None:
         assert pod["automountServiceAccountToken"] is False, kind
         assert pod["securityContext"]["runAsNonRoot"] is True, kind
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, kind
-        for container in pod["containers"]:
+        for container in pod["containers"] + pod.get("initContainers", []):
             context = container["securityContext"]
             assert context["readOnlyRootFilesystem"] is True, kind
             assert context["allowPrivilegeEscalation"] is False, kind
@@ -197,7 +205,8 @@ def test_probes_ask_the_health_endpoints(baked: BakedProject, name: str) -> None
 
 
 def test_network_policy_allows_only_the_port_dns_redis_and_the_database(baked: BakedProject) -> None:
-    for name, database_port in (("default", None), ("postgresql", 5432)):
+    # The PDP sidecar (cerbos bakes) listens on the pod's loopback and calls nothing: no rule.
+    for name, database_port in (("default", None), ("postgresql", 5432), ("cerbos", 5432), ("cerbos-sqlite", None)):
         policy = manifest(baked(name), "NetworkPolicy")["spec"]
         assert policy["policyTypes"] == ["Ingress", "Egress"]
         assert [port["port"] for rule in policy["ingress"] for port in rule["ports"]] == [8000]
@@ -319,14 +328,15 @@ def test_compose_runs_two_replicas_behind_the_shipped_nginx(baked: BakedProject,
     assert migrate["command"] == ["alembic", "upgrade", "heads"]
     assert "./deploy/nginx:" in nginx["volumes"][0]
     assert "nginx.conf" in " ".join(nginx["command"])
-    expected = {"migrate", "app", "nginx", "redis"} | ({"postgres"} if name == "postgresql" else set())
+    chosen = VARIANTS[name].chosen
+    expected = {"migrate", "app", "nginx", "redis"} | ({"postgres"} if chosen["database"] == "postgresql" else set())
+    expected |= {"cerbos"} if chosen["authz_engine"] == "cerbos" else set()
     assert set(services) == expected
     for service_name, service in services.items():
         if service_name != "migrate":
             assert "healthcheck" in service, service_name
     # What production requires of a baked option is asked for, not left to a refusal at start:
     # a secret as a file (the compose secret of its name), an allowlist as a required variable.
-    chosen = VARIANTS[name].chosen
     for option, variable in (("api_keys", "API_KEY_PEPPER_FILE"), ("mtls", "MTLS_IDENTITIES")):
         assert (variable in app["environment"]) == (chosen[option] == "yes"), variable
     if chosen["mtls"] == "yes":
@@ -486,3 +496,246 @@ def test_compose_redis_requires_a_password_that_the_service_url_carries(baked: B
     assert services["app"]["environment"]["REDIS_URL_FILE"] == "/run/secrets/redis_url"
     header = (baked(name) / "compose.yaml").read_text().split("\nx-service", 1)[0]
     assert 'REDIS_URL="redis://:${REDIS_PASSWORD}@redis:6379/0"' in header
+
+
+# --- the policy decision point (authz_engine=cerbos) -------------------------------------------
+
+PDP_IMAGE = "ghcr.io/cerbos/cerbos"
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+
+
+def cerbos_version(project: Path) -> str:
+    """The PDP version the baked tests and `make policies` run (the Makefile's CERBOS_VERSION)."""
+    found = re.search(r"^CERBOS_VERSION :?= *([\d.]+)$", (project / "Makefile").read_text(), re.MULTILINE)
+    assert found, "no CERBOS_VERSION in the Makefile"
+    return found.group(1)
+
+
+def pdp_sidecar(project: Path) -> dict[str, Any]:
+    pod = manifest(project, "Deployment")["spec"]["template"]["spec"]
+    (sidecar,) = [container for container in pod.get("initContainers", []) if container["name"] == "cerbos"]
+    return sidecar
+
+
+def pdp_dockerfile(project: Path) -> str:
+    return (project / "deploy" / "cerbos" / "Dockerfile").read_text()
+
+
+def listen_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def debug_listener(arguments: list[str]) -> str:
+    found = [argument.split("=", 1)[1] for argument in arguments if argument.startswith("--debug-listen-addr=")]
+    assert len(found) == 1, f"gops listens on :6666 of every interface unless told otherwise: {arguments}"
+    return found[0]
+
+
+def image_is_pinned(reference: str, version: str, context: str) -> None:
+    """The official image at the tested version: by digest, or by tag with the digest asked for."""
+    name, _, pin = reference.partition(":")
+    assert name == PDP_IMAGE, reference
+    tag, _, digest = pin.partition("@")
+    assert tag == version, f"{reference}: the tests run Cerbos {version}"
+    if not digest:
+        assert "@sha256:" in context and "digest" in context, f"{reference}: neither pinned by digest nor said to be"
+    else:
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), reference
+
+
+@cerbos_bakes
+def test_pdp_runs_as_a_native_sidecar_from_a_pinned_image(baked: BakedProject, name: str) -> None:
+    project = baked(name)
+    sidecar = pdp_sidecar(project)
+    # Started before the service and stopped after it has drained (Kubernetes' native sidecar).
+    assert sidecar["restartPolicy"] == "Always"
+    images = {image["name"]: image for image in load(project, "deploy/kubernetes/kustomization.yaml")["images"]}
+    assert sidecar["image"] in images and images[sidecar["image"]]["newName"].endswith("-cerbos")
+    dockerfile = pdp_dockerfile(project)
+    (base,) = re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE)
+    image_is_pinned(base, cerbos_version(project), dockerfile)
+    assert re.search(r"^USER \d+:\d+$", dockerfile, re.MULTILINE)
+    result = run([tool("hadolint"), "--no-color", "deploy/cerbos/Dockerfile"], cwd=project)
+    assert result.returncode == 0 and not result.stdout.strip(), report(result)
+
+
+@cerbos_bakes
+def test_pdp_image_holds_the_configuration_and_the_policies_without_their_tests(baked: BakedProject, name: str) -> None:
+    project = baked(name)
+    dockerfile = pdp_dockerfile(project)
+    copies = dict(re.findall(r"^COPY (\S+) (\S+)$", dockerfile, re.MULTILINE))
+    (config_path,) = re.findall(r"^ENV CERBOS_CONFIG=(\S+)$", dockerfile, re.MULTILINE)
+    assert copies["deploy/cerbos/config.yaml"] == config_path
+    directory = next(arg.rpartition("=")[2] for arg in pdp_sidecar(project)["args"] if "storage.disk.directory=" in arg)
+    assert copies["policies/"].rstrip("/") == directory
+    lines = (project / "deploy" / "cerbos" / "Dockerfile.dockerignore").read_text().splitlines()
+    ignored = [line for line in lines if line.strip() and not line.startswith("#")]
+    assert ignored[0] == "*", "the build context is an allowlist"
+    assert {"!deploy/cerbos/config.yaml", "!policies/", "policies/**/*_test.yaml"} <= set(ignored)
+
+
+@cerbos_bakes
+def test_pdp_listens_on_loopback_only_with_telemetry_off(baked: BakedProject, name: str) -> None:
+    """The sidecar's configuration (deploy/cerbos/config.yaml, in its image) and arguments: gRPC,
+    HTTP and gops on the pod's loopback, no Admin API, no telemetry; the service asks it there."""
+    project = baked(name)
+    config = load(project, "deploy/cerbos/config.yaml")
+    server = config["server"]
+    for listener in ("grpcListenAddr", "httpListenAddr"):
+        assert listen_address(server[listener])[0] in LOOPBACK_HOSTS, f"{listener}: {server[listener]}"
+    assert not server.get("adminAPI", {}).get("enabled", False)
+    assert config["telemetry"]["disabled"] is True
+    sidecar = pdp_sidecar(project)
+    assert listen_address(debug_listener(sidecar["args"]))[0] in LOOPBACK_HOSTS
+    assert not [arg for arg in sidecar["args"] if "ListenAddr" in arg], "the sidecar keeps its configuration's listeners"
+    assert {variable["name"]: variable.get("value") for variable in sidecar["env"]}["CERBOS_NO_TELEMETRY"] == "1"
+    # The service asks the sidecar's gRPC listener.
+    address = manifest(project, "ConfigMap")["data"]["CERBOS_ADDRESS"]
+    assert listen_address(address) == listen_address(server["grpcListenAddr"])
+
+
+@cerbos_bakes
+def test_pdp_probes_ask_its_http_health_endpoint_on_loopback(baked: BakedProject, name: str) -> None:
+    """The kubelet's httpGet goes to the pod's address, where the PDP does not listen: each probe
+    runs `cerbos healthcheck --kind=http`, which asks /_cerbos/health at its configuration's address."""
+    sidecar = pdp_sidecar(baked(name))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        command = sidecar[probe]["exec"]["command"]
+        assert command[:2] == ["/cerbos", "healthcheck"] and "--kind=http" in command, probe
+        assert not [part for part in command if part.startswith("--host-port")], probe
+
+
+@variants
+def test_only_cerbos_bakes_ship_a_pdp(baked: BakedProject, name: str) -> None:
+    project = baked(name)
+    cerbos = VARIANTS[name].chosen["authz_engine"] == "cerbos"
+    pod = manifest(project, "Deployment")["spec"]["template"]["spec"]
+    assert ("initContainers" in pod) == cerbos
+    assert ("CERBOS_ADDRESS" in manifest(project, "ConfigMap")["data"]) == cerbos
+    assert (project / "deploy" / "cerbos" / "Dockerfile").exists() == cerbos
+    assert ("cerbos" in load(project, "compose.yaml")["services"]) == cerbos
+    workflow = load(project, ".github/workflows/ci.yml")
+    assert ("make policies" in [step.get("run") for step in workflow["jobs"]["test"]["steps"]]) == cerbos
+    assert ("deploy/cerbos/Dockerfile" in yaml.safe_dump(workflow["jobs"]["image"])) == cerbos
+
+
+@cerbos_bakes
+def test_ci_compiles_and_tests_the_policies_before_the_suite(baked: BakedProject, name: str) -> None:
+    project = baked(name)
+    steps = [step.get("run", "") for step in load(project, ".github/workflows/ci.yml")["jobs"]["test"]["steps"]]
+    assert steps.index("make policies") < steps.index("make test")
+    policies = make_rule(project, "policies")
+    assert " compile " in policies and "--skip-tests" not in policies
+
+
+def make_rule(project: Path, target: str) -> str:
+    """The recipe of a Makefile target, as `make -n` prints it."""
+    result = run(["make", "--no-print-directory", "-n", "-B", target], cwd=project)
+    assert result.returncode == 0, report(result)
+    return result.stdout
+
+
+@cerbos_bakes
+def test_compose_runs_the_pdp_with_the_policies_for_the_replicas_only(baked: BakedProject, name: str) -> None:
+    project = baked(name)
+    compose = load(project, "compose.yaml")
+    services = compose["services"]
+    cerbos, app = services["cerbos"], services["app"]
+    image_is_pinned(cerbos["image"], cerbos_version(project), (project / "compose.yaml").read_text())
+    assert app["depends_on"]["cerbos"]["condition"] == "service_healthy"
+    assert "./policies:/policies:ro" in cerbos["volumes"]
+    assert "./deploy/cerbos/config.yaml:" + cerbos["environment"]["CERBOS_CONFIG"] + ":ro" in cerbos["volumes"]
+    assert "--set=storage.disk.directory=/policies" in cerbos["command"]
+    assert cerbos["healthcheck"]["test"][1:4] == ["/cerbos", "healthcheck", "--kind=http"]
+    # Hardened as the service is, no port published, gops on loopback, no telemetry.
+    assert cerbos["read_only"] is True and cerbos["cap_drop"] == ["ALL"] and re.fullmatch(r"\d+:\d+", cerbos["user"])
+    assert cerbos["security_opt"] == ["no-new-privileges:true"]
+    assert "ports" not in cerbos
+    assert listen_address(debug_listener(cerbos["command"]))[0] in LOOPBACK_HOSTS
+    assert cerbos["environment"]["CERBOS_NO_TELEMETRY"] == "1"
+    # On a network of its own that only the replicas share (nginx, Redis and the database are not on it).
+    assert cerbos["networks"] == ["authz"] and compose["networks"]["authz"]["internal"] is True
+    assert "authz" in app["networks"]
+    others = [other for other, service in services.items() if "authz" in service.get("networks", [])]
+    assert sorted(others) == ["app", "cerbos"]
+    host, port = listen_address(app["environment"]["CERBOS_ADDRESS"])
+    assert host == "cerbos" and f"--set=server.grpcListenAddr=:{port}" in cerbos["command"]
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """The TCP addresses process `pid` listens on, read from /proc (its sockets' inodes)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            # /proc prints each 32-bit word in host (little-endian) order.
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add((socket.inet_ntop(family, packed), int(port, 16)))
+    return found
+
+
+@cerbos_bakes
+def test_the_sidecars_pdp_listens_on_loopback_only_and_answers_its_probe(
+    baked: BakedProject, name: str, tmp_path: Path
+) -> None:
+    """The pinned binary (the Makefile's npm package, the image's version), run with the sidecar's
+    arguments and the configuration its image holds: every socket it listens on (gRPC, HTTP, gops)
+    is on loopback, and the probes' command finds it serving. Only the ports move (free ones here)."""
+    project = baked(name)
+    result = run(["make", "--no-print-directory", "cerbos"], cwd=project, timeout=300)
+    assert result.returncode == 0, report(result)
+    (binary,) = (project / "build" / "cerbos" / "node_modules" / "@cerbos").glob("cerbos-linux-*/cerbos-linux-*")
+    config = load(project, "deploy/cerbos/config.yaml")
+    for listener in ("grpcListenAddr", "httpListenAddr"):
+        host, _ = listen_address(config["server"][listener])
+        config["server"][listener] = f"{host}:{free_loopback_port()}"
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    sidecar = pdp_sidecar(project)
+    debug_host, _ = listen_address(debug_listener(sidecar["args"]))
+    arguments = [
+        f"--debug-listen-addr={debug_host}:{free_loopback_port()}"
+        if argument.startswith("--debug-listen-addr=")
+        else f"--set=storage.disk.directory={project / 'policies'}"
+        if argument.startswith("--set=storage.disk.directory=")
+        else argument
+        for argument in sidecar["args"]
+    ]
+    env = {"PATH": os.environ.get("PATH", ""), "CERBOS_CONFIG": str(config_path)}
+    env |= {variable["name"]: variable["value"] for variable in sidecar["env"]}
+    probe = [str(binary), *sidecar["readinessProbe"]["exec"]["command"][1:]]
+    with (tmp_path / "cerbos.log").open("wb") as log:
+        server = subprocess.Popen([str(binary), *arguments], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        answered = None
+        for _ in range(300):  # the probe's own timeout bounds each try: a start, not a speed
+            answered = run(probe, cwd=tmp_path, env=env, timeout=30)
+            if answered.returncode == 0 or server.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert answered is not None and answered.returncode == 0, report(answered) + (tmp_path / "cerbos.log").read_text()
+        listening = listening_addresses(server.pid)
+        assert len(listening) == 3, listening  # gRPC, HTTP and gops
+        assert {host for host, _ in listening} <= {"127.0.0.1", "::1"}, listening
+        assert "Telemetry disabled" in (tmp_path / "cerbos.log").read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -26,18 +26,29 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from redis import Redis
 
+from {{ cookiecutter.package_name }} import extensions
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, SERVICE_NAME
-from tests.servers import LOOPBACK, create_database_roles, find_postgres_bin_dir, start_postgres, start_redis
+from tests.servers import (
+    LOOPBACK,
+    CerbosServer,
+    create_database_roles,
+    find_postgres_bin_dir,
+    start_postgres,
+    start_redis,
+)
 
 from . import lookup, machine, report
 from .apps import AUTHZ_OBJECT, BARE_PATH
 from .load import LOAD_CPU, Sample, Target, run_python, run_wrk, wrk_path
-from .servers import Service, start_all, stop_all
+from .servers import CLOCK_TICKS, Service, start_all, stop_all
 
 ISSUER = "https://issuer.bench.local"
 SUBJECT = "bench-owner"
 SCOPES = "orgs:read orgs:write users:read users:write"
 HUGE_LIMIT = "1000000000/hour"  # never reached: the bench measures the checks, not the refusals
+# authz_engine=cerbos: a PDP decides layer 7, and (f) measures the same GET decided by the table.
+CERBOS = "cerbos" in extensions.present()
+TABLE_ENGINE = "engine:table"
 LAYERS_OFF = ["SecurityHeaders", "ClientAddress", "AuditContext", "TrustedHosts", "StrictCors", "BodyLimit"]
 
 
@@ -86,6 +97,7 @@ class Bench:
         self.scratch = args.out / "tmp"
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.redis_url = ""
+        self.pdp: CerbosServer | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -113,9 +125,9 @@ class Bench:
         for round_number in range(repeat):
             for name, service, target in plan:
                 commands, reads = self.redis_counters()
-                cpu = service.cpu_seconds()
+                cpu, pdp_cpu = service.cpu_seconds(), self.pdp_cpu_seconds()
                 result = self.sample(service, target, duration)
-                cpu_after = service.cpu_seconds()
+                cpu_after, pdp_cpu_after = service.cpu_seconds(), self.pdp_cpu_seconds()
                 commands_after, reads_after = self.redis_counters()
                 requests = max(1, result.requests)
                 runs[name].append(
@@ -125,6 +137,8 @@ class Bench:
                         # CPU the service process spent per request: what a layer costs, little
                         # disturbed by whatever else the machine is doing
                         "cpu_us_per_request": (cpu_after - cpu) * 1e6 / requests,
+                        # authz_engine=cerbos: what the PDP spent deciding, beside the service
+                        "pdp_cpu_us_per_request": (pdp_cpu_after - pdp_cpu) * 1e6 / requests,
                         # minus one: the INFO that took the first reading
                         "redis_commands_per_request": (commands_after - commands - 1) / requests,
                         "redis_round_trips_per_request": (reads_after - reads - 1) / requests,
@@ -136,11 +150,18 @@ class Bench:
                 )
         return runs
 
+    def pdp_cpu_seconds(self) -> float:
+        if self.pdp is None:
+            return 0.0
+        fields = Path(f"/proc/{self.pdp.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, float]:
     keys = (
         "rps",
         "cpu_us_per_request",
+        "pdp_cpu_us_per_request",
         "p50_ms",
         "p99_ms",
         "redis_commands_per_request",
@@ -182,6 +203,13 @@ def main() -> int:
         database_url = f"sqlite+aiosqlite:///{database_path}"
         lookup.migrate(database_url)
 
+    if CERBOS:
+        # The sidecar's PDP (deploy/cerbos/config.yaml, the service's policies/) on loopback, as the
+        # suite starts it; on the load generator's core, as Redis and the database are.
+        (args.out / "cerbos").mkdir(exist_ok=True)
+        bench.pdp = CerbosServer(args.out / "cerbos")
+        pin_to_load_cpu(bench.pdp.process.pid)
+
     private, public_pem = key_pair()
     token = owner_token(private)
     env = {
@@ -200,6 +228,7 @@ def main() -> int:
         "BENCH_TOKEN": token,
         # One token serves the whole run (minutes longer than the 900 s default lifetime).
         "JWT_MAX_TOKEN_LIFETIME_SECONDS": "3600",
+        **({"CERBOS_ADDRESS": bench.pdp.address} if bench.pdp else {}),
     }
 
     services: dict[str, Service] = {}
@@ -208,7 +237,10 @@ def main() -> int:
         # variants only, so that with Redis down a request gets as far as slowapi; no effect otherwise.
         fail_open = {"RATE_LIMIT_FAILURE_MODE": "open", "RATE_LIMIT_FAILURE_MODE_ACKNOWLEDGED": "true"}
         services = start_all(
-            ["full", "slowapi", "slowapi:swallow"], env, log_dir, {"slowapi": fail_open, "slowapi:swallow": fail_open}
+            ["full", "slowapi", "slowapi:swallow", *([TABLE_ENGINE] if CERBOS else [])],
+            env,
+            log_dir,
+            {"slowapi": fail_open, "slowapi:swallow": fail_open},
         )
         main_service = services["full"]
         created = httpx.post(
@@ -231,7 +263,12 @@ def main() -> int:
             ),
             "e": ("(c) with slowapi as the limiter", services["slowapi"], get_org),
         }
-        print("bench: scenarios a-e")
+        if CERBOS:
+            label = "GET /api/v1/orgs/{id}, full pipeline, the Cerbos PDP decides"
+            scenarios["c"] = (label, main_service, get_org)
+            table_label = "(c) with authz_engine=table: the permissions table decides"
+            scenarios["f"] = (table_label, services[TABLE_ENGINE], get_org)
+        print(f"bench: scenarios {', '.join(scenarios)}")
         plan = [(key, service, target) for key, (_, service, target) in scenarios.items()]
         runs = bench.measure(plan, args.duration, args.repeat)
         results["scenarios"] = {
@@ -265,6 +302,8 @@ def main() -> int:
     finally:
         stop_all(services)
         redis.stop()
+        if bench.pdp is not None:
+            bench.pdp.stop()
 
     if bench.elapsed() > args.budget:
         results["lookups_skipped"] = f"time budget: {bench.elapsed():.0f} s spent before the lookup benchmark"

@@ -7,6 +7,9 @@ the environment, changed from the outside (the service's modules are not touched
   app with no pipeline at all, the ceiling every other number is compared with.
 - `slowapi`, `slowapi:swallow`: the pipeline's RateLimit layers replaced by slowapi's limiter on
   the same Redis, with its default `swallow_errors=False` or with `True`.
+- `engine:table`: a service baked with authz_engine=cerbos, deciding layer 7 with the permissions
+  table instead of the PDP, the engine it would have had with authz_engine=table: the same GET, the
+  one difference the decision.
 - `without:<layer>`: the pipeline minus one layer (`without:Authenticate` lets the real layer
   authenticate the first request only and hands its principal to every later one),
   `without:authz-object` skips the permission lookup, `without:all` keeps only what the route
@@ -61,6 +64,8 @@ def create() -> ASGIApp:
         skip_object_checks(app)
     elif variant == f"without:{AUTHZ_OBJECT}":
         skip_object_checks(app)
+    elif variant == "engine:table":
+        runtime.authorizer = None  # the PDP's client keeps running, unasked
     elif variant.startswith("without:"):
         remove_layer(app, variant.removeprefix("without:"))
     elif variant != "full":

@@ -12,6 +12,9 @@ RSS_TARGET_MB = 150.0
 # the bare framework's throughput (a) in the same run: what a hand-written app doing the same
 # security work reaches on this kind of machine.
 TARGETS = {"sqlite": {"c": 0.16, "d": 0.07}, "postgresql": {"c": 0.19, "d": 0.12}}
+# authz_engine=cerbos: the read decided by the PDP (c) keeps at least half the requests per second
+# of the same read decided by the permissions table (f), in the same run (issue 31).
+ENGINE_TARGET = 0.5
 
 
 def targets(scenarios: dict[str, Any], database: str = "sqlite") -> list[dict[str, Any]]:
@@ -24,6 +27,16 @@ def targets(scenarios: dict[str, Any], database: str = "sqlite") -> list[dict[st
                 "target": f"req/s of ({key}) at least {share} x (a) ({database})",
                 "value": round(ratio, 3),
                 "met": ratio >= share,
+            }
+        )
+    if "f" in scenarios:
+        table = scenarios["f"]["median"]["rps"]
+        ratio = scenarios["c"]["median"]["rps"] / table if table else 0.0
+        found.append(
+            {
+                "target": f"req/s of (c), the Cerbos PDP deciding, at least {ENGINE_TARGET} x (f), the table deciding",
+                "value": round(ratio, 3),
+                "met": ratio >= ENGINE_TARGET,
             }
         )
     return found
@@ -156,6 +169,29 @@ def _slowapi(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _engines(results: dict[str, Any]) -> list[str]:
+    """authz_engine=cerbos: the same read decided by the PDP (c) and by the permissions table (f)."""
+    scenarios = results["scenarios"]
+    if "f" not in scenarios:
+        return []
+    pdp, table = scenarios["c"]["median"], scenarios["f"]["median"]
+    runs = zip(scenarios["c"]["runs"], scenarios["f"]["runs"], strict=True)
+    paired = [ours["rps"] / theirs["rps"] if theirs["rps"] else 0.0 for ours, theirs in runs]
+    return [
+        "### Authorization engine: Cerbos against the table",
+        "",
+        f"- (c), the Cerbos PDP deciding (one gRPC CheckResources on loopback per request): {pdp['rps']:.0f} req/s, "
+        f"p50 {_ms(pdp['p50_ms'])} ms, p99 {_ms(pdp['p99_ms'])} ms, {pdp['cpu_us_per_request']:.0f} CPU µs/req in the "
+        f"service and {pdp['pdp_cpu_us_per_request']:.0f} in the PDP.",
+        f"- (f), the permissions table deciding, in the same service: {table['rps']:.0f} req/s, "
+        f"p50 {_ms(table['p50_ms'])} ms, p99 {_ms(table['p99_ms'])} ms, {table['cpu_us_per_request']:.0f} CPU µs/req.",
+        f"- (c) ÷ (f): {pdp['rps'] / table['rps']:.3f} of the requests per second (target at least {ENGINE_TARGET}); "
+        f"round by round (each pair measured back to back): {', '.join(f'{ratio:.3f}' for ratio in paired)}. "
+        "The PDP runs on the load generator's core, with Redis and the database: a sidecar shares its node's cores.",
+        "",
+    ]
+
+
 def _lookups(results: dict[str, Any]) -> list[str]:
     if "lookups" not in results:
         return [results.get("lookups_skipped", "not run")]
@@ -190,6 +226,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *_layers(results),
         "",
+        *_engines(results),
         "### slowapi compared",
         "",
         *_slowapi(results),

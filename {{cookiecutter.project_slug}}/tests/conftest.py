@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from {{ cookiecutter.package_name }} import extensions
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, Settings
 from {{ cookiecutter.package_name }}.migrations import alembic_config
@@ -37,6 +38,7 @@ from {{ cookiecutter.package_name }}.store.core import RedisStore
 from .servers import (
     APP_ROLE,
     OWNER_ROLE,
+    CerbosServer,
     DatabaseRoles,
     RedisServer,
     ServiceProcess,
@@ -93,6 +95,8 @@ def service_environment(database_url: str, redis_url: str, public_pem: str) -> d
         "JWT_PUBLIC_KEY": public_pem,
         "JWT_ISSUER": ISSUER,
         "JWT_AUDIENCE": AUDIENCE,
+        # authz_engine=cerbos: the session's PDP (the `pdp` fixture)
+        **{name: os.environ[name] for name in ("CERBOS_ADDRESS",) if name in os.environ},
     }
 
 
@@ -109,6 +113,27 @@ def option_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     """The secrets a baked credential option requires in production, which its own settings read
     from the environment (unused by a service baked without the option)."""
     monkeypatch.setenv("API_KEY_PEPPER", "tests-api-key-pepper-0123456789abcdef")
+
+
+# authz_engine=cerbos: every app of the suite asks a real PDP, one per session (tests/servers.py).
+CERBOS_BAKED = "cerbos" in extensions.present()
+
+
+@pytest.fixture(scope="session")
+def pdp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CerbosServer | None]:
+    """The session's `cerbos server` with the service's policies; None when baked with authz_engine=table."""
+    if not CERBOS_BAKED:
+        yield None
+        return
+    server = CerbosServer(tmp_path_factory.mktemp("cerbos"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def pdp_address(pdp: CerbosServer | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if pdp is not None:
+        monkeypatch.setenv("CERBOS_ADDRESS", pdp.address)
 
 
 @pytest.fixture(scope="session")

@@ -778,3 +778,69 @@ class NginxProxy:
     def stop(self) -> None:
         stop_process(self.process)
         shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+# --- Cerbos (authz_engine=cerbos) -------------------------------------------------------------------
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CERBOS_BINARY = PROJECT_ROOT / "build/cerbos/node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64"
+
+
+def cerbos_executable() -> str:
+    """The pinned PDP binary `make cerbos` installs from npm (or CERBOS_BINARY)."""
+    found = os.environ.get("CERBOS_BINARY") or str(CERBOS_BINARY)
+    if not Path(found).is_file():
+        raise RuntimeError(f"no Cerbos binary at {found}: run `make cerbos` (npm install of @cerbos/cerbos-linux-x64)")
+    return found
+
+
+class CerbosServer:
+    """A real `cerbos server` on loopback with the service's deploy/cerbos/config.yaml and its
+    policies/ (telemetry off); `kill` is a PDP outage."""
+
+    def __init__(self, tmp_path: Path, policies: Path = PROJECT_ROOT / "policies") -> None:
+        self.grpc_port, self.http_port = free_port(), free_port()
+        self.log_path = tmp_path / "cerbos.log"
+        command = [
+            cerbos_executable(),
+            "server",
+            f"--config={PROJECT_ROOT / 'deploy/cerbos/config.yaml'}",
+            f"--set=server.grpcListenAddr={LOOPBACK}:{self.grpc_port}",
+            f"--set=server.httpListenAddr={LOOPBACK}:{self.http_port}",
+            f"--set=storage.disk.directory={policies}",
+        ]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                env={"PATH": os.environ.get("PATH", ""), "CERBOS_NO_TELEMETRY": "1"},
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_for(self._answers, "cerbos server")
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"cerbos server did not start:\n{log_tail(self.log_path, 40)}") from None
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"cerbos server exited:\n{log_tail(self.log_path, 40)}")
+        try:
+            with socket.create_connection((LOOPBACK, self.http_port), timeout=0.5) as sock:
+                sock.sendall(b"GET /_cerbos/health HTTP/1.0\r\n\r\n")
+                return b"SERVING" in sock.recv(4096)
+        except OSError:
+            return False
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.grpc_port}"
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        stop_process(self.process)

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
 
-from .conftest import UNREACHABLE_DATABASE_URL, running
+from .conftest import CERBOS_BAKED, UNREACHABLE_DATABASE_URL, running
 from .servers import RedisServer
 
 
@@ -25,7 +25,15 @@ async def test_ready_reports_every_check_ok(client: httpx.AsyncClient) -> None:
     assert response.status_code == 200
     assert response.json() == {
         "status": "ok",
-        "checks": {"database": "ok", "migrations": "ok", "redis": "ok", "pipeline": "ok", "keys": "ok"},
+        "checks": {
+            "database": "ok",
+            "migrations": "ok",
+            "redis": "ok",
+            "pipeline": "ok",
+            "keys": "ok",
+            # authz_engine=cerbos: the policy decision point (test_cerbos.py: not ready when it is down)
+            "authorizer": "ok" if CERBOS_BAKED else "not_configured",
+        },
     }
 
 

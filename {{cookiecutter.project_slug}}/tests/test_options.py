@@ -17,6 +17,8 @@ BAKED = {
     "mtls": "{{ cookiecutter.mtls }}",
     "api_keys": "{{ cookiecutter.api_keys }}",
     "webhooks": "{{ cookiecutter.webhooks }}",
+    # authz_engine=cerbos is the option package `cerbos` (a policy engine, no credential)
+    "cerbos": "{{ 'yes' if cookiecutter.authz_engine == 'cerbos' else 'no' }}",
 }
 
 

@@ -15,15 +15,19 @@ from pathlib import Path
 
 import pytest
 
+from .servers import CERBOS_BINARY, cerbos_executable
+
 PROJECT = Path(__file__).resolve().parent.parent
 PACKAGE = "{{ cookiecutter.package_name }}"
 COPIED = ("src", "tests", "scripts", "bench", "pyproject.toml", "alembic.ini")  # what the checks read
+# authz_engine=cerbos: the policies (the scaffold adds the resource's) and the PDP's configuration.
+POLICIES = ("policies", "deploy/cerbos")
 
 
 def copy_project(tmp_path: Path) -> Path:
     copy = tmp_path / "service"
     copy.mkdir()
-    for name in COPIED:
+    for name in COPIED + tuple(name for name in POLICIES if (PROJECT / name).is_dir()):
         source = PROJECT / name
         if source.is_dir():
             ignored = shutil.ignore_patterns("__pycache__", "*.db", ".pytest_cache", ".mypy_cache", "*.egg-info")
@@ -34,7 +38,7 @@ def copy_project(tmp_path: Path) -> Path:
 
 
 def in_copy(copy: Path, *command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(copy / "src")}
+    env = {**os.environ, "PYTHONPATH": str(copy / "src"), "CERBOS_BINARY": str(CERBOS_BINARY)}
     return subprocess.run(
         [sys.executable, *command], cwd=copy, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -74,6 +78,11 @@ def test_a_scaffolded_resource_is_lint_clean_migrated_guarded_and_tested(
         name for module in modules for name in (f"{module}.py", f"test_{module}.py")
     }
     assert any(path.parts[-2] == "versions" for path in written), written
+    if (copy / "policies").is_dir():  # authz_engine=cerbos: each resource's policy test, and its policy or rules
+        assert {path.name for path in written if path.parts[0] == "policies"} >= {
+            f"{command[0] if len(command) == 1 else module}_test.yaml"
+            for command, module in zip(commands, modules, strict=True)
+        }, written
     # Only owner files changed: the new ones, and the three it extends.
     package = Path("src") / PACKAGE
     for path in (package / "models.py", package / "api" / "deps.py", package / "api" / "__init__.py"):
@@ -97,6 +106,12 @@ def test_a_scaffolded_resource_is_lint_clean_migrated_guarded_and_tested(
     failures = [
         f"{name}: {shown(result)}" for name, args in checks.items() if (result := in_copy(copy, *args)).returncode
     ]
+    if (copy / "policies").is_dir():  # the policies, the scaffolded ones included, compile and pass their tests
+        compiled = subprocess.run(
+            [cerbos_executable(), "compile", "policies"], cwd=copy, capture_output=True, text=True, check=False
+        )
+        if compiled.returncode:
+            failures.append(f"cerbos compile: {shown(compiled)}")
     assert not failures, "\n\n".join(failures)
 
 

@@ -92,6 +92,8 @@ def build_runtime(settings: Settings, *, span_exporter: SpanExporter | None = No
     when configured: when off, nothing of them is imported or wrapped."""
     runtime = Runtime.create(settings)
     runtime.extensions = options.extensions(runtime)
+    for extension in runtime.extensions:  # authz_engine=cerbos: the PDP decides layer 7
+        runtime.authorizer = extension.authorizer or runtime.authorizer
     if span_exporter is not None or tracing_requested():
         from .telemetry import Tracing
 

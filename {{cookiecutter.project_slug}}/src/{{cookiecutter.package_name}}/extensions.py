@@ -35,11 +35,12 @@ from .security.principal import Authenticator, ChannelAuthenticator
 if TYPE_CHECKING:
     from .config import Settings
     from .runtime import Runtime
+    from .security.authz import Authorizer
 
 # Every option this template offers, in the order their authenticators are tried: a client
 # certificate (a channel), then an API key; a webhook signature, which reads the body, after every
 # header credential (security/authn.py).
-KNOWN = ("mtls", "api_keys", "webhooks")
+KNOWN = ("mtls", "api_keys", "webhooks", "cerbos")
 # Where they are. Found by path and imported by name, so no core module imports an option.
 OPTIONS = Path(__file__).parent / "options"
 PACKAGE = f"{__package__}.options"
@@ -59,6 +60,8 @@ class Extension:
     routers: Sequence[APIRouter] = ()
     # Entered for the life of the service (background work, e.g. batched writes), exited at shutdown.
     lifespan: Callable[[], AbstractAsyncContextManager[None]] | None = None
+    # A policy engine that decides layer 7 in place of the permissions table (security/authz.py).
+    authorizer: Authorizer | None = None
 
 
 def present() -> list[str]:

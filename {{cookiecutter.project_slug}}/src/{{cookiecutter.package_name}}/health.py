@@ -99,6 +99,7 @@ async def _readiness(app: SecuredApp, runtime: Runtime) -> Ready:
         "redis": lambda: _redis(runtime),
         "pipeline": lambda: _pipeline(app),
         "keys": lambda: _keys(runtime),
+        "authorizer": lambda: _authorizer(runtime),
     }
     results = await asyncio.gather(*(_bounded(name, check) for name, check in checks.items()))
     statuses = dict(zip(checks, results, strict=True))
@@ -144,3 +145,11 @@ async def _pipeline(app: SecuredApp) -> CheckStatus:
 
 async def _keys(runtime: Runtime) -> CheckStatus:
     return "ok" if runtime.verifier.has_keys() else "fail"
+
+
+async def _authorizer(runtime: Runtime) -> CheckStatus:
+    """The policy engine (authz_engine=cerbos): not ready while it does not answer, since every
+    decision would be a 503."""
+    if runtime.authorizer is None:
+        return "not_configured"
+    return "ok" if await runtime.authorizer.ready() else "fail"

@@ -32,6 +32,7 @@ from .store import MemoryStore, RemoteStore, redis_store
 if TYPE_CHECKING:
     from .extensions import Extension
     from .metrics import Metrics
+    from .security.authz import Authorizer
     from .telemetry import Tracing
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class Runtime:
     tracing: Tracing | None = None  # OTEL_* (telemetry.py)
     metrics: Metrics | None = None  # METRICS_PORT (metrics.py)
     draining: bool = False  # shutting down (shutdown.py): /health/ready answers 503
+    authorizer: Authorizer | None = None  # a policy engine that decides layer 7 (authz_engine=cerbos)
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:

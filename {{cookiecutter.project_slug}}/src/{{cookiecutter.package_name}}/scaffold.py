@@ -24,6 +24,7 @@ from string import Template
 
 from alembic.script import ScriptDirectory
 
+from . import extensions
 from .migrations import alembic_config
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{1,30}$")
@@ -167,7 +168,7 @@ def scaffold(resource: Resource, *, package: Path = PACKAGE_DIR, project: Path |
     (package / "api" / f"{resource.plural}.py").write_text(_fill(ROUTES[kind], values))
     migration.write_text(_fill(MIGRATION[kind], values))
     test.write_text(_fill(TEST[kind], values))
-    return [
+    written = [
         package / "models.py",
         package / "api" / "deps.py",
         api,
@@ -175,6 +176,9 @@ def scaffold(resource: Resource, *, package: Path = PACKAGE_DIR, project: Path |
         migration,
         test,
     ]
+    for option in extensions.parts("scaffold"):  # authz_engine=cerbos: the resource's policy and its test
+        written += option.scaffold(kind, values, project)
+    return written
 
 
 def tidy(paths: list[Path]) -> bool:
@@ -182,7 +186,7 @@ def tidy(paths: list[Path]) -> bool:
     import subprocess
     import sys
 
-    files = [str(path) for path in paths]
+    files = [str(path) for path in paths if path.suffix == ".py"]
     for command in (["format", "--quiet"], ["check", "--fix", "--quiet"]):
         result = subprocess.run([sys.executable, "-m", "ruff", *command, *files], check=False)  # noqa: S603
         if result.returncode != 0:

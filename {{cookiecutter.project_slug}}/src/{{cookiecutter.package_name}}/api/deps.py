@@ -10,7 +10,7 @@ from typing import Annotated
 
 from ..domain import ORG
 from ..models import Org
-from ..security.authz import no_object_policy, read_with_relation, require_relation
+from ..security.authz import Listing, list_with_relation, no_object_policy, read_with_relation, require_relation
 from ..security.principal import Principal
 from ..tables import Relation
 
@@ -39,6 +39,11 @@ ReadableOrg = Annotated[
         columns=(Org.id, Org.name, Org.created_at),
         into=OrgRow,
     ),
+]
+# The orgs the caller may read (GET /orgs), filtered in the statement that reads them.
+ReadableOrgs = Annotated[
+    Listing,
+    list_with_relation(ORG, Relation.viewer, scopes=["orgs:read"], columns=(Org.id, Org.name, Org.created_at)),
 ]
 CanManageGrants = Annotated[uuid.UUID, org_relation(Relation.owner, scopes=["orgs:write"])]
 CanReadUsers = Annotated[uuid.UUID, org_relation(Relation.viewer, scopes=["users:read"])]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from ..db import SessionDep
 from ..domain import ORG
@@ -13,8 +15,8 @@ from ..security.events import security_event
 from ..security.principal import CurrentPrincipal
 from ..security.ratelimit import limit
 from ..tables import Permission, Relation
-from .deps import CanCreateOrg, CanManageGrants, ReadableOrg, as_utc
-from .schemas import GrantOut, GrantPut, OrgCreate, OrgOut
+from .deps import CanCreateOrg, CanManageGrants, ReadableOrg, ReadableOrgs, as_utc
+from .schemas import GrantOut, GrantPut, OrgCreate, OrgOut, Page
 
 router = APIRouter(prefix="/orgs", tags=["orgs"])
 
@@ -123,3 +125,20 @@ async def _org(session: SessionDep, org_id: object) -> Org:
     if org is None:
         raise HTTPException(404)
     return org
+
+
+MAX_PAGE_SIZE = 100
+
+
+@router.get("")
+async def list_orgs(
+    orgs: ReadableOrgs,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> Page[OrgOut]:
+    """The orgs the caller may read: its grants and the orgs, filtered in one statement."""
+    statement = orgs.page(order_by=(Org.created_at, Org.id), limit=limit + 1, offset=offset)
+    rows = [] if statement is None else (await session.execute(statement)).all()
+    items = [OrgOut(id=row[0], name=row[1], created_at=as_utc(row[2])) for row in rows[:limit]]
+    return Page[OrgOut](items=items, next_offset=offset + limit if len(rows) > limit else None)

@@ -39,10 +39,10 @@ import inspect
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, HTTPException, Request
-from sqlalchemy import Select, String, bindparam, select
+from sqlalchemy import ColumnElement, Select, String, bindparam, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -167,9 +167,22 @@ def require_relation(
     def query() -> Select[Any]:
         return _holds_query(resource_type, relation)
 
+    action = action_of(scopes)
+
     async def check_relation(principal: Principal, request: Request, **path: Any) -> Any:
         object_id = path[param]
-        reads = runtime_of(request).statements
+        runtime = runtime_of(request)
+        reads = runtime.statements
+        if runtime.authorizer is not None:  # authz_engine=cerbos: the PDP decides
+            rows = await reads.fetch(
+                reads.query(("relation", resource_type), lambda: _relation_query(resource_type)),
+                subject=principal.subject,
+                resource_id=str(object_id),
+            )
+            held: Attributes = {"relation": rows[0][0] if rows else ""}
+            if not await runtime.authorizer.decide(principal, action, resource_type, str(object_id), held):
+                raise deny(principal, resource_type, object_id, relation)
+            return object_id
         if not await reads.fetch(reads.query(key, query), subject=principal.subject, resource_id=str(object_id)):
             raise deny(principal, resource_type, object_id, relation)
         return object_id
@@ -198,9 +211,25 @@ def read_with_relation(
     def query() -> Select[Any]:
         return _read_query(resource_type, relation, columns)
 
+    action = action_of(scopes)
+
     async def check_and_read(principal: Principal, request: Request, **path: Any) -> T:
         object_id = path[param]
-        reads = runtime_of(request).statements
+        runtime = runtime_of(request)
+        reads = runtime.statements
+        if runtime.authorizer is not None:  # authz_engine=cerbos: the relation read with the object, the PDP decides
+            rows = await reads.fetch(
+                reads.query(("relation_read", resource_type), lambda: _relation_read_query(resource_type, columns)),
+                subject=principal.subject,
+                resource_id=str(object_id),
+                object_id=object_id,
+            )
+            held: Attributes = {"relation": rows[0][0] if rows else ""}
+            if not await runtime.authorizer.decide(principal, action, resource_type, str(object_id), held):
+                raise deny(principal, resource_type, object_id, relation)
+            if not rows or rows[0][1] is None:  # no grant to read through, or one that outlived its object
+                raise HTTPException(404)
+            return into(*rows[0][1:])
         rows = await reads.fetch(
             reads.query(key, query), subject=principal.subject, resource_id=str(object_id), object_id=object_id
         )
@@ -218,8 +247,145 @@ def no_object_policy(*, scopes: Sequence[str]) -> Any:
     """Declares a route that acts on no existing object (e.g. creating one): only `scopes` are
     required. Gives the route the caller's principal."""
     scoped = require_scopes(*scopes)
+    action = action_of(scopes)
 
-    async def no_object(principal: Annotated[Principal, scoped]) -> Principal:
+    async def no_object(principal: Annotated[Principal, scoped], request: Request) -> Principal:
+        authorizer = runtime_of(request).authorizer
+        attributes: Attributes = {"scopes": sorted(scopes)}
+        if authorizer is not None and not await authorizer.decide(principal, action, SERVICE, SERVICE, attributes):
+            security_event("object_denied", subject=principal.subject, resource_type=SERVICE, action=action)
+            raise HTTPException(403)
         return principal
 
     return Depends(declare(no_object, ObjectRule(None, None)))
+
+
+# --- The decision asked of a policy engine (authz_engine=cerbos) --------------------------------
+#
+# With an engine (`Runtime.authorizer`, set by the `cerbos` option), the declarations above keep
+# their words and their order (the scopes in-process first: a ceiling no policy can raise), and
+# the decision moves: the permissions table still says which relation the caller holds, read in
+# the same statement as before, and the engine decides with it. The action is the scope the route
+# declares (`users:read`), the resource is the object's type and id with the relation as an
+# attribute; a route on no existing object asks about the `service` resource.
+
+SERVICE = "service"
+Attributes = dict[str, str | list[str]]
+
+
+def action_of(scopes: Sequence[str]) -> str:
+    """The action a route asks an engine about: the scope it declares (several joined by `+`)."""
+    return "+".join(sorted(scopes))
+
+
+class DecisionUnavailable(HTTPException):
+    """The engine did not answer (down, or slower than its timeout): 503, never an allow."""
+
+    problem_name = "dependency-unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(503, headers={"Retry-After": "1"})
+
+
+class PlanRefused(HTTPException):
+    """A list's query plan holds a condition this service cannot write as SQL: a refusal, never an
+    unfiltered list."""
+
+    problem_name = "plan-refused"
+
+    def __init__(self) -> None:
+        super().__init__(403)
+
+
+class Authorizer(Protocol):
+    """A policy engine that decides in place of the permissions table's relation check."""
+
+    async def decide(
+        self, principal: Principal, action: str, resource_type: str, resource_id: str, attributes: Attributes
+    ) -> bool:
+        """Whether `principal` may do `action` to the object whose `attributes` are given (its
+        `relation` held by the caller, or for `service` the route's `scopes`); raises DecisionUnavailable."""
+        ...
+
+    async def plan(self, principal: Principal, action: str, resource_type: str) -> ColumnElement[bool] | None:
+        """The SQL condition on the caller's grants (the permissions table's `relation`) under
+        which the objects of `resource_type` are allowed; None when none is. Raises
+        DecisionUnavailable, or PlanRefused for a plan it cannot translate."""
+        ...
+
+    async def ready(self) -> bool:
+        """Whether the engine answers now (readiness)."""
+        ...
+
+
+def _relation_query(resource_type: str) -> Select[Any]:
+    """The relation the subject holds on one object, whatever it is."""
+    return select(Permission.relation).where(
+        Permission.subject == bindparam("subject", None, type_=String),
+        Permission.resource_type == resource_type,
+        Permission.resource_id == bindparam("resource_id", None, type_=String),
+    )
+
+
+def _relation_read_query(resource_type: str, columns: Sequence[InstrumentedAttribute[Any]]) -> Select[Any]:
+    """The subject's relation and the object it names, in one statement (as `_read_query`)."""
+    id_column = columns[0]
+    return (
+        select(Permission.relation, *columns)
+        .select_from(Permission)
+        .outerjoin(id_column.class_, id_column == bindparam("object_id", None, type_=id_column.type))
+        .where(
+            Permission.subject == bindparam("subject", None, type_=String),
+            Permission.resource_type == resource_type,
+            Permission.resource_id == bindparam("resource_id", None, type_=String),
+        )
+    )
+
+
+# --- Lists: the objects the caller may see, filtered in the statement that reads them ----------
+
+
+def _same_id(id_column: InstrumentedAttribute[Any]) -> ColumnElement[bool]:
+    """The grant names the object: the permissions table keeps ids as text (a UUID with its dashes),
+    which SQLite stores as 32 hex digits and PostgreSQL as `uuid`; compared as text without dashes."""
+    return func.replace(Permission.resource_id, "-", "") == func.replace(cast(id_column, String), "-", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """The statement a list route reads with: the objects of one type the caller holds a grant
+    on, and (table) holds at least the declared relation, or (engine) the engine's plan allows."""
+
+    statement: Select[Any] | None  # None: the policy allows none of them
+
+    def page(self, *, order_by: Sequence[Any], limit: int, offset: int) -> Select[Any] | None:
+        return None if self.statement is None else self.statement.order_by(*order_by).limit(limit).offset(offset)
+
+
+def list_with_relation(
+    resource_type: str, relation: Relation, *, scopes: Sequence[str], columns: Sequence[InstrumentedAttribute[Any]]
+) -> Any:
+    """A list route: the token carries `scopes`, and the route gets a `Listing` of the objects
+    (`columns`, id first) on which the caller holds `relation` or higher; with an engine, those its
+    query plan (`PlanResources`) allows, the plan written as SQL in the same statement, or a
+    refusal (PlanRefused) when it cannot be, never an unfiltered list."""
+    scoped = require_scopes(*scopes)
+    action = action_of(scopes)
+    id_column = columns[0]
+
+    async def listing(principal: Annotated[Principal, scoped], request: Request) -> Listing:
+        authorizer = runtime_of(request).authorizer
+        allowed: ColumnElement[bool] | None = Permission.relation.in_([held.value for held in relation.at_least()])
+        if authorizer is not None:
+            allowed = await authorizer.plan(principal, action, resource_type)
+        if allowed is None:
+            return Listing(None)
+        statement = (
+            select(*columns)
+            .select_from(Permission)
+            .join(id_column.class_, _same_id(id_column))
+            .where(Permission.subject == principal.subject, Permission.resource_type == resource_type, allowed)
+        )
+        return Listing(statement)
+
+    return Depends(declare(listing, ObjectRule(resource_type, relation)))
