@@ -26,7 +26,7 @@ from {{ cookiecutter.package_name }}.security.keys import DISCOVERY_PATH
 from .certificates import make_ca, server_certificate
 from .conftest import DATABASE, ServiceFactory, TokenFactory, bearer, owner_url, running
 from .jwks_server import JwksServer, public_jwk
-from .servers import LOOPBACK
+from .servers import LOOPBACK, ServiceProcess
 
 PROTECTED = "/api/v1/orgs"
 
@@ -253,11 +253,11 @@ def log_lines(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def service(start_service: ServiceFactory) -> Any:
+def service(start_service: ServiceFactory) -> ServiceProcess:
     return start_service(serve=True, ALLOWED_ORIGINS="https://app.example.com", TRUSTED_HOSTS="127.0.0.1")
 
 
-def test_trace_is_refused_and_echoes_nothing(service: Any, make_token: TokenFactory) -> None:
+def test_trace_is_refused_and_echoes_nothing(service: ServiceProcess, make_token: TokenFactory) -> None:
     token = make_token()
     for path in ("/api/v1/orgs", "/health/live", "/docs", "/"):
         answer = exchange(
@@ -271,7 +271,7 @@ def test_trace_is_refused_and_echoes_nothing(service: Any, make_token: TokenFact
 
 
 def test_transfer_encoding_with_content_length_is_refused_or_reframed_never_smuggled(
-    service: Any, make_token: TokenFactory
+    service: ServiceProcess, make_token: TokenFactory
 ) -> None:
     """RFC 9112 §6.3: with both, Transfer-Encoding wins and the connection closes after the
     response, or the request is refused. After the chunked body's end come the bytes of a second
@@ -302,13 +302,11 @@ def test_transfer_encoding_with_content_length_is_refused_or_reframed_never_smug
 INJECTED = '"}, {"event": "forged", "x": "\\\\"'
 
 
-def test_quotes_and_backslashes_in_origin_and_host_stay_inside_one_json_line(service: Any) -> None:
+def test_quotes_and_backslashes_in_origin_and_host_stay_inside_one_json_line(service: ServiceProcess) -> None:
     origin = "https://evil.example/" + INJECTED
     host = "evil.example" + INJECTED.replace(" ", "")
-    for header in (f"Origin: {origin}\r\nAccess-Control-Request-Method: POST", f"X-Ignored: 1\r\nHost: {host}"):
-        request = f"OPTIONS /api/v1/orgs HTTP/1.1\r\nHost: 127.0.0.1\r\n{header}\r\nConnection: close\r\n\r\n"
-        if "Host: evil" in header:
-            request = request.replace("Host: 127.0.0.1\r\n", "", 1)
+    for head in (f"Host: 127.0.0.1\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST", f"Host: {host}"):
+        request = f"OPTIONS /api/v1/orgs HTTP/1.1\r\n{head}\r\nConnection: close\r\n\r\n"
         answer = exchange(service.port, request.encode("latin-1"))
         assert statuses(answer)[0] in (400, 403), answer[:300]
     lines = log_lines(service.log_path)
@@ -318,7 +316,7 @@ def test_quotes_and_backslashes_in_origin_and_host_stay_inside_one_json_line(ser
     assert refused["host_refused"]["host"] == host
 
 
-def test_cr_and_lf_in_a_header_never_reach_the_log(service: Any) -> None:
+def test_cr_and_lf_in_a_header_never_reach_the_log(service: ServiceProcess) -> None:
     """uvicorn refuses a header value with a bare CR or LF before the app sees it; a header split
     by them is two headers, neither of which forges a log line."""
     for raw in (
