@@ -39,6 +39,7 @@ class JwksServer:
     def __init__(self) -> None:
         self.document: Any = {"keys": []}
         self.documents: dict[str, Any] = {}
+        self.redirects: dict[str, str] = {}  # path -> the Location of a 302 answered there
         self.status = 200
         self.scheme = "http"
         self.requests: Counter[str] = Counter()
@@ -66,6 +67,12 @@ class JwksServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 owner.requests[self.path] += 1
+                if self.path in owner.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", owner.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = json.dumps(owner.documents.get(self.path, owner.document)).encode()
                 self.send_response(owner.status)
                 self.send_header("Content-Type", "application/json")

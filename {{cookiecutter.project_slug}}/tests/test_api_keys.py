@@ -177,6 +177,27 @@ async def test_a_key_sent_twice_is_refused(http: httpx.AsyncClient, key_app: Fas
     assert_refused(await http.get(ORGS + "/x", headers=headers))
 
 
+async def test_a_key_in_the_query_string_or_a_cookie_is_not_a_credential(
+    http: httpx.AsyncClient, key_app: FastAPI, make_token: TokenFactory
+) -> None:
+    """Only the two headers carry a key: a query string lands in access logs, proxies' logs and
+    browser history, and a cookie is sent by any page the partner's browser opens."""
+    issued = await issue(key_app)
+    org_id = await org_readable_by(http, make_token, f"apikey:{issued.info.id}")
+    assert (await http.get(f"{ORGS}/{org_id}", headers=api_key(issued.key))).status_code == 200
+    for params, cookie in (
+        ({"api_key": issued.key}, None),
+        ({"apikey": issued.key}, None),
+        ({"x-api-key": issued.key}, None),
+        ({}, f"api_key={issued.key}"),
+        ({}, f"X-API-Key={issued.key}"),
+    ):
+        headers = {"Cookie": cookie} if cookie else {}
+        response = await http.get(f"{ORGS}/{org_id}", params=params, headers=headers)
+        assert response.status_code == 401, (params, cookie)
+        assert response.headers["content-type"].startswith("application/problem+json")
+
+
 async def test_a_refused_key_is_not_passed_over_for_a_valid_token(
     http: httpx.AsyncClient, make_token: TokenFactory
 ) -> None:

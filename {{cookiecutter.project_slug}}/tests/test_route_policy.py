@@ -20,6 +20,7 @@ from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import Settings
 from {{ cookiecutter.package_name }}.security.authz import RULE_ATTRIBUTE, ObjectRule, no_object_policy, require_scopes
 from {{ cookiecutter.package_name }}.security.route_policy import (
+    DOCS_ROUTES,
     OUTSIDE_API,
     PUBLIC_ROUTES,
     UnguardedRoutes,
@@ -134,16 +135,16 @@ def test_a_route_outside_api_fails_the_walk_even_with_a_policy(settings: Setting
 
 def test_only_the_health_probes_and_the_docs_are_public(app: FastAPI) -> None:
     served = {path for path, _methods, _route, _dependant in _flat_routes(app.routes)}
-    assert served & PUBLIC_ROUTES == {"/health/live", "/health/ready"} | (
-        {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"} if app.docs_url else set()
-    )
+    assert served & PUBLIC_ROUTES == {"/health/live", "/health/ready"} | (DOCS_ROUTES if app.openapi_url else set())
     assert {
         "/health/live",
         "/health/ready",
         "/openapi.json",
         "/docs",
-        "/docs/oauth2-redirect",
-        "/redoc",
+        "/docs/swagger-initializer.js",
+        "/docs/swagger-ui-bundle.js",
+        "/docs/swagger-ui.css",
+        "/docs/favicon-32x32.png",
     } == PUBLIC_ROUTES
     assert all(policy.route.split(" ")[-1] not in PUBLIC_ROUTES for policy in route_policies(app.routes))
 

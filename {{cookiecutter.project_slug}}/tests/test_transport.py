@@ -179,23 +179,28 @@ async def test_server_banners_are_removed_and_cache_control_forced(client: httpx
     assert_security_headers(response)
 
 
-async def test_docs_pages_get_a_relaxed_csp_and_everything_else_the_strict_one(client: httpx.AsyncClient) -> None:
+async def test_docs_page_gets_its_own_origin_csp_and_everything_else_the_strict_one(client: httpx.AsyncClient) -> None:
     docs = await client.get("/docs")
     assert docs.status_code == 200
     csp = docs.headers["content-security-policy"]
-    assert "script-src 'self' https://cdn.jsdelivr.net" in csp
+    assert "script-src 'self';" in csp
+    assert "style-src 'self';" in csp
+    assert "unsafe-inline" not in csp and "https:" not in csp
     assert "frame-ancestors 'none'" in csp
-    assert docs.headers["cross-origin-embedder-policy"] == "unsafe-none"
+    assert docs.headers["cross-origin-embedder-policy"] == "require-corp"
     assert docs.headers["x-frame-options"] == "DENY"
-    schema = await client.get("/openapi.json")
-    assert_security_headers(schema)
+    for path in ("/openapi.json", "/docs/swagger-ui-bundle.js", "/docs/swagger-initializer.js"):
+        response = await client.get(path)
+        assert response.status_code == 200, path
+        assert_security_headers(response)
 
 
 async def test_docs_paths_keep_the_strict_csp_when_docs_are_disabled(settings_for: Callable[..., Settings]) -> None:
     async with running(create_app(settings_for(docs_enabled=False))) as http:
-        response = await http.get("/docs")
-    assert_problem(response, 404)
-    assert_security_headers(response)
+        for path in ("/docs", "/docs/swagger-ui-bundle.js", "/docs/swagger-initializer.js", "/openapi.json"):
+            response = await http.get(path)
+            assert_problem(response, 404)
+            assert_security_headers(response)
 
 
 # --- CORS ------------------------------------------------------------------------------------

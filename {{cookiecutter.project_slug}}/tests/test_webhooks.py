@@ -313,6 +313,24 @@ async def test_malformed_headers_are_refused_with_a_401_problem(
     assert [refusal["reason"] for refusal in refusals(audit_events)] == [reason], case
 
 
+async def test_cr_lf_and_quotes_in_the_webhook_id_stay_inside_one_json_line(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The id is the partner's text: refused as malformed, it is never logged raw, and every log
+    line the service's own formatter writes is still one JSON object (a proxy may pass CR and LF)."""
+    forged = 'msg_1\r\n{"event": "forged", "webhook_id": "x"}\n"'
+    content = body()
+    async with running(create_app(settings)) as http:
+        capsys.readouterr()
+        headers = {**signed(content), "webhook-id": forged}
+        assert_401_problem(await http.post(URL, content=content, headers=headers))
+        written = capsys.readouterr().out
+    lines = [json.loads(line) for line in written.split("\n") if line.strip()]
+    refused = [line for line in lines if line.get("event") == "webhook_refused"]
+    assert [line["reason"] for line in refused] == ["malformed_id"]
+    assert not any(line.get("event") == "forged" or "forged" in str(line.get("webhook_id")) for line in lines)
+
+
 async def test_an_oversized_body_is_refused_413_before_it_is_read_whole(
     client: httpx.AsyncClient, audit_events: list[logging.LogRecord]
 ) -> None:

@@ -13,6 +13,7 @@ from . import api, health
 from . import extensions as options
 from .api import legacy
 from .config import SERVICE_NAME, Settings, tracing_requested
+from .docs_page import add_docs_page
 from .openapi import problem_openapi
 from .pipeline import security_pipeline
 from .resources import attach
@@ -47,8 +48,9 @@ def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter 
         title=SERVICE_NAME,
         pipeline=security_pipeline(runtime),
         lifespan=deny_by_default(runtime),
-        docs_url="/docs" if docs else None,
-        redoc_url="/redoc" if docs else None,
+        # FastAPI's own pages load Swagger UI and ReDoc from a CDN: docs_page.py serves /docs instead.
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
         # FastAPI's own OpenTelemetry (recent versions) would start its server span before the
         # audit layer has decided the trace id; telemetry.py makes it inside, with that trace id.
@@ -64,6 +66,8 @@ def create_app(settings: Settings | None = None, *, span_exporter: SpanExporter 
         for router in extension.routers:
             app.include_router(router)
     problem_openapi(app)
+    if docs:
+        add_docs_page(app)
     refuse_unguarded_routes(app.routes)  # and again at start, on the final route table
     return app
 

@@ -30,9 +30,18 @@ _iter_route_contexts = getattr(fastapi.routing, "iter_route_contexts", None)
 # credential) and the API documentation (DOCS_ENABLED; off in production). Nothing else: a route
 # of your own that must be public belongs here, with the reason, in your copy (README
 # "Authorization"). The credential options' routes are under /api/ and declare policies too.
-PUBLIC_ROUTES = frozenset(
-    {"/health/live", "/health/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+# The API page and the files it loads (docs_page.py), all from the service itself.
+DOCS_ROUTES = frozenset(
+    {
+        "/openapi.json",
+        "/docs",
+        "/docs/swagger-initializer.js",
+        "/docs/swagger-ui-bundle.js",
+        "/docs/swagger-ui.css",
+        "/docs/favicon-32x32.png",
+    }
 )
+PUBLIC_ROUTES = frozenset({"/health/live", "/health/ready"}) | DOCS_ROUTES
 OUTSIDE_API = "is outside /api/, where no caller is authenticated, and not on the public list (PUBLIC_ROUTES)"
 
 

@@ -21,13 +21,14 @@ from .principal import app_path
 
 # A JSON API loads nothing, is framed by nobody and is the target of no form: `'none'` everywhere.
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-# Swagger UI and ReDoc load their bundle from jsDelivr and run one inline bootstrap script.
+# The API page (docs_page.py) loads Swagger UI's script, stylesheet and initializer from the service
+# itself, its icons are data: URLs in the stylesheet, and it fetches /openapi.json (and, on "Try it
+# out", the API): its own origin only, nothing inline.
 DOCS_CSP = (
-    "default-src 'none'; script-src 'self' https://cdn.jsdelivr.net 'unsafe-inline'; "
-    "style-src 'self' https://cdn.jsdelivr.net 'unsafe-inline'; img-src 'self' data: https://fastapi.tiangolo.com; "
-    "connect-src 'self'; worker-src blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
-DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
+DOCS_PATHS = frozenset({"/docs"})
 HSTS = "max-age=63072000; includeSubDomains"  # two years; `preload` is a decision for the domain owner
 PERMISSIONS_POLICY = (
     "accelerometer=(), autoplay=(), camera=(), display-capture=(), fullscreen=(), geolocation=(), "
@@ -61,9 +62,9 @@ class SecurityHeaders:
         self.api_headers = _encoded(
             {**common, "Cross-Origin-Embedder-Policy": "require-corp", "Content-Security-Policy": API_CSP}
         )
-        # The docs pages embed a bundle from a CDN, which require-corp would block.
+        # The API page loads only from its own origin, which require-corp admits.
         self.docs_headers = _encoded(
-            {**common, "Cross-Origin-Embedder-Policy": "unsafe-none", "Content-Security-Policy": DOCS_CSP}
+            {**common, "Cross-Origin-Embedder-Policy": "require-corp", "Content-Security-Policy": DOCS_CSP}
         )
         self.replaced = frozenset({name for name, _ in self.api_headers} | set(_BANNERS))
 
