@@ -74,9 +74,7 @@ def fleet(
             replica.stop()
 
 
-async def test_a_proof_accepted_by_one_replica_is_refused_by_the_other(
-    fleet: Fleet, make_token: TokenFactory
-) -> None:
+async def test_a_proof_accepted_by_one_replica_is_refused_by_the_other(fleet: Fleet, make_token: TokenFactory) -> None:
     key = ECKey.generate_key("P-256")
     token = make_token(cnf={"jkt": key.thumbprint()})
     first, second = (fleet.client(f"http://{LOOPBACK}:{replica.port}") for replica in fleet.replicas)
