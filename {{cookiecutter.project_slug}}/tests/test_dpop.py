@@ -8,6 +8,7 @@ tests/test_dpop_fleet.py.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import json
@@ -16,17 +17,21 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import httpx
 import pytest
-from fastapi import Depends
+from fastapi import Depends, FastAPI
 from joserfc import jws
 from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
 from joserfc.registry import HeaderParameter
 
-from secure_api.app import create_app
-from secure_api.config import Settings
-from secure_api.security.authz import no_object_policy
-from secure_api.security.binding import require_sender_constrained
+from {{ cookiecutter.package_name }}.app import create_app
+from {{ cookiecutter.package_name }}.config import Settings
+from {{ cookiecutter.package_name }}.scan import sender_constraint
+from {{ cookiecutter.package_name }}.scan.probe import Probe, Scan
+from {{ cookiecutter.package_name }}.scan.report import CheckResult, Status
+from {{ cookiecutter.package_name }}.security.authz import no_object_policy
+from {{ cookiecutter.package_name }}.security.binding import require_sender_constrained
 
 from .conftest import TokenFactory, bearer, running
 
@@ -360,3 +365,52 @@ async def test_a_replayed_proof_is_refused_without_redis(
         headers = dpop(bound_token, proof(key, bound_token))
         assert (await client.post(PROTECTED, json=ORG, headers=headers)).status_code == 201
         assert_proof_refused(await client.post(PROTECTED, json=ORG, headers=headers))
+
+
+# --- The self-scan check ----------------------------------------------------------------------
+
+
+class ThreadBridge(httpx.BaseTransport):
+    """The scan's synchronous client, run in a worker thread, speaking to the app on the test's loop."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.inner = httpx.ASGITransport(app=app, client=("203.0.113.9", 4711))
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        async def send() -> httpx.Response:
+            response = await self.inner.handle_async_request(request)
+            content = await response.aread()
+            return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+        return anyio.from_thread.run(send)
+
+
+async def sender_constraint_scan(app: FastAPI, token: str, plain_token: str | None) -> CheckResult:
+    async with running(app):
+        probe = Probe("http://localhost", max_requests=10, max_seconds=30, transport=ThreadBridge(app))
+        scan = Scan(probe=probe, token=token, arguments=argparse.Namespace(plain_token=plain_token))
+        try:
+            return await anyio.to_thread.run_sync(sender_constraint.check, scan)
+        finally:
+            probe.close()
+
+
+async def test_the_scan_passes_where_plain_bearer_tokens_are_refused(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    app = create_app(settings_for(require_sender_constrained_tokens=True))
+    result = await sender_constraint_scan(app, make_token(), make_token())
+    assert result.status is Status.PASS, result
+
+
+async def test_the_scan_fails_where_plain_bearer_tokens_are_served(
+    settings: Settings, make_token: TokenFactory
+) -> None:
+    result = await sender_constraint_scan(create_app(settings), make_token(), make_token())
+    assert result.status is Status.FAIL
+    assert "a plain bearer token was answered 403, not 401" in result.reason  # served: not a member
+
+
+async def test_the_scan_skips_without_a_plain_token(settings: Settings, make_token: TokenFactory) -> None:
+    result = await sender_constraint_scan(create_app(settings), make_token(), None)
+    assert result.status is Status.SKIP
