@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -23,10 +25,11 @@ from typing import Any
 import httpx
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from redis import Redis
 
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, SERVICE_NAME
+from {{ cookiecutter.package_name }}.security.dpop import thumbprint
 from tests.servers import LOOPBACK, create_database_roles, find_postgres_bin_dir, start_postgres, start_redis
 
 from . import lookup, machine, report
@@ -72,10 +75,26 @@ def key_pair() -> tuple[rsa.RSAPrivateKey, str]:
     return private, public.decode()
 
 
-def owner_token(private: rsa.RSAPrivateKey) -> str:
+def owner_token(private: rsa.RSAPrivateKey, **more: Any) -> str:
     now = int(time.time())
     claims = {"iss": ISSUER, "aud": SERVICE_NAME, "sub": SUBJECT, "scope": SCOPES, "iat": now, "exp": now + 3000}
-    return jwt.encode({**claims, "jti": uuid.uuid4().hex}, private, algorithm="RS256")
+    return jwt.encode({**claims, "jti": uuid.uuid4().hex, **more}, private, algorithm="RS256")
+
+
+def dpop_target(private: rsa.RSAPrivateKey, url: str, path: str) -> Target:
+    """(c) as a DPoP request: the owner's token bound to an ES256 key, a fresh proof per request."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = jwt.algorithms.ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    token = owner_token(private, cnf={"jkt": thumbprint(jwk)})
+    ath = base64.urlsafe_b64encode(hashlib.sha256(token.encode()).digest()).rstrip(b"=").decode()
+    header = {"typ": "dpop+jwt", "jwk": jwk}
+
+    def proofs(count: int) -> list[str]:
+        now = int(time.time())
+        claims = {"htm": "GET", "htu": url + path, "iat": now, "ath": ath}
+        return [jwt.encode({**claims, "jti": uuid.uuid4().hex}, key, "ES256", headers=header) for _ in range(count)]
+
+    return Target("GET", path, token, proofs=proofs)
 
 
 class Bench:
@@ -220,6 +239,7 @@ def main() -> int:
         created.raise_for_status()
         org = f"/api/v1/orgs/{created.json()['id']}"
         get_org = Target("GET", org, token)
+        with_dpop = dpop_target(private, main_service.base_url, org)
         scenarios = {
             "a": ("bare endpoint, no pipeline", main_service, Target("GET", BARE_PATH)),
             "b": ("GET /health/live, pipeline", main_service, Target("GET", "/health/live")),
@@ -230,8 +250,9 @@ def main() -> int:
                 Target("POST", f"{org}/users", token, unique_emails=True),
             ),
             "e": ("(c) with slowapi as the limiter", services["slowapi"], get_org),
+            "f": ("(c) with a DPoP-bound token and proof", main_service, with_dpop),
         }
-        print("bench: scenarios a-e")
+        print("bench: scenarios a-f")
         plan = [(key, service, target) for key, (_, service, target) in scenarios.items()]
         runs = bench.measure(plan, args.duration, args.repeat)
         results["scenarios"] = {
