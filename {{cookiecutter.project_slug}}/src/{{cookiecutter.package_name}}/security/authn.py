@@ -552,11 +552,13 @@ class Authenticate:
         try:
             return await verifying
         except InvalidCredentials as exc:
+            # The scheme's challenge (DPoP's with its `algs`), then the error: `Bearer error="..."`,
+            # `DPoP algs="ES256 ...", error="..."`. A bound token refused as Bearer names DPoP.
             scheme = exc.scheme or challenge
-            return_challenge = self._challenge.get(scheme, scheme)
-            separator = ", " if return_challenge != scheme else " "
+            full = self._challenge.get(scheme, scheme)
+            separator = ", " if full != scheme else " "
             raise _Refused(
-                f'{return_challenge}{separator}error="{exc.error}"',
+                f'{full}{separator}error="{exc.error}"',
                 exc.reason,
                 detail=PROOF_DETAIL if isinstance(exc, InvalidProof) else "The credential is not valid.",
                 name="invalid-token",
