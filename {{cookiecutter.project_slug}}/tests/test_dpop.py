@@ -12,6 +12,7 @@ import argparse
 import base64
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -146,6 +147,20 @@ async def test_a_replayed_proof_is_refused_once_the_token_is_known(
     headers = dpop(bound_token, proof(key, bound_token))
     assert (await client.post(PROTECTED, json=ORG, headers=headers)).status_code == 201
     assert_proof_refused(await client.post(PROTECTED, json=ORG, headers=headers))
+
+
+async def test_a_refusal_logs_its_reason_never_the_proof_or_the_token(
+    client: httpx.AsyncClient, bound_token: str, key: ECKey, audit_events: list[logging.LogRecord]
+) -> None:
+    value = proof(key, bound_token)
+    assert (await client.post(PROTECTED, json=ORG, headers=dpop(bound_token, value))).status_code == 201
+    replayed = await client.post(PROTECTED, json=ORG, headers=dpop(bound_token, value))
+    assert_proof_refused(replayed)
+    failures = [record for record in audit_events if record.getMessage() == "authentication_failed"]
+    assert [(record.reason, record.credential) for record in failures] == [("proof_replayed", "DPoP")]  # type: ignore[attr-defined]
+    assert set(replayed.json()) == {"type", "title", "status", "detail", "trace_id"}
+    for secret in (value, bound_token, value.split(".")[1]):
+        assert all(secret not in str(record.__dict__) for record in audit_events)
 
 
 async def test_a_bound_token_without_a_proof_is_refused(client: httpx.AsyncClient, bound_token: str) -> None:
