@@ -253,7 +253,7 @@ class ProofVerifier:
         self.forwarded_header = settings.forwarded_header
         secret = settings.dpop_nonce_secret
         self.nonces = Nonces(secret.get_secret_value().encode(), self.max_age) if secret is not None else None
-        self._keys: OrderedDict[str, PyJWK] = OrderedDict()  # parsed public keys, by their JSON
+        self._keys: OrderedDict[str, tuple[PyJWK, str]] = OrderedDict()
 
     @property
     def window_ms(self) -> int:
@@ -278,7 +278,7 @@ class ProofVerifier:
             raise InvalidProof("no_public_key")
         if PRIVATE_MEMBERS.intersection(jwk):
             raise InvalidProof("private_key_in_proof")
-        key = self._key(jwk, alg)
+        key, key_thumbprint = self._key(jwk, alg)
         # The signature over the two segments as sent, by the algorithm the key was parsed for (no
         # second parse of the header and payload, as PyJWS.decode would do).
         try:
@@ -289,25 +289,26 @@ class ProofVerifier:
             raise InvalidProof("bad_signature")
         claims = _json_object(parts[1])
         self._claims(scope, claims, token)
-        if not hmac.compare_digest(thumbprint(jwk), jkt):
+        if not hmac.compare_digest(key_thumbprint, jkt):
             raise InvalidProof("key_not_bound_to_token")
         return Proof(jkt, claims["jti"])
 
-    def _key(self, jwk: dict[str, Any], alg: str) -> PyJWK:
-        # A client signs with one key for many requests: its parsed form is kept (bounded).
+    def _key(self, jwk: dict[str, Any], alg: str) -> tuple[PyJWK, str]:
+        """The parsed key and its RFC 7638 thumbprint. A client signs with one key for many
+        requests: both are kept (bounded), by the key's JSON as sent."""
         name = json.dumps(jwk, sort_keys=True) + alg
-        key = self._keys.get(name)
-        if key is not None:
+        known = self._keys.get(name)
+        if known is not None:
             self._keys.move_to_end(name)
-            return key
+            return known
         try:
             key = PyJWK(jwk, algorithm=alg)
         except (jwt.PyJWTError, ValueError, TypeError, KeyError):
             raise InvalidProof("unusable_key") from None
-        self._keys[name] = key
+        known = self._keys[name] = (key, thumbprint(jwk))
         if len(self._keys) > KEY_CACHE_SIZE:
             self._keys.popitem(last=False)
-        return key
+        return known
 
     def _claims(self, scope: Scope, claims: dict[str, Any], token: bytes) -> None:
         jti, htm, htu, iat = claims.get("jti"), claims.get("htm"), claims.get("htu"), claims.get("iat")
