@@ -52,6 +52,10 @@ STARTUP_SECONDS = 30.0
 LOG_WAIT_SECONDS = 3.0
 REQUEST_TIMEOUT_SECONDS = 10.0
 TOKENS = {"ALICE": ("alice", "orgs:read orgs:write"), "BOB": ("bob", "orgs:read")}
+# $STOLEN: carol's token, bound (cnf.jkt) to a DPoP key only her client holds: this thumbprint is
+# RFC 9449's example key's; the tour, like a thief, never has the private key.
+STOLEN = ("carol", "orgs:read orgs:write")
+STOLEN_JKT = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
 
 
 class TourError(Exception):
@@ -431,6 +435,12 @@ def tour_steps(service: Service, tokens: dict[str, str], org_id: str) -> list[St
             Request("POST", "/api/v1/orgs", token="TAMPERED", json_body={"name": "bobco"}),
         ),
         Step(
+            "4 authentication",
+            "stolen DPoP-bound token",
+            401,
+            Request("POST", "/api/v1/orgs", token="STOLEN", json_body={"name": "bobco"}, note="without its key"),
+        ),
+        Step(
             "6 validation",
             "unknown body field",
             400,
@@ -464,8 +474,10 @@ def tour_steps(service: Service, tokens: dict[str, str], org_id: str) -> list[St
 
 
 def mint_tokens(service: Service) -> dict[str, str]:
-    minted = run(*(service.cli("token", "mint", "--sub", sub, "--scope", scope) for sub, scope in TOKENS.values()))
-    tokens = {name: token.strip() for name, token in zip(TOKENS, minted, strict=True)}
+    jobs = [service.cli("token", "mint", "--sub", sub, "--scope", scope) for sub, scope in TOKENS.values()]
+    stolen = service.cli("token", "mint", "--sub", STOLEN[0], "--scope", STOLEN[1], "--jkt", STOLEN_JKT)
+    minted = run(*jobs, stolen)
+    tokens = {name: token.strip() for name, token in zip([*TOKENS, "STOLEN"], minted, strict=True)}
     tokens["TAMPERED"] = tampered(tokens["BOB"], scope="orgs:read orgs:write")
     return tokens
 
@@ -544,7 +556,8 @@ def print_header(print: Transcript, service: Service, limiter: str, org_id: str)
                ALLOWED_ORIGINS={ALLOWED_ORIGIN}, TRUSTED_PROXIES={PROXY} (the tour is the proxy of {PROXIED_CLIENT})
   tokens       from `{service.slug} token mint`: $ALICE sub={alice} scope="{alice_scope}",
                $BOB sub={bob} scope="{bob_scope}", and $TAMPERED: $BOB's token with its payload
-               edited to scope="orgs:read orgs:write", its signature kept
+               edited to scope="orgs:read orgs:write", its signature kept; $STOLEN: sub={STOLEN[0]}'s
+               token bound to her client's DPoP key (`token mint --jkt`), which the tour does not hold
   setup        $ALICE created org {org_id} (she owns it; {bob} holds no grant on it)
 
 Each request, the status and problem title it got, and the JSON line the service logged for it (same trace id):

@@ -32,13 +32,14 @@ EXPECTED = [
     ("address limit", 429),  # RATE_LIMIT_IP reached
     ("authentication", 401),  # no token
     ("authentication", 401),  # tampered token
+    ("authentication", 401),  # a stolen DPoP-bound token, without its key
     ("validation", 400),  # unknown body field
     ("authorization", 403),  # token without the scope
     ("authorization", 403),  # another subject's org
     ("authorization", 403),  # an org that does not exist
     ("business logic", 201),  # authorized create
 ]
-ANOTHER_SUBJECTS_ORG, NONEXISTENT_ORG = 8, 9
+ANOTHER_SUBJECTS_ORG, NONEXISTENT_ORG = 9, 10
 
 pytestmark = pytest.mark.parametrize("installed_project", ["default"], indirect=True)
 

@@ -33,7 +33,9 @@ AUDIENCE = VARIANT.slug
 SCOPES = "orgs:read orgs:write users:read users:write"
 ALLOWED_ORIGIN = "https://app.example.com"
 STARTUP_SECONDS = 30.0
-CHECK_NAMES = {"headers", "cors", "authn", "bola", "errors", "health", "ratelimit"}
+CHECK_NAMES = {"headers", "cors", "authn", "sender-constraint", "bola", "errors", "health", "ratelimit"}
+# Skipped unless asked: a deployment that serves plain bearer tokens by choice passes.
+OPT_IN = {"sender-constraint"}
 
 # The default variant only: it is installed once for this module and for
 # test_baked_service.py's default run alike (pytest groups tests by this parameter).
@@ -305,9 +307,10 @@ def test_scan_passes_every_check_against_a_correctly_configured_service(
 
     assert result.returncode == 0, report(result)
     assert set(checks) == CHECK_NAMES
-    assert {name: check["status"] for name, check in checks.items()} == dict.fromkeys(
-        CHECK_NAMES, "PASS"
-    ), report(result)
+    assert {name: check["status"] for name, check in checks.items()} == {
+        **dict.fromkeys(CHECK_NAMES - OPT_IN, "PASS"),
+        **dict.fromkeys(OPT_IN, "SKIP"),
+    }, report(result)
     assert checks["headers"]["details"]["lowest_score"] >= 100
     assert "429 with Retry-After" in checks["ratelimit"]["reason"]
     assert document["requests"] <= 400
@@ -322,9 +325,21 @@ def test_scan_prints_one_line_per_check(bench: Bench) -> None:
 
     assert result.returncode == 0, report(result)
     lines = result.stdout.splitlines()
-    for name in CHECK_NAMES - {"bola"}:
+    for name in CHECK_NAMES - {"bola"} - OPT_IN:
         assert sum(line.split()[:2] == ["PASS", name] for line in lines) == 1, lines
     assert ["SKIP", "bola"] in [line.split()[:2] for line in lines]
+
+
+def test_scan_checks_that_a_plain_bearer_token_is_refused_where_sender_constraint_is_required(
+    bench: Bench,
+) -> None:
+    with bench.serving(REQUIRE_SENDER_CONSTRAINED_TOKENS="true") as url:
+        _, required, _ = scan(bench, url, "--plain-token", bench.alice)
+    with bench.serving() as url:
+        _, served, _ = scan(bench, url, "--plain-token", bench.alice)
+    assert required["sender-constraint"]["status"] == "PASS", required["sender-constraint"]
+    assert served["sender-constraint"]["status"] == "FAIL"
+    assert "not 401" in str(served["sender-constraint"]["reason"])
 
 
 def test_scan_passes_against_production_with_docs_off_given_the_openapi_file(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -23,11 +25,12 @@ from typing import Any
 import httpx
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from redis import Redis
 
 from {{ cookiecutter.package_name }} import extensions
 from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, SERVICE_NAME
+from {{ cookiecutter.package_name }}.security.dpop import thumbprint
 from tests.servers import (
     LOOPBACK,
     CerbosServer,
@@ -46,7 +49,7 @@ ISSUER = "https://issuer.bench.local"
 SUBJECT = "bench-owner"
 SCOPES = "orgs:read orgs:write users:read users:write"
 HUGE_LIMIT = "1000000000/hour"  # never reached: the bench measures the checks, not the refusals
-# authz_engine=cerbos: a PDP decides layer 7, and (f) measures the same GET decided by the table.
+# authz_engine=cerbos: a PDP decides layer 7, and (g) measures the same GET decided by the table.
 CERBOS = "cerbos" in extensions.present()
 TABLE_ENGINE = "engine:table"
 LAYERS_OFF = ["SecurityHeaders", "ClientAddress", "AuditContext", "TrustedHosts", "StrictCors", "BodyLimit"]
@@ -83,10 +86,26 @@ def key_pair() -> tuple[rsa.RSAPrivateKey, str]:
     return private, public.decode()
 
 
-def owner_token(private: rsa.RSAPrivateKey) -> str:
+def owner_token(private: rsa.RSAPrivateKey, **more: Any) -> str:
     now = int(time.time())
     claims = {"iss": ISSUER, "aud": SERVICE_NAME, "sub": SUBJECT, "scope": SCOPES, "iat": now, "exp": now + 3000}
-    return jwt.encode({**claims, "jti": uuid.uuid4().hex}, private, algorithm="RS256")
+    return jwt.encode({**claims, "jti": uuid.uuid4().hex, **more}, private, algorithm="RS256")
+
+
+def dpop_target(private: rsa.RSAPrivateKey, url: str, path: str) -> Target:
+    """(c) as a DPoP request: the owner's token bound to an ES256 key, a fresh proof per request."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = jwt.algorithms.ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    token = owner_token(private, cnf={"jkt": thumbprint(jwk)})
+    ath = base64.urlsafe_b64encode(hashlib.sha256(token.encode()).digest()).rstrip(b"=").decode()
+    header = {"typ": "dpop+jwt", "jwk": jwk}
+
+    def proofs(count: int) -> list[str]:
+        now = int(time.time())
+        claims = {"htm": "GET", "htu": url + path, "iat": now, "ath": ath}
+        return [jwt.encode({**claims, "jti": uuid.uuid4().hex}, key, "ES256", headers=header) for _ in range(count)]
+
+    return Target("GET", path, token, proofs=proofs)
 
 
 class Bench:
@@ -252,6 +271,7 @@ def main() -> int:
         created.raise_for_status()
         org = f"/api/v1/orgs/{created.json()['id']}"
         get_org = Target("GET", org, token)
+        with_dpop = dpop_target(private, main_service.base_url, org)
         scenarios = {
             "a": ("bare endpoint, no pipeline", main_service, Target("GET", BARE_PATH)),
             "b": ("GET /health/live, pipeline", main_service, Target("GET", "/health/live")),
@@ -262,12 +282,13 @@ def main() -> int:
                 Target("POST", f"{org}/users", token, unique_emails=True),
             ),
             "e": ("(c) with slowapi as the limiter", services["slowapi"], get_org),
+            "f": ("(c) with a DPoP-bound token and proof", main_service, with_dpop),
         }
         if CERBOS:
             label = "GET /api/v1/orgs/{id}, full pipeline, the Cerbos PDP decides"
             scenarios["c"] = (label, main_service, get_org)
             table_label = "(c) with authz_engine=table: the permissions table decides"
-            scenarios["f"] = (table_label, services[TABLE_ENGINE], get_org)
+            scenarios["g"] = (table_label, services[TABLE_ENGINE], get_org)
         print(f"bench: scenarios {', '.join(scenarios)}")
         plan = [(key, service, target) for key, (_, service, target) in scenarios.items()]
         runs = bench.measure(plan, args.duration, args.repeat)

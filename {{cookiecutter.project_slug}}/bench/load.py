@@ -15,6 +15,7 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,20 @@ class Target:
     path: str
     token: str | None = None
     unique_emails: bool = False
+    # DPoP: makes `n` fresh proofs for one run, each sent once (a replayed proof is refused); the
+    # token then goes in `Authorization: DPoP`.
+    proofs: Callable[[int], list[str]] | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "DPoP" if self.proofs is not None else "Bearer"
+
+    def fresh_proofs(self, duration: float) -> list[str] | None:
+        """Enough proofs for `duration` seconds at PROOFS_PER_SECOND (past them, proofs repeat)."""
+        return None if self.proofs is None else self.proofs(int(duration * PROOFS_PER_SECOND) + 100)
+
+
+PROOFS_PER_SECOND = 4000
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,7 @@ function setup(thread)
 end
 local n = 0
 UNIQUE
+PROOFS
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format('BENCH-RESULT {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, '
@@ -88,15 +104,27 @@ end
 """
 
 
-def wrk_script(target: Target) -> str:
-    authorization = f'wrk.headers["Authorization"] = "Bearer {target.token}"' if target.token else ""
+PROOF_REQUEST = """
+local proofs = {LIST}
+function request()
+  n = n + 1
+  wrk.headers["DPoP"] = proofs[(n - 1) % #proofs + 1]
+  return wrk.format()
+end
+"""
+
+
+def wrk_script(target: Target, proofs: list[str] | None = None) -> str:
+    authorization = f'wrk.headers["Authorization"] = "{target.scheme} {target.token}"' if target.token else ""
     unique = UNIQUE_REQUEST.replace("TAG", secrets.token_hex(4)) if target.unique_emails else ""
-    return WRK_SCRIPT.replace("METHOD", target.method).replace("AUTHORIZATION", authorization).replace("UNIQUE", unique)
+    listed = PROOF_REQUEST.replace("LIST", ",".join(f'"{proof}"' for proof in proofs)) if proofs else ""
+    script = WRK_SCRIPT.replace("METHOD", target.method).replace("AUTHORIZATION", authorization)
+    return script.replace("UNIQUE", unique).replace("PROOFS", listed)
 
 
 def run_wrk(wrk: str, url: str, target: Target, duration: float, connections: int, scratch: Path) -> Sample:
     script = scratch / f"wrk-{target.method.lower()}-{secrets.token_hex(4)}.lua"
-    script.write_text(wrk_script(target))
+    script.write_text(wrk_script(target, target.fresh_proofs(duration)))
     wrk_command = [wrk, "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s", "-s", str(script), url]
     command = pinned(wrk_command, LOAD_CPU)
     result = subprocess.run(command, capture_output=True, text=True, timeout=duration + 30, check=False)
@@ -115,12 +143,14 @@ def run_wrk(wrk: str, url: str, target: Target, duration: float, connections: in
     )
 
 
-def _request_bytes(target: Target, host: str, number: int, tag: str) -> bytes:
+def _request_bytes(target: Target, host: str, number: int, tag: str, proof: str | None = None) -> bytes:
     email = f"{tag}-{number}@bench.example.com"
     body = ('{"email": "' + email + '", "role": "viewer"}').encode() if target.unique_emails else b""
     lines = [f"{target.method} {target.path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json"]
     if target.token:
-        lines.append(f"Authorization: Bearer {target.token}")
+        lines.append(f"Authorization: {target.scheme} {target.token}")
+    if proof is not None:
+        lines.append(f"DPoP: {proof}")
     if body or target.method in ("POST", "PUT"):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
@@ -130,6 +160,7 @@ async def _python_load(host: str, port: int, target: Target, duration: float, co
     latencies: list[float] = []
     counts = {"non_2xx": 0, "socket_errors": 0, "sent": 0}
     tag = secrets.token_hex(4)
+    proofs = target.fresh_proofs(duration)
     static = _request_bytes(target, f"{host}:{port}", 0, tag)
     started = time.perf_counter()
     deadline = started + duration
@@ -139,9 +170,13 @@ async def _python_load(host: str, port: int, target: Target, duration: float, co
         try:
             while time.perf_counter() < deadline:
                 counts["sent"] += 1
-                request = (
-                    _request_bytes(target, f"{host}:{port}", counts["sent"], tag) if target.unique_emails else static
-                )
+                if proofs:
+                    proof = proofs[counts["sent"] % len(proofs)]
+                    request = _request_bytes(target, f"{host}:{port}", counts["sent"], tag, proof)
+                elif target.unique_emails:
+                    request = _request_bytes(target, f"{host}:{port}", counts["sent"], tag)
+                else:
+                    request = static
                 sent = time.perf_counter()
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")

@@ -181,6 +181,11 @@ def api_key(key: str) -> dict[str, str]:
     return {"X-API-Key": key}
 
 
+# The caller credentials' challenges when none was sent: the API key's, DPoP's (with the proof
+# algorithms it accepts, DPOP_ALGORITHMS) and the bearer token's.
+CALLER_CHALLENGES = 'ApiKey, DPoP algs="ES256 ES384 EdDSA PS256 RS256", Bearer'
+
+
 def assert_401(response: httpx.Response, challenge: str) -> None:
     assert response.status_code == 401, response.text
     assert response.headers["content-type"] == "application/problem+json"
@@ -299,7 +304,7 @@ async def test_an_unusable_authorization_header_is_refused_and_counted_whatever_
             assert refused.status_code == 400
             assert refused.headers["content-type"] == "application/problem+json"
             return
-        assert_401(refused, "ApiKey, Bearer")
+        assert_401(refused, CALLER_CHALLENGES)
         assert int(await redis.get(failures) or 0) == 1
     finally:
         await redis.aclose()
@@ -461,7 +466,7 @@ async def test_in_mtls_jwt_mode_the_workload_alone_is_refused_with_the_callers_c
 ) -> None:
     key = await issue_key(cli, capsys, "orgs:read", "orgs:write")
     with mtls_jwt.client("listed") as http:
-        assert_401(create_org(http), "ApiKey, Bearer")  # no caller credential: what is missing is asked for
+        assert_401(create_org(http), CALLER_CHALLENGES)  # no caller credential: what is missing is asked for
         # A refused token is the token's problem (a client refreshes it), not the certificate's.
         assert_401(create_org(http, bearer(make_token("alice", ALL_SCOPES)[:-2])), 'Bearer error="invalid_token"')
         assert create_org(http, bearer(make_token("alice", ALL_SCOPES))).status_code == 201

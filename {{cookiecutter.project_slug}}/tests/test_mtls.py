@@ -14,7 +14,9 @@ TLS offers TLS 1.2+ with AEAD suites only.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -814,3 +816,39 @@ def test_check_config_refuses_production_without_identities(pki: Pki, public_pem
     refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False, cwd="/")
     assert refused.returncode == 1
     assert "refusing to start" in refused.stderr and "MTLS_IDENTITIES" in refused.stderr
+
+
+# --- certificate-bound tokens (RFC 8705, security/binding.py) --------------------------------
+
+
+def x5t_s256(issued: Issued) -> str:
+    """The certificate's `x5t#S256`: base64url SHA-256 of its DER, computed here, not by the service."""
+    der = ssl.PEM_cert_to_DER_cert(issued.cert_pem.decode())
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+
+
+def test_a_certificate_bound_token_is_served_only_with_its_certificate_over_the_handshake(
+    tls_jwt_service: Served, pki: Pki, make_token: TokenFactory
+) -> None:
+    token = make_token(sub="carol", cnf={"x5t#S256": x5t_s256(pki.clients["listed"])})
+    with tls_client(tls_jwt_service, pki, "listed") as http:
+        assert create_org(http, bearer(token)).status_code == 201
+    with tls_client(tls_jwt_service, pki, "reporting") as http:  # an allowed workload, another certificate
+        refused = create_org(http, bearer(token))
+        assert refused.status_code == 401
+        assert create_org(http, bearer(make_token(sub="carol"))).status_code == 201  # the plain token is served
+    reasons = [event["reason"] for event in tls_jwt_service.events("authentication_failed")]
+    assert "certificate_thumbprint_mismatch" in reasons
+
+
+def test_a_certificate_bound_token_is_served_only_with_the_certificate_the_proxy_forwards(
+    behind_proxy: Served, pki: Pki, make_token: TokenFactory
+) -> None:
+    token = make_token(sub="dave", cnf={"x5t#S256": x5t_s256(pki.clients["listed"])})
+    with from_peer(behind_proxy, LOOPBACK) as proxy:
+        assert create_org(proxy, {"X-Client-Cert": escaped(pki.clients["listed"]), **bearer(token)}).status_code == 201
+        other = {"X-Client-Cert": escaped(pki.clients["reporting"]), **bearer(token)}
+        assert create_org(proxy, other).status_code == 401
+    with from_peer(behind_proxy, UNTRUSTED_PEER) as client:  # the same header from anyone else
+        forged = {"X-Client-Cert": escaped(pki.clients["listed"]), **bearer(token)}
+        assert create_org(client, forged).status_code == 401

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from {{ cookiecutter.package_name }} import extensions
 from {{ cookiecutter.package_name }}.cli import build_parser
 from {{ cookiecutter.package_name }}.runtime import Runtime
-from {{ cookiecutter.package_name }}.security.authn import Authenticate, BearerToken
+from {{ cookiecutter.package_name }}.security.authn import Authenticate, BearerToken, DPoPToken
 from {{ cookiecutter.package_name }}.security.route_policy import _flat_routes
 from {{ cookiecutter.package_name }}.security.stack import SecuredApp
 
@@ -40,7 +40,9 @@ def test_each_options_authenticators_come_before_the_bearer_token(app: FastAPI) 
     while not isinstance(layer, Authenticate):
         layer = layer.app  # type: ignore[attr-defined]
     expected = [a for extension in runtime.extensions for a in extension.authenticators]
-    assert list(layer.authenticators[:-1]) == expected
+    assert list(layer.authenticators[:-2]) == expected
+    # The core's JWT access tokens last: bound to a key (DPoP), then as Bearer.
+    assert isinstance(layer.authenticators[-2], DPoPToken)
     assert isinstance(layer.authenticators[-1], BearerToken)
     # The channel credentials they declare (a client certificate) reach the layer too.
     assert list(layer.channels) == [c for extension in runtime.extensions for c in extension.channels]

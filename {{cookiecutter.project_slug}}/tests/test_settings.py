@@ -82,6 +82,17 @@ def test_safe_production_settings_start(production: dict[str, str]) -> None:
         ({"AUDIT_PSEUDONYM_KEY": ""}, "AUDIT_PSEUDONYM_KEY"),
         ({"AUDIT_PSEUDONYM_KEY": "too-short"}, "AUDIT_PSEUDONYM_KEY"),
         ({"DATABASE_URL": ""}, "DATABASE_URL"),  # the development default
+        # Sender-constrained tokens: a proof replayed to another replica while Redis is down.
+        (
+            {
+                "REQUIRE_SENDER_CONSTRAINED_TOKENS": "true",
+                "RATE_LIMIT_FAILURE_MODE": "open",
+                "RATE_LIMIT_FAILURE_MODE_ACKNOWLEDGED": "true",
+            },
+            "REQUIRE_SENDER_CONSTRAINED_TOKENS",
+        ),
+        ({"DPOP_ALGORITHMS": "ES256,HS256"}, "DPOP_ALGORITHMS"),
+        ({"DPOP_NONCE_SECRET": "too-short"}, "DPOP_NONCE_SECRET"),
     ],
 )
 def test_production_refuses_unsafe_setting_and_names_it(

@@ -86,6 +86,8 @@ def mint_token(args: argparse.Namespace) -> int:
         "exp": now + ttl,
         "jti": uuid.uuid4().hex,
     }
+    if args.jkt:
+        claims["cnf"] = {"jkt": args.jkt}  # DPoP-bound (README "Authentication")
     headers = {"kid": args.kid} if args.kid else None
     print(jwt.encode(claims, Path(str(key_file)).read_bytes(), algorithm="RS256", headers=headers))
     return 0
@@ -416,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--scope", default="")
     mint.add_argument("--ttl", type=int, help="seconds; default 900, at most JWT_MAX_TOKEN_LIFETIME_SECONDS")
     mint.add_argument("--kid")
+    mint.add_argument("--jkt", help="bind the token to the DPoP key with this RFC 7638 thumbprint (cnf.jkt)")
     mint.add_argument("--private-key")
     mint.add_argument("--issuer")
     mint.add_argument("--audience")

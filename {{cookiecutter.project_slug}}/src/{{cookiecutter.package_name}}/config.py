@@ -129,6 +129,27 @@ class Settings(BaseSettings):
     # truncated (IPv4 /24, IPv6 /48) or as a keyed pseudonym (AUDIT_PSEUDONYM_KEY). Rate limits and
     # lockouts always use the real address; only what is written changes.
     log_client_address: Literal["full", "truncated", "pseudonym"] = "pseudonym"
+    # Sender-constrained tokens (README "Authentication"): DPoP (RFC 9449) and certificate-bound
+    # (RFC 8705, the `mtls` option) tokens, and whether plain bearer tokens are refused on /api/.
+    require_sender_constrained_tokens: bool = False
+    dpop_algorithms: CommaList = ["ES256", "ES384", "EdDSA", "PS256", "RS256"]
+    dpop_proof_max_age_seconds: int = Field(60, ge=5, le=300)
+    dpop_nonce_secret: SecretStr | None = Field(None, min_length=32)  # set: proofs carry a server nonce
+
+    _dpop_unset = empty_is_unset("dpop_nonce_secret")
+
+    @field_validator("dpop_algorithms", mode="before")
+    @classmethod
+    def _dpop_comma_separated(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("dpop_algorithms")
+    @classmethod
+    def _dpop_asymmetric_only(cls, value: list[str]) -> list[str]:
+        unsafe = [alg for alg in value if alg not in ASYMMETRIC_ALGORITHMS]
+        if unsafe or not value:
+            raise ValueError(f"list asymmetric algorithms only ({', '.join(sorted(ASYMMETRIC_ALGORITHMS))})")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -322,7 +343,17 @@ class Settings(BaseSettings):
             problems.append("AUDIT_PSEUDONYM_KEY: required in production (at least 32 characters, kept secret)")
         problems += self.database_problems()
         problems.extend(self._redis_trust_problems())
+        problems.extend(self._sender_constraint_problems())
         return problems
+
+    def _sender_constraint_problems(self) -> list[str]:
+        """A DPoP proof is refused a second time only where the store that spends it is shared."""
+        if self.require_sender_constrained_tokens and self.rate_limit_failure_mode == "open":
+            return [
+                "REQUIRE_SENDER_CONSTRAINED_TOKENS: with RATE_LIMIT_FAILURE_MODE=open a DPoP proof replayed "
+                "to another replica while Redis is down is accepted there; use RATE_LIMIT_FAILURE_MODE=closed"
+            ]
+        return []
 
     def _redis_trust_problems(self) -> list[str]:
         """Whoever can write to Redis can delete revocations and lift lockouts; open mode serves

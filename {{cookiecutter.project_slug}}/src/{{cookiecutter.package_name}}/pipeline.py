@@ -15,7 +15,8 @@ from starlette.types import Scope
 
 from .runtime import Runtime
 from .security.audit import AuditContext
-from .security.authn import Authenticate, BearerToken
+from .security.authn import Authenticate, BearerToken, DPoPToken
+from .security.dpop import ProofVerifier
 from .security.principal import Authenticator, Principal
 from .security.ratelimit import RateLimit, client_bucket
 from .security.transport import BodyLimit, ClientAddress, RefuseWebSocket, SecurityHeaders, StrictCors, TrustedHosts
@@ -23,10 +24,17 @@ from .security.transport import BodyLimit, ClientAddress, RefuseWebSocket, Secur
 
 def security_pipeline(runtime: Runtime) -> list[Middleware]:
     settings = runtime.settings
-    bearer = BearerToken(runtime.verifier, runtime.admission)
+    # JWT access tokens as Bearer, and bound to a key as DPoP (RFC 9449): one authenticator each.
+    dpop = DPoPToken(runtime.verifier, ProofVerifier(settings), runtime.admission)
+    bearer = BearerToken(
+        runtime.verifier,
+        runtime.admission,
+        require_sender_constrained=settings.require_sender_constrained_tokens,
+        dpop=dpop,
+    )
     # The baked credential options' authenticators (options/), then the bearer token; and the
     # channel credentials (a client certificate) they declare. Authenticate composes them.
-    authenticators = [*(a for extension in runtime.extensions for a in extension.authenticators), bearer]
+    authenticators = [*(a for extension in runtime.extensions for a in extension.authenticators), dpop, bearer]
     channels = [c for extension in runtime.extensions for c in extension.channels]
     return [
         # 1. Transport: headers on every response, even a 500 (see SecuredApp below) ...

@@ -14,7 +14,7 @@ from types import ModuleType
 import httpx
 
 from .. import extensions
-from . import authn, bola, cors, errors, headers, health, ratelimit
+from . import authn, bola, cors, errors, headers, health, ratelimit, sender_constraint
 from .probe import BudgetExhausted, Probe, Scan, target_url
 from .report import CheckResult, Status, failed, render_json, render_text
 
@@ -37,6 +37,7 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     (headers.NAME, headers.check),
     (cors.NAME, cors.check),
     (authn.NAME, authn.check),
+    (sender_constraint.NAME, sender_constraint.check),
     (bola.NAME, bola.check),
     *option_checks(),
     (errors.NAME, errors.check),
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--second-token",
         default=os.environ.get("SCAN_SECOND_TOKEN"),
         help="a valid token of another subject with the same scopes, for BOLA (or SCAN_SECOND_TOKEN)",
+    )
+    parser.add_argument(
+        "--plain-token",
+        default=os.environ.get(sender_constraint.PLAIN_TOKEN_VARIABLE),
+        help="a valid token without cnf, where sender-constrained tokens are required: it must be refused "
+        "(or SCAN_PLAIN_TOKEN)",
     )
     parser.add_argument("--origin", help="an origin in ALLOWED_ORIGINS; its look-alikes must be refused")
     parser.add_argument(

@@ -24,7 +24,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
 from ..store.core import StoreBusy
+from .binding import (
+    DPOP_SCHEME,
+    JKT,
+    PROOF_STATE,
+    InvalidBinding,
+    SenderConstraintRequired,
+    binding_of,
+    confirm_certificate,
+)
 from .composition import compose
+from .dpop import InvalidProof, ProofVerifier, dpop_token, proof_header, replay_key, unverified_jti
 from .errors import ProblemDetail, ProblemResponse, problem, store_busy
 from .events import security_event
 from .keys import KeySource
@@ -47,6 +57,7 @@ MAX_TOKEN_BYTES = 8192
 MAX_KID_LENGTH = 256
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "exp", "iat"]
 VERIFIED_CACHE_SIZE = 10_000
+PROOF_DETAIL = "The DPoP proof is not valid."
 T = TypeVar("T")
 # RFC 7515 §4.1.9: "application/" may be omitted from `typ`; RFC 9068 names at+jwt.
 ACCEPTED_TYPES = frozenset({"jwt", "at+jwt", "application/jwt", "application/at+jwt"})
@@ -170,7 +181,10 @@ class TokenVerifier:
         jti = claims.get("jti")
         if jti is not None and (not isinstance(jti, str) or not jti or len(jti) > MAX_ID_LENGTH):
             raise InvalidCredentials("bad_jti")
-        return Principal(self.namespace + subject, _scopes(claims), jti, int(iat), int(exp), BearerToken.challenge)
+        binding = binding_of(claims) if "cnf" in claims else None
+        return Principal(
+            self.namespace + subject, _scopes(claims), jti, int(iat), int(exp), BearerToken.challenge, binding
+        )
 
 
 def _is_number(value: object) -> bool:
@@ -263,15 +277,27 @@ class BearerToken:
 
     challenge = "Bearer"
 
-    def __init__(self, verifier: TokenVerifier, admission: Admission) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        admission: Admission,
+        *,
+        require_sender_constrained: bool = False,
+        dpop: DPoPToken | None = None,
+    ) -> None:
         self.verifier = verifier
         self.admission = admission
+        self.require_sender_constrained = require_sender_constrained  # REQUIRE_SENDER_CONSTRAINED_TOKENS
+        self.dpop = dpop
 
     def known(self, scope: Scope) -> Principal | None:
         """The caller, when its token is one this process verified before (the address limit uses
-        it to ask the revocation lookup in its own round trip); no cryptography, no I/O."""
+        it to ask the revocation lookup in its own round trip); no cryptography, no I/O. A request
+        with no Bearer token may carry a DPoP one (`DPoPToken.lookahead`)."""
         token = bearer_token(scope["headers"])
-        return self.verifier.cached(token) if token else None
+        if token:
+            return self.verifier.cached(token)
+        return self.dpop.lookahead(scope) if token is None and self.dpop is not None else None
 
     async def authenticate(self, scope: Scope) -> Principal | None:
         token = bearer_token(scope["headers"])
@@ -279,7 +305,66 @@ class BearerToken:
             return None
         if not token:
             raise InvalidCredentials("malformed")
-        return await self.admission.admit(scope, await self.verifier.verify(token))
+        principal = await self.verifier.verify(token)
+        if principal.binding is not None or self.require_sender_constrained:
+            self._constrained(scope, principal.binding, principal)
+        return await self.admission.admit(scope, principal)
+
+    @staticmethod
+    def _constrained(scope: Scope, binding: tuple[str, str] | None, principal: Principal) -> None:
+        """A bound token as Bearer: a certificate-bound one with its certificate only (RFC 8705), a
+        DPoP-bound one never (RFC 9449 §7.1); a plain one not where sender constraint is required.
+        The subject is not named: a stolen token must not lock its owner out."""
+        if binding is None:
+            raise SenderConstraintRequired("sender_constrained_token_required")
+        if binding[0] == JKT:
+            raise InvalidBinding("dpop_bound_token_as_bearer")
+        confirm_certificate(scope, principal)
+
+
+class DPoPToken:
+    """JWT access tokens bound to a key (`cnf.jkt`) in `Authorization: DPoP`, each request with a proof
+    of that key (security/dpop.py); then checked for revocation, and the proof spent, in one round
+    trip (admission.py). The principal is the token's, as with Bearer."""
+
+    challenge = DPOP_SCHEME
+
+    def __init__(self, verifier: TokenVerifier, proofs: ProofVerifier, admission: Admission) -> None:
+        self.verifier = verifier
+        self.proofs = proofs
+        self.admission = admission
+        self.challenge_parameters = proofs.challenge.partition(" ")[2]  # algs="..."
+
+    def lookahead(self, scope: Scope) -> Principal | None:
+        """As BearerToken.known, and the proof's jti for layer 3 to spend in its round trip. Asked by
+        BearerToken.known when the request has no Bearer token (not `known`: layer 3's lookahead
+        then stays the bearer token's own, with no indirection for a plain bearer request)."""
+        token = dpop_token(scope["headers"])
+        principal = self.verifier.cached(token) if token else None
+        if principal is None or principal.binding is None or principal.binding[0] != JKT:
+            return None
+        try:
+            jti = unverified_jti(proof_header(scope["headers"]))
+        except InvalidCredentials:
+            return None
+        if jti is not None:
+            key = replay_key(principal.subject, principal.binding[1], jti)
+            scope.setdefault("state", {})[PROOF_STATE] = key
+        return principal
+
+    async def authenticate(self, scope: Scope) -> Principal | None:
+        token = dpop_token(scope["headers"])
+        if token is None:
+            return None
+        if not token or (len(token) <= MAX_TOKEN_BYTES and not _canonical_jws(token)):
+            raise InvalidCredentials("malformed")
+        proof = proof_header(scope["headers"])
+        principal = await self.verifier.verify(token)
+        if principal.binding is None or principal.binding[0] != JKT:
+            raise InvalidCredentials("token_not_dpop_bound")
+        checked = self.proofs.verify(scope, proof, token, principal.binding[1])
+        spent = replay_key(principal.subject, checked.jkt, checked.jti)
+        return await self.admission.admit(scope, principal, proof=spent)
 
 
 # --- The layer ------------------------------------------------------------------------------
@@ -297,10 +382,12 @@ class _Refused(Exception):
         name: str,
         credential: str | None = None,
         subject: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(reason)
         self.challenge, self.reason, self.detail, self.name = challenge, reason, detail, name
         self.credential, self.subject = credential, subject
+        self.headers = {"WWW-Authenticate": challenge, **(headers or {})}
 
 
 class Authenticate:
@@ -331,7 +418,13 @@ class Authenticate:
         self._steps = tuple(sorted(steps, key=lambda step: step[1] is not None))
         self.public_paths = public_paths
         self.on_failure = on_failure  # counts refused credentials towards a lockout (lockout.py)
-        self.caller_challenges = ", ".join(a.challenge for a, reader, _ in self._steps if reader is None)
+        # Each scheme's challenge with its parameters (DPoP's `algs`).
+        self._challenge = {
+            a.challenge: " ".join(filter(None, (a.challenge, getattr(a, "challenge_parameters", ""))))
+            for a, _, _ in self._steps
+        }
+        callers = [self._challenge[a.challenge] for a, reader, _ in self._steps if reader is None]
+        self.caller_challenges = ", ".join(callers)
         # The Authorization schemes the service accepts: a header credential's challenge is the
         # scheme it reads (`Bearer`, `ApiKey`). Any other scheme is refused, never passed over.
         self._schemes = {a.challenge.lower().encode(): a for a, reader, _ in self._steps if reader is None}
@@ -354,7 +447,7 @@ class Authenticate:
             if self.on_failure is not None and refused.credential is not None:
                 await self.on_failure(scope, refused.subject)
             await self._refuse(
-                problem(401, refused.detail, name=refused.name, headers={"WWW-Authenticate": refused.challenge}),
+                problem(401, refused.detail, name=refused.name, headers=refused.headers),
                 scope,
                 receive,
                 send,
@@ -459,13 +552,19 @@ class Authenticate:
         try:
             return await verifying
         except InvalidCredentials as exc:
+            # The scheme's challenge (DPoP's with its `algs`), then the error: `Bearer error="..."`,
+            # `DPoP algs="ES256 ...", error="..."`. A bound token refused as Bearer names DPoP.
+            scheme = exc.scheme or challenge
+            full = self._challenge.get(scheme, scheme)
+            separator = ", " if full != scheme else " "
             raise _Refused(
-                f'{challenge} error="invalid_token"',
+                f'{full}{separator}error="{exc.error}"',
                 exc.reason,
-                detail="The credential is not valid.",
+                detail=PROOF_DETAIL if isinstance(exc, InvalidProof) else "The credential is not valid.",
                 name="invalid-token",
                 credential=challenge,
                 subject=exc.subject,
+                headers=exc.headers,
             ) from None
 
     def _several(self) -> _Refused:

@@ -73,10 +73,20 @@ class Principal:
     # The `challenge` of the credential that named the caller (`Bearer`, `ApiKey`, `mTLS`, ...):
     # a route that accepts one kind of credential only checks it (the key-management API).
     credential: str = ""
+    # What the token is bound to (its `cnf`, security/binding.py): (`jkt` or `x5t#S256`, thumbprint);
+    # None for a plain bearer token and for the other credential types.
+    binding: tuple[str, str] | None = None
 
 
 class InvalidCredentials(Exception):
-    """A credential was presented and is not acceptable. `reason` is for the audit log only."""
+    """A credential was presented and is not acceptable. `reason` is for the audit log only.
+
+    The 401's challenge is the credential's scheme with `error="invalid_token"`; a subclass may name
+    another scheme (`scheme`: DPoP's, for a bound token), error code and extra response headers."""
+
+    error = "invalid_token"
+    scheme: str | None = None
+    headers: dict[str, str] = {}  # noqa: RUF012 (never mutated: a subclass sets its own)
 
     def __init__(self, reason: str, *, subject: str | None = None) -> None:
         super().__init__(reason)

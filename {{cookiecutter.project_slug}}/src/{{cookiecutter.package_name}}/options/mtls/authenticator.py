@@ -34,6 +34,7 @@ the log, as every subject is), never the certificate.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,8 +44,10 @@ from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from starlette.types import Scope
 
+from ...security.binding import CERTIFICATE_THUMBPRINT
 from ...security.events import security_event
 from ...security.principal import InvalidCredentials, Principal
 from ...security.transport import IPAddress, socket_peer
@@ -68,6 +71,9 @@ class Workload:
     identity: str
     not_before: int
     not_after: int
+    # base64url SHA-256 of the certificate's DER: a certificate-bound token's `cnf.x5t#S256` (RFC
+    # 8705). None when only a URI was forwarded (no certificate to bind a token to).
+    thumbprint: str | None = None
 
 
 def workload_of(certificate: x509.Certificate) -> Workload:
@@ -87,6 +93,7 @@ def workload_of(certificate: x509.Certificate) -> Workload:
         identity,
         int(certificate.not_valid_before_utc.timestamp()),
         int(certificate.not_valid_after_utc.timestamp()),
+        base64.urlsafe_b64encode(certificate.fingerprint(hashes.SHA256())).rstrip(b"=").decode("ascii"),
     )
 
 
@@ -224,6 +231,9 @@ class ClientCertificate:
         scopes = self.identities.get(workload.identity)
         if scopes is None:
             self._refuse("identity_not_allowed", workload)
+        if workload.thumbprint is not None:
+            # For a certificate-bound token of the caller (security/binding.py).
+            scope.setdefault("state", {})[CERTIFICATE_THUMBPRINT] = workload.thumbprint
         return Principal(
             workload.identity, scopes, None, workload.not_before, workload.not_after, credential=self.challenge
         )
