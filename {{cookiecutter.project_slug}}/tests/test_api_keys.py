@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
@@ -770,3 +771,30 @@ def test_revision_0002_qualifies_bare_owners_only_with_the_issuer_named(tmp_path
         asyncio.run(run_sql(url, "DELETE FROM api_keys WHERE id IN ('0000000000000001', '0000000000000002')"))
         config.cmd_opts = None
         command.upgrade(config, "heads")
+
+
+# --- Step-up (README "Step-up") -----------------------------------------------------------------
+
+
+async def test_an_api_key_is_refused_on_a_step_up_route_it_could_otherwise_use(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    """A key names no user's authentication, so it can never satisfy a step-up: fail closed, with
+    the challenge that says what would (a user's token, recently authenticated)."""
+    for max_age, expected in ((None, 201), (300, 401)):
+        app = create_app(settings_for(step_up_max_age_seconds=max_age))
+        async with running(app, PARTNER) as http:
+            owner = bearer(make_token("alice", MANAGER_SCOPES, auth_time=int(time.time())))
+            org_id = (await http.post(ORGS, json={"name": "Acme"}, headers=owner)).json()["id"]
+            issued = await issue(app, scopes=("orgs:read", "orgs:write"))
+            subject = f"apikey:{issued.info.id}"
+            made = await http.put(f"{ORGS}/{org_id}/grants/{subject}", json={"relation": "owner"}, headers=owner)
+            assert made.status_code == 201, made.text
+            changed = await http.put(
+                f"{ORGS}/{org_id}/grants/bob", json={"relation": "viewer"}, headers=api_key(issued.key)
+            )
+            assert changed.status_code == expected, changed.text
+            if expected == 401:
+                assert changed.headers["content-type"] == "application/problem+json"
+                assert changed.headers["www-authenticate"].startswith('Bearer error="insufficient_user_authentication"')
+                assert 'max_age="300"' in changed.headers["www-authenticate"]

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
 from ..store.core import StoreBusy
+from .claims import AccessTokenRules, user_authentication
 from .composition import compose
 from .errors import ProblemDetail, ProblemResponse, problem, store_busy
 from .events import security_event
@@ -48,8 +49,6 @@ MAX_KID_LENGTH = 256
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "exp", "iat"]
 VERIFIED_CACHE_SIZE = 10_000
 T = TypeVar("T")
-# RFC 7515 §4.1.9: "application/" may be omitted from `typ`; RFC 9068 names at+jwt.
-ACCEPTED_TYPES = frozenset({"jwt", "at+jwt", "application/jwt", "application/at+jwt"})
 
 
 # --- JWT verification -----------------------------------------------------------------------
@@ -99,6 +98,7 @@ class TokenVerifier:
         self.leeway = settings.jwt_leeway_seconds
         self.max_lifetime = settings.jwt_max_token_lifetime_seconds
         self.cache = VerifiedTokens(cache_size)
+        self.rules = AccessTokenRules(settings)  # typ, ID tokens, authorization_details (claims.py)
 
     def has_keys(self) -> bool:
         return self.keys.has_keys()
@@ -131,9 +131,7 @@ class TokenVerifier:
             raise InvalidCredentials("algorithm_not_allowed")
         if "crit" in header:
             raise InvalidCredentials("unsupported_critical_header")
-        typ = header.get("typ")
-        if typ is not None and (not isinstance(typ, str) or typ.lower() not in ACCEPTED_TYPES):
-            raise InvalidCredentials("wrong_type")
+        self.rules.check_header(header)
         if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_LENGTH):
             raise InvalidCredentials("malformed_kid")
         # jku, x5u, jwk and x5c are deliberately never read: only the key source is trusted.
@@ -170,7 +168,20 @@ class TokenVerifier:
         jti = claims.get("jti")
         if jti is not None and (not isinstance(jti, str) or not jti or len(jti) > MAX_ID_LENGTH):
             raise InvalidCredentials("bad_jti")
-        return Principal(self.namespace + subject, _scopes(claims), jti, int(iat), int(exp), BearerToken.challenge)
+        details = self.rules.check_claims(claims)
+        user = user_authentication(claims)
+        return Principal(
+            self.namespace + subject,
+            _scopes(claims),
+            jti,
+            int(iat),
+            int(exp),
+            BearerToken.challenge,
+            auth_time=user.auth_time,
+            acr=user.acr,
+            amr=user.amr,
+            authorization_details=details,
+        )
 
 
 def _is_number(value: object) -> bool:

@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
 from ..config import ConfigError
-from .authz import RULE_ATTRIBUTE, ObjectRule, ScopeRule
+from .authz import RULE_ATTRIBUTE, ObjectRule, ScopeRule, StepUp
 from .principal import under_api
 
 # Recent FastAPI keeps included routers nested in app.routes and walks them with this; older
@@ -42,6 +42,8 @@ class RoutePolicy:
     scopes: frozenset[str]
     object_rule: ObjectRule | None
     problems: tuple[str, ...]
+    # How the user must have authenticated (a step-up, RFC 9470), when the route declares one.
+    step_up: StepUp | None = None
 
 
 def _tree(dependant: Dependant) -> Iterator[Dependant]:
@@ -50,10 +52,10 @@ def _tree(dependant: Dependant) -> Iterator[Dependant]:
         yield from _tree(sub)
 
 
-def _rules(dependant: Dependant) -> Iterator[tuple[Dependant, ScopeRule | ObjectRule]]:
+def _rules(dependant: Dependant) -> Iterator[tuple[Dependant, ScopeRule | ObjectRule | StepUp]]:
     for node in _tree(dependant):
         rule = getattr(node.call, RULE_ATTRIBUTE, None)
-        if isinstance(rule, ScopeRule | ObjectRule):
+        if isinstance(rule, ScopeRule | ObjectRule | StepUp):
             yield node, rule
 
 
@@ -75,7 +77,11 @@ def route_policy(name: str, dependant: Dependant) -> RoutePolicy:
     for node, _ in objects:
         if not any(isinstance(rule, ScopeRule) for _, rule in _rules(node)):
             problems.append("object check does not depend on a scope check")
-    return RoutePolicy(name, frozenset(scopes), objects[0][1] if objects else None, tuple(problems))
+    step_ups = {rule for _, rule in rules if isinstance(rule, StepUp)}
+    if len(step_ups) > 1:
+        problems.append("declares more than one step-up (StepUp)")
+    step_up = next(iter(step_ups)) if len(step_ups) == 1 else None
+    return RoutePolicy(name, frozenset(scopes), objects[0][1] if objects else None, tuple(problems), step_up)
 
 
 def route_policies(routes: Sequence[BaseRoute], *, public: frozenset[str] | None = None) -> list[RoutePolicy]:
