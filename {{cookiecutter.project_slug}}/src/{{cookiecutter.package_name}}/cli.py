@@ -1,4 +1,4 @@
-"""Operator and developer commands: `{{ cookiecutter.project_slug }} --help`."""
+"""Operator and developer commands: `secure-api --help`."""
 
 from __future__ import annotations
 
@@ -451,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     scaffold.add_argument("name", help="singular, snake case: e.g. project")
     scaffold.add_argument("--plural", help="the collection's name (default: NAME + s)")
     scaffold.add_argument("--under", help="the object it belongs to, e.g. org (default: a top-level object type)")
+    scaffold.add_argument(
+        "--step-up",
+        action="store_true",
+        help="its writes require the configured step-up (STEP_UP_MAX_AGE_SECONDS, STEP_UP_ACR_VALUES)",
+    )
     scaffold.set_defaults(handler=scaffold_resource)
 
     pseudonym = commands.add_parser("audit-pseudonym", help="the pseudonym the audit log uses for a subject")
@@ -486,7 +491,7 @@ def scaffold_resource(args: argparse.Namespace) -> int:
     """Write a resource of the service's own in owner files (scaffold.py); then `make lint test`."""
     from .scaffold import Resource, ScaffoldRefused, scaffold, tidy
 
-    resource = Resource(args.name, args.plural or f"{args.name}s", args.under)
+    resource = Resource(args.name, args.plural or f"{args.name}s", args.under, step_up=args.step_up)
     try:
         written = scaffold(resource)
     except ScaffoldRefused as refused:
