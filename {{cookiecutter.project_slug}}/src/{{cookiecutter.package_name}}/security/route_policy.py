@@ -1,5 +1,6 @@
 """The route-policy walk, deny by default: every route declares scopes and an object policy
-(`authz.py`), or is on the public list below. The application refuses to start with a route that is
+(`authz.py`), or is on the public list below; the step-up a route declares (`authz.StepUp`) is
+reported with its policy. The application refuses to start with a route that is
 neither (`refuse_unguarded_routes`, run by the app factory and again by the lifespan on the final
 route table, so a router included later or a route behind a setting is judged too), and the test
 suite fails on one.
