@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -38,7 +39,7 @@ from {{ cookiecutter.package_name }}.scan.report import Status
 from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.revocation import tag
 
-from .conftest import TokenFactory, bearer, principal, run_sql, running
+from .conftest import PSEUDONYM_KEY, TokenFactory, bearer, principal, pseudonym, run_sql, running
 from .servers import ReplicatedRedis, free_port, redis_client, start_redis, start_replicated_redis
 
 ORGS = "/api/v1/orgs"
@@ -798,3 +799,35 @@ async def test_an_api_key_is_refused_on_a_step_up_route_it_could_otherwise_use(
                 assert changed.headers["content-type"] == "application/problem+json"
                 assert changed.headers["www-authenticate"].startswith('Bearer error="insufficient_user_authentication"')
                 assert 'max_age="300"' in changed.headers["www-authenticate"]
+
+
+# --- Privilege changes by the operators' commands (README "Audit logging") ---------------------
+
+
+async def test_keys_issued_and_revoked_by_the_cli_are_events_naming_key_owner_and_operator(
+    cli_env: None, monkeypatch: pytest.MonkeyPatch, migrated_database: str, http: httpx.AsyncClient, capsys: Any
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", migrated_database)
+    monkeypatch.setenv("AUDIT_PSEUDONYM_KEY", PSEUDONYM_KEY)
+    for name in ("LOGNAME", "USER"):
+        monkeypatch.setenv(name, "ops-jane")
+
+    def events(err: str) -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("event") == "privilege_changed"]
+
+    argv = ["api-key", "issue", "--owner", "partner-admin", "--scope", "orgs:read", "--expires-in", "30d"]
+    assert await anyio.to_thread.run_sync(main, argv) == 0
+    out = capsys.readouterr()
+    key = out.out.strip()
+    key_id = key.split("_")[1]
+    [issued] = events(out.err)
+    assert (issued["action"], issued["key_id"], issued["scopes"]) == ("api_key_issued", key_id, ["orgs:read"])
+    assert issued["grantee"] == pseudonym(f"apikey:{key_id}", PSEUDONYM_KEY)
+    assert issued["owner"] == pseudonym(principal("partner-admin"), PSEUDONYM_KEY)
+    assert (issued["operator"], issued["command"]) == ("ops-jane", "api-key-issue")
+    assert key.rsplit("_", 1)[1] not in out.err  # never the secret
+    assert await anyio.to_thread.run_sync(main, ["api-key", "revoke", key_id]) == 0
+    [revoked] = events(capsys.readouterr().err)
+    assert (revoked["action"], revoked["key_id"], revoked["command"]) == ("api_key_revoked", key_id, "api-key-revoke")
+    assert revoked["grantee"] == issued["grantee"]

@@ -22,6 +22,8 @@ from . import extensions
 from .config import SERVICE_NAME, ConfigError, Settings, tracing_requested
 from .domain import GRANT_TARGET
 from .resources import app_runtime
+from .security.events import operator, privilege_changed
+from .security.logs import configure_command_logging
 from .security.principal import issuer_namespace, principal_id
 from .security.revocation import MAX_ID_LENGTH, Revocations
 from .startup import load_settings
@@ -106,6 +108,7 @@ def revoke_token(args: argparse.Namespace) -> int:
 
     async def revoke(revocations: Revocations, namespace: str) -> str:
         if await revocations.revoke_token(namespace + args.sub, args.jti, args.exp):
+            privilege_changed("token_revoked", grantee=namespace + args.sub, jti=args.jti, **operator("token-revoke"))
             return f"token {args.jti} revoked until it expires"
         return f"token {args.jti} has expired already; nothing to revoke"
 
@@ -117,6 +120,7 @@ def revoke_subject(args: argparse.Namespace) -> int:
 
     async def revoke(revocations: Revocations, namespace: str) -> str:
         await revocations.revoke_subject(namespace + args.sub)
+        privilege_changed("subject_tokens_revoked", grantee=namespace + args.sub, **operator("token-revoke-subject"))
         return f"tokens of {args.sub} issued until now are revoked"
 
     return _revoke(revoke)
@@ -124,6 +128,7 @@ def revoke_subject(args: argparse.Namespace) -> int:
 
 def _revoke(action: Callable[[Revocations, str], Awaitable[str]]) -> int:
     settings = load_settings()
+    configure_command_logging(settings)
     if not settings.redis_url:
         print("REDIS_URL is required: the running service reads revocations from Redis", file=sys.stderr)
         return 2
@@ -162,6 +167,7 @@ def lift_lockout(args: argparse.Namespace) -> int:
     from .store import redis_store
 
     settings = load_settings()  # a settings error is printed by main()
+    configure_command_logging(settings)
     if not settings.redis_url:
         print("REDIS_URL is required: the running service reads lockouts from Redis", file=sys.stderr)
         return 2
@@ -184,6 +190,8 @@ def lift_lockout(args: argparse.Namespace) -> int:
         error = type(exc.__cause__ or exc).__name__
         print(f"{SERVICE_NAME}: Redis is unavailable ({error}); nothing was lifted", file=sys.stderr)
         return 1
+    lifted = {"grantee": name} if kind == "subject" else {"client": name}
+    privilege_changed("lockout_lifted", kind=kind, was_locked=locked, **lifted, **operator("lockout-lift"))
     print(f"{kind} {name}: lockout lifted" if locked else f"{kind} {name} was not locked out; its failures are reset")
     return 0
 
@@ -314,6 +322,7 @@ def _change_grant(args: argparse.Namespace, relation: str | None) -> int:
         print(f"--sub must match {grants.SUBJECT_PATTERN}", file=sys.stderr)
         return 2
     settings = load_settings()
+    configure_command_logging(settings)
     object_id = getattr(args, GRANT_TARGET.noun)
     subject = principal_id(args.sub, issuer_namespace(settings.jwt_issuer))
     if len(subject) > grants.MAX_SUBJECT_LENGTH:
@@ -343,8 +352,9 @@ async def _apply_grant(database_url: str, object_id: object, subject: str, relat
                     ):
                         return False, f"{subject} holds no grant on {named}"
                     message = f"revoked the grant of {subject} on {named}"
+                    action, command, given = "grant_revoked", "revoke-grant", {}
                 else:
-                    await grants.set_relation(
+                    created = await grants.set_relation(
                         session,
                         target.resource_type,
                         str(object_id),
@@ -354,9 +364,19 @@ async def _apply_grant(database_url: str, object_id: object, subject: str, relat
                         acting_owner=None,  # an operator with database access, not a caller of the API
                     )
                     message = f"{subject} is now {relation} of {named}"
+                    action, command = ("grant_created" if created else "grant_changed"), "grant"
+                    given = {"relation": relation}
             except grants.GrantRefused as refused:
                 return False, str(refused)
             await session.commit()
+            privilege_changed(
+                action,
+                resource_type=target.resource_type,
+                resource_id=str(object_id),
+                grantee=subject,
+                **given,
+                **operator(command),
+            )
             return True, message
     finally:
         await engine.dispose()
