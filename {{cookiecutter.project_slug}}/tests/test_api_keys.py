@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import anyio.from_thread
@@ -36,6 +36,7 @@ from {{ cookiecutter.package_name }}.options.api_keys.settings import DEFAULT_PR
 from {{ cookiecutter.package_name }}.scan import authn as scan_authn
 from {{ cookiecutter.package_name }}.scan.probe import Probe, Scan
 from {{ cookiecutter.package_name }}.scan.report import Status
+from {{ cookiecutter.package_name }}.security.authz import StepUp, no_object_policy
 from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.revocation import tag
 
@@ -831,3 +832,28 @@ async def test_keys_issued_and_revoked_by_the_cli_are_events_naming_key_owner_an
     [revoked] = events(capsys.readouterr().err)
     assert (revoked["action"], revoked["key_id"], revoked["command"]) == ("api_key_revoked", key_id, "api-key-revoke")
     assert revoked["grantee"] == issued["grantee"]
+
+
+# A route of an owner's that serves keys too: its step-up binds users' tokens only.
+ServesKeysToo = Annotated[
+    Principal, no_object_policy(scopes=["orgs:read"], step_up=StepUp(max_age=60, other_credentials=True))
+]
+
+
+async def test_a_step_up_route_that_allows_other_credentials_serves_a_key_and_still_judges_tokens(
+    settings: Settings, make_token: TokenFactory
+) -> None:
+    app = create_app(settings)
+
+    @app.get("/api/v1/export")
+    async def export(principal: ServesKeysToo) -> dict[str, str]:
+        return {"subject": principal.subject}
+
+    async with running(app, PARTNER) as http:
+        issued = await issue(app, scopes=("orgs:read",))
+        served = await http.get("/api/v1/export", headers=api_key(issued.key))
+        assert (served.status_code, served.json()) == (200, {"subject": f"apikey:{issued.info.id}"})
+        stale = bearer(make_token("alice", auth_time=int(time.time()) - 3600))
+        refused = await http.get("/api/v1/export", headers=stale)
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"].startswith('Bearer error="insufficient_user_authentication"')

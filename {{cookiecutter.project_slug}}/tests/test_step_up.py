@@ -256,6 +256,8 @@ def test_a_step_up_must_require_something() -> None:
         StepUp()
     with pytest.raises(ValueError, match="at least one second"):
         StepUp(max_age=0)
+    with pytest.raises(ValueError, match="without spaces, quotes or backslashes"):
+        StepUp(acr_values=("phr", 'a"b'))
 
 
 # --- Settings ------------------------------------------------------------------------------------

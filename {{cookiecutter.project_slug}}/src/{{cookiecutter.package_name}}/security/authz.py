@@ -97,6 +97,8 @@ class StepUp:
             raise ValueError("StepUp needs max_age, acr_values or configured=True")
         if self.max_age is not None and self.max_age < 1:
             raise ValueError("StepUp max_age is at least one second")
+        if any(not value or not value.isprintable() or set(value) & set(' "\\') for value in self.acr_values):
+            raise ValueError("StepUp acr_values are printable, without spaces, quotes or backslashes")
 
     def required(self, settings: Settings) -> tuple[int | None, tuple[str, ...]]:
         if self.configured:
@@ -164,12 +166,10 @@ def require_step_up(step_up: StepUp, scoped: Any) -> Any:
         max_age, acr_values = step_up.required(runtime_of(request).settings)
         if max_age is None and not acr_values:
             return principal  # the configured step-up, with both settings unset
-        if not principal.subject.startswith(JWT_NAMESPACE):
-            if step_up.other_credentials:
-                return principal
-            reason: str | None = "no_user_authentication"
-        else:
-            reason = unmet_step_up(principal, max_age, acr_values, now=time.time())
+        user = principal.subject.startswith(JWT_NAMESPACE)  # only a JWT names a user's authentication
+        if not user and step_up.other_credentials:
+            return principal
+        reason = unmet_step_up(principal, max_age, acr_values, now=time.time()) if user else "no_user_authentication"
         if reason is None:
             return principal
         security_event(
@@ -179,9 +179,9 @@ def require_step_up(step_up: StepUp, scoped: Any) -> Any:
             max_age=max_age,
             acr_values=list(acr_values),
         )
-        scheme = (
-            principal.credential if principal.subject.startswith(JWT_NAMESPACE) and principal.credential else "Bearer"
-        )
+        # The scheme the token came with (Bearer, or DPoP); a credential that names no user is told
+        # what would do: a user's bearer token.
+        scheme = principal.credential if user and principal.credential else "Bearer"
         challenge = f'{scheme} error="insufficient_user_authentication"'
         challenge += ', error_description="A more recent or stronger authentication is required"'
         if max_age is not None:
