@@ -10,13 +10,16 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
+import jwt
 import pytest
 from fastapi import APIRouter, FastAPI
 
 from {{ cookiecutter.package_name }}.app import create_app
+from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import ConfigError, Settings, read_settings
 from {{ cookiecutter.package_name }}.security.authz import (
     CONFIGURED_STEP_UP,
@@ -29,7 +32,7 @@ from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.route_policy import route_policies
 from {{ cookiecutter.package_name }}.settings import ServiceSettings
 
-from .conftest import PSEUDONYM_KEY, TokenFactory, bearer, principal, pseudonym, running
+from .conftest import AUDIENCE, ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, principal, pseudonym, running
 from .test_audit import LogLines, captured_logs
 from .test_errors import assert_problem
 
@@ -292,3 +295,35 @@ def test_empty_step_up_settings_are_unset(monkeypatch: pytest.MonkeyPatch) -> No
     settings = read_settings(ServiceSettings)
     assert (settings.step_up_max_age_seconds, settings.step_up_acr_values) == (None, [])
     assert CONFIGURED_STEP_UP.required(settings) == (None, ())
+
+
+# --- Development tokens --------------------------------------------------------------------------
+
+
+async def test_token_mint_signs_an_access_token_with_auth_time_and_acr(
+    tmp_path: Path, settings_for: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    assert main(["keys", "generate", "--out", str(tmp_path)]) == 0
+    monkeypatch.setenv("ENVIRONMENT", "development")
+    base = ["token", "mint", "--private-key", str(tmp_path / "private.pem"), "--scope", "orgs:read orgs:write"]
+    base += ["--issuer", ISSUER, "--audience", AUDIENCE]
+
+    def mint(*extra: str) -> str:
+        assert main([*base, *extra]) == 0
+        minted: str = capsys.readouterr().out.strip().splitlines()[-1]
+        return minted
+
+    fresh = mint("--sub", "alice", "--auth-time", "now", "--acr", "phr")
+    assert jwt.get_unverified_header(fresh)["typ"] == "at+jwt"
+    stale = mint("--sub", "alice", "--auth-time", str(authenticated(3600)), "--acr", "phr")
+    settings = settings_for(
+        jwt_public_key=(tmp_path / "public.pem").read_text(),
+        jwt_require_typ=True,
+        step_up_max_age_seconds=MAX_AGE,
+        step_up_acr_values=["phr"],
+    )
+    async with running(create_app(settings)) as http:
+        org = await new_org(http, bearer(fresh))
+        assert (await http.delete(f"{ORGS}/{org}/grants/bob", headers=bearer(stale))).status_code == 401
+        granted = await http.put(f"{ORGS}/{org}/grants/bob", json={"relation": "viewer"}, headers=bearer(fresh))
+        assert granted.status_code == 201, granted.text
