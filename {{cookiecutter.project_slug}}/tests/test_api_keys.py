@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import anyio.from_thread
@@ -34,10 +36,11 @@ from {{ cookiecutter.package_name }}.options.api_keys.settings import DEFAULT_PR
 from {{ cookiecutter.package_name }}.scan import authn as scan_authn
 from {{ cookiecutter.package_name }}.scan.probe import Probe, Scan
 from {{ cookiecutter.package_name }}.scan.report import Status
+from {{ cookiecutter.package_name }}.security.authz import StepUp, no_object_policy
 from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.revocation import tag
 
-from .conftest import TokenFactory, bearer, principal, run_sql, running
+from .conftest import PSEUDONYM_KEY, TokenFactory, bearer, principal, pseudonym, run_sql, running
 from .servers import ReplicatedRedis, free_port, redis_client, start_redis, start_replicated_redis
 
 ORGS = "/api/v1/orgs"
@@ -791,3 +794,87 @@ def test_revision_0002_qualifies_bare_owners_only_with_the_issuer_named(tmp_path
         asyncio.run(run_sql(url, "DELETE FROM api_keys WHERE id IN ('0000000000000001', '0000000000000002')"))
         config.cmd_opts = None
         command.upgrade(config, "heads")
+
+
+# --- Step-up (README "Step-up") -----------------------------------------------------------------
+
+
+async def test_an_api_key_is_refused_on_a_step_up_route_it_could_otherwise_use(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    """A key names no user's authentication, so it can never satisfy a step-up: fail closed, with
+    the challenge that says what would (a user's token, recently authenticated)."""
+    for max_age, expected in ((None, 201), (300, 401)):
+        app = create_app(settings_for(step_up_max_age_seconds=max_age))
+        async with running(app, PARTNER) as http:
+            owner = bearer(make_token("alice", MANAGER_SCOPES, auth_time=int(time.time())))
+            org_id = (await http.post(ORGS, json={"name": "Acme"}, headers=owner)).json()["id"]
+            issued = await issue(app, scopes=("orgs:read", "orgs:write"))
+            subject = f"apikey:{issued.info.id}"
+            made = await http.put(f"{ORGS}/{org_id}/grants/{subject}", json={"relation": "owner"}, headers=owner)
+            assert made.status_code == 201, made.text
+            changed = await http.put(
+                f"{ORGS}/{org_id}/grants/bob", json={"relation": "viewer"}, headers=api_key(issued.key)
+            )
+            assert changed.status_code == expected, changed.text
+            if expected == 401:
+                assert changed.headers["content-type"] == "application/problem+json"
+                assert changed.headers["www-authenticate"].startswith('Bearer error="insufficient_user_authentication"')
+                assert 'max_age="300"' in changed.headers["www-authenticate"]
+
+
+# --- Privilege changes by the operators' commands (README "Audit logging") ---------------------
+
+
+async def test_keys_issued_and_revoked_by_the_cli_are_events_naming_key_owner_and_operator(
+    cli_env: None, monkeypatch: pytest.MonkeyPatch, migrated_database: str, http: httpx.AsyncClient, capsys: Any
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", migrated_database)
+    monkeypatch.setenv("AUDIT_PSEUDONYM_KEY", PSEUDONYM_KEY)
+    for name in ("LOGNAME", "USER"):
+        monkeypatch.setenv(name, "ops-jane")
+
+    def events(err: str) -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("event") == "privilege_changed"]
+
+    argv = ["api-key", "issue", "--owner", "partner-admin", "--scope", "orgs:read", "--expires-in", "30d"]
+    assert await anyio.to_thread.run_sync(main, argv) == 0
+    out = capsys.readouterr()
+    key = out.out.strip()
+    key_id = key.split("_")[1]
+    [issued] = events(out.err)
+    assert (issued["action"], issued["key_id"], issued["scopes"]) == ("api_key_issued", key_id, ["orgs:read"])
+    assert issued["grantee"] == pseudonym(f"apikey:{key_id}", PSEUDONYM_KEY)
+    assert issued["owner"] == pseudonym(principal("partner-admin"), PSEUDONYM_KEY)
+    assert (issued["operator"], issued["command"]) == ("ops-jane", "api-key-issue")
+    assert key.rsplit("_", 1)[1] not in out.err  # never the secret
+    assert await anyio.to_thread.run_sync(main, ["api-key", "revoke", key_id]) == 0
+    [revoked] = events(capsys.readouterr().err)
+    assert (revoked["action"], revoked["key_id"], revoked["command"]) == ("api_key_revoked", key_id, "api-key-revoke")
+    assert revoked["grantee"] == issued["grantee"]
+
+
+# A route of an owner's that serves keys too: its step-up binds users' tokens only.
+ServesKeysToo = Annotated[
+    Principal, no_object_policy(scopes=["orgs:read"], step_up=StepUp(max_age=60, other_credentials=True))
+]
+
+
+async def test_a_step_up_route_that_allows_other_credentials_serves_a_key_and_still_judges_tokens(
+    settings: Settings, make_token: TokenFactory
+) -> None:
+    app = create_app(settings)
+
+    @app.get("/api/v1/export")
+    async def export(principal: ServesKeysToo) -> dict[str, str]:
+        return {"subject": principal.subject}
+
+    async with running(app, PARTNER) as http:
+        issued = await issue(app, scopes=("orgs:read",))
+        served = await http.get("/api/v1/export", headers=api_key(issued.key))
+        assert (served.status_code, served.json()) == (200, {"subject": f"apikey:{issued.info.id}"})
+        stale = bearer(make_token("alice", auth_time=int(time.time()) - 3600))
+        refused = await http.get("/api/v1/export", headers=stale)
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"].startswith('Bearer error="insufficient_user_authentication"')

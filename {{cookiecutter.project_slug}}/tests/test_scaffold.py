@@ -62,8 +62,14 @@ def shown(result: subprocess.CompletedProcess[str]) -> str:
             [("scaffolded_board",), ("scaffolded_card", "--under", "scaffolded_board")],
             ["scaffolded_boards", "scaffolded_cards"],
         ),
+        # --step-up: the writes declare the configured step-up; the scaffolded test proves a stale
+        # authentication is refused (401) and a fresh one is not.
+        (
+            [("scaffolded_memo", "--under", "org", "--step-up"), ("scaffolded_vault", "--step-up")],
+            ["scaffolded_memos", "scaffolded_vaults"],
+        ),
     ],
-    ids=["under-an-org", "top-level", "under-a-scaffolded-resource"],
+    ids=["under-an-org", "top-level", "under-a-scaffolded-resource", "with-step-up"],
 )
 def test_a_scaffolded_resource_is_lint_clean_migrated_guarded_and_tested(
     tmp_path: Path, commands: list[tuple[str, ...]], modules: list[str]

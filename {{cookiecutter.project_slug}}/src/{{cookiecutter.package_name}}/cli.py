@@ -1,4 +1,4 @@
-"""Operator and developer commands: `{{ cookiecutter.project_slug }} --help`."""
+"""Operator and developer commands: `secure-api --help`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from . import extensions
 from .config import SERVICE_NAME, ConfigError, Settings, tracing_requested
 from .domain import GRANT_TARGET
 from .resources import app_runtime
+from .security.events import operator, privilege_changed
+from .security.logs import configure_command_logging
 from .security.principal import issuer_namespace, principal_id
 from .security.revocation import MAX_ID_LENGTH, Revocations
 from .startup import load_settings
@@ -88,7 +90,13 @@ def mint_token(args: argparse.Namespace) -> int:
     }
     if args.jkt:
         claims["cnf"] = {"jkt": args.jkt}  # DPoP-bound (README "Authentication")
-    headers = {"kid": args.kid} if args.kid else None
+    # How the user signed in, for a route that requires a step-up (README "Step-up").
+    if args.auth_time is not None:
+        claims["auth_time"] = now if args.auth_time == "now" else int(args.auth_time)
+    if args.acr:
+        claims["acr"] = args.acr
+    # An access token says so (RFC 9068), so JWT_REQUIRE_TYP accepts it.
+    headers = {"typ": "at+jwt", **({"kid": args.kid} if args.kid else {})}
     print(jwt.encode(claims, Path(str(key_file)).read_bytes(), algorithm="RS256", headers=headers))
     return 0
 
@@ -108,6 +116,7 @@ def revoke_token(args: argparse.Namespace) -> int:
 
     async def revoke(revocations: Revocations, namespace: str) -> str:
         if await revocations.revoke_token(namespace + args.sub, args.jti, args.exp):
+            privilege_changed("token_revoked", grantee=namespace + args.sub, jti=args.jti, **operator("token-revoke"))
             return f"token {args.jti} revoked until it expires"
         return f"token {args.jti} has expired already; nothing to revoke"
 
@@ -119,6 +128,7 @@ def revoke_subject(args: argparse.Namespace) -> int:
 
     async def revoke(revocations: Revocations, namespace: str) -> str:
         await revocations.revoke_subject(namespace + args.sub)
+        privilege_changed("subject_tokens_revoked", grantee=namespace + args.sub, **operator("token-revoke-subject"))
         return f"tokens of {args.sub} issued until now are revoked"
 
     return _revoke(revoke)
@@ -126,6 +136,7 @@ def revoke_subject(args: argparse.Namespace) -> int:
 
 def _revoke(action: Callable[[Revocations, str], Awaitable[str]]) -> int:
     settings = load_settings()
+    configure_command_logging(settings)
     if not settings.redis_url:
         print("REDIS_URL is required: the running service reads revocations from Redis", file=sys.stderr)
         return 2
@@ -164,6 +175,7 @@ def lift_lockout(args: argparse.Namespace) -> int:
     from .store import redis_store
 
     settings = load_settings()  # a settings error is printed by main()
+    configure_command_logging(settings)
     if not settings.redis_url:
         print("REDIS_URL is required: the running service reads lockouts from Redis", file=sys.stderr)
         return 2
@@ -186,6 +198,8 @@ def lift_lockout(args: argparse.Namespace) -> int:
         error = type(exc.__cause__ or exc).__name__
         print(f"{SERVICE_NAME}: Redis is unavailable ({error}); nothing was lifted", file=sys.stderr)
         return 1
+    lifted = {"grantee": name} if kind == "subject" else {"client": name}
+    privilege_changed("lockout_lifted", kind=kind, was_locked=locked, **lifted, **operator("lockout-lift"))
     print(f"{kind} {name}: lockout lifted" if locked else f"{kind} {name} was not locked out; its failures are reset")
     return 0
 
@@ -316,6 +330,7 @@ def _change_grant(args: argparse.Namespace, relation: str | None) -> int:
         print(f"--sub must match {grants.SUBJECT_PATTERN}", file=sys.stderr)
         return 2
     settings = load_settings()
+    configure_command_logging(settings)
     object_id = getattr(args, GRANT_TARGET.noun)
     subject = principal_id(args.sub, issuer_namespace(settings.jwt_issuer))
     if len(subject) > grants.MAX_SUBJECT_LENGTH:
@@ -345,8 +360,9 @@ async def _apply_grant(database_url: str, object_id: object, subject: str, relat
                     ):
                         return False, f"{subject} holds no grant on {named}"
                     message = f"revoked the grant of {subject} on {named}"
+                    action, command, given = "grant_revoked", "revoke-grant", {}
                 else:
-                    await grants.set_relation(
+                    created = await grants.set_relation(
                         session,
                         target.resource_type,
                         str(object_id),
@@ -356,9 +372,19 @@ async def _apply_grant(database_url: str, object_id: object, subject: str, relat
                         acting_owner=None,  # an operator with database access, not a caller of the API
                     )
                     message = f"{subject} is now {relation} of {named}"
+                    action, command = ("grant_created" if created else "grant_changed"), "grant"
+                    given = {"relation": relation}
             except grants.GrantRefused as refused:
                 return False, str(refused)
             await session.commit()
+            privilege_changed(
+                action,
+                resource_type=target.resource_type,
+                resource_id=str(object_id),
+                grantee=subject,
+                **given,
+                **operator(command),
+            )
             return True, message
     finally:
         await engine.dispose()
@@ -397,6 +423,12 @@ def move_issuer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _auth_time(value: str) -> str:
+    if value != "now" and not value.isdigit():
+        raise argparse.ArgumentTypeError("epoch seconds, or now")
+    return value
+
+
 def _claim_text(value: str) -> str:
     if not value or len(value) > MAX_ID_LENGTH:
         raise argparse.ArgumentTypeError(f"must be 1 to {MAX_ID_LENGTH} characters")
@@ -419,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--ttl", type=int, help="seconds; default 900, at most JWT_MAX_TOKEN_LIFETIME_SECONDS")
     mint.add_argument("--kid")
     mint.add_argument("--jkt", help="bind the token to the DPoP key with this RFC 7638 thumbprint (cnf.jkt)")
+    mint.add_argument("--auth-time", type=_auth_time, help="when the user signed in: epoch seconds, or now")
+    mint.add_argument("--acr", help="how the user signed in (an acr value, for STEP_UP_ACR_VALUES)")
     mint.add_argument("--private-key")
     mint.add_argument("--issuer")
     mint.add_argument("--audience")
@@ -454,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     scaffold.add_argument("name", help="singular, snake case: e.g. project")
     scaffold.add_argument("--plural", help="the collection's name (default: NAME + s)")
     scaffold.add_argument("--under", help="the object it belongs to, e.g. org (default: a top-level object type)")
+    scaffold.add_argument(
+        "--step-up",
+        action="store_true",
+        help="its writes require the configured step-up (STEP_UP_MAX_AGE_SECONDS, STEP_UP_ACR_VALUES)",
+    )
     scaffold.set_defaults(handler=scaffold_resource)
 
     pseudonym = commands.add_parser("audit-pseudonym", help="the pseudonym the audit log uses for a subject")
@@ -489,7 +528,7 @@ def scaffold_resource(args: argparse.Namespace) -> int:
     """Write a resource of the service's own in owner files (scaffold.py); then `make lint test`."""
     from .scaffold import Resource, ScaffoldRefused, scaffold, tidy
 
-    resource = Resource(args.name, args.plural or f"{args.name}s", args.under)
+    resource = Resource(args.name, args.plural or f"{args.name}s", args.under, step_up=args.step_up)
     try:
         written = scaffold(resource)
     except ScaffoldRefused as refused:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from functools import cached_property
 from typing import Annotated, Any, Literal, TypeVar
@@ -32,6 +33,8 @@ CommaList = Annotated[list[str], NoDecode]
 # private range (10.0.0.0/8 is the widest), and a wider entry believes forwarding headers from
 # most of the internet, i.e. lets clients choose their own address.
 MIN_TRUSTED_PROXY_PREFIX = {4: 8, 6: 32}
+# An `acr` value as STEP_UP_ACR_VALUES may list it (RFC 9470's acr_values is space-separated, quoted).
+_ACR_VALUE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,255}")
 
 
 def _split_commas(value: object) -> object:
@@ -150,6 +153,14 @@ class Settings(BaseSettings):
         if unsafe or not value:
             raise ValueError(f"list asymmetric algorithms only ({', '.join(sorted(ASYMMETRIC_ALGORITHMS))})")
         return value
+    # Access-token hygiene (README "Authentication", security/claims.py): `typ` must be at+jwt (RFC
+    # 9068; recommended in production); the RFC 9396 authorization_details types a policy reads.
+    jwt_require_typ: bool = False
+    jwt_authorization_details_types: CommaList = []
+    # Step-up (README "Step-up", RFC 9470): what a route declaring the configured step-up
+    # (authz.CONFIGURED_STEP_UP; the grant routes) requires of the user's authentication.
+    step_up_max_age_seconds: int | None = Field(None, ge=1, le=604_800)
+    step_up_acr_values: CommaList = []
 
     @model_validator(mode="before")
     @classmethod
@@ -175,6 +186,22 @@ class Settings(BaseSettings):
         return value
 
     _empty_is_unset = empty_is_unset("metrics_port", "audit_pseudonym_key")
+
+    _step_up_empty_is_unset = empty_is_unset("step_up_max_age_seconds")
+
+    @field_validator("jwt_authorization_details_types", "step_up_acr_values", mode="before")
+    @classmethod
+    def _claim_value_lists(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("step_up_acr_values")
+    @classmethod
+    def _acr_values(cls, value: list[str]) -> list[str]:
+        # Each one is sent back in a WWW-Authenticate header (acr_values="a b"): no space, quote or backslash.
+        unusable = [item for item in value if not _ACR_VALUE.fullmatch(item)]
+        if unusable:
+            raise ValueError(f"{unusable[0]!r}: an acr value is printable ASCII without spaces, quotes or backslashes")
+        return value
 
     @field_validator("jwt_public_key")
     @classmethod

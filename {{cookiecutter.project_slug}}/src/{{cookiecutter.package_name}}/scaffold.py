@@ -8,7 +8,9 @@ an object (`org`: `/api/v1/orgs/{org_id}/<plural>`) is guarded by the caller's r
 object, of that object's own type; a top-level one is an object type of its own, whose creator
 becomes its owner, and can be a parent in turn (`--under project` after `scaffold resource
 project`). A resource scaffolded under another has no grants of its own, so nothing can be
-scaffolded under it: the command refuses.
+scaffolded under it: the command refuses. With `--step-up`, the routes that write (create,
+delete) also declare the configured step-up (`authz.CONFIGURED_STEP_UP`: STEP_UP_MAX_AGE_SECONDS,
+STEP_UP_ACR_VALUES; README "Step-up"), and its test proves a stale authentication is refused.
 
 It runs in a source checkout (an editable install), refuses to overwrite anything, and changes
 no template file.
@@ -59,6 +61,7 @@ class Resource:
     name: str  # singular, snake case: `project`
     plural: str
     parent: str | None  # `org` or a top-level resource scaffolded before, or None for a top-level resource
+    step_up: bool = False  # its writes declare the configured step-up (authz.CONFIGURED_STEP_UP)
 
     @property
     def cls(self) -> str:
@@ -143,17 +146,18 @@ def scaffold(resource: Resource, *, package: Path = PACKAGE_DIR, project: Path |
     versions = package / "migrations" / "versions"
     heads = migration_heads(package)
     revision = next_revision(heads, versions)
-    values = _values(resource, parent_of(resource, package), heads, revision)
+    values = _values(resource, parent_of(resource, package), heads, revision, package.name)
     migration = versions / f"{revision}_{resource.plural}.py"
     test = project / "tests" / f"test_{resource.plural}.py"
     for path in (migration, test):
         if path.exists():
             raise ScaffoldRefused(f"{path} exists already")
     kind = "child" if resource.parent else "top"
-    writes = {
-        package / "models.py": _fill(MODEL[kind], values),
-        package / "api" / "deps.py": _fill(POLICIES[kind], values),
-    }
+    deps = package / "api" / "deps.py"
+    policies = deps.read_text()
+    if resource.step_up:
+        policies = _with_step_up_import(policies, deps)
+    writes = {package / "models.py": _fill(MODEL[kind], values)}
     api = package / "api" / "__init__.py"
     registry = api.read_text()
     imports = re.search(r"^from \. import (.+)$", registry, re.MULTILINE)
@@ -164,10 +168,11 @@ def scaffold(resource: Resource, *, package: Path = PACKAGE_DIR, project: Path |
     registry += f"router.include_router({resource.plural}.router)\n"
     for path, addition in writes.items():
         path.write_text(path.read_text().rstrip("\n") + "\n" + addition)
+    deps.write_text(policies.rstrip("\n") + "\n" + _fill(POLICIES[kind], values))
     api.write_text(registry)
     (package / "api" / f"{resource.plural}.py").write_text(_fill(ROUTES[kind], values))
     migration.write_text(_fill(MIGRATION[kind], values))
-    test.write_text(_fill(TEST[kind], values))
+    test.write_text(_fill(TEST[kind] + (STEP_UP_TEST[kind] if resource.step_up else ""), values))
     written = [
         package / "models.py",
         package / "api" / "deps.py",
@@ -194,7 +199,21 @@ def tidy(paths: list[Path]) -> bool:
     return True
 
 
-def _values(resource: Resource, parent: Parent | None, heads: list[str], revision: str) -> dict[str, str]:
+_AUTHZ_IMPORT = re.compile(r"^from \.\.security\.authz import (.+)$", re.MULTILINE)
+
+
+def _with_step_up_import(policies: str, deps: Path) -> str:
+    """`api/deps.py` with CONFIGURED_STEP_UP imported (the step-up the scaffolded writes declare)."""
+    found = _AUTHZ_IMPORT.search(policies)
+    if found is None:
+        raise ScaffoldRefused(f"{deps}: no `from ..security.authz import ...` line to add CONFIGURED_STEP_UP to")
+    names = sorted({*found.group(1).split(", "), "CONFIGURED_STEP_UP"})
+    return policies.replace(found.group(0), f"from ..security.authz import {', '.join(names)}")
+
+
+def _values(resource: Resource, parent: Parent | None, heads: list[str], revision: str, package: str) -> dict[str, str]:
+    step_up_imports = f"import time\nfrom collections.abc import Callable\n\nfrom {package}.app import create_app\n"
+    step_up_imports += f"from {package}.config import Settings\n\nfrom .conftest import running\n"
     values = {
         "name": resource.name,
         "plural": resource.plural,
@@ -203,6 +222,8 @@ def _values(resource: Resource, parent: Parent | None, heads: list[str], revisio
         "type": resource.name.upper(),
         "down": f'"{heads[0]}"' if len(heads) == 1 else "(" + ", ".join(f'"{head}"' for head in heads) + ")",
         "revision": revision,
+        "step_up": ", step_up=CONFIGURED_STEP_UP" if resource.step_up else "",
+        "test_imports": step_up_imports if resource.step_up else "",
     }
     if parent is not None:
         values |= {
@@ -257,19 +278,19 @@ CanRead$label = Annotated[
     uuid.UUID, require_relation($parent_type, Relation.viewer, param="$param", scopes=["$plural:read"])
 ]
 CanWrite$label = Annotated[
-    uuid.UUID, require_relation($parent_type, Relation.editor, param="$param", scopes=["$plural:write"])
+    uuid.UUID, require_relation($parent_type, Relation.editor, param="$param", scopes=["$plural:write"]$step_up)
 ]
 """,
     "top": """
 
 # $label (scaffolded): an object type of its own in the permissions table.
 $type = "$name"
-CanCreate$label = Annotated[Principal, no_object_policy(scopes=["$plural:write"])]
+CanCreate$label = Annotated[Principal, no_object_policy(scopes=["$plural:write"]$step_up)]
 CanRead$cls = Annotated[
     uuid.UUID, require_relation($type, Relation.viewer, param="${name}_id", scopes=["$plural:read"])
 ]
 CanDelete$cls = Annotated[
-    uuid.UUID, require_relation($type, Relation.owner, param="${name}_id", scopes=["$plural:write"])
+    uuid.UUID, require_relation($type, Relation.owner, param="${name}_id", scopes=["$plural:write"]$step_up)
 ]
 """,
 }
@@ -477,7 +498,7 @@ TEST = {
 from __future__ import annotations
 
 import httpx
-
+$test_imports
 from .conftest import TokenFactory, bearer
 
 SCOPES = "$parent_table:read $parent_table:write $plural:read $plural:write"
@@ -510,7 +531,7 @@ async def test_a_${name}_is_reached_through_its_${parent}_only(
 from __future__ import annotations
 
 import httpx
-
+$test_imports
 from .conftest import TokenFactory, bearer
 
 SCOPES = "$plural:read $plural:write"
@@ -527,5 +548,47 @@ async def test_a_${name}_is_reached_by_its_owner_only(client: httpx.AsyncClient,
     assert (await client.delete(path, headers=alice)).status_code == 204
     # Its grants went with it: its owner is refused like anyone else.
     assert (await client.get(path, headers=alice)).status_code == 403
+''',
+}
+
+STEP_UP_TEST = {
+    "child": '''
+
+async def test_writing_${plural}_needs_a_recent_authentication(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    """--step-up: with STEP_UP_MAX_AGE_SECONDS set, a write with a stale authentication is a 401."""
+    async with running(create_app(settings_for(step_up_max_age_seconds=300))) as client:
+        stale = bearer(make_token("alice", SCOPES, auth_time=int(time.time()) - 3600))
+        fresh = bearer(make_token("alice", SCOPES, auth_time=int(time.time())))
+        parent = (await client.post(PARENTS, json={"name": "Acme"}, headers=fresh)).json()["id"]
+        refused = await client.post(f"{PARENTS}/{parent}/$plural", json={"name": "First"}, headers=stale)
+        assert refused.status_code == 401, refused.text
+        assert refused.headers["www-authenticate"].startswith('Bearer error="insufficient_user_authentication"')
+        created = await client.post(f"{PARENTS}/{parent}/$plural", json={"name": "First"}, headers=fresh)
+        assert created.status_code == 201, created.text
+        path = f"{PARENTS}/{parent}/$plural/{created.json()['id']}"
+        assert (await client.get(path, headers=stale)).status_code == 200  # reading needs no step-up
+        assert (await client.delete(path, headers=stale)).status_code == 401
+        assert (await client.delete(path, headers=fresh)).status_code == 204
+''',
+    "top": '''
+
+async def test_writing_${plural}_needs_a_recent_authentication(
+    settings_for: Callable[..., Settings], make_token: TokenFactory
+) -> None:
+    """--step-up: with STEP_UP_MAX_AGE_SECONDS set, a write with a stale authentication is a 401."""
+    async with running(create_app(settings_for(step_up_max_age_seconds=300))) as client:
+        stale = bearer(make_token("alice", SCOPES, auth_time=int(time.time()) - 3600))
+        fresh = bearer(make_token("alice", SCOPES, auth_time=int(time.time())))
+        refused = await client.post("/api/v1/$plural", json={"name": "First"}, headers=stale)
+        assert refused.status_code == 401, refused.text
+        assert refused.headers["www-authenticate"].startswith('Bearer error="insufficient_user_authentication"')
+        created = await client.post("/api/v1/$plural", json={"name": "First"}, headers=fresh)
+        assert created.status_code == 201, created.text
+        path = f"/api/v1/$plural/{created.json()['id']}"
+        assert (await client.get(path, headers=stale)).status_code == 200  # reading needs no step-up
+        assert (await client.delete(path, headers=stale)).status_code == 401
+        assert (await client.delete(path, headers=fresh)).status_code == 204
 ''',
 }

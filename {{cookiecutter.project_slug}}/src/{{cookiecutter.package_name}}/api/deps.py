@@ -10,7 +10,15 @@ from typing import Annotated
 
 from ..domain import ORG
 from ..models import Org
-from ..security.authz import Listing, list_with_relation, no_object_policy, read_with_relation, require_relation
+from ..security.authz import (
+    CONFIGURED_STEP_UP,
+    Listing,
+    StepUp,
+    list_with_relation,
+    no_object_policy,
+    read_with_relation,
+    require_relation,
+)
 from ..security.principal import Principal
 from ..tables import Relation
 
@@ -22,9 +30,9 @@ class OrgRow:
     created_at: datetime
 
 
-def org_relation(relation: Relation, *, scopes: list[str]) -> object:
+def org_relation(relation: Relation, *, scopes: list[str], step_up: StepUp | None = None) -> object:
     """The caller holds `relation` (or higher) on the org in the path (`org_id`)."""
-    return require_relation(ORG, relation, param="org_id", scopes=scopes)
+    return require_relation(ORG, relation, param="org_id", scopes=scopes, step_up=step_up)
 
 
 CanCreateOrg = Annotated[Principal, no_object_policy(scopes=["orgs:write"])]
@@ -45,7 +53,9 @@ ReadableOrgs = Annotated[
     Listing,
     list_with_relation(ORG, Relation.viewer, scopes=["orgs:read"], columns=(Org.id, Org.name, Org.created_at)),
 ]
-CanManageGrants = Annotated[uuid.UUID, org_relation(Relation.owner, scopes=["orgs:write"])]
+# Changing who may do what is sensitive: the user's authentication must be as recent (and as
+# strong) as STEP_UP_MAX_AGE_SECONDS / STEP_UP_ACR_VALUES say (README "Step-up"), when set.
+CanManageGrants = Annotated[uuid.UUID, org_relation(Relation.owner, scopes=["orgs:write"], step_up=CONFIGURED_STEP_UP)]
 CanReadUsers = Annotated[uuid.UUID, org_relation(Relation.viewer, scopes=["users:read"])]
 CanWriteUsers = Annotated[uuid.UUID, org_relation(Relation.admin, scopes=["users:write"])]
 

@@ -11,7 +11,7 @@ from ..domain import ORG
 from ..models import Org
 from ..security import grants
 from ..security.errors import ProblemDetail
-from ..security.events import security_event
+from ..security.events import privilege_changed, security_event
 from ..security.principal import CurrentPrincipal
 from ..security.ratelimit import limit
 from ..tables import Permission, Relation
@@ -39,6 +39,9 @@ async def create_org(body: OrgCreate, principal: CanCreateOrg, session: SessionD
         )
     )
     await session.commit()
+    privilege_changed(
+        "grant_created", resource_type=ORG, resource_id=str(org.id), grantee=principal.subject, relation="owner"
+    )
     return OrgOut(id=org.id, name=org.name, created_at=as_utc(org.created_at))
 
 
@@ -82,6 +85,13 @@ async def put_grant(
     except grants.NoLongerOwner:
         raise _demoted_meanwhile(principal.subject, org_id) from None
     await session.commit()
+    privilege_changed(
+        "grant_created" if created else "grant_changed",
+        resource_type=ORG,
+        resource_id=str(org_id),
+        grantee=subject,
+        relation=body.relation.value,
+    )
     if created:
         response.status_code = status.HTTP_201_CREATED
     return GrantOut(org_id=org_id, subject=subject, relation=body.relation)
@@ -105,6 +115,7 @@ async def delete_grant(
     if not revoked:
         raise HTTPException(404)
     await session.commit()
+    privilege_changed("grant_revoked", resource_type=ORG, resource_id=str(org_id), grantee=subject)
 
 
 def _demoted_meanwhile(subject: str, org_id: object) -> HTTPException:

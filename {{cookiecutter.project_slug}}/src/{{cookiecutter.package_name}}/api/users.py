@@ -12,9 +12,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.dml import ReturningInsert
 
 from ..db import SessionDep
+from ..domain import ORG
 from ..models import OrgUser
 from ..resources import runtime_of
 from ..security.errors import ProblemDetail
+from ..security.events import privilege_changed
 from .deps import CanReadUsers, CanWriteUsers, as_utc
 from .schemas import Page, Role, UserCreate, UserOut
 
@@ -61,6 +63,15 @@ async def create_user(org_id: CanWriteUsers, body: UserCreate, request: Request)
         await statements.write(statements.query("insert_user", _insert_user), **user)
     except IntegrityError:
         raise HTTPException(409, ProblemDetail("A user with this email already exists in this org.")) from None
+    # The email is masked in the log like every email (AUDIT_MASKED_FIELDS).
+    privilege_changed(
+        "user_created",
+        resource_type=ORG,
+        resource_id=str(org_id),
+        user_id=str(user["id"]),
+        email=user["email"],
+        role=body.role.value,
+    )
     return UserOut(
         id=user["id"],
         org_id=org_id,
@@ -97,8 +108,13 @@ async def get_user(org_id: CanReadUsers, user_id: uuid.UUID, session: SessionDep
 
 @router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_user(org_id: CanWriteUsers, user_id: uuid.UUID, session: SessionDep) -> None:
-    await session.delete(await _user_in_org(session, org_id, user_id))
+    user = await _user_in_org(session, org_id, user_id)
+    email, role = user.email, user.role
+    await session.delete(user)
     await session.commit()
+    privilege_changed(
+        "user_deleted", resource_type=ORG, resource_id=str(org_id), user_id=str(user_id), email=email, role=role
+    )
 
 
 async def _user_in_org(session: SessionDep, org_id: uuid.UUID, user_id: uuid.UUID) -> OrgUser:

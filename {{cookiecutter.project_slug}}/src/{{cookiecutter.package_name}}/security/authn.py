@@ -33,6 +33,7 @@ from .binding import (
     binding_of,
     confirm_certificate,
 )
+from .claims import AccessTokenRules, user_authentication
 from .composition import compose
 from .dpop import InvalidProof, ProofVerifier, dpop_token, proof_header, replay_key, unverified_jti
 from .errors import ProblemDetail, ProblemResponse, problem, store_busy
@@ -59,8 +60,6 @@ REQUIRED_CLAIMS = ["iss", "aud", "sub", "exp", "iat"]
 VERIFIED_CACHE_SIZE = 10_000
 PROOF_DETAIL = "The DPoP proof is not valid."
 T = TypeVar("T")
-# RFC 7515 §4.1.9: "application/" may be omitted from `typ`; RFC 9068 names at+jwt.
-ACCEPTED_TYPES = frozenset({"jwt", "at+jwt", "application/jwt", "application/at+jwt"})
 
 
 # --- JWT verification -----------------------------------------------------------------------
@@ -110,6 +109,7 @@ class TokenVerifier:
         self.leeway = settings.jwt_leeway_seconds
         self.max_lifetime = settings.jwt_max_token_lifetime_seconds
         self.cache = VerifiedTokens(cache_size)
+        self.rules = AccessTokenRules(settings)  # typ, ID tokens, authorization_details (claims.py)
 
     def has_keys(self) -> bool:
         return self.keys.has_keys()
@@ -142,9 +142,7 @@ class TokenVerifier:
             raise InvalidCredentials("algorithm_not_allowed")
         if "crit" in header:
             raise InvalidCredentials("unsupported_critical_header")
-        typ = header.get("typ")
-        if typ is not None and (not isinstance(typ, str) or typ.lower() not in ACCEPTED_TYPES):
-            raise InvalidCredentials("wrong_type")
+        self.rules.check_header(header)
         if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_LENGTH):
             raise InvalidCredentials("malformed_kid")
         # jku, x5u, jwk and x5c are deliberately never read: only the key source is trusted.
@@ -181,9 +179,20 @@ class TokenVerifier:
         jti = claims.get("jti")
         if jti is not None and (not isinstance(jti, str) or not jti or len(jti) > MAX_ID_LENGTH):
             raise InvalidCredentials("bad_jti")
-        binding = binding_of(claims) if "cnf" in claims else None
+        details = self.rules.check_claims(claims)
+        user = user_authentication(claims)
         return Principal(
-            self.namespace + subject, _scopes(claims), jti, int(iat), int(exp), BearerToken.challenge, binding
+            self.namespace + subject,
+            _scopes(claims),
+            jti,
+            int(iat),
+            int(exp),
+            BearerToken.challenge,
+            binding_of(claims) if "cnf" in claims else None,
+            auth_time=user.auth_time,
+            acr=user.acr,
+            amr=user.amr,
+            authorization_details=details,
         )
 
 

@@ -15,7 +15,9 @@ What a refused caller learns, in order of the checks:
 1. Authentication is middleware in front of routing, so only a verified token reaches a route.
 2. FastAPI reads the body and answers 400 for bytes that are not JSON at all. This happens
    before any dependency and tells the caller only that its own bytes are not JSON.
-3. The scope check, then the object check. A caller refused here gets the same 403 whatever the
+3. The scope check, then (on a route that declares a step-up, `StepUp`) the check of how and when
+   the user authenticated (401 `insufficient_user_authentication`, RFC 9470: it reads the token
+   only), then the object check. A caller refused here gets the same 403 whatever the
    body, query or object id: the permissions table is asked, never the object's table, so the
    answer does not depend on whether the object exists (no existence oracle).
 4. Only then are the body, query and remaining path parameters validated against the route's
@@ -36,6 +38,7 @@ statement (`read_with_relation`). A cache added here must be invalidated on ever
 # No `from __future__ import annotations`: FastAPI reads the dependencies' annotations, which
 # name the scope check made in each factory.
 import inspect
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,10 +49,12 @@ from sqlalchemy import ColumnElement, Select, String, bindparam, cast, func, sel
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
+from ..config import Settings
 from ..resources import runtime_of
 from ..tables import Permission, Relation
+from .errors import ProblemDetail
 from .events import security_event
-from .principal import Principal, current_principal
+from .principal import JWT_NAMESPACE, Principal, current_principal
 
 RULE_ATTRIBUTE = "__authz_rule__"
 F = TypeVar("F")
@@ -72,7 +77,50 @@ class ObjectRule:
     relation: Relation | None
 
 
-def declare(check: F, rule: ScopeRule | ObjectRule) -> F:
+@dataclass(frozen=True, slots=True)
+class StepUp:
+    """Step-up (RFC 9470), left on the step-up check: how the user must have authenticated for the
+    route. `max_age`: at most this many seconds ago (the token's `auth_time`; a token without one
+    does not satisfy it); `acr_values`: with one of these `acr`s. `configured`: what
+    STEP_UP_MAX_AGE_SECONDS and STEP_UP_ACR_VALUES say at run time (nothing when both are unset).
+
+    Only a JWT names a user's authentication: any other credential (an API key, a webhook
+    signature, a workload's certificate) is refused on such a route unless `other_credentials`."""
+
+    max_age: int | None = None
+    acr_values: tuple[str, ...] = ()
+    configured: bool = False
+    other_credentials: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.configured and self.max_age is None and not self.acr_values:
+            raise ValueError("StepUp needs max_age, acr_values or configured=True")
+        if self.max_age is not None and self.max_age < 1:
+            raise ValueError("StepUp max_age is at least one second")
+        if any(not value or not value.isprintable() or set(value) & set(' "\\') for value in self.acr_values):
+            raise ValueError("StepUp acr_values are printable, without spaces, quotes or backslashes")
+
+    def required(self, settings: Settings) -> tuple[int | None, tuple[str, ...]]:
+        if self.configured:
+            return settings.step_up_max_age_seconds, tuple(settings.step_up_acr_values)
+        return self.max_age, self.acr_values
+
+
+# What the service's sensitive routes require, set by the deployer (README "Step-up").
+CONFIGURED_STEP_UP = StepUp(configured=True)
+STEP_UP_PROBLEM = "insufficient-user-authentication"
+STEP_UP_DETAIL = ProblemDetail(
+    "This operation needs a more recent or stronger authentication: sign in again as WWW-Authenticate says."
+)
+
+
+class StepUpRequired(HTTPException):
+    """401 with RFC 9470's challenge: authenticate again, as `max_age` / `acr_values` say."""
+
+    problem_name = STEP_UP_PROBLEM
+
+
+def declare(check: F, rule: ScopeRule | ObjectRule | StepUp) -> F:
     """Mark `check` (a dependency) as declaring `rule`, for the route-policy walk."""
     setattr(check, RULE_ATTRIBUTE, rule)
     return check
@@ -95,6 +143,60 @@ def require_scopes(*scopes: str) -> Any:
         return principal
 
     return Depends(declare(check_scopes, ScopeRule(needed)))
+
+
+def unmet_step_up(principal: Principal, max_age: int | None, acr_values: Sequence[str], *, now: float) -> str | None:
+    """Why the principal's authentication does not satisfy the step-up, or None when it does."""
+    if max_age is not None:
+        if principal.auth_time is None:
+            return "auth_time_missing"
+        if now - principal.auth_time > max_age:
+            return "authentication_too_old"
+    if acr_values and principal.acr not in acr_values:
+        return "acr_not_accepted" if principal.acr else "acr_missing"
+    return None
+
+
+def require_step_up(step_up: StepUp, scoped: Any) -> Any:
+    """Refuse with 401 (`insufficient_user_authentication`, RFC 9470) unless the caller's
+    authentication satisfies `step_up`. Depends on the scope check `scoped`; reads the token only
+    (no I/O), so a refused caller learns nothing of any object."""
+
+    async def check_step_up(principal: Annotated[Principal, scoped], request: Request) -> Principal:
+        max_age, acr_values = step_up.required(runtime_of(request).settings)
+        if max_age is None and not acr_values:
+            return principal  # the configured step-up, with both settings unset
+        user = principal.subject.startswith(JWT_NAMESPACE)  # only a JWT names a user's authentication
+        if not user and step_up.other_credentials:
+            return principal
+        reason = unmet_step_up(principal, max_age, acr_values, now=time.time()) if user else "no_user_authentication"
+        if reason is None:
+            return principal
+        security_event(
+            "step_up_required",
+            subject=principal.subject,
+            reason=reason,
+            max_age=max_age,
+            acr_values=list(acr_values),
+        )
+        # The scheme the token came with (Bearer, or DPoP); a credential that names no user is told
+        # what would do: a user's bearer token.
+        scheme = principal.credential if user and principal.credential else "Bearer"
+        challenge = f'{scheme} error="insufficient_user_authentication"'
+        challenge += ', error_description="A more recent or stronger authentication is required"'
+        if max_age is not None:
+            challenge += f', max_age="{max_age}"'
+        if acr_values:
+            challenge += f', acr_values="{" ".join(acr_values)}"'
+        raise StepUpRequired(401, STEP_UP_DETAIL, headers={"WWW-Authenticate": challenge})
+
+    return Depends(declare(check_step_up, step_up))
+
+
+def _guard(scopes: Sequence[str], step_up: StepUp | None) -> Any:
+    """The principal's dependency of an object check: the scope check, then the step-up's."""
+    scoped = require_scopes(*scopes)
+    return scoped if step_up is None else require_step_up(step_up, scoped)
 
 
 def _holds_query(resource_type: str, relation: Relation) -> Select[Any]:
@@ -156,12 +258,19 @@ def _with_path_parameter(check: Callable[..., Any], param: str, id_type: type, s
 
 
 def require_relation(
-    resource_type: str, relation: Relation, *, param: str, scopes: Sequence[str], id_type: type = uuid.UUID
+    resource_type: str,
+    relation: Relation,
+    *,
+    param: str,
+    scopes: Sequence[str],
+    id_type: type = uuid.UUID,
+    step_up: StepUp | None = None,
 ) -> Any:
     """Refuse with 403 unless the token carries `scopes` and the caller holds `relation` (or
     higher) on the object of `resource_type` whose id is the path parameter `param`. The same 403
-    whether the object exists or not. Gives the route the object's id."""
-    scoped = require_scopes(*scopes)
+    whether the object exists or not. Gives the route the object's id. With `step_up`, the
+    caller's authentication must satisfy it too (401 otherwise), checked before the object."""
+    scoped = _guard(scopes, step_up)
     key = ("holds", resource_type, relation)
 
     def query() -> Select[Any]:
@@ -199,12 +308,14 @@ def read_with_relation(
     scopes: Sequence[str],
     columns: Sequence[InstrumentedAttribute[Any]],
     into: Callable[..., T],
+    step_up: StepUp | None = None,
 ) -> Any:
     """`require_relation`, and the object itself read in the same statement: one round trip for
     the check and the read. `columns` are the object's columns to read, its id first (the column
     the path parameter names); the route gets `into(*columns' values)`. 403 without the relation
-    (whether the object exists or not), 404 for a grant that outlived its object."""
-    scoped = require_scopes(*scopes)
+    (whether the object exists or not), 404 for a grant that outlived its object. `step_up` as
+    for `require_relation`."""
+    scoped = _guard(scopes, step_up)
     id_column = columns[0]
     key = ("read", resource_type, relation)
 
@@ -243,10 +354,10 @@ def read_with_relation(
     return Depends(declare(check_and_read, ObjectRule(resource_type, relation)))
 
 
-def no_object_policy(*, scopes: Sequence[str]) -> Any:
+def no_object_policy(*, scopes: Sequence[str], step_up: StepUp | None = None) -> Any:
     """Declares a route that acts on no existing object (e.g. creating one): only `scopes` are
-    required. Gives the route the caller's principal."""
-    scoped = require_scopes(*scopes)
+    required (and `step_up`, when given). Gives the route the caller's principal."""
+    scoped = _guard(scopes, step_up)
     action = action_of(scopes)
 
     async def no_object(principal: Annotated[Principal, scoped], request: Request) -> Principal:

@@ -7,8 +7,11 @@ mistake in a caller does not become a leak.
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
 import re
+import socket
 from contextvars import ContextVar, Token
 from random import getrandbits
 from typing import Any
@@ -160,3 +163,23 @@ class TraceIdFilter(logging.Filter):
         if not hasattr(record, "trace_id"):
             record.trace_id, record.span_id = _trace.get()
         return True
+
+
+def privilege_changed(action: str, **fields: Any) -> None:
+    """A privilege that changed (ASVS 5.0 V16.3.3): an INFO `privilege_changed` event naming the
+    `action` (`grant_created`, `token_revoked`, ...), the object (`resource_type`, `resource_id`, or
+    the key, token or address), whom it concerns (`grantee`, pseudonymized like `subject`) and who
+    acted: the request's `subject`, or, from an operator command, the `operator` (`operator()`)."""
+    security_event("privilege_changed", logging.INFO, action=action, **fields)
+
+
+def operator(command: str) -> dict[str, str]:
+    """Who runs an operator command, for its events: the `command` (its words joined by `-`, e.g.
+    `token-revoke`: the log's masking redacts `token <word>`), the OS user (`operator`) and the
+    host (in Kubernetes the pod's name). Holding the service's credentials is the command's only
+    authorization, so the log is where the act is attributed (ASVS 5.0 V8.4.2)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry or LOGNAME
+        user = f"uid:{os.getuid()}"
+    return {"command": command, "operator": user, "operator_host": socket.gethostname()}

@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime
 from datetime import time as dt_time
 from typing import IO, Any
 
+from ..config import Settings
 from . import client_addresses, pseudonyms
 from .events import (
     TraceIdFilter,
@@ -115,3 +116,15 @@ def configure_logging(
 
 def service_log_handler() -> ServiceLogHandler | None:
     return next((h for h in logging.getLogger().handlers if isinstance(h, ServiceLogHandler)), None)
+
+
+def configure_command_logging(settings: Settings) -> ServiceLogHandler:
+    """An operator command's logging: the service's JSON lines and masking (its `privilege_changed`
+    events), on stderr, so stdout stays the command's answer (a key printed once, a pseudonym)."""
+    return configure_logging(
+        settings.log_level,
+        masked_fields=settings.audit_masked_fields,
+        pseudonym_key=settings.audit_pseudonym_key_bytes,
+        client_address=settings.log_client_address,
+        stream=sys.stderr,
+    )

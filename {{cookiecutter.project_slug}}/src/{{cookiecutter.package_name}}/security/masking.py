@@ -40,8 +40,9 @@ SECRET_KEYS = frozenset(
     }
 )
 SECRET_SUFFIXES = ("_token", "_secret", "_password", "_key")
-# Keys whose values name who acted: logged as keyed pseudonyms, stable per subject.
-SUBJECT_KEYS = frozenset({"subject"})
+# Keys whose values name who acted, or whose privileges changed (`grantee`, a key's `owner`):
+# logged as keyed pseudonyms, stable per subject.
+SUBJECT_KEYS = frozenset({"subject", "grantee", "owner"})
 # Keys whose values are client addresses: written in full, truncated or as pseudonyms.
 ADDRESS_KEYS = frozenset({"client", "client_address"})
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
-from typing import Annotated, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 from starlette.types import Receive, Scope
@@ -76,6 +77,16 @@ class Principal:
     # What the token is bound to (its `cnf`, security/binding.py): (`jkt` or `x5t#S256`, thumbprint);
     # None for a plain bearer token and for the other credential types.
     binding: tuple[str, str] | None = None
+    # How and when the user authenticated, as a JWT says (OIDC `auth_time`, `acr`, `amr`;
+    # security/claims.py reads them): what a step-up rule reads (authz.StepUp, RFC 9470). None and
+    # empty for a token without them, and for every credential that names no user's authentication
+    # (an API key, a webhook signature, a workload's certificate).
+    auth_time: int | None = None
+    acr: str | None = None
+    amr: tuple[str, ...] = ()
+    # RFC 9396 `authorization_details` of the types JWT_AUTHORIZATION_DETAILS_TYPES lists (a token
+    # with any other is refused, claims.py): for the policy that reads them.
+    authorization_details: tuple[Mapping[str, Any], ...] = field(default=(), compare=False)
 
 
 class InvalidCredentials(Exception):

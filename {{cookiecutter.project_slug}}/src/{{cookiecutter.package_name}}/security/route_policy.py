@@ -1,5 +1,6 @@
 """The route-policy walk, deny by default: every route declares scopes and an object policy
-(`authz.py`), or is on the public list below. The application refuses to start with a route that is
+(`authz.py`), or is on the public list below; the step-up a route declares (`authz.StepUp`) is
+reported with its policy. The application refuses to start with a route that is
 neither (`refuse_unguarded_routes`, run by the app factory and again by the lifespan on the final
 route table, so a router included later or a route behind a setting is judged too), and the test
 suite fails on one.
@@ -19,7 +20,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
 from ..config import ConfigError
-from .authz import RULE_ATTRIBUTE, ObjectRule, ScopeRule
+from .authz import RULE_ATTRIBUTE, ObjectRule, ScopeRule, StepUp
 from .principal import under_api
 
 # Recent FastAPI keeps included routers nested in app.routes and walks them with this; older
@@ -51,6 +52,8 @@ class RoutePolicy:
     scopes: frozenset[str]
     object_rule: ObjectRule | None
     problems: tuple[str, ...]
+    # How the user must have authenticated (a step-up, RFC 9470), when the route declares one.
+    step_up: StepUp | None = None
 
 
 def _tree(dependant: Dependant) -> Iterator[Dependant]:
@@ -59,10 +62,10 @@ def _tree(dependant: Dependant) -> Iterator[Dependant]:
         yield from _tree(sub)
 
 
-def _rules(dependant: Dependant) -> Iterator[tuple[Dependant, ScopeRule | ObjectRule]]:
+def _rules(dependant: Dependant) -> Iterator[tuple[Dependant, ScopeRule | ObjectRule | StepUp]]:
     for node in _tree(dependant):
         rule = getattr(node.call, RULE_ATTRIBUTE, None)
-        if isinstance(rule, ScopeRule | ObjectRule):
+        if isinstance(rule, ScopeRule | ObjectRule | StepUp):
             yield node, rule
 
 
@@ -84,7 +87,11 @@ def route_policy(name: str, dependant: Dependant) -> RoutePolicy:
     for node, _ in objects:
         if not any(isinstance(rule, ScopeRule) for _, rule in _rules(node)):
             problems.append("object check does not depend on a scope check")
-    return RoutePolicy(name, frozenset(scopes), objects[0][1] if objects else None, tuple(problems))
+    step_ups = {rule for _, rule in rules if isinstance(rule, StepUp)}
+    if len(step_ups) > 1:
+        problems.append("declares more than one step-up (StepUp)")
+    step_up = next(iter(step_ups)) if len(step_ups) == 1 else None
+    return RoutePolicy(name, frozenset(scopes), objects[0][1] if objects else None, tuple(problems), step_up)
 
 
 def route_policies(routes: Sequence[BaseRoute], *, public: frozenset[str] | None = None) -> list[RoutePolicy]:

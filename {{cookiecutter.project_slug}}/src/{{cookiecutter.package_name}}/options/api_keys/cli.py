@@ -10,7 +10,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ...config import SERVICE_NAME
-from ...security.principal import issuer_namespace, principal_id
+from ...security.events import operator, privilege_changed
+from ...security.logs import configure_command_logging
+from ...security.principal import API_KEY_NAMESPACE, issuer_namespace, principal_id
 from ...security.revocation import Revocations
 from ...startup import load_settings
 from ...store.core import MemoryStore, NotReplicated, RemoteStore, StoreBusy, StoreUnavailable
@@ -48,6 +50,7 @@ Action = Callable[["AsyncSession", ApiKeySettings, Revocations], Awaitable[tuple
 def _run(action: Action) -> int:
     core = load_settings()
     settings = load_api_key_settings(core)
+    configure_command_logging(core)  # the privilege_changed events, on stderr
     if not core.redis_url:
         print(
             "note: REDIS_URL is not set; replicas that reuse a looked-up key (API_KEY_CACHE_SECONDS) learn of "
@@ -123,6 +126,14 @@ def issue_key(args: argparse.Namespace) -> int:
             created_by=f"cli:{SERVICE_NAME}",
         )
         await session.commit()
+        privilege_changed(
+            "api_key_issued",
+            grantee=issued.info.subject,
+            owner=issued.info.owner,
+            key_id=issued.info.id,
+            scopes=issued.info.scopes,
+            **operator("api-key-issue"),
+        )
         print(_shown(issued.info), file=sys.stderr)
         return 0, issued.key
 
@@ -153,6 +164,9 @@ def rotate_key(args: argparse.Namespace) -> int:
 def revoke_key(args: argparse.Namespace) -> int:
     async def action(session: AsyncSession, _settings: ApiKeySettings, revocations: Revocations) -> tuple[int, str]:
         if await store.revoke(session, revocations, args.id):
+            privilege_changed(
+                "api_key_revoked", grantee=f"{API_KEY_NAMESPACE}{args.id}", key_id=args.id, **operator("api-key-revoke")
+            )
             return 0, f"key {args.id} revoked; refused from its next request"
         return 1, f"no key {args.id} that is not revoked already"
 
