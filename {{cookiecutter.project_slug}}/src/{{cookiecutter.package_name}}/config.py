@@ -153,6 +153,7 @@ class Settings(BaseSettings):
         if unsafe or not value:
             raise ValueError(f"list asymmetric algorithms only ({', '.join(sorted(ASYMMETRIC_ALGORITHMS))})")
         return value
+
     # Access-token hygiene (README "Authentication", security/claims.py): `typ` must be at+jwt (RFC
     # 9068; recommended in production); the RFC 9396 authorization_details types a policy reads.
     jwt_require_typ: bool = False

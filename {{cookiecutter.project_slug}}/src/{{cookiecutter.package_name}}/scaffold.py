@@ -199,7 +199,7 @@ def tidy(paths: list[Path]) -> bool:
     return True
 
 
-_AUTHZ_IMPORT = re.compile(r"^from \.\.security\.authz import (.+)$", re.MULTILINE)
+_AUTHZ_IMPORT = re.compile(r"^from \.\.security\.authz import (\([^)]*\)|.+)$", re.MULTILINE)
 
 
 def _with_step_up_import(policies: str, deps: Path) -> str:
@@ -207,8 +207,12 @@ def _with_step_up_import(policies: str, deps: Path) -> str:
     found = _AUTHZ_IMPORT.search(policies)
     if found is None:
         raise ScaffoldRefused(f"{deps}: no `from ..security.authz import ...` line to add CONFIGURED_STEP_UP to")
-    names = sorted({*found.group(1).split(", "), "CONFIGURED_STEP_UP"})
-    return policies.replace(found.group(0), f"from ..security.authz import {', '.join(names)}")
+    listed = (name.strip() for name in found.group(1).strip("()").split(","))
+    names = sorted({*(name for name in listed if name), "CONFIGURED_STEP_UP"})
+    line = f"from ..security.authz import {', '.join(names)}"
+    if len(line) > 120:  # ruff's line length: one name per line, as ruff format writes it
+        line = "from ..security.authz import (\n" + "".join(f"    {name},\n" for name in names) + ")"
+    return policies.replace(found.group(0), line)
 
 
 def _values(resource: Resource, parent: Parent | None, heads: list[str], revision: str, package: str) -> dict[str, str]:
