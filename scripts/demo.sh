@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Bake the default service into build/secure-api, install it, migrate its SQLite
-# database, make a development key pair and token, then run it on 127.0.0.1:8000.
+# Bake the default service into build/secure-api, install its locked runtime set (uv.lock, no dev
+# tools) into its own .venv, migrate its SQLite database, make a development key pair and token,
+# then run it on 127.0.0.1:8000. Needs only uv (UV, else uv on PATH) and Python 3.11+: cookiecutter
+# runs from uv's tool cache.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-venv=$(cd "$root" && cd "${VENV:-.venv}" && pwd)
+uv=${UV:-uv}
+case "$uv" in /*) ;; */*) uv="$root/$uv" ;; esac
 project="$root/build/secure-api"
+venv="$project/.venv"
 scopes="orgs:read orgs:write users:read users:write"
-export PATH="$venv/bin:$PATH"
 
 rm -rf "$project"
-cookiecutter --no-input --output-dir "$root/build" "$root"
-python -m pip install --quiet --no-build-isolation --editable "$project[dev]"
+"$uv" tool run --quiet --from "cookiecutter>=2.6" cookiecutter --no-input --output-dir "$root/build" "$root" >/dev/null
 cd "$project"
+UV_PROJECT_ENVIRONMENT="$venv" "$uv" sync --quiet --locked --all-packages --no-dev --python "${PYTHON:-python3}"
+export PATH="$venv/bin:$PATH"
 
 secure-api keys generate --out .keys
 export ENVIRONMENT=development
