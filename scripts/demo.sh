@@ -18,13 +18,17 @@ cd "$project"
 UV_PROJECT_ENVIRONMENT="$venv" "$uv" sync --quiet --locked --all-packages --no-dev --python "${PYTHON:-python3}"
 export PATH="$venv/bin:$PATH"
 
-secure-api keys generate --out .keys
 export ENVIRONMENT=development
+# The migration needs no key: it runs beside the key pair and the token (each a process importing
+# the service, the slow part of a demo on a small machine).
+alembic upgrade heads &
+migration=$!
+secure-api keys generate --out .keys
 export JWT_PUBLIC_KEY="$(cat .keys/public.pem)"
 export JWT_ISSUER=https://issuer.dev.local
 export JWT_AUDIENCE=secure-api
-alembic upgrade heads
 token=$(secure-api token mint --private-key .keys/private.pem --sub dev-user --scope "$scopes")
+wait "$migration"
 
 cat <<MSG
 
