@@ -11,6 +11,7 @@ access here.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -195,7 +196,7 @@ def test_locked_uv_installs_the_locks_uv_and_refuses_another_hash(baked: BakedPr
     wheel's sha256 checked; a lock whose hash does not match the wheel gets no uv."""
     project = baked("default")
     script = project / "scripts" / "locked_uv.py"
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     result = run([sys.executable, str(script), "--install", str(tmp_path / "uv")], cwd=project, env=env, timeout=300)
     assert result.returncode == 0, report(result)
     version = run([str(tmp_path / "uv" / "bin" / "uv"), "--version"], cwd=project)
@@ -224,8 +225,7 @@ def test_the_image_install_steps_work_from_the_lock(baked: BakedProject, name: s
     dockerfile = (project / "Dockerfile").read_text()
     runtime, build = tmp_path / "venv", tmp_path / "build"
     env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(Path.home()),
+        **os.environ,
         "UV_LOCKED": "1",
         "UV_PYTHON_DOWNLOADS": "never",
         "UV_PROJECT_ENVIRONMENT": str(runtime),

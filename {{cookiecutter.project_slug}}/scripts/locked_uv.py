@@ -45,10 +45,10 @@ def platform_matches(tag: str) -> bool:
                     return needs <= have
             return False
         match = MUSLLINUX.match(tag)
-        return bool(match) and match[3] == machine
+        return match is not None and match[3] == machine
     if sys.platform == "darwin":
         match = MACOS.match(tag)
-        return bool(match) and match[3] in (machine, "universal2")
+        return match is not None and match[3] in (machine, "universal2")
     return False
 
 
