@@ -236,3 +236,4 @@ def test_ctrl_c_stops_everything_the_tour_started(
     assert tour.returncode == 130, output
     assert "interrupted" in output
     assert processes_of(workdir) == []
+
