@@ -29,7 +29,7 @@ TOUR_VENV := build/tour-venv
 demo-tour: $(UV)
 	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(TOUR_VENV)
 	$(UV) pip install --quiet --python $(TOUR_VENV)/bin/python "cookiecutter>=2.6"
-	UV=$(UV) $(TOUR_VENV)/bin/python scripts/demo_tour.py $(TOUR_ARGS)
+	UV=$(abspath $(UV)) $(TOUR_VENV)/bin/python scripts/demo_tour.py $(TOUR_ARGS)
 
 # wrk from Debian when missing and we may install it; else bench/ falls back to a Python load
 # generator and says so. Driver flags in BENCH_ARGS, e.g. BENCH_ARGS="--duration 2 --update-docs".
