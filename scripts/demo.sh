@@ -19,15 +19,21 @@ UV_PROJECT_ENVIRONMENT="$venv" "$uv" sync --quiet --locked --all-packages --no-d
 export PATH="$venv/bin:$PATH"
 
 export ENVIRONMENT=development
-# The migration needs no key: it runs beside the key pair and the token (each a process importing
-# the service, the slow part of a demo on a small machine).
-alembic upgrade heads &
-migration=$!
-secure-api keys generate --out .keys
-export JWT_PUBLIC_KEY="$(cat .keys/public.pem)"
 export JWT_ISSUER=https://issuer.dev.local
 export JWT_AUDIENCE=secure-api
-token=$(secure-api token mint --private-key .keys/private.pem --sub dev-user --scope "$scopes")
+# Importing the service is the slow part of a demo on a small machine: the migration runs beside
+# `secure-api keys generate --out .keys` and `secure-api token mint`, and those two share one process.
+alembic upgrade heads &
+migration=$!
+token=$(python - "$scopes" <<'PY'
+import contextlib, sys
+from secure_api.cli import main
+with contextlib.redirect_stdout(sys.stderr):
+    main(["keys", "generate", "--out", ".keys"])
+sys.exit(main(["token", "mint", "--private-key", ".keys/private.pem", "--sub", "dev-user", "--scope", sys.argv[1]]))
+PY
+)
+export JWT_PUBLIC_KEY="$(cat .keys/public.pem)"
 wait "$migration"
 
 cat <<MSG
