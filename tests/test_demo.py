@@ -236,4 +236,3 @@ def test_ctrl_c_stops_everything_the_tour_started(
     assert tour.returncode == 130, output
     assert "interrupted" in output
     assert processes_of(workdir) == []
-
