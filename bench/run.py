@@ -34,9 +34,10 @@ def bake(database: str) -> None:
     BUILD.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "cookiecutter", "--no-input", "--output-dir", str(BUILD), str(ROOT)]
     run([*command, f"database={database}"], ROOT)
-    # No build isolation: hatchling and editables come from requirements-dev.txt, offline-friendly.
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation"]
-    run([*pip, "--editable", f"{PROJECT}[bench]"], ROOT)
+    # uv from this venv (requirements-dev.txt), into this venv; no build isolation: hatchling and
+    # editables come from requirements-dev.txt too, offline-friendly.
+    uv = [str(Path(sys.executable).parent / "uv"), "pip", "install", "--quiet", "--python", sys.executable]
+    run([*uv, "--no-build-isolation", "--editable", str(PROJECT), "--group", "bench"], PROJECT)
 
 
 def update_docs(results: Path, database: str) -> None:

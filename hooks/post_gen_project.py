@@ -67,11 +67,12 @@ COMBINED_FILES: dict[str, list[str]] = {
     "tests/test_credentials.py": ["api_keys", "webhooks", "mtls"],
 }
 
-# The locked dependency sets differ by database driver, and by authz_engine (cerbos adds its SDK);
-# the template keeps one per combination (`sqlite`, `sqlite-cerbos`, ...) and the chosen one becomes
-# requirements/main.txt and requirements/dev.txt.
-LOCKED_REQUIREMENTS = "requirements"
-OPTION_VALUES_WITH_LOCKS = ("sqlite", "postgresql", "sqlite-cerbos", "postgresql-cerbos")
+# uv.lock follows pyproject.toml, which these options change (the database driver, ...): the template
+# keeps one lock per combination of their values, locks/<value>[-<value>...]/uv.lock (scripts/lock.py
+# makes them), and the chosen one becomes uv.lock. An option that changes pyproject.toml is one more
+# name here.
+LOCK_KEYS = ("database", "authz_engine")
+LOCKS = "locks"
 
 # What the generated test suite starts by itself, so must find installed.
 TEST_SERVERS = {
@@ -113,19 +114,11 @@ def remove_unselected_combination_files() -> None:
             remove_path(relative_path)
 
 
-def locked_set() -> str:
-    """The name of the chosen options' locked set (README, Dependencies)."""
-    return CHOSEN["database"] + ("-cerbos" if CHOSEN["authz_engine"] == "cerbos" else "")
-
-
-def place_locked_requirements() -> None:
-    requirements = Path(LOCKED_REQUIREMENTS)
-    for value in OPTION_VALUES_WITH_LOCKS:
-        per_value = requirements / value
-        if value == locked_set() and per_value.is_dir():
-            for locked in per_value.iterdir():
-                locked.replace(requirements / locked.name)
-        remove_path(str(per_value))
+def place_lock() -> None:
+    chosen = Path(LOCKS) / "-".join(CHOSEN[key] for key in LOCK_KEYS) / "uv.lock"
+    if chosen.is_file():
+        chosen.replace("uv.lock")
+    remove_path(LOCKS)
 
 
 def local_template_dir() -> Path | None:
@@ -230,7 +223,7 @@ def print_next_steps() -> None:
 def main() -> None:
     remove_unselected_option_files()
     remove_unselected_combination_files()
-    place_locked_requirements()
+    place_lock()
     write_cruft_state()
     if not rendered_for_a_cruft_diff():
         print_next_steps()

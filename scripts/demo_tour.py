@@ -578,6 +578,14 @@ def bake_and_install(python: str) -> Path:
     TOUR_BUILD.mkdir(parents=True, exist_ok=True)
     output_dir = str(TOUR_BUILD)
     run(Job("cookiecutter", [python, "-m", "cookiecutter", "--no-input", "--output-dir", output_dir, str(ROOT)], ROOT))
+    # `make demo-tour` passes its uv (UV): the service's locked runtime set from its uv.lock, into
+    # this Python's venv beside cookiecutter (--inexact keeps that). Without uv, pip as before.
+    uv = os.environ.get("UV")
+    if uv:
+        environment = Path(python).parent.parent
+        command = [uv, "sync", "--quiet", "--locked", "--inexact", "--all-packages", "--no-dev", "--python", python]
+        run(Job("uv sync", command, project, env={**os.environ, "UV_PROJECT_ENVIRONMENT": str(environment)}))
+        return project
     command = [python, "-m", "pip", "install", "--quiet", "--editable", str(project)]
     if all(importlib.util.find_spec(name) for name in ("hatchling", "editables")):
         command.insert(4, "--no-build-isolation")

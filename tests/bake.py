@@ -16,6 +16,8 @@ from typing import Any
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent
 POST_GEN_HOOK = TEMPLATE_DIR / "hooks" / "post_gen_project.py"
 OUTPUT_LIMIT = 20_000
+# The uv of this venv (requirements-dev.txt): the venv has no pip.
+UV = str(Path(sys.executable).parent / "uv")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from bake import FULLY_TESTED, SUITE_TESTED, VARIANTS, bake, report, run
+from bake import FULLY_TESTED, SUITE_TESTED, UV, VARIANTS, bake, report, run
 
 BakedProject = Callable[[str], Path]
 # With these in this venv, editable installs skip the isolated build environment.
@@ -38,20 +38,20 @@ def baked(tmp_path_factory: pytest.TempPathFactory) -> BakedProject:
 def installed_project(
     request: pytest.FixtureRequest, baked: BakedProject
 ) -> Iterator[Path]:
-    """A variant that runs its own checks, installed with its dev extras into this venv.
+    """A variant that runs its own checks, installed with its dev group into this venv (uv pip).
 
     The variants share a distribution name, so they take turns: pytest runs all the
     tests of one parameter, tears it down (uninstalls), then installs the next.
     """
     variant = VARIANTS[request.param]
     project = baked(variant.name)
-    command = [sys.executable, "-m", "pip", "install", "--quiet"]
+    command = [UV, "pip", "install", "--quiet", "--python", sys.executable]
     if all(importlib.util.find_spec(name) for name in BUILD_BACKEND_MODULES):
         command.append("--no-build-isolation")
-    result = run([*command, "--editable", f"{project}[dev]"], cwd=project)
+    result = run([*command, "--editable", str(project), "--group", "dev"], cwd=project)
     assert result.returncode == 0, report(result)
     if (project / "policies").is_dir():  # authz_engine=cerbos: the pinned PDP binary (npm)
         installed = run(["make", "--no-print-directory", "cerbos"], cwd=project)
         assert installed.returncode == 0, report(installed)
     yield project
-    run([sys.executable, "-m", "pip", "uninstall", "--yes", variant.slug], cwd=project)
+    run([UV, "pip", "uninstall", "--quiet", "--python", sys.executable, variant.slug], cwd=project)

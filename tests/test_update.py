@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from bake import GIT_ENV, copy_working_tree, git, make_target, report, run
+from bake import GIT_ENV, UV, copy_working_tree, git, make_target, report, run
 
 SLUG, PACKAGE = "secure-api", "secure_api"
 TEMPLATE_PROJECT = "{{cookiecutter.project_slug}}"
@@ -240,8 +240,8 @@ def overlay_python(tmp_path: Path, project: Path) -> Path:
     purelib = run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=tmp_path)
     # A plain path line: this venv's packages, but not the editable installs its .pth files make.
     (Path(purelib.stdout.strip()) / "template-venv.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    command = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-build-isolation"]
-    result = run([*command, "--editable", f"{project}[dev]"], cwd=project)
+    command = [UV, "pip", "install", "--quiet", "--python", str(python), "--no-build-isolation"]
+    result = run([*command, "--editable", str(project), "--group", "dev"], cwd=project)
     assert result.returncode == 0, report(result)
     return python
 
