@@ -21,6 +21,9 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from fastapi import Depends, FastAPI
 from joserfc import jws
 from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
@@ -237,6 +240,27 @@ async def test_an_algorithm_outside_the_allow_list_is_refused(
 async def test_a_private_key_in_the_proof_is_refused(client: httpx.AsyncClient, bound_token: str, key: ECKey) -> None:
     value = proof(key, bound_token, header={"jwk": key.as_dict(private=True)})
     assert_proof_refused(await client.post(PROTECTED, json=ORG, headers=dpop(bound_token, value)))
+
+
+async def test_an_ecdsa_proof_on_another_curve_than_its_alg_names_is_refused(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    # ES256 is ECDSA on P-256 (RFC 7518 §3.4): a P-384 key's signature with SHA-256, made here with
+    # cryptography itself (joserfc refuses to make it), is not an ES256 signature.
+    private = ec.generate_private_key(ec.SECP384R1())
+    p384 = ECKey.import_key(private.public_key())
+    token = make_token(cnf={"jkt": p384.thumbprint()})
+    protected = {"typ": "dpop+jwt", "alg": "ES256", "jwk": p384.as_dict(private=False)}
+    claims = {"jti": uuid.uuid4().hex, "htm": "POST", "htu": URL, "iat": int(time.time()), "ath": ath(token)}
+    signing_input = b".".join(_segment(json.dumps(part).encode()) for part in (protected, claims))
+    r, s = decode_dss_signature(private.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+    signature = _segment(r.to_bytes(48, "big") + s.to_bytes(48, "big"))
+    value = (signing_input + b"." + signature).decode()
+    assert_proof_refused(await client.post(PROTECTED, json=ORG, headers=dpop(token, value)))
+
+
+def _segment(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
 async def test_a_malformed_proof_is_refused(client: httpx.AsyncClient, bound_token: str) -> None:

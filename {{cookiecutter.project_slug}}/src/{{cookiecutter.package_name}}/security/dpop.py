@@ -51,6 +51,7 @@ MAX_PROOF_BYTES = 4096
 MAX_JTI_LENGTH = 256
 KEY_CACHE_SIZE = 1024
 # RFC 7638 §3.2: the members of each key type's thumbprint, in lexicographic order.
+CURVE_OF = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
 # RFC 7518 §6.2.2, §6.3.2, RFC 8037 §2 and §6.4.1 (oct): a key with any of these is a private key.
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
@@ -301,6 +302,10 @@ class ProofVerifier:
         if known is not None:
             self._keys.move_to_end(name)
             return known
+        # RFC 7518 §3.4: each ECDSA algorithm names its curve; PyJWT would verify an ES256 signature
+        # made with a P-384 key.
+        if alg in CURVE_OF and jwk.get("crv") != CURVE_OF[alg]:
+            raise InvalidProof("unusable_key")
         try:
             key = PyJWK(jwk, algorithm=alg)
         except (jwt.PyJWTError, ValueError, TypeError, KeyError):
