@@ -364,13 +364,114 @@ def test_image_installs_from_uv_lock_and_ships_no_uv(baked: BakedProject, name: 
     the build; wheels only) with a uv whose wheel hash the lock holds; the runtime stage gets the
     venv and nothing of uv."""
     dockerfile = (baked(name) / "Dockerfile").read_text()
-    build, runtime = dockerfile.split("\nFROM python:3.12-slim AS runtime", 1)
+    build, runtime = re.split(r"^FROM \S+ AS runtime$", dockerfile, maxsplit=1, flags=re.MULTILINE)
     assert re.search(r"^\s+UV_LOCKED=1 ", build, re.MULTILINE)
     assert "scripts/locked_uv.py --install /opt/uv" in build
     syncs = re.findall(r"/opt/uv/bin/uv sync [^\n]*", build)
     assert syncs and all("--no-build" in sync for sync in syncs), syncs
     assert "/opt/uv" not in runtime and not re.search(r"\buv(x)? ", runtime), "uv reached the runtime stage"
     assert re.findall(r"^COPY --from=build (\S+)", runtime, re.MULTILINE) == ["/opt/venv", "/src/alembic.ini"]
+
+
+# The base image: the tag the service is built on, and a digest of it (a tag is moved on every
+# rebuild). Dependabot's docker ecosystem proposes each new digest.
+BASE_IMAGE = re.compile(r"^FROM python:3\.12-slim@sha256:(?P<digest>[0-9a-f]{64}) AS (?P<stage>\w+)$")
+# The image scan fails on findings at or above this severity (Grype's severity-cutoff), the one the
+# baked docs/vulnerabilities.md promises.
+SCAN_SEVERITY = "high"
+SBOM_ACTION = "anchore/sbom-action@"
+SCAN_ACTION = "anchore/scan-action@"
+UPLOAD_ACTION = "actions/upload-artifact@"
+CRON = re.compile(r"^(\S+\s+){4}\S+$")
+
+
+@variants
+def test_base_image_is_pinned_by_digest_and_dependabot_updates_it(baked: BakedProject, name: str) -> None:
+    project = baked(name)
+    froms = re.findall(r"^FROM .*$", (project / "Dockerfile").read_text(), re.MULTILINE)
+    matches = [BASE_IMAGE.match(line) for line in froms]
+    assert all(matches), f"a FROM without python:3.12-slim@sha256:<digest>: {froms}"
+    assert [match["stage"] for match in matches if match] == ["build", "runtime"]
+    assert len({match["digest"] for match in matches if match}) == 1, "the two stages from different digests"
+    updates = load(project, ".github/dependabot.yml")["updates"]
+    dockers = [update for update in updates if update["package-ecosystem"] == "docker"]
+    assert len(dockers) == 1, "Dependabot does not watch the Dockerfile's base image"
+    docker = dockers[0]
+    assert docker["directory"] == "/" and docker["schedule"]["interval"] in {"daily", "weekly"}
+    # Only another Python minor version is left out, never the tag's new digests.
+    for rule in docker.get("ignore", []):
+        assert rule["dependency-name"] == "python" and rule.get("versions") == [">= 3.13"], rule
+        assert "update-types" not in rule, rule
+
+
+@variants
+def test_ci_audits_the_lock_on_pushes_and_on_a_schedule(baked: BakedProject, name: str) -> None:
+    project = baked(name)
+    workflow = load(project, ".github/workflows/ci.yml")
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
+    assert triggers["push"]["branches"] == ["main"] and "pull_request" in triggers
+    crons = [entry["cron"] for entry in triggers.get("schedule", [])]
+    assert crons and all(CRON.match(cron) for cron in crons), crons
+    audit = workflow["jobs"]["audit"]
+    # Nothing keeps the audit from the scheduled run or makes its failure advisory.
+    assert "if" not in audit and not audit.get("continue-on-error"), audit
+    steps = [step for step in audit["steps"] if step.get("run") == "make audit"]
+    assert steps and not any("continue-on-error" in step or "if" in step for step in steps), audit["steps"]
+    # make audit fails on any known vulnerability: pip-audit's exit status reaches make.
+    makefile = (project / "Makefile").read_text()
+    recipe = re.search(r"^audit:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
+    assert recipe, "no audit target in the Makefile"
+    lines = recipe[1].splitlines()
+    assert "pip-audit" in lines[-1], lines
+    assert not any(mark in recipe[1] for mark in ("|| true", "--ignore-vuln", "\t-", "; true")), recipe[1]
+
+
+@variants
+def test_ci_scans_the_image_and_keeps_its_sbom(baked: BakedProject, name: str) -> None:
+    """The image job builds the image, inventories it (Syft: an SBOM of the image, so the base
+    image's Debian packages are in it), keeps that SBOM as an artifact and scans the image (Grype,
+    from the image: a CycloneDX SBOM does not carry all that its matching reads), failing on a
+    finding of SCAN_SEVERITY or above; on pushes, pull requests and the schedule."""
+    project = baked(name)
+    job = load(project, ".github/workflows/ci.yml")["jobs"]["image"]
+    assert job["permissions"] == {"contents": "read"}
+    assert "if" not in job and not job.get("continue-on-error"), job
+    steps = job["steps"]
+    assert not any("continue-on-error" in step or "if" in step for step in steps), steps
+    builds = [i for i, step in enumerate(steps) if step.get("run", "").startswith("docker build --pull --tag ")]
+    image = steps[builds[0]]["run"].split("--tag ", 1)[1].split()[0]
+    (sbom_at,) = [i for i, step in enumerate(steps) if step.get("uses", "").startswith(SBOM_ACTION)]
+    (upload_at,) = [i for i, step in enumerate(steps) if step.get("uses", "").startswith(UPLOAD_ACTION)]
+    (scan_at,) = [i for i, step in enumerate(steps) if step.get("uses", "").startswith(SCAN_ACTION)]
+    assert builds[0] < sbom_at < upload_at < scan_at, "build, SBOM, keep it (a failing scan still leaves it), scan"
+    sbom = steps[sbom_at]["with"]
+    assert sbom["image"] == image and "path" not in sbom, "the SBOM is not the built image's"
+    assert sbom["format"] in {"cyclonedx-json", "spdx-json"}, sbom
+    upload = steps[upload_at]["with"]
+    assert upload["path"] == sbom["output-file"] and upload["if-no-files-found"] == "error", upload
+    scan = steps[scan_at]["with"]
+    assert scan["image"] == image and "sbom" not in scan and "path" not in scan, scan
+    assert scan["fail-build"] is True and scan["severity-cutoff"] == SCAN_SEVERITY, scan
+    # The baked policy page names the same cut-off, and is in the site's navigation.
+    page = (project / "docs" / "vulnerabilities.md").read_text()
+    assert f"fails on a **{SCAN_SEVERITY}**" in page
+    assert "vulnerabilities.md" in (project / "mkdocs.yml").read_text()
+
+
+def test_remediation_time_frames_are_documented_for_services_and_the_template(baked: BakedProject) -> None:
+    """Each severity has a time frame, in the baked policy and in the template's own, and the
+    template's are shorter, so a service that takes the release in time meets its own."""
+
+    def frames(text: str) -> dict[str, int]:
+        rows = re.findall(r"^\| (critical|high|medium|low)\b[^|]*\| [^|]*?(\d+) days", text, re.MULTILINE)
+        return {severity: int(days) for severity, days in rows}
+
+    service = frames((baked("default") / "docs" / "vulnerabilities.md").read_text())
+    template = frames((TEMPLATE_DIR / "docs" / "vulnerabilities.md").read_text())
+    assert set(service) == {"critical", "high", "medium", "low"}, service
+    assert {"critical", "high", "medium"} <= set(template), template
+    assert all(template[severity] < service[severity] for severity in ("critical", "high", "medium")), (template, service)
+    assert "docs/vulnerabilities.md" in (TEMPLATE_DIR / "README.md").read_text()
 
 
 @variants
