@@ -37,7 +37,7 @@ def required() -> dict[str, int]:
     return {key: int(level) for key, level in json.loads(REQUIREMENTS.read_text())["requirements"].items()}
 
 
-def test_functions() -> set[str]:
+def suite_tests() -> set[str]:
     """`tests/test_x.py::test_name` for every test function of the suite (a parametrized one once)."""
     found: set[str] = set()
     for module in sorted((ROOT / "tests").glob("test_*.py")):
@@ -79,7 +79,8 @@ def problems(page: str, needed: dict[str, int], tests: set[str]) -> list[str]:
 
 
 def test_the_page_answers_every_requirement_with_a_status_and_existing_tests() -> None:
-    assert problems(PAGE.read_text(encoding="utf-8"), required(), test_functions()) == []
+    found = problems(PAGE.read_text(encoding="utf-8"), required(), suite_tests())
+    assert found == [], "docs/asvs.md:\n" + "\n".join(found)
 
 
 def test_the_requirement_list_names_its_source_and_covers_the_chapters() -> None:
@@ -92,15 +93,25 @@ def test_the_requirement_list_names_its_source_and_covers_the_chapters() -> None
     assert {r.split(".")[0] for r, level in document["requirements"].items() if level == 3} <= {"V8", "V9", "V10", "V16"}
 
 
-def test_the_check_finds_a_missing_row_an_unknown_test_a_bad_status_and_a_wrong_level() -> None:
+def test_the_check_finds_a_missing_row_an_unknown_test_a_bad_status_a_wrong_level_and_an_unlinked_owner() -> None:
     page = PAGE.read_text(encoding="utf-8")
-    needed, tests = required(), test_functions()
+    needed, tests = required(), suite_tests()
     first = next(line for line in page.splitlines() if ROW.match(line))
     requirement = ROW.match(first)[1]  # type: ignore[index]
     assert f"{requirement} has no row" in problems(page.replace(first + "\n", ""), needed, tests)
     unknown = page + "\nSee `tests/test_asvs.py::test_that_does_not_exist`.\n"
     assert "tests/test_asvs.py::test_that_does_not_exist is not a test of this suite" in problems(unknown, needed, tests)
-    assert any("not a row with a level and a status" in p for p in problems(page.replace("**met**", "**partial**", 1), needed, tests))
-    wrong = page.replace(first, first.replace(f"| {requirement} | {needed[requirement]} |", f"| {requirement} | 9 |"))
-    assert any("not a row" in p for p in problems(wrong, needed, tests))
-    assert "tests/test_asvs.py::test_the_check_finds_a_missing_row_an_unknown_test_a_bad_status_and_a_wrong_level" in tests
+    for status in ("**partial**", "**met** **owner**", ""):
+        bad = page.replace(first, re.sub(r"\*\*(met|owner|n/a)\*\*", status, first, count=1))
+        assert any("not a row with a level and a status" in p for p in problems(bad, needed, tests)), status
+    wrong = page.replace(first, first.replace(f"| {requirement} | {needed[requirement]} |", f"| {requirement} | 3 |"))
+    assert f"{requirement} is level {needed[requirement]}, not 3" in " ".join(problems(wrong, needed, tests))
+    no_test = page.replace(first, TEST_REFERENCE.sub("a test", first)) if "**met**" in first else None
+    if no_test is not None:
+        assert f"{requirement} is met but names no test" in " ".join(problems(no_test, needed, tests))
+    owner = next(line for line in page.splitlines() if "| **owner** |" in line and ROW.match(line))
+    unlinked = page.replace(owner, PAGE_LINK.sub("]", owner))
+    assert f"{ROW.match(owner)[1]} is the owner's but links no docs page" in " ".join(  # type: ignore[index]
+        problems(unlinked, needed, tests)
+    )
+    assert "tests/test_asvs.py::test_the_check_finds_a_missing_row_an_unknown_test_a_bad_status_a_wrong_level_and_an_unlinked_owner" in tests
