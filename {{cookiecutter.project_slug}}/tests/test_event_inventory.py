@@ -54,9 +54,8 @@ def _assigned(function: ast.AST, name: str) -> set[str]:
 def _event(node: ast.Dict) -> str | None:
     """The constant `"event"` of a dict literal, if it has one."""
     for key, value in zip(node.keys, node.values, strict=True):
-        if isinstance(key, ast.Constant) and key.value == "event":
-            if isinstance(value, ast.Constant) and isinstance(value.value, str):
-                return value.value
+        if isinstance(key, ast.Constant) and key.value == "event" and isinstance(value, ast.Constant):
+            return value.value if isinstance(value.value, str) else None
     return None
 
 
@@ -91,9 +90,12 @@ def logged(package: Path = PACKAGE) -> tuple[dict[str, set[str]], list[str]]:
                     unresolved.append(f"{module.relative_to(package)}:{call.lineno} {called}(...)")
                 names[KINDS[called]] |= found
             for keyword in call.keywords:
-                if keyword.arg == "extra" and isinstance(keyword.value, ast.Dict) and _event(keyword.value) is None:
-                    if any(isinstance(key, ast.Constant) and key.value == "event" for key in keyword.value.keys):
-                        unresolved.append(f"{module.relative_to(package)}:{call.lineno} extra event")
+                extra = keyword.value if keyword.arg == "extra" and isinstance(keyword.value, ast.Dict) else None
+                named = extra is not None and any(
+                    isinstance(k, ast.Constant) and k.value == "event" for k in extra.keys
+                )
+                if extra is not None and named and _event(extra) is None:
+                    unresolved.append(f"{module.relative_to(package)}:{call.lineno} extra event")
         # A logger's `extra={"event": ...}`, and records built as dicts (the request line's "request").
         names["event"] |= {event for node in ast.walk(tree) if isinstance(node, ast.Dict) and (event := _event(node))}
     return names, unresolved
