@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from sqlalchemy import select
 
 from ..db import SessionDep
 from ..domain import ORG
 from ..models import Org
-from ..security import grants
+from ..resources import runtime_of
+from ..security import grants, quotas
 from ..security.errors import ProblemDetail
 from ..security.events import privilege_changed, security_event
 from ..security.principal import CurrentPrincipal
@@ -23,12 +25,23 @@ router = APIRouter(prefix="/orgs", tags=["orgs"])
 LAST_OWNER = "An org must keep at least one owner."
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
-async def create_org(body: OrgCreate, principal: CanCreateOrg, session: SessionDep) -> OrgOut:
-    """Create an org; the caller becomes its owner."""
+@router.post("", status_code=status.HTTP_201_CREATED, responses={409: {"description": "Quota exceeded"}})
+async def create_org(body: OrgCreate, principal: CanCreateOrg, session: SessionDep, request: Request) -> OrgOut:
+    """Create an org; the caller becomes its owner. 409 `quota-exceeded` when the caller has
+    created QUOTA_ORGS_PER_SUBJECT orgs already."""
+    await quotas.hold(session, "orgs_per_subject", principal.subject)
     org = Org(name=body.name, created_by=principal.subject)
     session.add(org)
     await session.flush()
+    await quotas.enforce(
+        session,
+        select(Org.id).where(Org.created_by == principal.subject),
+        quota="orgs_per_subject",
+        limit=runtime_of(request).settings.quota_orgs_per_subject,
+        what="orgs per subject",
+        variable="QUOTA_ORGS_PER_SUBJECT",
+        resource_type=ORG,
+    )
     session.add(
         Permission(
             subject=principal.subject,

@@ -9,15 +9,17 @@ is answered 403, exactly as a key that does not exist (no existence oracle).
 
 # No `from __future__ import annotations`: the dependencies below close over local policies,
 # which FastAPI must see as objects, not strings.
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from pydantic import BaseModel, Field, StringConstraints
+from sqlalchemy import select
 
 from ...db import SessionDep
 from ...resources import runtime_of
 from ...security.authn import BearerToken
+from ...security import quotas
 from ...security.authz import ObjectRule, declare, no_object_policy, require_scopes
 from ...security.errors import PROBLEM_RESPONSES, ProblemDetail
 from ...security.events import security_event
@@ -29,6 +31,7 @@ from ...store.core import NotReplicated, StoreBusy, StoreUnavailable
 from ...tables import Relation
 from . import store
 from .authenticator import SUBJECT_PREFIX
+from .models import ApiKey
 from .running import ApiKeysExtension
 from .settings import ApiKeySettings
 
@@ -156,15 +159,18 @@ def _issued(issued: store.IssuedKey) -> IssuedKeyOut:
 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[limit("10/minute", name="api_key_writes")])
 async def issue_key(body: KeyCreate, principal: CanIssueKeys, session: SessionDep, request: Request) -> IssuedKeyOut:
-    """Issue a key owned by the caller, with some of the caller's own scopes."""
+    """Issue a key owned by the caller, with some of the caller's own scopes. 409 `quota-exceeded`
+    when the caller holds API_KEY_MAX_PER_OWNER live keys (neither revoked nor expired)."""
     beyond = set(body.scopes) - principal.scopes
     if beyond:
         security_event("scope_denied", subject=principal.subject, missing=sorted(beyond), reason="api_key_scopes")
         raise HTTPException(403, ProblemDetail("A key can only carry scopes the caller's token carries."))
+    settings = _settings(request)
+    await quotas.hold(session, "api_keys_per_owner", principal.subject)
     try:
         issued = await store.issue(
             session,
-            _settings(request),
+            settings,
             owner=principal.subject,
             name=body.name,
             scopes=body.scopes,
@@ -174,6 +180,17 @@ async def issue_key(body: KeyCreate, principal: CanIssueKeys, session: SessionDe
         )
     except store.KeyRefused as refused:
         raise HTTPException(400, ProblemDetail(str(refused))) from None
+    await quotas.enforce(
+        session,
+        select(ApiKey.id).where(
+            ApiKey.owner == principal.subject, ApiKey.revoked_at.is_(None), ApiKey.expires_at > datetime.now(UTC)
+        ),
+        quota="api_keys_per_owner",
+        limit=settings.max_per_owner,
+        what="live API keys per owner",
+        variable="API_KEY_MAX_PER_OWNER",
+        resource_type=KEY,
+    )
     await session.commit()
     security_event("api_key_issued", subject=principal.subject, key_id=issued.info.id, scopes=issued.info.scopes)
     return _issued(issued)
