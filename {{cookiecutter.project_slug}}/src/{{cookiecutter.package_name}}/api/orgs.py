@@ -18,7 +18,7 @@ from ..security.principal import CurrentPrincipal
 from ..security.ratelimit import limit
 from ..tables import Permission, Relation
 from .deps import CanCreateOrg, CanManageGrants, ReadableOrg, ReadableOrgs, as_utc
-from .schemas import GrantOut, GrantPut, OrgCreate, OrgOut, Page
+from .schemas import MAX_OFFSET, GrantOut, GrantPut, OrgCreate, OrgOut, Page
 
 router = APIRouter(prefix="/orgs", tags=["orgs"])
 
@@ -159,7 +159,7 @@ async def list_orgs(
     orgs: ReadableOrgs,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[OrgOut]:
     """The orgs the caller may read: its grants and the orgs, filtered in one statement."""
     statement = orgs.page(order_by=(Org.created_at, Org.id), limit=limit + 1, offset=offset)

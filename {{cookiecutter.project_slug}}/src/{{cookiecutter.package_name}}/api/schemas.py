@@ -74,6 +74,10 @@ class UserOut(BaseModel):
 
 T = TypeVar("T")
 
+# The deepest page a list serves (ASVS 5.0 V15.1.3): the database reads and skips `offset` rows
+# for each page, so an unbounded offset is work a caller chooses. Beyond it: 400.
+MAX_OFFSET = 10_000
+
 
 class Page(BaseModel, Generic[T]):
     items: list[T]

@@ -19,7 +19,7 @@ from ..security import quotas
 from ..security.errors import ProblemDetail
 from ..security.events import privilege_changed
 from .deps import CanReadUsers, CanWriteUsers, as_utc
-from .schemas import Page, Role, UserCreate, UserOut
+from .schemas import MAX_OFFSET, Page, Role, UserCreate, UserOut
 
 router = APIRouter(prefix="/orgs/{org_id}/users", tags=["users"])
 
@@ -99,7 +99,7 @@ async def list_users(
     org_id: CanReadUsers,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[UserOut]:
     rows = await session.scalars(
         select(OrgUser)
