@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
@@ -18,7 +19,7 @@ from ..security.principal import CurrentPrincipal
 from ..security.ratelimit import limit
 from ..tables import Permission, Relation
 from .deps import CanCreateOrg, CanManageGrants, ReadableOrg, ReadableOrgs, as_utc
-from .schemas import MAX_OFFSET, GrantOut, GrantPut, OrgCreate, OrgOut, Page
+from .schemas import MAX_OFFSET, ORG_VIEWS, GrantOut, GrantPut, OrgCreate, OrgOut, Page
 
 router = APIRouter(prefix="/orgs", tags=["orgs"])
 
@@ -58,9 +59,10 @@ async def create_org(body: OrgCreate, principal: CanCreateOrg, session: SessionD
     return OrgOut(id=org.id, name=org.name, created_at=as_utc(org.created_at))
 
 
-@router.get("/{org_id}")
+@router.get("/{org_id}", response_model=ORG_VIEWS.response_model)
 async def get_org(org: ReadableOrg) -> OrgOut:
-    return OrgOut(id=org.id, name=org.name, created_at=as_utc(org.created_at))
+    """The org, with the fields the caller's relation may see (ORG_VIEWS)."""
+    return ORG_VIEWS.view(replace(org, created_at=as_utc(org.created_at)), org.relation)
 
 
 @router.put(

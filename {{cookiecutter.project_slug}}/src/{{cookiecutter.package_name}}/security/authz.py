@@ -290,12 +290,15 @@ async def holds(session: AsyncSession, subject: str, resource_type: str, resourc
     return await session.scalar(query, {"subject": subject, "resource_id": resource_id}) is not None
 
 
-def _read_query(resource_type: str, relation: Relation, columns: Sequence[InstrumentedAttribute[Any]]) -> Select[Any]:
+def _read_query(
+    resource_type: str, relation: Relation, columns: Sequence[InstrumentedAttribute[Any]], with_relation: bool = False
+) -> Select[Any]:
     """The caller's grant joined to the object it names (`columns[0]` is its id): no row, no grant
-    (403); a row of NULLs, a grant that outlived its object (404); else the object."""
+    (403); a row of NULLs, a grant that outlived its object (404); else the object (and, with
+    `with_relation`, last, the relation the grant gives)."""
     id_column = columns[0]
     return (
-        select(*columns)
+        select(*columns, *([Permission.relation] if with_relation else []))
         .select_from(Permission)
         .outerjoin(id_column.class_, id_column == bindparam("object_id", None, type_=id_column.type))
         .where(*_grant(resource_type, relation))
@@ -402,18 +405,20 @@ def read_with_relation(
     columns: Sequence[InstrumentedAttribute[Any]],
     into: Callable[..., T],
     step_up: StepUp | None = None,
+    with_relation: bool = False,
 ) -> Any:
     """`require_relation`, and the object itself read in the same statement: one round trip for
     the check and the read. `columns` are the object's columns to read, its id first (the column
-    the path parameter names); the route gets `into(*columns' values)`. 403 without the relation
-    (whether the object exists or not), 404 for a grant that outlived its object. `step_up` as
-    for `require_relation`."""
+    the path parameter names); the route gets `into(*columns' values)`, and with `with_relation`
+    `into(*values, relation=<the caller's Relation>)` (to choose the fields it sees,
+    security/fields.py). 403 without the relation (whether the object exists or not), 404 for a
+    grant that outlived its object. `step_up` as for `require_relation`."""
     scoped = _guard(scopes, step_up, resource_type, param)
     id_column = columns[0]
-    key = ("read", resource_type, relation)
+    key = ("read", resource_type, relation, with_relation)
 
     def query() -> Select[Any]:
-        return _read_query(resource_type, relation, columns)
+        return _read_query(resource_type, relation, columns, with_relation)
 
     action = action_of(scopes)
 
@@ -433,6 +438,8 @@ def read_with_relation(
                 raise deny(principal, resource_type, object_id, relation, action)
             if not rows or rows[0][1] is None:  # no grant to read through, or one that outlived its object
                 raise HTTPException(404)
+            if with_relation:
+                return into(*rows[0][1:], relation=Relation(rows[0][0]))
             return into(*rows[0][1:])
         rows = await reads.fetch(
             reads.query(key, query), subject=principal.subject, resource_id=str(object_id), object_id=object_id
@@ -442,6 +449,8 @@ def read_with_relation(
             raise deny(principal, resource_type, object_id, relation, action)
         if rows[0][0] is None:
             raise HTTPException(404)
+        if with_relation:
+            return into(*rows[0][:-1], relation=Relation(rows[0][-1]))
         return into(*rows[0])
 
     _with_path_parameter(check_and_read, param, id_column.type.python_type, scoped)
