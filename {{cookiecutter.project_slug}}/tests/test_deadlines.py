@@ -4,18 +4,13 @@ the answer is a 503 problem that quotes no SQL), and a bounded list `offset` (MA
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import httpx
 from fastapi import FastAPI
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 
 from {{ cookiecutter.package_name }}.api.schemas import MAX_OFFSET
-from {{ cookiecutter.package_name }}.app import create_app
-from {{ cookiecutter.package_name }}.config import Settings
 
-from .conftest import ALL_SCOPES, TokenFactory, bearer, running
-from .test_audit import captured_logs
+from .conftest import ALL_SCOPES, TokenFactory, bearer
 
 ORGS = "/api/v1/orgs"
 
@@ -28,7 +23,9 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
     return body
 
 
-async def test_an_offset_beyond_max_offset_is_a_400_problem(client: httpx.AsyncClient, make_token: TokenFactory) -> None:
+async def test_an_offset_beyond_max_offset_is_a_400_problem(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
     alice = bearer(make_token("alice", ALL_SCOPES))
     org = (await client.post(ORGS, json={"name": "Acme"}, headers=alice)).json()["id"]
     for path in (ORGS, f"{ORGS}/{org}/users"):

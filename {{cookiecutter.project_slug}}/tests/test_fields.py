@@ -41,7 +41,12 @@ async def test_the_fields_of_an_org_depend_on_the_callers_relation(
 
 @pytest.mark.parametrize(
     ("held", "model"),
-    [(Relation.viewer, OrgOut), (Relation.editor, OrgOut), (Relation.admin, OrgAdminOut), (Relation.owner, OrgAdminOut)],
+    [
+        (Relation.viewer, OrgOut),
+        (Relation.editor, OrgOut),
+        (Relation.admin, OrgAdminOut),
+        (Relation.owner, OrgAdminOut),
+    ],
 )
 def test_each_relation_gets_the_richest_view_it_may_see(held: Relation, model: type[OrgOut]) -> None:
     assert ORG_VIEWS.model(held) is model

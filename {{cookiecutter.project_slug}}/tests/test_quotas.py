@@ -46,7 +46,11 @@ async def test_an_org_beyond_the_subjects_quota_is_a_409_problem_and_an_event(
             refused = await client.post(ORGS, json={"name": "C"}, headers=alice)
         assert_quota_exceeded(refused, "QUOTA_ORGS_PER_SUBJECT")
         event = logs.event(refused, "quota_exceeded")
-        assert (event["quota"], event["limit"], event["subject"]) == ("orgs_per_subject", 2, pseudonym(principal("alice")))
+        assert (event["quota"], event["limit"], event["subject"]) == (
+            "orgs_per_subject",
+            2,
+            pseudonym(principal("alice")),
+        )
         # Nothing of the refused org was written: no org, no owner grant; the list shows two.
         assert len((await client.get(ORGS, headers=alice)).json()["items"]) == 2
         # Another subject's quota is its own.

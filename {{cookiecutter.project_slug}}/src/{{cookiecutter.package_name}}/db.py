@@ -286,7 +286,9 @@ class PostgresConnections:
     any transaction and change no session state, so a connection goes back as it came, with no
     reset query and no acquire/release bookkeeping on the request path (measured in make bench)."""
 
-    def __init__(self, dialect: Dialect, url: Any, size: int, *, server_settings: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, dialect: Dialect, url: Any, size: int, *, server_settings: Mapping[str, str] | None = None
+    ) -> None:
         self.dialect = dialect
         self.url = url
         self.server_settings = dict(server_settings or {})

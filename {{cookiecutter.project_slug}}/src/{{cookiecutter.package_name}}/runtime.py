@@ -128,7 +128,9 @@ class Runtime:
         revocations = Revocations(settings, store)
         lockout = Lockout(settings, store, client_bucket(settings.rate_limit_ipv6_prefix))
         statements = Statements(
-            engine, settings.database_read_pool_size, statement_timeout_seconds=settings.database_statement_timeout_seconds
+            engine,
+            settings.database_read_pool_size,
+            statement_timeout_seconds=settings.database_statement_timeout_seconds,
         )
         runtime = cls(
             settings=settings,

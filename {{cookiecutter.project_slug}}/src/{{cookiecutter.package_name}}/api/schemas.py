@@ -55,7 +55,7 @@ class OrgAdminOut(OrgOut):
 
 # Field-level authorization (security/fields.py): viewers and editors see OrgOut, admins and owners
 # OrgAdminOut.
-ORG_VIEWS = ViewsByRelation({Relation.viewer: OrgOut, Relation.admin: OrgAdminOut})
+ORG_VIEWS: ViewsByRelation[OrgOut] = ViewsByRelation({Relation.viewer: OrgOut, Relation.admin: OrgAdminOut})
 
 
 class GrantPut(Strict):

@@ -322,7 +322,13 @@ def deny(
 
 
 def _table_decision(
-    request: Request, principal: Principal, allowed: bool, action: str, resource_type: str, object_id: object, relation: Relation
+    request: Request,
+    principal: Principal,
+    allowed: bool,
+    action: str,
+    resource_type: str,
+    object_id: object,
+    relation: Relation,
 ) -> None:
     """The permissions table's decision (no engine) as an `authz_decision` event."""
     decision_event(
@@ -386,7 +392,9 @@ def require_relation(
             if not await runtime.authorizer.decide(principal, action, resource_type, str(object_id), held):
                 raise deny(principal, resource_type, object_id, relation, action)
             return object_id
-        allowed = bool(await reads.fetch(reads.query(key, query), subject=principal.subject, resource_id=str(object_id)))
+        allowed = bool(
+            await reads.fetch(reads.query(key, query), subject=principal.subject, resource_id=str(object_id))
+        )
         _table_decision(request, principal, allowed, action, resource_type, object_id, relation)
         if not allowed:
             raise deny(principal, resource_type, object_id, relation, action)
