@@ -3,14 +3,30 @@ timeout (DATABASE_STATEMENT_TIMEOUT_SECONDS; PostgreSQL cancels a statement that
 the answer is a 503 problem that quotes no SQL), and a bounded list `offset` (MAX_OFFSET)."""
 
 from __future__ import annotations
+{%- if cookiecutter.database == "postgresql" %}
+
+from collections.abc import Callable
+{%- endif %}
 
 import httpx
 from fastapi import FastAPI
+{%- if cookiecutter.database == "postgresql" %}
+from sqlalchemy import func, select, text
+{%- else %}
 from sqlalchemy import text
+{%- endif %}
 
 from {{ cookiecutter.package_name }}.api.schemas import MAX_OFFSET
+{%- if cookiecutter.database == "postgresql" %}
+from {{ cookiecutter.package_name }}.app import create_app
+from {{ cookiecutter.package_name }}.config import Settings
+
+from .conftest import ALL_SCOPES, TokenFactory, bearer, running
+from .test_audit import captured_logs
+{%- else %}
 
 from .conftest import ALL_SCOPES, TokenFactory, bearer
+{%- endif %}
 
 ORGS = "/api/v1/orgs"
 

@@ -18,8 +18,8 @@ from sqlalchemy import select
 
 from ...db import SessionDep
 from ...resources import runtime_of
-from ...security.authn import BearerToken
 from ...security import quotas
+from ...security.authn import BearerToken
 from ...security.authz import ObjectRule, declare, no_object_policy, require_scopes
 from ...security.errors import PROBLEM_RESPONSES, ProblemDetail
 from ...security.events import security_event
