@@ -19,7 +19,7 @@ from ..security.principal import CurrentPrincipal
 from ..security.ratelimit import limit
 from ..tables import Permission, Relation
 from .deps import CanCreateOrg, CanManageGrants, ReadableOrg, ReadableOrgs, as_utc
-from .schemas import MAX_OFFSET, ORG_VIEWS, GrantOut, GrantPut, OrgCreate, OrgOut, Page
+from .schemas import MAX_OFFSET, ORG_VIEWS, GrantOut, GrantPut, OrgAdminOut, OrgCreate, OrgOut, Page
 
 router = APIRouter(prefix="/orgs", tags=["orgs"])
 
@@ -27,9 +27,9 @@ LAST_OWNER = "An org must keep at least one owner."
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, responses={409: {"description": "Quota exceeded"}})
-async def create_org(body: OrgCreate, principal: CanCreateOrg, session: SessionDep, request: Request) -> OrgOut:
-    """Create an org; the caller becomes its owner. 409 `quota-exceeded` when the caller has
-    created QUOTA_ORGS_PER_SUBJECT orgs already."""
+async def create_org(body: OrgCreate, principal: CanCreateOrg, session: SessionDep, request: Request) -> OrgAdminOut:
+    """Create an org; the caller becomes its owner (and is answered the owner's view). 409
+    `quota-exceeded` when the caller has created QUOTA_ORGS_PER_SUBJECT orgs already."""
     await quotas.hold(session, "orgs_per_subject", principal.subject)
     org = Org(name=body.name, created_by=principal.subject)
     session.add(org)
@@ -56,7 +56,7 @@ async def create_org(body: OrgCreate, principal: CanCreateOrg, session: SessionD
     privilege_changed(
         "grant_created", resource_type=ORG, resource_id=str(org.id), grantee=principal.subject, relation="owner"
     )
-    return OrgOut(id=org.id, name=org.name, created_at=as_utc(org.created_at))
+    return OrgAdminOut(id=org.id, name=org.name, created_at=as_utc(org.created_at), created_by=org.created_by)
 
 
 @router.get("/{org_id}", response_model=ORG_VIEWS.response_model)
