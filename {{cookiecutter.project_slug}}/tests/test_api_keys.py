@@ -42,6 +42,7 @@ from {{ cookiecutter.package_name }}.security.revocation import tag
 
 from .conftest import PSEUDONYM_KEY, TokenFactory, bearer, principal, pseudonym, run_sql, running
 from .servers import ReplicatedRedis, free_port, redis_client, start_redis, start_replicated_redis
+from .test_audit import captured_logs
 
 ORGS = "/api/v1/orgs"
 KEYS = "/api/v1/api-keys"
@@ -904,3 +905,15 @@ async def test_keys_beyond_api_key_max_per_owner_are_409_even_when_issued_concur
         assert (await http.delete(f"{KEYS}/{revoked}", headers=alice)).status_code == 204
         assert (await http.post(KEYS, json=body, headers=alice)).status_code == 201
         assert (await http.post(KEYS, json=body, headers=alice)).status_code == 409
+
+
+async def test_a_refused_key_owner_check_is_an_authz_decision_with_the_key(
+    http: httpx.AsyncClient, key_app: FastAPI, make_token: TokenFactory
+) -> None:
+    bobs = await issue(key_app, owner="bob")
+    with captured_logs() as logs:
+        denied = await http.get(f"{KEYS}/{bobs.info.id}", headers=bearer(make_token("alice", MANAGER_SCOPES)))
+    assert denied.status_code == 403
+    decision = logs.event(denied, "authz_decision")
+    assert (decision["resource_type"], decision["resource_id"]) == ("api_key", bobs.info.id)
+    assert (decision["action"], decision["required"], decision["outcome"]) == ("api-keys:read", "owner", "deny")

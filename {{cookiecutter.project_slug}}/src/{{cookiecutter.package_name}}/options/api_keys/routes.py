@@ -20,7 +20,15 @@ from ...db import SessionDep
 from ...resources import runtime_of
 from ...security import quotas
 from ...security.authn import BearerToken
-from ...security.authz import ObjectRule, declare, no_object_policy, require_scopes
+from ...security.authz import (
+    TABLE_ENGINE,
+    ObjectRule,
+    action_of,
+    decision_event,
+    declare,
+    no_object_policy,
+    require_scopes,
+)
 from ...security.errors import PROBLEM_RESPONSES, ProblemDetail
 from ...security.events import security_event
 from ...security.principal import Principal
@@ -75,16 +83,33 @@ def key_manager(*, scopes: list[str]) -> Any:
 def owned_key(*, scopes: list[str]) -> Any:
     """The key in the path, when the caller's token carries `scopes` and its subject owns the key;
     403 otherwise, whether the key exists or not."""
-    scoped = require_scopes(*scopes)
+    scoped = require_scopes(*scopes, resource_type=KEY, param="key_id")
+    action = action_of(scopes)
 
     async def check_key_owner(
-        key_id: KeyId, principal: Annotated[Principal, scoped], session: SessionDep
+        key_id: KeyId, principal: Annotated[Principal, scoped], session: SessionDep, request: Request
     ) -> store.KeyInfo:
         _refuse_api_keys(principal)
         key = await store.get_key(session, key_id, owner=principal.subject)
+        decision_event(
+            principal,
+            allowed=key is not None,
+            log_allows=runtime_of(request).settings.audit_authz_allows,
+            engine=TABLE_ENGINE,
+            action=action,
+            resource_type=KEY,
+            resource_id=key_id,
+            required="owner",
+            policy=f"{KEY}:owner",
+        )
         if key is None:
             security_event(
-                "object_denied", subject=principal.subject, resource_type=KEY, resource_id=key_id, required="owner"
+                "object_denied",
+                subject=principal.subject,
+                resource_type=KEY,
+                resource_id=key_id,
+                required="owner",
+                action=action,
             )
             raise HTTPException(403)
         return key
