@@ -242,6 +242,9 @@ def main() -> int:
         "ALLOWED_ORIGINS": "https://app.example.com",
         "RATE_LIMIT_IP": HUGE_LIMIT,
         "RATE_LIMIT_SUBJECT": HUGE_LIMIT,
+        # The load writes one org's users by the thousand: the business limits at their maximum.
+        "QUOTA_USERS_PER_ORG": "10000000",
+        "QUOTA_ORGS_PER_SUBJECT": "1000000",
         "LOG_LEVEL": "INFO",
         "AUDIT_PSEUDONYM_KEY": secrets.token_urlsafe(32),
         "BENCH_TOKEN": token,

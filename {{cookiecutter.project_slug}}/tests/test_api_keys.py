@@ -42,6 +42,7 @@ from {{ cookiecutter.package_name }}.security.revocation import tag
 
 from .conftest import PSEUDONYM_KEY, TokenFactory, bearer, principal, pseudonym, run_sql, running
 from .servers import ReplicatedRedis, free_port, redis_client, start_redis, start_replicated_redis
+from .test_audit import captured_logs
 
 ORGS = "/api/v1/orgs"
 KEYS = "/api/v1/api-keys"
@@ -878,3 +879,41 @@ async def test_a_step_up_route_that_allows_other_credentials_serves_a_key_and_st
         refused = await http.get("/api/v1/export", headers=stale)
         assert refused.status_code == 401
         assert refused.headers["www-authenticate"].startswith('Bearer error="insufficient_user_authentication"')
+
+
+# --- Quota ----------------------------------------------------------------------------------------
+
+
+async def test_keys_beyond_api_key_max_per_owner_are_409_even_when_issued_concurrently(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings, make_token: TokenFactory
+) -> None:
+    """A business limit (ASVS 5.0 V2.1.3): live keys per owner, counted in the insert's transaction."""
+    monkeypatch.setenv("API_KEY_MAX_PER_OWNER", "3")
+    app = create_app(settings)
+    async with running(app) as http:
+        await clear_keys(app)
+        alice = bearer(make_token("alice", MANAGER_SCOPES))
+        body = {"name": "partner", "scopes": ["orgs:read"]}
+        answers = await asyncio.gather(*(http.post(KEYS, json=body, headers=alice) for _ in range(8)))
+        assert sorted(answer.status_code for answer in answers) == [201] * 3 + [409] * 5
+        refused = next(answer for answer in answers if answer.status_code == 409)
+        assert refused.json()["type"].endswith(":problem:quota-exceeded")
+        assert "API_KEY_MAX_PER_OWNER" in refused.json()["detail"]
+        assert len((await http.get(KEYS, headers=alice)).json()) == 3
+        # A revoked key no longer counts: revoking one makes room for one.
+        revoked = next(answer for answer in answers if answer.status_code == 201).json()["id"]
+        assert (await http.delete(f"{KEYS}/{revoked}", headers=alice)).status_code == 204
+        assert (await http.post(KEYS, json=body, headers=alice)).status_code == 201
+        assert (await http.post(KEYS, json=body, headers=alice)).status_code == 409
+
+
+async def test_a_refused_key_owner_check_is_an_authz_decision_with_the_key(
+    http: httpx.AsyncClient, key_app: FastAPI, make_token: TokenFactory
+) -> None:
+    bobs = await issue(key_app, owner="bob")
+    with captured_logs() as logs:
+        denied = await http.get(f"{KEYS}/{bobs.info.id}", headers=bearer(make_token("alice", MANAGER_SCOPES)))
+    assert denied.status_code == 403
+    decision = logs.event(denied, "authz_decision")
+    assert (decision["resource_type"], decision["resource_id"]) == ("api_key", bobs.info.id)
+    assert (decision["action"], decision["required"], decision["outcome"]) == ("api-keys:read", "owner", "deny")

@@ -14,7 +14,6 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi import FastAPI
 
@@ -104,13 +103,15 @@ def _policy_kinds() -> set[str]:
 
 
 async def test_every_decision_is_an_audit_event_with_its_outcome_and_policy(
-    client: httpx.AsyncClient, make_token: TokenFactory, audit_events: list[logging.LogRecord]
+    settings_for: Callable[..., Settings], make_token: TokenFactory, audit_events: list[logging.LogRecord]
 ) -> None:
     alice, mallory = bearer(make_token("alice", ALL_SCOPES)), bearer(make_token("mallory", ALL_SCOPES))
-    with captured_logs() as logs:
-        org = (await client.post(ORGS, json={"name": "Acme"}, headers=alice)).json()["id"]
-        assert (await client.get(f"{ORGS}/{org}", headers=alice)).status_code == 200
-        assert (await client.get(f"{ORGS}/{org}", headers=mallory)).status_code == 403
+    # Allows too (AUDIT_AUTHZ_ALLOWS; denials are events whatever it says, test_authz_decisions.py).
+    async with running(create_app(settings_for(audit_authz_allows=True))) as client:
+        with captured_logs() as logs:
+            org = (await client.post(ORGS, json={"name": "Acme"}, headers=alice)).json()["id"]
+            assert (await client.get(f"{ORGS}/{org}", headers=alice)).status_code == 200
+            assert (await client.get(f"{ORGS}/{org}", headers=mallory)).status_code == 403
     decisions = [record.__dict__ for record in audit_events if record.getMessage() == "authz_decision"]
     outcomes = [(d["action"], d["resource_type"], d["outcome"], d["policy"]) for d in decisions]
     assert outcomes == [

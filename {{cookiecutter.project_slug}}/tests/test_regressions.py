@@ -162,8 +162,9 @@ async def test_org_and_user_responses_carry_exactly_their_pinned_fields(client: 
     assert set(UserOut.model_fields) == USER_FIELDS
     headers = bearer(make_token())
     org = (await client.post(PROTECTED, json={"name": "Acme"}, headers=headers)).json()
-    assert set(org) == ORG_FIELDS
-    assert set((await client.get(f"{PROTECTED}/{org['id']}", headers=headers)).json()) == ORG_FIELDS
+    # The owner's view (the creator's) adds who created it (field-level authorization, test_fields.py).
+    assert set(org) == ORG_FIELDS | {"created_by"}
+    assert set((await client.get(f"{PROTECTED}/{org['id']}", headers=headers)).json()) == ORG_FIELDS | {"created_by"}
     user = await client.post(
         f"{PROTECTED}/{org['id']}/users", json={"email": "ada@example.com", "role": "viewer"}, headers=headers
     )

@@ -403,7 +403,9 @@ def move_issuer(args: argparse.Namespace) -> int:
     old, new = issuer_namespace(args.old), issuer_namespace(args.new)
 
     async def move() -> int:
-        engine = create_engine(settings.database_url)
+        engine = create_engine(
+            settings.database_url, statement_timeout_seconds=settings.database_statement_timeout_seconds
+        )
         try:
             async with create_sessionmaker(engine)() as session:
                 moved = await grants.move_issuer(session, old, new)

@@ -162,6 +162,14 @@ class Settings(BaseSettings):
     # (authz.CONFIGURED_STEP_UP; the grant routes) requires of the user's authentication.
     step_up_max_age_seconds: int | None = Field(None, ge=1, le=604_800)
     step_up_acr_values: CommaList = []
+    # ASVS 5.0 gaps (issue 32; docs: authorization.md, audit.md, database-access.md). Every
+    # authorization decision is an `authz_decision` event; allows too when AUDIT_AUTHZ_ALLOWS.
+    audit_authz_allows: bool = False
+    # Business limits, checked in the transaction of the insert (quotas.py); 409 beyond them.
+    quota_orgs_per_subject: int = Field(100, ge=1, le=1_000_000)
+    quota_users_per_org: int = Field(10_000, ge=1, le=10_000_000)
+    # Deadlines below the request path: every database session's statement timeout (PostgreSQL).
+    database_statement_timeout_seconds: float = Field(10, gt=0, le=3600)
 
     @model_validator(mode="before")
     @classmethod

@@ -24,9 +24,25 @@ logger = logging.getLogger(__name__)
 AnyStatement: TypeAlias = Select[*tuple[Any, ...]] | ReturningInsert[*tuple[Any, ...]]
 
 
-def create_engine(database_url: str, *, pool_size: int = 10, max_overflow: int = 10) -> AsyncEngine:
+def postgres_server_settings(statement_timeout_seconds: float | None) -> dict[str, str]:
+    """What every PostgreSQL session of the service is opened with (asyncpg's `server_settings`):
+    its `statement_timeout` (DATABASE_STATEMENT_TIMEOUT_SECONDS), so no statement outlives its
+    request by much; a statement that exceeds it fails (SQLSTATE 57014, answered 503)."""
+    if statement_timeout_seconds is None:
+        return {}
+    return {"statement_timeout": str(max(1, round(statement_timeout_seconds * 1000)))}
+
+
+def create_engine(
+    database_url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 10,
+    statement_timeout_seconds: float | None = None,
+) -> AsyncEngine:
     """An engine that does no I/O until first used; on PostgreSQL with at most `pool_size` +
-    `max_overflow` connections (DATABASE_POOL_SIZE, DATABASE_MAX_OVERFLOW). Its errors never
+    `max_overflow` connections (DATABASE_POOL_SIZE, DATABASE_MAX_OVERFLOW) and each session's
+    `statement_timeout` (DATABASE_STATEMENT_TIMEOUT_SECONDS). Its errors never
     carry the statement's bound values (`hide_parameters`): they are subjects, e-mail addresses
     and key hashes, and an error's text reaches the log."""
     if database_url.startswith("sqlite"):
@@ -43,8 +59,10 @@ def create_engine(database_url: str, *, pool_size: int = 10, max_overflow: int =
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
+    server_settings = postgres_server_settings(statement_timeout_seconds)
     return create_async_engine(
         database_url,
+        connect_args={"server_settings": server_settings} if server_settings else {},
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=max_overflow,
@@ -161,14 +179,16 @@ class Statements:
     SQLAlchemy's (IntegrityError, OperationalError, ...), so callers and the error layer handle
     them as they always have."""
 
-    def __init__(self, engine: AsyncEngine, pool_size: int) -> None:
+    def __init__(self, engine: AsyncEngine, pool_size: int, *, statement_timeout_seconds: float | None = None) -> None:
         self.dialect = engine.dialect
         self.url = engine.url
         self.pool_size = pool_size
         self._queries: dict[Any, Query] = {}
         self._sqlite: list[Any] = []  # aiosqlite connections, opened on first use
         self._next = 0
-        self._postgres = PostgresConnections(self.dialect, self.url, pool_size)
+        self._postgres = PostgresConnections(
+            self.dialect, self.url, pool_size, server_settings=postgres_server_settings(statement_timeout_seconds)
+        )
         self._writer: Any = None  # SQLite: one aiosqlite connection in autocommit mode
         self._opening = asyncio.Lock()
 
@@ -266,9 +286,12 @@ class PostgresConnections:
     any transaction and change no session state, so a connection goes back as it came, with no
     reset query and no acquire/release bookkeeping on the request path (measured in make bench)."""
 
-    def __init__(self, dialect: Dialect, url: Any, size: int) -> None:
+    def __init__(
+        self, dialect: Dialect, url: Any, size: int, *, server_settings: Mapping[str, str] | None = None
+    ) -> None:
         self.dialect = dialect
         self.url = url
+        self.server_settings = dict(server_settings or {})
         self._slots = asyncio.Semaphore(size)
         self._idle: list[Any] = []
         self._open: set[Any] = set()
@@ -307,7 +330,10 @@ class PostgresConnections:
     async def _connect(self) -> Any:
         asyncpg = importlib.import_module("asyncpg")
         args, kwargs = self.dialect.create_connect_args(self.url)
-        connection = await asyncpg.connect(*args, **kwargs, timeout=5, command_timeout=30)
+        settings = {**kwargs.pop("server_settings", {}), **self.server_settings}
+        connection = await asyncpg.connect(
+            *args, **kwargs, timeout=5, command_timeout=30, server_settings=settings or None
+        )
         self._open.add(connection)
         return connection
 

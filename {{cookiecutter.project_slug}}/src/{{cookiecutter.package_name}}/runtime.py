@@ -117,14 +117,21 @@ class Runtime:
     def create(cls, settings: Settings) -> Runtime:
         """The core's resources; `app.build_runtime` adds the options' extensions, tracing and metrics."""
         engine = create_engine(
-            settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+            statement_timeout_seconds=settings.database_statement_timeout_seconds,
         )
         store = redis_store(settings) if settings.redis_url else MemoryStore()
         keys = key_source(settings)
         limiter = RateLimiter(settings, store)
         revocations = Revocations(settings, store)
         lockout = Lockout(settings, store, client_bucket(settings.rate_limit_ipv6_prefix))
-        statements = Statements(engine, settings.database_read_pool_size)
+        statements = Statements(
+            engine,
+            settings.database_read_pool_size,
+            statement_timeout_seconds=settings.database_statement_timeout_seconds,
+        )
         runtime = cls(
             settings=settings,
             engine=engine,

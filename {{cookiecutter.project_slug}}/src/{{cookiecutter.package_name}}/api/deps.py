@@ -28,6 +28,8 @@ class OrgRow:
     id: uuid.UUID
     name: str
     created_at: datetime
+    created_by: str
+    relation: Relation  # the caller's, to choose the fields it sees (schemas.ORG_VIEWS)
 
 
 def org_relation(relation: Relation, *, scopes: list[str], step_up: StepUp | None = None) -> object:
@@ -44,8 +46,9 @@ ReadableOrg = Annotated[
         Relation.viewer,
         param="org_id",
         scopes=["orgs:read"],
-        columns=(Org.id, Org.name, Org.created_at),
+        columns=(Org.id, Org.name, Org.created_at, Org.created_by),
         into=OrgRow,
+        with_relation=True,
     ),
 ]
 # The orgs the caller may read (GET /orgs), filtered in the statement that reads them.

@@ -2,33 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from sqlalchemy import select
 
 from ..db import SessionDep
 from ..domain import ORG
 from ..models import Org
-from ..security import grants
+from ..resources import runtime_of
+from ..security import grants, quotas
 from ..security.errors import ProblemDetail
 from ..security.events import privilege_changed, security_event
 from ..security.principal import CurrentPrincipal
 from ..security.ratelimit import limit
 from ..tables import Permission, Relation
 from .deps import CanCreateOrg, CanManageGrants, ReadableOrg, ReadableOrgs, as_utc
-from .schemas import GrantOut, GrantPut, OrgCreate, OrgOut, Page
+from .schemas import MAX_OFFSET, ORG_VIEWS, GrantOut, GrantPut, OrgAdminOut, OrgCreate, OrgOut, Page
 
 router = APIRouter(prefix="/orgs", tags=["orgs"])
 
 LAST_OWNER = "An org must keep at least one owner."
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
-async def create_org(body: OrgCreate, principal: CanCreateOrg, session: SessionDep) -> OrgOut:
-    """Create an org; the caller becomes its owner."""
+@router.post("", status_code=status.HTTP_201_CREATED, responses={409: {"description": "Quota exceeded"}})
+async def create_org(body: OrgCreate, principal: CanCreateOrg, session: SessionDep, request: Request) -> OrgAdminOut:
+    """Create an org; the caller becomes its owner (and is answered the owner's view). 409
+    `quota-exceeded` when the caller has created QUOTA_ORGS_PER_SUBJECT orgs already."""
+    await quotas.hold(session, "orgs_per_subject", principal.subject)
     org = Org(name=body.name, created_by=principal.subject)
     session.add(org)
     await session.flush()
+    await quotas.enforce(
+        session,
+        select(Org.id).where(Org.created_by == principal.subject),
+        quota="orgs_per_subject",
+        limit=runtime_of(request).settings.quota_orgs_per_subject,
+        what="orgs per subject",
+        variable="QUOTA_ORGS_PER_SUBJECT",
+        resource_type=ORG,
+    )
     session.add(
         Permission(
             subject=principal.subject,
@@ -42,12 +56,13 @@ async def create_org(body: OrgCreate, principal: CanCreateOrg, session: SessionD
     privilege_changed(
         "grant_created", resource_type=ORG, resource_id=str(org.id), grantee=principal.subject, relation="owner"
     )
-    return OrgOut(id=org.id, name=org.name, created_at=as_utc(org.created_at))
+    return OrgAdminOut(id=org.id, name=org.name, created_at=as_utc(org.created_at), created_by=org.created_by)
 
 
-@router.get("/{org_id}")
+@router.get("/{org_id}", response_model=ORG_VIEWS.response_model)
 async def get_org(org: ReadableOrg) -> OrgOut:
-    return OrgOut(id=org.id, name=org.name, created_at=as_utc(org.created_at))
+    """The org, with the fields the caller's relation may see (ORG_VIEWS)."""
+    return ORG_VIEWS.view(replace(org, created_at=as_utc(org.created_at)), org.relation)
 
 
 @router.put(
@@ -146,7 +161,7 @@ async def list_orgs(
     orgs: ReadableOrgs,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[OrgOut]:
     """The orgs the caller may read: its grants and the orgs, filtered in one statement."""
     statement = orgs.page(order_by=(Org.created_at, Org.id), limit=limit + 1, offset=offset)

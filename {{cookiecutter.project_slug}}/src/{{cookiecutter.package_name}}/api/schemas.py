@@ -16,6 +16,7 @@ from pydantic import (
     StringConstraints,
 )
 
+from ..security.fields import ViewsByRelation
 from ..security.validation import Strict, Text
 from ..tables import Relation
 
@@ -43,6 +44,18 @@ class OrgOut(BaseModel):
     id: uuid.UUID
     name: str
     created_at: datetime
+
+
+class OrgAdminOut(OrgOut):
+    """An org as its admins and owners see it: who created it too (a principal id, which a viewer
+    has no need to know)."""
+
+    created_by: str
+
+
+# Field-level authorization (security/fields.py): viewers and editors see OrgOut, admins and owners
+# OrgAdminOut.
+ORG_VIEWS: ViewsByRelation[OrgOut] = ViewsByRelation({Relation.viewer: OrgOut, Relation.admin: OrgAdminOut})
 
 
 class GrantPut(Strict):
@@ -73,6 +86,10 @@ class UserOut(BaseModel):
 
 
 T = TypeVar("T")
+
+# The deepest page a list serves (ASVS 5.0 V15.1.3): the database reads and skips `offset` rows
+# for each page, so an unbounded offset is work a caller chooses. Beyond it: 400.
+MAX_OFFSET = 10_000
 
 
 class Page(BaseModel, Generic[T]):

@@ -15,10 +15,11 @@ from ..db import SessionDep
 from ..domain import ORG
 from ..models import OrgUser
 from ..resources import runtime_of
+from ..security import quotas
 from ..security.errors import ProblemDetail
 from ..security.events import privilege_changed
 from .deps import CanReadUsers, CanWriteUsers, as_utc
-from .schemas import Page, Role, UserCreate, UserOut
+from .schemas import MAX_OFFSET, Page, Role, UserCreate, UserOut
 
 router = APIRouter(prefix="/orgs/{org_id}/users", tags=["users"])
 
@@ -47,10 +48,9 @@ _INSERTED = ("id", "org_id", "email", "role", "metadata", "created_at")
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-async def create_user(org_id: CanWriteUsers, body: UserCreate, request: Request) -> UserOut:
-    """One INSERT ... RETURNING that commits by itself (no session: a single statement needs no
-    transaction of ours)."""
-    statements = runtime_of(request).statements
+async def create_user(org_id: CanWriteUsers, body: UserCreate, request: Request, session: SessionDep) -> UserOut:
+    """The insert and the org's user count in one transaction: 409 `quota-exceeded` beyond
+    QUOTA_USERS_PER_ORG (security/quotas.py), 409 for an email the org has already."""
     user = {
         "id": uuid.uuid4(),
         "org_id": org_id,
@@ -60,9 +60,21 @@ async def create_user(org_id: CanWriteUsers, body: UserCreate, request: Request)
         "created_at": datetime.now(UTC),
     }
     try:
-        await statements.write(statements.query("insert_user", _insert_user), **user)
+        await quotas.hold(session, "users_per_org", str(org_id))
+        await session.execute(_insert_user(), user)
     except IntegrityError:
         raise HTTPException(409, ProblemDetail("A user with this email already exists in this org.")) from None
+    await quotas.enforce(
+        session,
+        select(OrgUser.id).where(OrgUser.org_id == org_id),
+        quota="users_per_org",
+        limit=runtime_of(request).settings.quota_users_per_org,
+        what="users per org",
+        variable="QUOTA_USERS_PER_ORG",
+        resource_type=ORG,
+        resource_id=str(org_id),
+    )
+    await session.commit()
     # The email is masked in the log like every email (AUDIT_MASKED_FIELDS).
     privilege_changed(
         "user_created",
@@ -87,7 +99,7 @@ async def list_users(
     org_id: CanReadUsers,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[UserOut]:
     rows = await session.scalars(
         select(OrgUser)

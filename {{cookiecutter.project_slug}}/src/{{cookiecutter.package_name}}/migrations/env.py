@@ -15,7 +15,8 @@ from {{ cookiecutter.package_name }} import (
     extensions,
     models,  # noqa: F401 (the service's own tables)
 )
-from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL
+from {{ cookiecutter.package_name }}.config import DEFAULT_DATABASE_URL, Settings
+from {{ cookiecutter.package_name }}.db import postgres_server_settings
 from {{ cookiecutter.package_name }}.migrations.roles import app_role, grant_service_role
 from {{ cookiecutter.package_name }}.secret_files import read_secret_file
 from {{ cookiecutter.package_name }}.tables import Base
@@ -39,6 +40,14 @@ def database_url() -> str:
     return value or DEFAULT_DATABASE_URL
 
 
+def statement_timeout_seconds() -> float:
+    """DATABASE_STATEMENT_TIMEOUT_SECONDS, as the service reads it: a migration's statements are
+    bounded too (raise it for the run of a migration that rewrites a large table)."""
+    value = os.environ.get("DATABASE_STATEMENT_TIMEOUT_SECONDS", "").strip()
+    default = Settings.model_fields["database_statement_timeout_seconds"].default
+    return float(value) if value else float(default)
+
+
 def run_migrations(connection: Connection) -> None:
     context.configure(
         connection=connection,
@@ -55,7 +64,11 @@ def run_migrations(connection: Connection) -> None:
 
 async def run_online() -> None:
     # hide_parameters: a failing migration's error (and its log line) never quotes a row's values.
-    engine = create_async_engine(database_url(), hide_parameters=True)
+    url = database_url()
+    server_settings = postgres_server_settings(statement_timeout_seconds()) if url.startswith("postgresql") else {}
+    engine = create_async_engine(
+        url, hide_parameters=True, connect_args={"server_settings": server_settings} if server_settings else {}
+    )
     async with engine.connect() as connection:
         await connection.run_sync(run_migrations)
     await engine.dispose()

@@ -38,6 +38,7 @@ statement (`read_with_relation`). A cache added here must be invalidated on ever
 # No `from __future__ import annotations`: FastAPI reads the dependencies' annotations, which
 # name the scope check made in each factory.
 import inspect
+import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -120,17 +121,65 @@ class StepUpRequired(HTTPException):
     problem_name = STEP_UP_PROBLEM
 
 
+TABLE_ENGINE = "permissions"
+
+
+def decision_event(
+    principal: Principal,
+    *,
+    allowed: bool,
+    log_allows: bool,
+    engine: str,
+    action: str,
+    resource_type: str | None,
+    resource_id: object = None,
+    required: str | None = None,
+    relation: str | None = None,
+    policy: str,
+    outcome: str | None = None,
+    plan: bool = False,
+) -> None:
+    """One authorization decision as an `authz_decision` event (ASVS 5.0 V16.3.2), the same event
+    and fields for either engine: the object (`resource_type`, `resource_id`; none for a list's
+    plan), the `action` (the route's scopes), the relation the route `required` and the one the
+    caller holds (`relation`, where the engine read it), the `outcome` and the `policy` that
+    decided. Denials always (WARNING); allows only when `log_allows` (AUDIT_AUTHZ_ALLOWS, INFO).
+    A log line and nothing else: no I/O of its own on the request path."""
+    if allowed and not log_allows:
+        return
+    security_event(
+        "authz_decision",
+        logging.INFO if allowed else logging.WARNING,
+        subject=principal.subject,
+        engine=engine,
+        action=action,
+        resource_type=resource_type,
+        resource_id=None if resource_id is None else str(resource_id),
+        required=required,
+        relation=relation,
+        outcome=outcome or ("allow" if allowed else "deny"),
+        policy=policy,
+        plan=plan,
+    )
+
+
+def _log_allows(request: Request) -> bool:
+    return runtime_of(request).settings.audit_authz_allows
+
+
 def declare(check: F, rule: ScopeRule | ObjectRule | StepUp) -> F:
     """Mark `check` (a dependency) as declaring `rule`, for the route-policy walk."""
     setattr(check, RULE_ATTRIBUTE, rule)
     return check
 
 
-def require_scopes(*scopes: str) -> Any:
-    """Refuse with 403 unless the token carries every one of `scopes`."""
+def require_scopes(*scopes: str, resource_type: str | None = None, param: str | None = None) -> Any:
+    """Refuse with 403 unless the token carries every one of `scopes`. `resource_type` and `param`
+    (the path parameter naming the object) name the object in the denial's events."""
     if not scopes:
         raise ValueError("require_scopes needs at least one scope")
     needed = frozenset(scopes)
+    action = action_of(scopes)
 
     async def check_scopes(request: Request) -> Principal:
         # The principal straight from the request (as `current_principal` reads it): one
@@ -138,7 +187,26 @@ def require_scopes(*scopes: str) -> Any:
         principal = await current_principal(request)
         missing = needed - principal.scopes
         if missing:
-            security_event("scope_denied", subject=principal.subject, missing=sorted(missing))
+            # The object as the path names it, unvalidated: a string in a log field, masked like any.
+            resource_id = request.path_params.get(param) if param else None
+            security_event(
+                "scope_denied",
+                subject=principal.subject,
+                missing=sorted(missing),
+                action=action,
+                resource_type=resource_type,
+                resource_id=resource_id,
+            )
+            decision_event(
+                principal,
+                allowed=False,
+                log_allows=False,
+                engine="scopes",
+                action=action,
+                resource_type=resource_type,
+                resource_id=resource_id,
+                policy="scopes",
+            )
             raise HTTPException(403)
         return principal
 
@@ -193,9 +261,11 @@ def require_step_up(step_up: StepUp, scoped: Any) -> Any:
     return Depends(declare(check_step_up, step_up))
 
 
-def _guard(scopes: Sequence[str], step_up: StepUp | None) -> Any:
+def _guard(
+    scopes: Sequence[str], step_up: StepUp | None, resource_type: str | None = None, param: str | None = None
+) -> Any:
     """The principal's dependency of an object check: the scope check, then the step-up's."""
-    scoped = require_scopes(*scopes)
+    scoped = require_scopes(*scopes, resource_type=resource_type, param=param)
     return scoped if step_up is None else require_step_up(step_up, scoped)
 
 
@@ -220,28 +290,58 @@ async def holds(session: AsyncSession, subject: str, resource_type: str, resourc
     return await session.scalar(query, {"subject": subject, "resource_id": resource_id}) is not None
 
 
-def _read_query(resource_type: str, relation: Relation, columns: Sequence[InstrumentedAttribute[Any]]) -> Select[Any]:
+def _read_query(
+    resource_type: str, relation: Relation, columns: Sequence[InstrumentedAttribute[Any]], with_relation: bool = False
+) -> Select[Any]:
     """The caller's grant joined to the object it names (`columns[0]` is its id): no row, no grant
-    (403); a row of NULLs, a grant that outlived its object (404); else the object."""
+    (403); a row of NULLs, a grant that outlived its object (404); else the object (and, with
+    `with_relation`, last, the relation the grant gives)."""
     id_column = columns[0]
     return (
-        select(*columns)
+        select(*columns, *([Permission.relation] if with_relation else []))
         .select_from(Permission)
         .outerjoin(id_column.class_, id_column == bindparam("object_id", None, type_=id_column.type))
         .where(*_grant(resource_type, relation))
     )
 
 
-def deny(principal: Principal, resource_type: str, resource_id: object, relation: Relation) -> HTTPException:
-    """The 403 of an object check, logged as `object_denied`."""
+def deny(
+    principal: Principal, resource_type: str, resource_id: object, relation: Relation, action: str | None = None
+) -> HTTPException:
+    """The 403 of an object check, logged as `object_denied` (the refusal; the decision itself is
+    the `authz_decision` event its engine logged)."""
     security_event(
         "object_denied",
         subject=principal.subject,
         resource_type=resource_type,
         resource_id=str(resource_id),
         required=relation.value,
+        action=action,
     )
     return HTTPException(403)
+
+
+def _table_decision(
+    request: Request,
+    principal: Principal,
+    allowed: bool,
+    action: str,
+    resource_type: str,
+    object_id: object,
+    relation: Relation,
+) -> None:
+    """The permissions table's decision (no engine) as an `authz_decision` event."""
+    decision_event(
+        principal,
+        allowed=allowed,
+        log_allows=_log_allows(request),
+        engine=TABLE_ENGINE,
+        action=action,
+        resource_type=resource_type,
+        resource_id=object_id,
+        required=relation.value,
+        policy=f"{resource_type}:{relation.value}",
+    )
 
 
 def _with_path_parameter(check: Callable[..., Any], param: str, id_type: type, scoped: Any) -> None:
@@ -270,7 +370,7 @@ def require_relation(
     higher) on the object of `resource_type` whose id is the path parameter `param`. The same 403
     whether the object exists or not. Gives the route the object's id. With `step_up`, the
     caller's authentication must satisfy it too (401 otherwise), checked before the object."""
-    scoped = _guard(scopes, step_up)
+    scoped = _guard(scopes, step_up, resource_type, param)
     key = ("holds", resource_type, relation)
 
     def query() -> Select[Any]:
@@ -290,10 +390,14 @@ def require_relation(
             )
             held: Attributes = {"relation": rows[0][0] if rows else ""}
             if not await runtime.authorizer.decide(principal, action, resource_type, str(object_id), held):
-                raise deny(principal, resource_type, object_id, relation)
+                raise deny(principal, resource_type, object_id, relation, action)
             return object_id
-        if not await reads.fetch(reads.query(key, query), subject=principal.subject, resource_id=str(object_id)):
-            raise deny(principal, resource_type, object_id, relation)
+        allowed = bool(
+            await reads.fetch(reads.query(key, query), subject=principal.subject, resource_id=str(object_id))
+        )
+        _table_decision(request, principal, allowed, action, resource_type, object_id, relation)
+        if not allowed:
+            raise deny(principal, resource_type, object_id, relation, action)
         return object_id
 
     _with_path_parameter(check_relation, param, id_type, scoped)
@@ -309,18 +413,20 @@ def read_with_relation(
     columns: Sequence[InstrumentedAttribute[Any]],
     into: Callable[..., T],
     step_up: StepUp | None = None,
+    with_relation: bool = False,
 ) -> Any:
     """`require_relation`, and the object itself read in the same statement: one round trip for
     the check and the read. `columns` are the object's columns to read, its id first (the column
-    the path parameter names); the route gets `into(*columns' values)`. 403 without the relation
-    (whether the object exists or not), 404 for a grant that outlived its object. `step_up` as
-    for `require_relation`."""
-    scoped = _guard(scopes, step_up)
+    the path parameter names); the route gets `into(*columns' values)`, and with `with_relation`
+    `into(*values, relation=<the caller's Relation>)` (to choose the fields it sees,
+    security/fields.py). 403 without the relation (whether the object exists or not), 404 for a
+    grant that outlived its object. `step_up` as for `require_relation`."""
+    scoped = _guard(scopes, step_up, resource_type, param)
     id_column = columns[0]
-    key = ("read", resource_type, relation)
+    key = ("read", resource_type, relation, with_relation)
 
     def query() -> Select[Any]:
-        return _read_query(resource_type, relation, columns)
+        return _read_query(resource_type, relation, columns, with_relation)
 
     action = action_of(scopes)
 
@@ -337,17 +443,22 @@ def read_with_relation(
             )
             held: Attributes = {"relation": rows[0][0] if rows else ""}
             if not await runtime.authorizer.decide(principal, action, resource_type, str(object_id), held):
-                raise deny(principal, resource_type, object_id, relation)
+                raise deny(principal, resource_type, object_id, relation, action)
             if not rows or rows[0][1] is None:  # no grant to read through, or one that outlived its object
                 raise HTTPException(404)
+            if with_relation:
+                return into(*rows[0][1:], relation=Relation(rows[0][0]))
             return into(*rows[0][1:])
         rows = await reads.fetch(
             reads.query(key, query), subject=principal.subject, resource_id=str(object_id), object_id=object_id
         )
+        _table_decision(request, principal, bool(rows), action, resource_type, object_id, relation)
         if not rows:
-            raise deny(principal, resource_type, object_id, relation)
+            raise deny(principal, resource_type, object_id, relation, action)
         if rows[0][0] is None:
             raise HTTPException(404)
+        if with_relation:
+            return into(*rows[0][:-1], relation=Relation(rows[0][-1]))
         return into(*rows[0])
 
     _with_path_parameter(check_and_read, param, id_column.type.python_type, scoped)
@@ -363,8 +474,21 @@ def no_object_policy(*, scopes: Sequence[str], step_up: StepUp | None = None) ->
     async def no_object(principal: Annotated[Principal, scoped], request: Request) -> Principal:
         authorizer = runtime_of(request).authorizer
         attributes: Attributes = {"scopes": sorted(scopes)}
-        if authorizer is not None and not await authorizer.decide(principal, action, SERVICE, SERVICE, attributes):
-            security_event("object_denied", subject=principal.subject, resource_type=SERVICE, action=action)
+        if authorizer is None:  # the scopes were the whole decision
+            decision_event(
+                principal,
+                allowed=True,
+                log_allows=_log_allows(request),
+                engine=TABLE_ENGINE,
+                action=action,
+                resource_type=SERVICE,
+                resource_id=SERVICE,
+                policy="scopes",
+            )
+        elif not await authorizer.decide(principal, action, SERVICE, SERVICE, attributes):
+            security_event(
+                "object_denied", subject=principal.subject, resource_type=SERVICE, resource_id=SERVICE, action=action
+            )
             raise HTTPException(403)
         return principal
 
@@ -480,7 +604,7 @@ def list_with_relation(
     (`columns`, id first) on which the caller holds `relation` or higher; with an engine, those its
     query plan (`PlanResources`) allows, the plan written as SQL in the same statement, or a
     refusal (PlanRefused) when it cannot be, never an unfiltered list."""
-    scoped = require_scopes(*scopes)
+    scoped = require_scopes(*scopes, resource_type=resource_type)
     action = action_of(scopes)
     id_column = columns[0]
 
@@ -489,6 +613,19 @@ def list_with_relation(
         allowed: ColumnElement[bool] | None = Permission.relation.in_([held.value for held in relation.at_least()])
         if authorizer is not None:
             allowed = await authorizer.plan(principal, action, resource_type)
+        else:  # the objects the caller holds `relation` on: a condition, like an engine's plan
+            decision_event(
+                principal,
+                allowed=True,
+                log_allows=_log_allows(request),
+                engine=TABLE_ENGINE,
+                action=action,
+                resource_type=resource_type,
+                required=relation.value,
+                policy=f"{resource_type}:{relation.value}",
+                outcome="conditional",
+                plan=True,
+            )
         if allowed is None:
             return Listing(None)
         statement = (

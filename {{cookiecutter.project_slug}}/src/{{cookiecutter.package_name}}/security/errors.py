@@ -169,9 +169,10 @@ DEPENDENCY_ERRORS: dict[type[Exception], str] = {
 
 
 # SQLSTATE classes that mean "the database cannot serve now" (connection exception, insufficient
-# resources such as too many clients, operator intervention such as a shutdown), whatever
-# DBAPIError subclass the driver's error was translated to.
-UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+# resources such as too many clients, operator intervention such as a shutdown, a statement
+# cancelled by DATABASE_STATEMENT_TIMEOUT_SECONDS: 57014), whatever DBAPIError subclass the
+# driver's error was translated to.
+UNAVAILABLE_SQLSTATES = ("08", "53", "57P", "57014")
 
 
 def database_unavailable(exc: sa_exc.DBAPIError) -> bool:

@@ -62,7 +62,7 @@ def _run(action: Action) -> int:
     from ...store import redis_store
 
     async def run() -> tuple[int, str]:
-        engine = create_engine(core.database_url)
+        engine = create_engine(core.database_url, statement_timeout_seconds=core.database_statement_timeout_seconds)
         redis: RemoteStore | MemoryStore = redis_store(core) if core.redis_url else MemoryStore()
         try:
             async with create_sessionmaker(engine)() as session:

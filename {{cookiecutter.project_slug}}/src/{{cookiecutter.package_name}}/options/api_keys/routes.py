@@ -9,16 +9,26 @@ is answered 403, exactly as a key that does not exist (no existence oracle).
 
 # No `from __future__ import annotations`: the dependencies below close over local policies,
 # which FastAPI must see as objects, not strings.
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from pydantic import BaseModel, Field, StringConstraints
+from sqlalchemy import select
 
 from ...db import SessionDep
 from ...resources import runtime_of
+from ...security import quotas
 from ...security.authn import BearerToken
-from ...security.authz import ObjectRule, declare, no_object_policy, require_scopes
+from ...security.authz import (
+    TABLE_ENGINE,
+    ObjectRule,
+    action_of,
+    decision_event,
+    declare,
+    no_object_policy,
+    require_scopes,
+)
 from ...security.errors import PROBLEM_RESPONSES, ProblemDetail
 from ...security.events import security_event
 from ...security.principal import Principal
@@ -29,6 +39,7 @@ from ...store.core import NotReplicated, StoreBusy, StoreUnavailable
 from ...tables import Relation
 from . import store
 from .authenticator import SUBJECT_PREFIX
+from .models import ApiKey
 from .running import ApiKeysExtension
 from .settings import ApiKeySettings
 
@@ -72,16 +83,33 @@ def key_manager(*, scopes: list[str]) -> Any:
 def owned_key(*, scopes: list[str]) -> Any:
     """The key in the path, when the caller's token carries `scopes` and its subject owns the key;
     403 otherwise, whether the key exists or not."""
-    scoped = require_scopes(*scopes)
+    scoped = require_scopes(*scopes, resource_type=KEY, param="key_id")
+    action = action_of(scopes)
 
     async def check_key_owner(
-        key_id: KeyId, principal: Annotated[Principal, scoped], session: SessionDep
+        key_id: KeyId, principal: Annotated[Principal, scoped], session: SessionDep, request: Request
     ) -> store.KeyInfo:
         _refuse_api_keys(principal)
         key = await store.get_key(session, key_id, owner=principal.subject)
+        decision_event(
+            principal,
+            allowed=key is not None,
+            log_allows=runtime_of(request).settings.audit_authz_allows,
+            engine=TABLE_ENGINE,
+            action=action,
+            resource_type=KEY,
+            resource_id=key_id,
+            required="owner",
+            policy=f"{KEY}:owner",
+        )
         if key is None:
             security_event(
-                "object_denied", subject=principal.subject, resource_type=KEY, resource_id=key_id, required="owner"
+                "object_denied",
+                subject=principal.subject,
+                resource_type=KEY,
+                resource_id=key_id,
+                required="owner",
+                action=action,
             )
             raise HTTPException(403)
         return key
@@ -156,15 +184,18 @@ def _issued(issued: store.IssuedKey) -> IssuedKeyOut:
 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[limit("10/minute", name="api_key_writes")])
 async def issue_key(body: KeyCreate, principal: CanIssueKeys, session: SessionDep, request: Request) -> IssuedKeyOut:
-    """Issue a key owned by the caller, with some of the caller's own scopes."""
+    """Issue a key owned by the caller, with some of the caller's own scopes. 409 `quota-exceeded`
+    when the caller holds API_KEY_MAX_PER_OWNER live keys (neither revoked nor expired)."""
     beyond = set(body.scopes) - principal.scopes
     if beyond:
         security_event("scope_denied", subject=principal.subject, missing=sorted(beyond), reason="api_key_scopes")
         raise HTTPException(403, ProblemDetail("A key can only carry scopes the caller's token carries."))
+    settings = _settings(request)
+    await quotas.hold(session, "api_keys_per_owner", principal.subject)
     try:
         issued = await store.issue(
             session,
-            _settings(request),
+            settings,
             owner=principal.subject,
             name=body.name,
             scopes=body.scopes,
@@ -174,6 +205,17 @@ async def issue_key(body: KeyCreate, principal: CanIssueKeys, session: SessionDe
         )
     except store.KeyRefused as refused:
         raise HTTPException(400, ProblemDetail(str(refused))) from None
+    await quotas.enforce(
+        session,
+        select(ApiKey.id).where(
+            ApiKey.owner == principal.subject, ApiKey.revoked_at.is_(None), ApiKey.expires_at > datetime.now(UTC)
+        ),
+        quota="api_keys_per_owner",
+        limit=settings.max_per_owner,
+        what="live API keys per owner",
+        variable="API_KEY_MAX_PER_OWNER",
+        resource_type=KEY,
+    )
     await session.commit()
     security_event("api_key_issued", subject=principal.subject, key_id=issued.info.id, scopes=issued.info.scopes)
     return _issued(issued)

@@ -32,6 +32,9 @@ class ApiKeySettings(BaseSettings):
     cache_seconds: int = Field(30, ge=0, le=60)
     default_lifetime_days: int = Field(90, ge=1, le=3650)
     max_lifetime_days: int = Field(365, ge=1, le=3650)
+    # A business limit (ASVS 5.0 V2.1.3): the keys one owner may hold that are neither revoked nor
+    # expired; issuing one more is 409 `quota-exceeded` (security/quotas.py).
+    max_per_owner: int = Field(20, ge=1, le=10_000)
 
     _empty_is_unset = empty_is_unset("pepper")
 

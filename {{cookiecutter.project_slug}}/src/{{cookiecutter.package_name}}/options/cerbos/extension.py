@@ -82,5 +82,5 @@ def settings_problems(settings: Settings) -> list[str]:
 def extension(runtime: Runtime) -> Extension:
     from .pdp import Pdp
 
-    pdp = Pdp(read_settings())
+    pdp = Pdp(read_settings(), log_allows=runtime.settings.audit_authz_allows)
     return Extension(name="cerbos", authorizer=pdp, lifespan=pdp.running)

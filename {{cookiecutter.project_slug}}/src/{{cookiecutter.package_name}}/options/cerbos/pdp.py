@@ -6,8 +6,9 @@ keyed pseudonym of its id (the PDP and its logs never see who the caller is), it
 credential type and, for a workload, its identity; the action (the scope the route declares); the
 resource's type, id and the relation the permissions table records for the caller.
 
-Every decision is an audit event (`authz_decision`, allows included) with its outcome and the
-policy that decided (`resource.org.vdefault`). No answer within CERBOS_TIMEOUT_SECONDS, or none at
+Every decision is an audit event (`authz_decision`, as the permissions table's decisions are:
+`authz.decision_event`) with its outcome and the policy that decided (`resource.org.vdefault`);
+denials always, allows when AUDIT_AUTHZ_ALLOWS. No answer within CERBOS_TIMEOUT_SECONDS, or none at
 all: 503 (`DecisionUnavailable`), never an allow. Nothing is cached: a policy change applies to the
 next request.
 """
@@ -15,7 +16,6 @@ next request.
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -31,7 +31,7 @@ from google.protobuf import struct_pb2
 from sqlalchemy import ColumnElement, true
 
 from ...security import pseudonyms
-from ...security.authz import Attributes, DecisionUnavailable
+from ...security.authz import Attributes, DecisionUnavailable, decision_event
 from ...security.events import security_event
 from ...security.principal import Principal
 from .extension import CerbosSettings
@@ -45,8 +45,9 @@ ROLES = ["user"]  # every caller; its relation to an object gives the derived ro
 class Pdp:
     """The `Authorizer` (security/authz.py) of authz_engine=cerbos."""
 
-    def __init__(self, settings: CerbosSettings) -> None:
+    def __init__(self, settings: CerbosSettings, *, log_allows: bool = False) -> None:
         self.settings = settings
+        self.log_allows = log_allows  # AUDIT_AUTHZ_ALLOWS
         self.timeout = settings.timeout_seconds
         self.client: AsyncCerbosClient | None = None
 
@@ -91,16 +92,16 @@ class Pdp:
         allowed = result is not None and result.actions.get(action) == effect_pb2.EFFECT_ALLOW
         meta = result.meta.actions if result is not None else {}
         policy = meta[action].matched_policy if action in meta else ""
-        security_event(
-            "authz_decision",
-            logging.INFO if allowed else logging.WARNING,
-            subject=principal.subject,
+        relation = attributes.get("relation")
+        decision_event(
+            principal,
+            allowed=allowed,
+            log_allows=self.log_allows,
             engine="cerbos",
             action=action,
             resource_type=resource_type,
             resource_id=resource_id,
-            relation=attributes.get("relation", ""),
-            outcome="allow" if allowed else "deny",
+            relation=relation if isinstance(relation, str) else None,
             policy=policy or "none",
         )
         return allowed
@@ -123,10 +124,10 @@ class Pdp:
                 outcome = "refused"  # until it is written as SQL
                 allowed, outcome = condition_sql(response.filter.condition), "conditional"
         finally:
-            security_event(
-                "authz_decision",
-                logging.INFO if outcome in ("allow", "conditional") else logging.WARNING,
-                subject=principal.subject,
+            decision_event(
+                principal,
+                allowed=outcome in ("allow", "conditional"),
+                log_allows=self.log_allows,
                 engine="cerbos",
                 action=action,
                 resource_type=resource_type,
