@@ -38,7 +38,7 @@ def baked(tmp_path_factory: pytest.TempPathFactory) -> BakedProject:
 def installed_project(
     request: pytest.FixtureRequest, baked: BakedProject
 ) -> Iterator[Path]:
-    """A variant that runs its own checks, installed with its dev group into this venv (uv pip).
+    """A variant that runs its own checks, installed with its dev and docs groups into this venv (uv pip).
 
     The variants share a distribution name, so they take turns: pytest runs all the
     tests of one parameter, tears it down (uninstalls), then installs the next.
@@ -48,7 +48,7 @@ def installed_project(
     command = [UV, "pip", "install", "--quiet", "--python", sys.executable]
     if all(importlib.util.find_spec(name) for name in BUILD_BACKEND_MODULES):
         command.append("--no-build-isolation")
-    result = run([*command, "--editable", str(project), "--group", "dev"], cwd=project)
+    result = run([*command, "--editable", str(project), "--group", "dev", "--group", "docs"], cwd=project)
     assert result.returncode == 0, report(result)
     if (project / "policies").is_dir():  # authz_engine=cerbos: the pinned PDP binary (npm)
         installed = run(["make", "--no-print-directory", "cerbos"], cwd=project)
