@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import statistics
+import subprocess
 import time
 import uuid
 from dataclasses import asdict
@@ -75,6 +76,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk exists")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds after which optional phases are skipped")
     parser.add_argument("--commit", help="the template commit the service was baked from, for the report")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        help="another baked SQLite service, installed with its bench extra (e.g. an older release): its (c) is "
+        "measured as (h) in the same alternating rounds",
+    )
     return parser.parse_args()
 
 
@@ -90,6 +97,32 @@ def owner_token(private: rsa.RSAPrivateKey, **more: Any) -> str:
     now = int(time.time())
     claims = {"iss": ISSUER, "aud": SERVICE_NAME, "sub": SUBJECT, "scope": SCOPES, "iat": now, "exp": now + 3000}
     return jwt.encode({**claims, "jti": uuid.uuid4().hex, **more}, private, algorithm="RS256")
+
+
+def compare_with(args: argparse.Namespace, env: dict[str, str], log_dir: Path, token: str) -> tuple[Service, str]:
+    """The other baked service, on its own SQLite file migrated by its own code, with the same
+    settings, Redis and token; and the path of an org its owner reads, as (c) does."""
+    project = args.compare_with.resolve()
+    if DEFAULT_DATABASE_URL.startswith("postgresql"):
+        raise SystemExit("--compare-with measures SQLite bakes (both services)")
+    database_path = (args.out / "compared.db").resolve()
+    database_path.unlink(missing_ok=True)
+    database_url = f"sqlite+aiosqlite:///{database_path}"
+    python = project / ".venv" / "bin" / "python"
+    migrate = [str(python), "-c", f"from bench import lookup; lookup.migrate({database_url!r})"]
+    subprocess.run(migrate, cwd=project, check=True, stdin=subprocess.DEVNULL)
+    # Its bench/apps.py builds the same "full" variant; its log in a folder of its own.
+    (log_dir / "compared").mkdir(exist_ok=True)
+    service = Service("full", {**env, "DATABASE_URL": database_url}, log_dir / "compared", project=project)
+    service.wait_ready()
+    created = httpx.post(
+        f"{service.base_url}/api/v1/orgs",
+        json={"name": "bench"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    created.raise_for_status()
+    return service, f"/api/v1/orgs/{created.json()['id']}"
 
 
 def dpop_target(private: rsa.RSAPrivateKey, url: str, path: str) -> Target:
@@ -274,6 +307,9 @@ def main() -> int:
         created.raise_for_status()
         org = f"/api/v1/orgs/{created.json()['id']}"
         get_org = Target("GET", org, token)
+        compared = compare_with(args, env, log_dir, token) if args.compare_with else None
+        if compared:
+            services["compared"] = compared[0]
         with_dpop = dpop_target(private, main_service.base_url, org)
         scenarios = {
             "a": ("bare endpoint, no pipeline", main_service, Target("GET", BARE_PATH)),
@@ -292,6 +328,9 @@ def main() -> int:
             scenarios["c"] = (label, main_service, get_org)
             table_label = "(c) with authz_engine=table: the permissions table decides"
             scenarios["g"] = (table_label, services[TABLE_ENGINE], get_org)
+        if compared:
+            label = f"(c) on {args.compare_with.resolve()} (--compare-with)"
+            scenarios["h"] = (label, compared[0], Target("GET", compared[1], token))
         print(f"bench: scenarios {', '.join(scenarios)}")
         plan = [(key, service, target) for key, (_, service, target) in scenarios.items()]
         runs = bench.measure(plan, args.duration, args.repeat)

@@ -27,13 +27,15 @@ class Service:
     """`uvicorn bench.apps:create` with BENCH_VARIANT=`variant`, run the way production runs it:
     one worker, uvloop and httptools, no access log, no Server header, no proxy headers."""
 
-    def __init__(self, variant: str, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, variant: str, env: dict[str, str], log_dir: Path, project: Path | None = None) -> None:
+        """`project`: another baked service directory (its .venv and its bench/), run the same way."""
         self.variant = variant
         self.port = free_port()
         self.log_path = log_dir / f"{variant.replace(':', '-')}.log"
+        python = str(project / ".venv" / "bin" / "python") if project else sys.executable
         command = pinned(
             [
-                sys.executable,
+                python,
                 "-m",
                 "uvicorn",
                 "bench.apps:create",
@@ -52,6 +54,7 @@ class Service:
             self.process = subprocess.Popen(
                 command,
                 env={**os.environ, **env, "BENCH_VARIANT": variant},
+                cwd=project,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
