@@ -13,7 +13,7 @@ from ..security.deprecation import Deprecation
 from ..security.errors import PROBLEM_RESPONSES
 from . import orgs
 from .deps import ReadableOrg
-from .schemas import OrgOut
+from .schemas import ORG_VIEWS, OrgOut
 
 router = APIRouter(prefix="/api/v0", tags=["legacy"], responses=PROBLEM_RESPONSES)
 
@@ -24,7 +24,7 @@ GET_ORG_V0 = Deprecation(
 )
 
 
-@router.get("/orgs/{org_id}", **GET_ORG_V0.route())
+@router.get("/orgs/{org_id}", response_model=ORG_VIEWS.response_model, **GET_ORG_V0.route())
 async def get_org_v0(org: ReadableOrg) -> OrgOut:
-    """The first version of `GET /api/v1/orgs/{org_id}`."""
+    """The first version of `GET /api/v1/orgs/{org_id}`, with the same views by relation."""
     return await orgs.get_org(org)
