@@ -169,10 +169,28 @@ def _slowapi(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _compared(results: dict[str, Any]) -> list[str]:
+    """--compare-with: (c) against the same read on the other service (h), round by round."""
+    scenarios = results["scenarios"]
+    if "h" not in scenarios:
+        return []
+    ours, theirs = scenarios["c"]["median"], scenarios["h"]["median"]
+    runs = zip(scenarios["c"]["runs"], scenarios["h"]["runs"], strict=True)
+    paired = [a["cpu_us_per_request"] / b["cpu_us_per_request"] if b["cpu_us_per_request"] else 0.0 for a, b in runs]
+    return [
+        "### This service against --compare-with",
+        "",
+        f"- (c), this service: {ours['cpu_us_per_request']:.0f} CPU µs/req, {ours['rps']:.0f} req/s",
+        f"- (h), {scenarios['h']['label']}: {theirs['cpu_us_per_request']:.0f} CPU µs/req, {theirs['rps']:.0f} req/s",
+        f"- (c) ÷ (h) CPU per request, round by round: {', '.join(f'{ratio:.3f}' for ratio in paired)}",
+        "",
+    ]
+
+
 def _engines(results: dict[str, Any]) -> list[str]:
     """authz_engine=cerbos: the same read decided by the PDP (c) and by the permissions table (g)."""
     scenarios = results["scenarios"]
-    if "f" not in scenarios:
+    if "g" not in scenarios:
         return []
     pdp, table = scenarios["c"]["median"], scenarios["g"]["median"]
     runs = zip(scenarios["c"]["runs"], scenarios["g"]["runs"], strict=True)
@@ -227,6 +245,7 @@ def markdown(results: dict[str, Any]) -> str:
         *_layers(results),
         "",
         *_engines(results),
+        *_compared(results),
         "### slowapi compared",
         "",
         *_slowapi(results),
