@@ -86,7 +86,7 @@ def test_a_scaffolded_resource_is_lint_clean_migrated_guarded_and_tested(
     assert any(path.parts[-2] == "versions" for path in written), written
     if (copy / "policies").is_dir():  # authz_engine=cerbos: each resource's policy test, and its policy or rules
         assert {path.name for path in written if path.parts[0] == "policies"} >= {
-            f"{command[0] if len(command) == 1 else module}_test.yaml"
+            f"{command[0] if '--under' not in command else module}_test.yaml"
             for command, module in zip(commands, modules, strict=True)
         }, written
     # Only owner files changed: the new ones, and the three it extends.
