@@ -203,6 +203,10 @@ class Service:
             # address each layer counted: the proxied client, or the tour itself.
             "LOG_CLIENT_ADDRESS": "full",
             **({"REDIS_URL": redis_url} if redis_url else {}),
+            # The service fails fast on a slow Redis (0.5 s by default, a 503); the tour shows the
+            # layers' refusals, not that: on a busy machine (CI running the suites beside it) its
+            # first round trips may take longer.
+            "REDIS_TIMEOUT_SECONDS": "5",
         }
 
     def start(self, port: int) -> None:
