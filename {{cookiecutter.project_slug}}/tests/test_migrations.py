@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,4 +139,37 @@ def test_principal_namespaces_qualify_bare_subjects_with_the_issuer_named_and_no
     finally:
         asyncio.run(run_sql(url, "DELETE FROM permissions"))
         config.cmd_opts = None
+        command.upgrade(config, "heads")
+
+
+def test_revision_0004_counts_each_orgs_existing_users(migrations: Config) -> None:
+    """`orgs.user_count` (the users-per-org quota's count) starts at each org's real number."""
+    config = migrations
+    url = config.get_main_option("sqlalchemy.url")
+    assert url
+    command.upgrade(config, "heads")
+    command.downgrade(config, "0003")
+    orgs = [uuid.uuid4().hex, uuid.uuid4().hex]  # hex: how SQLite stores a Uuid; PostgreSQL reads it too
+    try:
+        asyncio.run(
+            run_sql(
+                url,
+                "INSERT INTO orgs (id, name, created_at, created_by) VALUES (:id, 'org', CURRENT_TIMESTAMP, 'test')",
+                [{"id": org} for org in orgs],
+            )
+        )
+        asyncio.run(
+            run_sql(
+                url,
+                "INSERT INTO org_users (id, org_id, email, role, metadata, created_at) "
+                "VALUES (:id, :org, :email, 'viewer', '{}', CURRENT_TIMESTAMP)",
+                [{"id": uuid.uuid4().hex, "org": orgs[0], "email": f"u{n}@example.org"} for n in range(3)],
+            )
+        )
+        command.upgrade(config, "heads")
+        counts = asyncio.run(run_sql(url, "SELECT user_count FROM orgs WHERE id = :id", [{"id": orgs[0]}]))
+        assert counts == [3]
+        assert asyncio.run(run_sql(url, "SELECT user_count FROM orgs WHERE id = :id", [{"id": orgs[1]}])) == [0]
+    finally:
+        asyncio.run(run_sql(url, "DELETE FROM orgs"))
         command.upgrade(config, "heads")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, ForeignKey, String, UniqueConstraint, Uuid, func
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, UniqueConstraint, Uuid, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .tables import Base, utc_now
@@ -19,6 +19,8 @@ class Org(Base):
     name: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), default=utc_now)
     created_by: Mapped[str] = mapped_column(String(255))
+    # Kept by the user routes (QUOTA_USERS_PER_ORG, security/quotas.py `take`/`give_back`).
+    user_count: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
 
 
 class OrgUser(Base):

@@ -13,7 +13,7 @@ from sqlalchemy.sql.dml import ReturningInsert
 
 from ..db import SessionDep
 from ..domain import ORG
-from ..models import OrgUser
+from ..models import Org, OrgUser
 from ..resources import runtime_of
 from ..security import quotas
 from ..security.errors import ProblemDetail
@@ -49,8 +49,9 @@ _INSERTED = ("id", "org_id", "email", "role", "metadata", "created_at")
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def create_user(org_id: CanWriteUsers, body: UserCreate, request: Request, session: SessionDep) -> UserOut:
-    """The insert and the org's user count in one transaction: 409 `quota-exceeded` beyond
-    QUOTA_USERS_PER_ORG (security/quotas.py), 409 for an email the org has already."""
+    """The insert and the org's user count in one transaction: 409 for an email the org has
+    already, else 409 `quota-exceeded` beyond QUOTA_USERS_PER_ORG (`orgs.user_count`,
+    security/quotas.py; its refusal rolls the insert back)."""
     user = {
         "id": uuid.uuid4(),
         "org_id": org_id,
@@ -60,13 +61,14 @@ async def create_user(org_id: CanWriteUsers, body: UserCreate, request: Request,
         "created_at": datetime.now(UTC),
     }
     try:
-        await quotas.hold(session, "users_per_org", str(org_id))
         await session.execute(_insert_user(), user)
     except IntegrityError:
+        await session.rollback()
         raise HTTPException(409, ProblemDetail("A user with this email already exists in this org.")) from None
-    await quotas.enforce(
+    await quotas.take(
         session,
-        select(OrgUser.id).where(OrgUser.org_id == org_id),
+        Org.user_count,
+        Org.id == org_id,
         quota="users_per_org",
         limit=runtime_of(request).settings.quota_users_per_org,
         what="users per org",
@@ -123,6 +125,7 @@ async def delete_user(org_id: CanWriteUsers, user_id: uuid.UUID, session: Sessio
     user = await _user_in_org(session, org_id, user_id)
     email, role = user.email, user.role
     await session.delete(user)
+    await quotas.give_back(session, Org.user_count, Org.id == org_id)
     await session.commit()
     privilege_changed(
         "user_deleted", resource_type=ORG, resource_id=str(org_id), user_id=str(user_id), email=email, role=role
