@@ -53,6 +53,7 @@ HUGE_LIMIT = "1000000000/hour"  # never reached: the bench measures the checks, 
 # authz_engine=cerbos: a PDP decides layer 7, and (g) measures the same GET decided by the table.
 CERBOS = "cerbos" in extensions.present()
 TABLE_ENGINE = "engine:table"
+NO_JWT = "without:Authenticate"
 LAYERS_OFF = ["SecurityHeaders", "ClientAddress", "AuditContext", "TrustedHosts", "StrictCors", "BodyLimit"]
 
 
@@ -80,7 +81,8 @@ def parse_args() -> argparse.Namespace:
         "--compare-with",
         type=Path,
         help="another baked SQLite service, installed with its bench extra (e.g. an older release): its (c) is "
-        "measured as (h) in the same alternating rounds",
+        "measured as (h) in the same alternating rounds, and each service's (c) without its Authenticate layer "
+        "((i) here, (j) there) to give the JWT layer's cost on both",
     )
     return parser.parse_args()
 
@@ -99,9 +101,12 @@ def owner_token(private: rsa.RSAPrivateKey, **more: Any) -> str:
     return jwt.encode({**claims, "jti": uuid.uuid4().hex, **more}, private, algorithm="RS256")
 
 
-def compare_with(args: argparse.Namespace, env: dict[str, str], log_dir: Path, token: str) -> tuple[Service, str]:
+def compare_with(
+    args: argparse.Namespace, env: dict[str, str], log_dir: Path, token: str
+) -> tuple[Service, Service, str]:
     """The other baked service, on its own SQLite file migrated by its own code, with the same
-    settings, Redis and token; and the path of an org its owner reads, as (c) does."""
+    settings, Redis and token, as shipped and without its Authenticate layer; and the path of an
+    org its owner reads, as (c) does."""
     project = args.compare_with.resolve()
     if DEFAULT_DATABASE_URL.startswith("postgresql"):
         raise SystemExit("--compare-with measures SQLite bakes (both services)")
@@ -113,8 +118,11 @@ def compare_with(args: argparse.Namespace, env: dict[str, str], log_dir: Path, t
     subprocess.run(migrate, cwd=project, check=True, stdin=subprocess.DEVNULL)
     # Its bench/apps.py builds the same "full" variant; its log in a folder of its own.
     (log_dir / "compared").mkdir(exist_ok=True)
-    service = Service("full", {**env, "DATABASE_URL": database_url}, log_dir / "compared", project=project)
+    compared_env = {**env, "DATABASE_URL": database_url}
+    service = Service("full", compared_env, log_dir / "compared", project=project)
+    unauthenticated = Service(NO_JWT, compared_env, log_dir / "compared", project=project)
     service.wait_ready()
+    unauthenticated.wait_ready()
     created = httpx.post(
         f"{service.base_url}/api/v1/orgs",
         json={"name": "bench"},
@@ -122,7 +130,7 @@ def compare_with(args: argparse.Namespace, env: dict[str, str], log_dir: Path, t
         timeout=10,
     )
     created.raise_for_status()
-    return service, f"/api/v1/orgs/{created.json()['id']}"
+    return service, unauthenticated, f"/api/v1/orgs/{created.json()['id']}"
 
 
 def dpop_target(private: rsa.RSAPrivateKey, url: str, path: str) -> Target:
@@ -309,7 +317,8 @@ def main() -> int:
         get_org = Target("GET", org, token)
         compared = compare_with(args, env, log_dir, token) if args.compare_with else None
         if compared:
-            services["compared"] = compared[0]
+            services["compared"], services["compared:" + NO_JWT] = compared[0], compared[1]
+            services.update(start_all([NO_JWT], env, log_dir))
         with_dpop = dpop_target(private, main_service.base_url, org)
         scenarios = {
             "a": ("bare endpoint, no pipeline", main_service, Target("GET", BARE_PATH)),
@@ -330,7 +339,14 @@ def main() -> int:
             scenarios["g"] = (table_label, services[TABLE_ENGINE], get_org)
         if compared:
             label = f"(c) on {args.compare_with.resolve()} (--compare-with)"
-            scenarios["h"] = (label, compared[0], Target("GET", compared[1], token))
+            scenarios["h"] = (label, compared[0], Target("GET", compared[2], token))
+            # The JWT layer's own cost on each side: (c) - (i) here, (h) - (j) there (report.py).
+            scenarios["i"] = ("(c) without the Authenticate layer (JWT)", services[NO_JWT], get_org)
+            scenarios["j"] = (
+                "(h) without its Authenticate layer (JWT)",
+                compared[1],
+                Target("GET", compared[2], token),
+            )
         print(f"bench: scenarios {', '.join(scenarios)}")
         plan = [(key, service, target) for key, (_, service, target) in scenarios.items()]
         runs = bench.measure(plan, args.duration, args.repeat)
@@ -351,9 +367,9 @@ def main() -> int:
         elif wanted:
             print("bench: per-layer cost (one layer switched off per variant)")
             layers = [f"without:{name}" for name in LAYERS_OFF]
-            layers += ["without:RateLimit:ip", "without:Authenticate", "without:RateLimit:subject"]
+            layers += ["without:RateLimit:ip", NO_JWT, "without:RateLimit:subject"]
             layers += [f"without:{AUTHZ_OBJECT}", "without:all"]
-            services.update(start_all(layers, env, log_dir))
+            services.update(start_all([name for name in layers if name not in services], env, log_dir))
             plan = [("full", main_service, get_org)] + [(name, services[name], get_org) for name in layers]
             layer_runs = bench.measure(plan, args.layer_duration, args.layer_repeat)
             results["layers"] = {

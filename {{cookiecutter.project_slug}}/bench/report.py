@@ -183,7 +183,27 @@ def _compared(results: dict[str, Any]) -> list[str]:
         f"- (c), this service: {ours['cpu_us_per_request']:.0f} CPU µs/req, {ours['rps']:.0f} req/s",
         f"- (h), {scenarios['h']['label']}: {theirs['cpu_us_per_request']:.0f} CPU µs/req, {theirs['rps']:.0f} req/s",
         f"- (c) ÷ (h) CPU per request, round by round: {', '.join(f'{ratio:.3f}' for ratio in paired)}",
+        *_jwt_layer(scenarios),
         "",
+    ]
+
+
+def _jwt_layer(scenarios: dict[str, Any]) -> list[str]:
+    """The Authenticate layer's own CPU per request on each side: the read with it minus the read
+    without it, (c) - (i) here and (h) - (j) there, round by round (the rounds alternate, so each
+    difference is taken within one round)."""
+    if "i" not in scenarios or "j" not in scenarios:
+        return []
+
+    def per_round(with_layer: str, without: str) -> list[float]:
+        pairs = zip(scenarios[with_layer]["runs"], scenarios[without]["runs"], strict=True)
+        return [a["cpu_us_per_request"] - b["cpu_us_per_request"] for a, b in pairs]
+
+    ours, theirs = per_round("c", "i"), per_round("h", "j")
+    return [
+        f"- The JWT layer (Authenticate), CPU µs/req: here (c) - (i) = {statistics.median(ours):.0f} "
+        f"(rounds {', '.join(f'{value:.0f}' for value in ours)}); there (h) - (j) = "
+        f"{statistics.median(theirs):.0f} (rounds {', '.join(f'{value:.0f}' for value in theirs)})",
     ]
 
 

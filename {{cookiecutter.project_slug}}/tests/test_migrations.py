@@ -142,14 +142,25 @@ def test_principal_namespaces_qualify_bare_subjects_with_the_issuer_named_and_no
         command.upgrade(config, "heads")
 
 
-def test_revision_0004_counts_each_orgs_existing_users(migrations: Config) -> None:
-    """`orgs.user_count` (the users-per-org quota's count) starts at each org's real number."""
+def test_revision_0004_counts_each_orgs_users_and_the_database_keeps_the_count(migrations: Config) -> None:
+    """`orgs.user_count` (the users-per-org quota's count) starts at each org's real number, and
+    the database's triggers keep it whoever writes `org_users`."""
     config = migrations
     url = config.get_main_option("sqlalchemy.url")
     assert url
     command.upgrade(config, "heads")
     command.downgrade(config, "0003")
     orgs = [uuid.uuid4().hex, uuid.uuid4().hex]  # hex: how SQLite stores a Uuid; PostgreSQL reads it too
+    add_user = (
+        "INSERT INTO org_users (id, org_id, email, role, metadata, created_at) "
+        "VALUES (:id, :org, :email, 'viewer', '{}', CURRENT_TIMESTAMP)"
+    )
+
+    def user_counts() -> list[int]:
+        return [
+            asyncio.run(run_sql(url, "SELECT user_count FROM orgs WHERE id = :id", [{"id": org}]))[0] for org in orgs
+        ]
+
     try:
         asyncio.run(
             run_sql(
@@ -161,15 +172,21 @@ def test_revision_0004_counts_each_orgs_existing_users(migrations: Config) -> No
         asyncio.run(
             run_sql(
                 url,
-                "INSERT INTO org_users (id, org_id, email, role, metadata, created_at) "
-                "VALUES (:id, :org, :email, 'viewer', '{}', CURRENT_TIMESTAMP)",
+                add_user,
                 [{"id": uuid.uuid4().hex, "org": orgs[0], "email": f"u{n}@example.org"} for n in range(3)],
             )
         )
         command.upgrade(config, "heads")
-        counts = asyncio.run(run_sql(url, "SELECT user_count FROM orgs WHERE id = :id", [{"id": orgs[0]}]))
-        assert counts == [3]
-        assert asyncio.run(run_sql(url, "SELECT user_count FROM orgs WHERE id = :id", [{"id": orgs[1]}])) == [0]
+        assert user_counts() == [3, 0]
+        # From then on the database keeps it, whoever writes the rows: an insert, a move, deletes.
+        asyncio.run(run_sql(url, add_user, [{"id": uuid.uuid4().hex, "org": orgs[1], "email": "new@example.org"}]))
+        assert user_counts() == [3, 1]
+        asyncio.run(
+            run_sql(url, "UPDATE org_users SET org_id = :org WHERE email = 'u0@example.org'", [{"org": orgs[1]}])
+        )
+        assert user_counts() == [2, 2]
+        asyncio.run(run_sql(url, "DELETE FROM org_users WHERE org_id = :org", [{"org": orgs[0]}]))
+        assert user_counts() == [0, 2]
     finally:
         asyncio.run(run_sql(url, "DELETE FROM orgs"))
         command.upgrade(config, "heads")

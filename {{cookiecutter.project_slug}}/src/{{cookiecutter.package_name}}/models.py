@@ -19,7 +19,7 @@ class Org(Base):
     name: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), default=utc_now)
     created_by: Mapped[str] = mapped_column(String(255))
-    # Kept by the user routes (QUOTA_USERS_PER_ORG, security/quotas.py `take`/`give_back`).
+    # Kept by the database (triggers on org_users, revision 0004); QUOTA_USERS_PER_ORG reads it.
     user_count: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
 
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
-from sqlalchemy import Table, bindparam, insert, select
+from sqlalchemy import Integer, Select, Table, bindparam, insert, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.dml import ReturningInsert
 
@@ -22,6 +22,8 @@ from .deps import CanReadUsers, CanWriteUsers, as_utc
 from .schemas import MAX_OFFSET, Page, Role, UserCreate, UserOut
 
 router = APIRouter(prefix="/orgs/{org_id}/users", tags=["users"])
+
+DUPLICATE = "A user with this email already exists in this org."
 
 MAX_PAGE_SIZE = 100
 
@@ -38,20 +40,34 @@ def _user_out(user: OrgUser) -> UserOut:
 
 
 def _insert_user() -> ReturningInsert[datetime]:
-    table = OrgUser.__table__
-    assert isinstance(table, Table)
-    values = {name: bindparam(name, None, type_=table.c[name].type) for name in _INSERTED}
-    return insert(table).values(values).returning(table.c.created_at)
+    """INSERT ... SELECT: the user, only while its org's `user_count` is below `limit` (the org's
+    row locked against other writers on PostgreSQL; on SQLite the statement holds the write lock).
+    The database's triggers add the new user to the count (revision 0004)."""
+    users, orgs = OrgUser.__table__, Org.__table__
+    assert isinstance(users, Table) and isinstance(orgs, Table)
+    values = [bindparam(name, None, type_=users.c[name].type) for name in _INSERTED]
+    below_limit = (
+        select(*values)
+        .where(orgs.c.id == bindparam("org_id"), orgs.c.user_count < bindparam("limit", type_=Integer))
+        .with_for_update(key_share=True)  # FOR NO KEY UPDATE: the users' foreign key checks still pass
+    )
+    return insert(users).from_select(list(_INSERTED), below_limit).returning(users.c.created_at)
 
 
 _INSERTED = ("id", "org_id", "email", "role", "metadata", "created_at")
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
-async def create_user(org_id: CanWriteUsers, body: UserCreate, request: Request, session: SessionDep) -> UserOut:
-    """The insert and the org's user count in one transaction: 409 for an email the org has
-    already, else 409 `quota-exceeded` beyond QUOTA_USERS_PER_ORG (`orgs.user_count`,
-    security/quotas.py; its refusal rolls the insert back)."""
+def _user_exists() -> Select[int]:
+    return select(literal(1)).where(OrgUser.org_id == bindparam("org_id"), OrgUser.email == bindparam("email"))
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses={409: {"description": "Duplicate or quota exceeded"}})
+async def create_user(org_id: CanWriteUsers, body: UserCreate, request: Request) -> UserOut:
+    """One INSERT ... SELECT ... RETURNING that commits by itself (no session: a single statement
+    needs no transaction of ours) and inserts nothing when the org holds QUOTA_USERS_PER_ORG users
+    already: then 409 for an email the org has, else 409 `quota-exceeded` (security/quotas.py)."""
+    runtime = runtime_of(request)
+    statements, limit = runtime.statements, runtime.settings.quota_users_per_org
     user = {
         "id": uuid.uuid4(),
         "org_id": org_id,
@@ -61,22 +77,21 @@ async def create_user(org_id: CanWriteUsers, body: UserCreate, request: Request,
         "created_at": datetime.now(UTC),
     }
     try:
-        await session.execute(_insert_user(), user)
+        inserted = await statements.write(statements.query("insert_user", _insert_user), limit=limit, **user)
     except IntegrityError:
-        await session.rollback()
-        raise HTTPException(409, ProblemDetail("A user with this email already exists in this org.")) from None
-    await quotas.take(
-        session,
-        Org.user_count,
-        Org.id == org_id,
-        quota="users_per_org",
-        limit=runtime_of(request).settings.quota_users_per_org,
-        what="users per org",
-        variable="QUOTA_USERS_PER_ORG",
-        resource_type=ORG,
-        resource_id=str(org_id),
-    )
-    await session.commit()
+        raise HTTPException(409, ProblemDetail(DUPLICATE)) from None
+    if not inserted:
+        # The org is full; an email it has already is still answered as the duplicate it is.
+        if await statements.fetch(statements.query("user_exists", _user_exists), org_id=org_id, email=user["email"]):
+            raise HTTPException(409, ProblemDetail(DUPLICATE))
+        raise quotas.exceeded(
+            "users_per_org",
+            limit,
+            what="users per org",
+            variable="QUOTA_USERS_PER_ORG",
+            resource_type=ORG,
+            resource_id=str(org_id),
+        )
     # The email is masked in the log like every email (AUDIT_MASKED_FIELDS).
     privilege_changed(
         "user_created",
@@ -125,7 +140,6 @@ async def delete_user(org_id: CanWriteUsers, user_id: uuid.UUID, session: Sessio
     user = await _user_in_org(session, org_id, user_id)
     email, role = user.email, user.role
     await session.delete(user)
-    await quotas.give_back(session, Org.user_count, Org.id == org_id)
     await session.commit()
     privilege_changed(
         "user_deleted", resource_type=ORG, resource_id=str(org_id), user_id=str(user_id), email=email, role=role

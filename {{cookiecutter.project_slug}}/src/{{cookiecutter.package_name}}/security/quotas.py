@@ -1,23 +1,22 @@
 """Business limits (ASVS 5.0 V2.1.3, V2.4.1): how many objects of a kind one owner may hold,
-checked in the transaction of the insert so concurrent requests cannot overshoot. Two ways:
+checked with the insert so concurrent requests cannot overshoot. Two ways:
 
-- A count kept with the owner's row (`take` after the insert, `give_back` after a delete, each
-  before the commit): one conditional UPDATE adds one only while the count is below the limit, so
-  the check costs the same however many objects the owner holds. The UPDATE locks the owner's row
-  (PostgreSQL; a concurrent writer's UPDATE waits, then sees the count committed) or holds the
-  database's write lock (SQLite) until the commit: the writers of one owner queue, and a refused
-  or rolled-back insert takes its unit back with it. Use it where an owner may hold many
-  (users per org, `orgs.user_count`).
+- A count the database keeps with the owner's row (users per org: `orgs.user_count`, kept by
+  triggers, revision 0004): the insert itself is conditional (`INSERT ... SELECT ... WHERE
+  count < limit`, api/users.py), one statement whose cost does not grow with the owner's objects;
+  the owner's row is locked against other writers for it (PostgreSQL `FOR NO KEY UPDATE`; SQLite's
+  statement holds the write lock). Nothing inserted is the refusal: `exceeded`.
 - A count of the owner's rows (`hold` before the insert, `enforce` after it, flushed, not
-  committed): no column to keep, a cost that grows with the owner's objects; fine for small limits
-  (orgs per subject, API keys per owner). What keeps two requests from both seeing room:
-  PostgreSQL, a transaction-scoped advisory lock on the quota and its owner (`hold`): the writers
-  of one owner's quota queue, and the count, after the lock is granted, sees every insert
-  committed before. SQLite: the insert takes the database's one write lock until the commit (and
-  the engine's pool is one connection per process): the count sees every other writer's rows.
+  committed), for small limits (orgs per subject, API keys per owner): no column to keep, a cost
+  that grows with the count. What keeps two requests from both seeing room: PostgreSQL, a
+  transaction-scoped advisory lock on the quota and its owner (`hold`): the writers of one
+  owner's quota queue, and the count, after the lock is granted, sees every insert committed
+  before. SQLite: the insert takes the database's one write lock until the commit (and the
+  engine's pool is one connection per process): the count sees every other writer's rows.
 
-Either way a refusal rolls back and is a 409 `quota-exceeded` problem and a `quota_exceeded` event.
-Request rates are limited elsewhere (security/ratelimit.py, 429); a quota is a count (409).
+Either way a refusal is a 409 `quota-exceeded` problem and a `quota_exceeded` event, and nothing
+of the refused object is written. Request rates are limited elsewhere (security/ratelimit.py,
+429); a quota is a count (409).
 """
 
 from __future__ import annotations
@@ -25,9 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import HTTPException
-from sqlalchemy import ColumnElement, Select, func, select, text, update
+from sqlalchemy import Select, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import InstrumentedAttribute
 
 from .errors import ProblemDetail
 from .events import security_event
@@ -44,35 +42,11 @@ class QuotaExceeded(HTTPException):
         super().__init__(409, ProblemDetail(f"The limit of {limit} {what} is reached ({variable})."))
 
 
-async def take(
-    session: AsyncSession,
-    count: InstrumentedAttribute[int],
-    owner: ColumnElement[bool],
-    *,
-    quota: str,
-    limit: int,
-    what: str,
-    variable: str,
-    **event: Any,
-) -> None:
-    """After the insert, before the commit: add one to `count`, the column kept with the owner's row
-    that `owner` selects, while it is below `limit`; otherwise roll back (the insert too) and raise
-    `QuotaExceeded`. `event`: the
-    object named in the `quota_exceeded` event (the subject comes with the request)."""
-    table = count.class_.__table__
-    taken = await session.scalar(
-        update(table).where(owner, count < limit).values({count.key: count + 1}).returning(count)
-    )
-    if taken is None:
-        await session.rollback()
-        security_event("quota_exceeded", quota=quota, limit=limit, **event)
-        raise QuotaExceeded(what, limit, variable)
-
-
-async def give_back(session: AsyncSession, count: InstrumentedAttribute[int], owner: ColumnElement[bool]) -> None:
-    """After a delete, in its transaction: take one from the count `take` added to."""
-    table = count.class_.__table__
-    await session.execute(update(table).where(owner, count > 0).values({count.key: count - 1}))
+def exceeded(quota: str, limit: int, *, what: str, variable: str, **event: Any) -> QuotaExceeded:
+    """The refusal to raise: logs the `quota_exceeded` event (`event`: the object it names; the
+    subject comes with the request) and returns the 409."""
+    security_event("quota_exceeded", quota=quota, limit=limit, **event)
+    return QuotaExceeded(what, limit, variable)
 
 
 async def hold(session: AsyncSession, quota: str, owner: str) -> None:
@@ -100,5 +74,4 @@ async def enforce(
     held = await session.scalar(select(func.count()).select_from(count.subquery()))
     if held is not None and held > limit:
         await session.rollback()
-        security_event("quota_exceeded", quota=quota, limit=limit, **event)
-        raise QuotaExceeded(what, limit, variable)
+        raise exceeded(quota, limit, what=what, variable=variable, **event)
