@@ -18,6 +18,8 @@ POST_GEN_HOOK = TEMPLATE_DIR / "hooks" / "post_gen_project.py"
 OUTPUT_LIMIT = 20_000
 # The uv of this venv (requirements-dev.txt): the venv has no pip.
 UV = str(Path(sys.executable).parent / "uv")
+# The PostgreSQL variants' venv (variant_python), beside the template's other build output.
+POSTGRESQL_VENV = TEMPLATE_DIR / "build" / "venv-postgresql"
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,21 @@ VARIANTS = {
 FULLY_TESTED = ("default", "postgresql")
 # ... variants that run ruff, mypy and their `suite`; the others are only rendered and compiled.
 SUITE_TESTED = (*(option.replace("_", "-") for option in CREDENTIAL_OPTIONS), "all-options", "cerbos")
+
+
+def variant_python(name: str) -> Path:
+    """The interpreter of the venv variant `name` is installed into: this venv for the SQLite
+    variants, one venv of their own for the PostgreSQL ones (their dependencies differ: asyncpg
+    for aiosqlite), so the two sets can run at once (`make test` runs them on two pytest-xdist
+    workers). Both venvs are kept between runs; uv brings them up to date in seconds."""
+    if VARIANTS[name].database != "postgresql":
+        return Path(sys.executable)
+    venv = POSTGRESQL_VENV
+    python = venv / "bin" / "python"
+    if not python.exists():
+        created = run([UV, "venv", "--quiet", "--python", sys.executable, str(venv)], cwd=TEMPLATE_DIR)
+        assert created.returncode == 0, report(created)
+    return python
 
 
 def run(

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from bake import FULLY_TESTED, SUITE_TESTED, UV, VARIANTS, bake, report, run
+from bake import FULLY_TESTED, SUITE_TESTED, UV, VARIANTS, bake, report, run, variant_python
 
 BakedProject = Callable[[str], Path]
 # With these in this venv, editable installs skip the isolated build environment.
@@ -34,19 +34,31 @@ def baked(tmp_path_factory: pytest.TempPathFactory) -> BakedProject:
     return baked_project
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One xdist group per venv that variants take turns in (`--dist loadgroup`): the tests of one
+    venv's variants run on one worker, in pytest's order (one variant after the other)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "installed_project" in callspec.params:
+            database = VARIANTS[callspec.params["installed_project"]].database
+            item.add_marker(pytest.mark.xdist_group(f"venv-{database}"))
+
+
 @pytest.fixture(scope="session", params=FULLY_TESTED + SUITE_TESTED)
 def installed_project(
     request: pytest.FixtureRequest, baked: BakedProject
 ) -> Iterator[Path]:
-    """A variant that runs its own checks, installed with its dev and docs groups into this venv (uv pip).
+    """A variant that runs its own checks, installed with its dev and docs groups (uv pip) into
+    its venv (`variant_python`).
 
-    The variants share a distribution name, so they take turns: pytest runs all the
+    The variants of one venv share a distribution name, so they take turns: pytest runs all the
     tests of one parameter, tears it down (uninstalls), then installs the next.
     """
     variant = VARIANTS[request.param]
     project = baked(variant.name)
-    command = [UV, "pip", "install", "--quiet", "--python", sys.executable]
-    if all(importlib.util.find_spec(name) for name in BUILD_BACKEND_MODULES):
+    python = variant_python(variant.name)
+    command = [UV, "pip", "install", "--quiet", "--python", str(python)]
+    if python == Path(sys.executable) and all(importlib.util.find_spec(name) for name in BUILD_BACKEND_MODULES):
         command.append("--no-build-isolation")
     result = run([*command, "--editable", str(project), "--group", "dev", "--group", "docs"], cwd=project)
     assert result.returncode == 0, report(result)
@@ -54,4 +66,4 @@ def installed_project(
         installed = run(["make", "--no-print-directory", "cerbos"], cwd=project)
         assert installed.returncode == 0, report(installed)
     yield project
-    run([UV, "pip", "uninstall", "--quiet", "--python", sys.executable, variant.slug], cwd=project)
+    run([UV, "pip", "uninstall", "--quiet", "--python", str(python), variant.slug], cwd=project)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-from bake import VARIANTS, report, run
+from bake import VARIANTS, report, run, variant_python
 
-# Each is run as `python <arguments>`, with this venv's tools.
+# Each is run as `python <arguments>` with the tools of the variant's venv.
 LINT_IMPORTS = ["-c", "from importlinter.cli import lint_imports_command; lint_imports_command()"]
 CHECKS = {
     "ruff-check": ["-m", "ruff", "check", "."],
@@ -23,10 +22,10 @@ CHECKS = {
 def test_baked_service_passes(
     installed_project: Path, check: str, request: pytest.FixtureRequest
 ) -> None:
-    # The tools of this venv, where the baked service is installed.
+    # The tools of the venv the baked service is installed in (its dev group brings them).
+    variant = VARIANTS[request.node.callspec.params["installed_project"]]
     command = CHECKS[check]
     if check == "pytest":
-        variant = VARIANTS[request.node.callspec.params["installed_project"]]
         command = [*command, *variant.suite]
-    result = run([sys.executable, *command], cwd=installed_project)
+    result = run([str(variant_python(variant.name)), *command], cwd=installed_project)
     assert result.returncode == 0, report(result)
