@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import jwt
 import pytest
@@ -294,6 +295,22 @@ async def running(
         transport = httpx.ASGITransport(app=app, client=client)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             yield http
+
+
+class ThreadBridge(httpx.BaseTransport):
+    """A synchronous client's transport (the self-scan's, run in a worker thread) speaking to the
+    app in-process, on the test's event loop."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.inner = httpx.ASGITransport(app=app, client=("203.0.113.9", 4711))
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        async def send() -> httpx.Response:
+            response = await self.inner.handle_async_request(request)
+            content = await response.aread()
+            return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+        return anyio.from_thread.run(send)
 
 
 @pytest.fixture

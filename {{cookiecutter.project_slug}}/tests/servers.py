@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -778,6 +779,43 @@ class NginxProxy:
     def stop(self) -> None:
         stop_process(self.process)
         shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+def wait_until_answering(url: str, process: subprocess.Popen[Any], log_path: Path, timeout: float = 30) -> None:
+    """Until `url` answers 200 (Host `localhost`), failing with the log's end if `process` exits
+    first or `timeout` seconds pass (a bound for a broken start, not a busy machine's)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: {process.args!r} exited with {process.returncode}:\n{log_tail(log_path)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, headers={"Host": "localhost"}, timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer in {timeout:g} s:\n{log_tail(log_path)}")
+
+
+@contextlib.contextmanager
+def replicas_behind_nginx(
+    env: dict[str, str], directory: Path, count: int, shipped_conf: Path
+) -> Iterator[tuple[list[ServiceProcess], NginxProxy]]:
+    """`count` replicas (`serve`, settings `env`, logs in `directory`) behind the shipped nginx,
+    each answering directly and through the proxy; all stopped on exit."""
+    replicas: list[ServiceProcess] = []
+    proxy = None
+    try:
+        for number in range(count):
+            replicas.append(ServiceProcess(env, directory / f"replica-{number}.log", serve=True))
+        proxy = NginxProxy(shipped_conf, [replica.port for replica in replicas])
+        for replica in replicas:
+            wait_until_answering(f"{replica.base_url}/health/live", replica.process, replica.log_path)
+        wait_until_answering(f"{proxy.url}/health/live", proxy.process, proxy.log_path)
+        yield replicas, proxy
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        for replica in replicas:
+            replica.stop()
 
 
 # --- Cerbos (authz_engine=cerbos) -------------------------------------------------------------------

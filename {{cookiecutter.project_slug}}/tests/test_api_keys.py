@@ -40,7 +40,7 @@ from {{ cookiecutter.package_name }}.security.authz import StepUp, no_object_pol
 from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.revocation import tag
 
-from .conftest import PSEUDONYM_KEY, TokenFactory, bearer, principal, pseudonym, run_sql, running
+from .conftest import PSEUDONYM_KEY, ThreadBridge, TokenFactory, bearer, principal, pseudonym, run_sql, running
 from .servers import ReplicatedRedis, free_port, redis_client, start_redis, start_replicated_redis
 from .test_audit import captured_logs
 
@@ -588,21 +588,6 @@ def test_the_cli_refuses_bad_input(
 
 
 # --- The self-scan check ------------------------------------------------------------------------
-
-
-class ThreadBridge(httpx.BaseTransport):
-    """The scan's synchronous client, run in a worker thread, speaking to the app on the test's loop."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.inner = httpx.ASGITransport(app=app, client=("203.0.113.9", 4711))
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        async def send() -> httpx.Response:
-            response = await self.inner.handle_async_request(request)
-            content = await response.aread()
-            return httpx.Response(response.status_code, headers=response.headers, content=content)
-
-        return anyio.from_thread.run(send)
 
 
 async def scan_result(app: FastAPI, token: str, check: Callable[[Scan], Any] = scan_check.check) -> Any:

@@ -37,7 +37,7 @@ from {{ cookiecutter.package_name }}.scan.report import CheckResult, Status
 from {{ cookiecutter.package_name }}.security.authz import no_object_policy
 from {{ cookiecutter.package_name }}.security.binding import require_sender_constrained
 
-from .conftest import TokenFactory, bearer, running
+from .conftest import ThreadBridge, TokenFactory, bearer, running
 
 PROTECTED = "/api/v1/orgs"
 URL = "http://localhost" + PROTECTED
@@ -407,21 +407,6 @@ async def test_a_replayed_proof_is_refused_without_redis(
 
 
 # --- The self-scan check ----------------------------------------------------------------------
-
-
-class ThreadBridge(httpx.BaseTransport):
-    """The scan's synchronous client, run in a worker thread, speaking to the app on the test's loop."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.inner = httpx.ASGITransport(app=app, client=("203.0.113.9", 4711))
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        async def send() -> httpx.Response:
-            response = await self.inner.handle_async_request(request)
-            content = await response.aread()
-            return httpx.Response(response.status_code, headers=response.headers, content=content)
-
-        return anyio.from_thread.run(send)
 
 
 async def sender_constraint_scan(app: FastAPI, token: str, plain_token: str | None) -> CheckResult:

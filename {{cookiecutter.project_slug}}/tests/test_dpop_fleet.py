@@ -18,9 +18,9 @@ from joserfc.jwk import ECKey
 from redis import Redis
 
 from .conftest import AUDIENCE, ISSUER, TokenFactory
-from .servers import LOOPBACK, NginxProxy, ServiceProcess
+from .servers import LOOPBACK, NginxProxy, ServiceProcess, replicas_behind_nginx
 from .test_dpop import ORG, PROTECTED, assert_proof_refused, dpop, proof
-from .test_replicas import NGINX_CONF, wait_until_answering
+from .test_replicas import NGINX_CONF
 
 pytestmark = pytest.mark.filterwarnings("ignore::joserfc.errors.SecurityWarning")
 CLIENT = "127.0.0.2"
@@ -57,21 +57,8 @@ def fleet(
         "RATE_LIMIT_SUBJECT": "100000/minute",
         "LOCKOUT_FAILURES": "10000",
     }
-    replicas: list[ServiceProcess] = []
-    proxy = None
-    try:
-        for number in range(2):
-            replicas.append(ServiceProcess(env, directory / f"replica-{number}.log", serve=True))
-        proxy = NginxProxy(NGINX_CONF, [replica.port for replica in replicas])
-        wait_until_answering(f"{proxy.url}/health/live", proxy, proxy.log_path)
-        for replica in replicas:
-            wait_until_answering(f"http://{LOOPBACK}:{replica.port}/health/live", replica, replica.log_path)
+    with replicas_behind_nginx(env, directory, 2, NGINX_CONF) as (replicas, proxy):
         yield Fleet(replicas, proxy)
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        for replica in replicas:
-            replica.stop()
 
 
 async def test_a_proof_accepted_by_one_replica_is_refused_by_the_other(fleet: Fleet, make_token: TokenFactory) -> None:

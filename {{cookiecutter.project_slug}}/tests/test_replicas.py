@@ -26,7 +26,7 @@ from redis import Redis
 from {{ cookiecutter.package_name }}.cli import main
 
 from .conftest import AUDIENCE, ISSUER, TokenFactory, bearer
-from .servers import LOOPBACK, NginxProxy, ServiceProcess, log_tail
+from .servers import LOOPBACK, NginxProxy, ServiceProcess, replicas_behind_nginx
 
 PROJECT = Path(__file__).resolve().parent.parent
 NGINX_CONF = PROJECT / "deploy" / "nginx" / "nginx.conf"
@@ -60,20 +60,6 @@ class Fleet:
         return seen
 
 
-def wait_until_answering(url: str, process: ServiceProcess | NginxProxy, log_path: Path) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.process.poll() is not None:
-            raise RuntimeError(f"{url}: exited with {process.process.returncode}:\n{log_tail(log_path)}")
-        try:
-            if httpx.get(url, headers={"Host": "localhost"}, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer:\n{log_tail(log_path)}")
-
-
 @pytest.fixture(scope="module")
 def fleet(
     migrated_database: str, redis_url: str, public_pem: str, tmp_path_factory: pytest.TempPathFactory
@@ -96,19 +82,8 @@ def fleet(
         "LOCKOUT_FAILURES": "10000",
         "LOG_CLIENT_ADDRESS": "full",  # the tests read the address the service resolved in its log
     }
-    replicas: list[ServiceProcess] = []
-    proxy = None
-    try:
-        for number in range(REPLICAS):
-            replicas.append(ServiceProcess(env, directory / f"replica-{number}.log", serve=True))
-        proxy = NginxProxy(NGINX_CONF, [replica.port for replica in replicas])
-        wait_until_answering(f"{proxy.url}/health/live", proxy, proxy.log_path)
+    with replicas_behind_nginx(env, directory, REPLICAS, NGINX_CONF) as (replicas, proxy):
         yield Fleet(replicas, proxy)
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        for replica in replicas:
-            replica.stop()
 
 
 async def burst(fleet: Fleet, source: str, count: int, headers: list[dict[str, str]]) -> Counter[int]:
