@@ -58,7 +58,12 @@ def installed_project(
     project = baked(variant.name)
     python = variant_python(variant.name)
     command = [UV, "pip", "install", "--quiet", "--python", str(python)]
-    if python == Path(sys.executable) and all(importlib.util.find_spec(name) for name in BUILD_BACKEND_MODULES):
+    if python != Path(sys.executable):
+        # The service's locked build backend first (its `build` group), as its `make install` does.
+        backend = run([*command, "--group", "build"], cwd=project)
+        assert backend.returncode == 0, report(backend)
+        command.append("--no-build-isolation")
+    elif all(importlib.util.find_spec(name) for name in BUILD_BACKEND_MODULES):
         command.append("--no-build-isolation")
     result = run([*command, "--editable", str(project), "--group", "dev", "--group", "docs"], cwd=project)
     assert result.returncode == 0, report(result)

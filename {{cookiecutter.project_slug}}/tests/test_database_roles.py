@@ -21,11 +21,13 @@ from sqlalchemy.exc import DBAPIError
 from {{ cookiecutter.package_name }}.app import create_app
 from {{ cookiecutter.package_name }}.config import ConfigError, Settings
 from {{ cookiecutter.package_name }}.db import create_engine
+from {{ cookiecutter.package_name }}.health import readiness_of
 from {{ cookiecutter.package_name }}.migrations import alembic_config
 
 from .certificates import make_ca, server_certificate
 from .conftest import TokenFactory, bearer, running
 from .servers import DatabaseRoles, PostgresServer, give_to_postgres_user, start_postgres
+from .test_audit import captured_logs
 
 SUPERUSER = "{{ cookiecutter.package_name }}_super"
 
@@ -151,6 +153,48 @@ async def test_production_refuses_to_start_as_a_superuser(
     with pytest.raises(ConfigError, match=f"DATABASE_URL: connects as {SUPERUSER}, a superuser"):
         async with running(production(superuser_url), reset=False):
             pass
+
+
+async def test_a_role_unchecked_at_start_is_checked_by_readiness_and_a_superuser_never_ready(
+    tmp_path: Path, production: Callable[..., FastAPI]
+) -> None:
+    """The database down at start: the role cannot be asked, so the replica starts but is not
+    ready; once the database answers, readiness asks, and a superuser keeps it unready."""
+    server = start_postgres(tmp_path / "postgres")
+    try:
+        await execute(server.url, f"CREATE ROLE {SUPERUSER} SUPERUSER LOGIN PASSWORD 'super-password'")
+        await execute(server.url, "CHECKPOINT")  # the test cluster's commits are not flushed; stop is immediate
+        url = make_url(server.url).set(username=SUPERUSER, password="super-password").render_as_string(False)
+        server.stop()
+        app = production(url)
+        with captured_logs() as logs:
+            async with running(app, reset=False) as client:
+                down = await client.get("/health/ready")
+                assert down.status_code == 503 and down.json()["checks"]["database"] == "fail"
+                server.start()
+                readiness_of(app).checked_at = float("-inf")  # the next probe checks again
+                refused = await client.get("/health/ready")
+                assert refused.status_code == 503 and refused.json()["checks"]["database"] == "fail"
+        records = logs.records()
+        assert "database_role_unchecked" in [record.get("event") for record in records]
+        refusal = next(record for record in records if record.get("event") == "database_role_refused")
+        assert f"connects as {SUPERUSER}, a superuser" in refusal["message"]
+    finally:
+        server.stop()
+
+
+async def test_a_role_unchecked_at_start_serves_once_readiness_has_checked_it(
+    roles: DatabaseRoles, production: Callable[..., FastAPI]
+) -> None:
+    """The same start with the app role: ready as soon as the database answers and the role passes."""
+    app = production(roles.app_url)
+    async with running(app, reset=False) as client:
+        runtime = app.state.runtime
+        assert runtime.role_unchecked is False  # the database was up: checked at start
+        runtime.role_unchecked = True  # as a start with the database down leaves it
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 200, ready.text
+        assert runtime.role_unchecked is False
 
 
 # --- TLS: the URL form README "Database access" shows --------------------------------------------

@@ -83,9 +83,10 @@ FROM pg_roles r WHERE r.rolname = current_user
 """
 
 
-async def serving_role_problems(engine: AsyncEngine) -> list[str]:
+async def serving_role_problems(engine: AsyncEngine) -> list[str] | None:
     """Each reason the role DATABASE_URL connects as must not serve in production, naming the
-    variable. Empty on SQLite, and when the database cannot be reached (readiness reports that)."""
+    variable; empty on SQLite. None when the database cannot be reached: the role is unchecked, and
+    readiness fails until a later check passes (health.py), so an unchecked role never serves."""
     if engine.dialect.name != "postgresql":
         return []
     try:
@@ -93,10 +94,10 @@ async def serving_role_problems(engine: AsyncEngine) -> list[str]:
             row = (await connection.exec_driver_sql(_ROLE_QUERY)).one()
     except (sa_exc.SQLAlchemyError, OSError) as exc:
         logger.warning(
-            "database role not checked: the database cannot be reached",
+            "database role not checked: the database cannot be reached; not ready until it is",
             extra={"event": "database_role_unchecked", "error": type(exc).__name__},
         )
-        return []
+        return None
     role, superuser, owns_audit = tuple(row)
     if superuser:
         return [

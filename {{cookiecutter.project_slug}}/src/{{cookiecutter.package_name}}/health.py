@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from .db import serving_role_problems
 from .resources import runtime_of
 from .runtime import Runtime
 from .security.stack import SecuredApp, expected_layers, installed_layers
@@ -120,6 +121,16 @@ async def _bounded(name: str, check: Callable[[], Awaitable[CheckStatus]]) -> Ch
 
 
 async def _database(runtime: Runtime) -> CheckStatus:
+    if runtime.role_unchecked:
+        # Production refuses to start as a role that must not serve; one the database was down
+        # for at start is checked here, and a refused one keeps the replica out of service.
+        problems = await serving_role_problems(runtime.engine)
+        if problems is None:
+            return "fail"
+        if problems:
+            logger.error("; ".join(problems), extra={"event": "database_role_refused"})
+            return "fail"
+        runtime.role_unchecked = False
     async with runtime.engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
     return "ok"

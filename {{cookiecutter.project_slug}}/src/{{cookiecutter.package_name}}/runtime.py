@@ -112,6 +112,8 @@ class Runtime:
     metrics: Metrics | None = None  # METRICS_PORT (metrics.py)
     draining: bool = False  # shutting down (shutdown.py): /health/ready answers 503
     authorizer: Authorizer | None = None  # a policy engine that decides layer 7 (authz_engine=cerbos)
+    # Production, the database unreachable at start: its role is checked by readiness (health.py).
+    role_unchecked: bool = False
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
@@ -163,6 +165,7 @@ class Runtime:
             problems = await serving_role_problems(self.engine)
             if problems:
                 raise ConfigError("; ".join(problems))
+            self.role_unchecked = problems is None
         await self.keys.start()
         await self.secret_files.start()
         if self.audit_sink is not None:
