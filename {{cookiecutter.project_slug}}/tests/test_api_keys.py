@@ -40,7 +40,7 @@ from {{ cookiecutter.package_name }}.security.authz import StepUp, no_object_pol
 from {{ cookiecutter.package_name }}.security.principal import Principal
 from {{ cookiecutter.package_name }}.security.revocation import tag
 
-from .conftest import PSEUDONYM_KEY, ThreadBridge, TokenFactory, bearer, principal, pseudonym, run_sql, running
+from .conftest import ISSUER, PSEUDONYM_KEY, ThreadBridge, TokenFactory, bearer, principal, pseudonym, run_sql, running
 from .servers import ReplicatedRedis, free_port, redis_client, start_redis, start_replicated_redis
 from .test_audit import captured_logs
 
@@ -839,6 +839,46 @@ async def test_keys_issued_and_revoked_by_the_cli_are_events_naming_key_owner_an
     [revoked] = events(capsys.readouterr().err)
     assert (revoked["action"], revoked["key_id"], revoked["command"]) == ("api_key_revoked", key_id, "api-key-revoke")
     assert revoked["grantee"] == issued["grantee"]
+
+
+async def test_moving_the_issuer_gives_its_subjects_keys_to_the_new_issuers_same_sub(
+    cli_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    migrated_database: str,
+    key_app: FastAPI,
+    http: httpx.AsyncClient,
+    settings_for: Callable[..., Settings],
+    make_token: TokenFactory,
+    capsys: Any,
+) -> None:
+    """`grants move-issuer` moves the keys' owners with the grants (one transaction): the new
+    issuer's alice manages alice's keys; a third issuer's subject keeps its keys."""
+    monkeypatch.setenv("DATABASE_URL", migrated_database)
+    other_issuer = "https://login.example.com/"
+    alices = await issue(key_app)
+    async with key_app.state.runtime.sessionmaker() as session:
+        third = principal("alice", "https://third.example.com/")
+        kept = await store.issue(
+            session,
+            authenticator(key_app).settings,
+            owner=third,
+            name="billing",
+            scopes=("orgs:read",),
+            networks=(),
+            lifetime_seconds=None,
+            created_by="tests",
+        )
+        await session.commit()
+    assert await anyio.to_thread.run_sync(main, ["grants", "move-issuer", "--from", ISSUER, "--to", other_issuer]) == 0
+    assert "moved 1 row(s) of the api_keys option" in capsys.readouterr().out
+    async with key_app.state.runtime.sessionmaker() as session:
+        owners = {key_id: owner for key_id, owner in await session.execute(text("SELECT id, owner FROM api_keys"))}
+    assert owners == {alices.info.id: principal("alice", other_issuer), kept.info.id: third}
+    old_alice = bearer(make_token("alice", MANAGER_SCOPES))
+    assert (await http.get(KEYS, headers=old_alice)).json() == []
+    async with running(create_app(settings_for(jwt_issuer=other_issuer)), reset=False) as moved:
+        new_alice = bearer(make_token("alice", MANAGER_SCOPES, iss=other_issuer))
+        assert [key["id"] for key in (await moved.get(KEYS, headers=new_alice)).json()] == [alices.info.id]
 
 
 # A route of an owner's that serves keys too: its step-up binds users' tokens only.

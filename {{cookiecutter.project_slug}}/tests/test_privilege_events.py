@@ -1,6 +1,6 @@
 """Every privilege change is an audit event (ASVS 5.0 V16.3.3, V16.2.1, V8.4.2): a grant put or
 deleted, a user created or deleted, through the API and through the operators' commands (`grant`,
-`revoke-grant`, `token revoke`, `token revoke-subject`, `lockout lift`), is one
+`revoke-grant`, `token revoke`, `token revoke-subject`, `lockout lift`, `grants move-issuer`), is one
 `privilege_changed` line naming the action, the object, the grantee and the actor, with subjects
 as keyed pseudonyms and emails masked like every event. Read from the real JSON log lines: the
 service's (stdout) and the commands' (stderr)."""
@@ -17,11 +17,13 @@ import pytest
 from fastapi import FastAPI
 
 from {{ cookiecutter.package_name }} import cli
+from {{ cookiecutter.package_name }}.security.principal import issuer_namespace
 
-from .conftest import PSEUDONYM_KEY, TokenFactory, bearer, principal, pseudonym
+from .conftest import ISSUER, PSEUDONYM_KEY, TokenFactory, bearer, principal, pseudonym
 from .test_audit import LogLines, captured_logs
 
 ORGS = "/api/v1/orgs"
+OTHER_ISSUER = "https://login.example.com/"
 
 
 @pytest.fixture
@@ -165,3 +167,17 @@ async def test_token_revocations_and_a_lifted_lockout_are_events_naming_the_oper
     commands = [event["command"] for event in (revoked, everything, subject, address)]
     assert commands == ["token-revoke", "token-revoke-subject", "lockout-lift", "lockout-lift"]
     assert {event["operator"] for event in (revoked, everything, subject, address)} == {"ops-jane"}
+
+
+@pytest.mark.usefixtures("operator_env")
+async def test_moving_the_issuers_grants_is_an_event_naming_the_operator_and_the_counts(
+    client: httpx.AsyncClient, make_token: TokenFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("alice", "bob"):
+        assert (await client.post(ORGS, json={"name": name}, headers=bearer(make_token(name)))).status_code == 201
+    capsys.readouterr()
+    [moved] = await command_events(capsys, "grants", "move-issuer", "--from", ISSUER, "--to", OTHER_ISSUER)
+    assert (moved["action"], moved["command"], moved["grants"]) == ("issuer_moved", "grants-move-issuer", 2)
+    namespaces = (issuer_namespace(ISSUER), issuer_namespace(OTHER_ISSUER))
+    assert (moved["from_namespace"], moved["to_namespace"]) == namespaces
+    assert moved["operator"] == "ops-jane" and "subject" not in moved

@@ -400,26 +400,40 @@ def move_issuer(args: argparse.Namespace) -> int:
         print("--from and --to name the same issuer; nothing to move", file=sys.stderr)
         return 2
     settings = load_settings()
+    configure_command_logging(settings)
     old, new = issuer_namespace(args.old), issuer_namespace(args.new)
 
-    async def move() -> int:
+    async def move() -> tuple[int, dict[str, int]]:
         engine = create_engine(
             settings.database_url, statement_timeout_seconds=settings.database_statement_timeout_seconds
         )
         try:
             async with create_sessionmaker(engine)() as session:
                 moved = await grants.move_issuer(session, old, new)
+                # The options' rows that name the old issuer's principals (API keys' owners), in
+                # the same transaction: all of it moves, or nothing.
+                options_moved = await extensions.move_issuer(session, old, new)
                 await session.commit()
-                return moved
+                return moved, options_moved
         finally:
             await engine.dispose()
 
     try:
-        moved = asyncio.run(move())
+        moved, options_moved = asyncio.run(move())
     except grants.GrantRefused as refused:
         print(f"{SERVICE_NAME}: {refused}", file=sys.stderr)
         return 1
+    privilege_changed(
+        "issuer_moved",
+        from_namespace=old,
+        to_namespace=new,
+        grants=moved,
+        **{f"{option}_moved": count for option, count in options_moved.items()},
+        **operator("grants-move-issuer"),
+    )
     print(f"moved {moved} grant(s) from {old}<sub> ({args.old}) to {new}<sub> ({args.new})")
+    for option, count in options_moved.items():
+        print(f"moved {count} row(s) of the {option} option with them")
     if args.new != settings.jwt_issuer:
         print(f"note: JWT_ISSUER is {settings.jwt_issuer}, not --to", file=sys.stderr)
     return 0

@@ -13,7 +13,10 @@ package names an option: `present()` finds them, here and nowhere else. An optio
 - `server_options(settings) -> dict`, optionally: uvicorn settings `serve` adds (e.g. TLS);
 - `settings_problems(settings) -> list[str]`, optionally: its invalid settings, and its unsafe
   ones in production, each naming its variable, added to the core's by `startup.load_settings`
-  (so the service, `check-config` and every command refuse alike).
+  (so the service, `check-config` and every command refuse alike);
+- `move_issuer(session, old_namespace, new_namespace) -> int`, optionally: gives its rows that
+  name a principal of one issuer (`jwt:<issuer key>:<sub>`) to the same `sub` of another, in the
+  transaction of `grants move-issuer`; how many it moved.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from fastapi import APIRouter
 from .security.principal import Authenticator, ChannelAuthenticator
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from .config import Settings
     from .runtime import Runtime
     from .security.authz import Authorizer
@@ -118,3 +123,14 @@ def settings_problems(settings: Settings) -> list[str]:
         if checker is not None:
             problems.extend(checker(settings))
     return problems
+
+
+async def move_issuer(session: AsyncSession, old_namespace: str, new_namespace: str) -> dict[str, int]:
+    """Each chosen option's rows given from the old issuer's principals to the new one's (its
+    `move_issuer`), in the caller's transaction: how many, by option."""
+    moved: dict[str, int] = {}
+    for module in chosen():
+        mover = getattr(module, "move_issuer", None)
+        if mover is not None:
+            moved[module.__name__.split(".")[-2]] = await mover(session, old_namespace, new_namespace)
+    return moved
