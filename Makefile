@@ -11,11 +11,11 @@ UV ?= $(firstword $(shell command -v uv 2>/dev/null) $(UV_BOOT)/bin/uv)
 .PHONY: test demo demo-tour demo-timing bench lock tags release clean
 
 # Two pytest-xdist workers (TEST_WORKERS=0 for one process): the variants installed in a venv take
-# turns on one worker, one venv per database (tests/conftest.py); every other test goes to
-# whichever worker is free.
+# turns on one worker, one venv per database (tests/conftest.py, its scheduler); every other test
+# goes to whichever worker is free.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(BIN)/pytest tests -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/pytest tests -q -n $(TEST_WORKERS)
 
 # Bakes the default answers (cookiecutter run by `uv tool run`) and installs the service's locked
 # runtime set into its own .venv: no test toolchain.

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bake import FULLY_TESTED, SUITE_TESTED, UV, VARIANTS, bake, report, run, variant_python
@@ -34,14 +35,40 @@ def baked(tmp_path_factory: pytest.TempPathFactory) -> BakedProject:
     return baked_project
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """One xdist group per venv that variants take turns in (`--dist loadgroup`): the tests of one
-    venv's variants run on one worker, in pytest's order (one variant after the other)."""
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is not None and "installed_project" in callspec.params:
-            database = VARIANTS[callspec.params["installed_project"]].database
-            item.add_marker(pytest.mark.xdist_group(f"venv-{database}"))
+# The modules whose tests use `installed_project` (tests/test_bake.py checks this list).
+INSTALLED_PROJECT_MODULES = ("tests/test_baked_service.py", "tests/test_demo.py", "tests/test_scan.py")
+
+
+def venv_group(nodeid: str) -> str | None:
+    """`venv-<database>` for a test of a variant installed in that database's venv (named in its
+    parameters' id), None for any other test."""
+    module, _, rest = nodeid.partition("::")
+    if module not in INSTALLED_PROJECT_MODULES or "[" not in rest:
+        return None
+    tokens = rest.split("[", 1)[1].rstrip("]").split("-")
+    # The longest variant name that is a run of whole tokens of the id ("api-keys" in "api-keys-mypy").
+    found = [
+        name
+        for name in FULLY_TESTED + SUITE_TESTED
+        for start in range(len(tokens))
+        if "-".join(tokens[start : start + name.count("-") + 1]) == name
+    ]
+    return f"venv-{VARIANTS[max(found, key=len)].database}" if found else None
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`make test`'s two workers (pytest-xdist): the tests of the variants that take turns in one
+    venv (`variant_python`: one per database) are one unit of work, run on one worker in pytest's
+    order, one variant after the other; every other test is a unit of its own, for whichever
+    worker is free. (pytest-xdist's own `--dist loadgroup` cannot be used: it renames the tests'
+    node ids, which pytest 9.2 no longer lets a plugin do.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class VenvGroups(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return venv_group(nodeid) or nodeid
+
+    return VenvGroups(config, log)
 
 
 @pytest.fixture(scope="session", params=FULLY_TESTED + SUITE_TESTED)
