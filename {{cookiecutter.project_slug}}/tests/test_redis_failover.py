@@ -58,6 +58,10 @@ def operator_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, public_pem: st
 
     def use(url: str) -> None:
         base = {"ENVIRONMENT": "test", "JWT_PUBLIC_KEY": public_pem, "JWT_ISSUER": ISSUER, "JWT_AUDIENCE": AUDIENCE}
+        # A revocation waits (WAIT 1) up to REDIS_TIMEOUT_SECONDS for a replica's acknowledgement:
+        # 5 s, a bound for a replica that is gone, not for a busy machine's slow one (the 0.5 s
+        # default failed the revocation after the demotion when `make test` loaded both cores).
+        base["REDIS_TIMEOUT_SECONDS"] = "5"
         for name, value in {**base, "REDIS_URL": url}.items():
             monkeypatch.setenv(name, value)
 
