@@ -121,8 +121,17 @@ def compare_with(
     compared_env = {**env, "DATABASE_URL": database_url}
     service = Service("full", compared_env, log_dir / "compared", project=project)
     unauthenticated = Service(NO_JWT, compared_env, log_dir / "compared", project=project)
-    service.wait_ready()
-    unauthenticated.wait_ready()
+    try:
+        service.wait_ready()
+        unauthenticated.wait_ready()
+        return service, unauthenticated, org_path(service, token)
+    except Exception:
+        stop_all({"compared": service, NO_JWT: unauthenticated})
+        raise
+
+
+def org_path(service: Service, token: str) -> str:
+    """The path of an org the token's owner creates on `service`, as (c) reads it."""
     created = httpx.post(
         f"{service.base_url}/api/v1/orgs",
         json={"name": "bench"},
@@ -130,7 +139,7 @@ def compare_with(
         timeout=10,
     )
     created.raise_for_status()
-    return service, unauthenticated, f"/api/v1/orgs/{created.json()['id']}"
+    return f"/api/v1/orgs/{created.json()['id']}"
 
 
 def dpop_target(private: rsa.RSAPrivateKey, url: str, path: str) -> Target:
@@ -306,14 +315,7 @@ def main() -> int:
             {"slowapi": fail_open, "slowapi:swallow": fail_open},
         )
         main_service = services["full"]
-        created = httpx.post(
-            f"{main_service.base_url}/api/v1/orgs",
-            json={"name": "bench"},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,
-        )
-        created.raise_for_status()
-        org = f"/api/v1/orgs/{created.json()['id']}"
+        org = org_path(main_service, token)
         get_org = Target("GET", org, token)
         compared = compare_with(args, env, log_dir, token) if args.compare_with else None
         if compared:
